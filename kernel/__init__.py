@@ -1,0 +1,1 @@
+"""The kernel: server, registry, supervisor (`llmos up`) and the `llmos` command line."""

@@ -1,0 +1,349 @@
+"""The `llmos` command: run the stack (`up`, `serve`) and talk to it (`status`, `generate`, `chat`).
+
+Every subcommand builds its settings with the one loader (`llmos.services.config`):
+flags > LLMOS_* environment > config file > defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from llmos import __version__
+from llmos.services.channels import open_channel
+from llmos.services.config import Settings, load_settings
+from llmos.services.errors import LlmosError, error_info
+from llmos.services.logs import configure_logging
+from llmos.v1 import common_pb2, kernel_pb2, kernel_pb2_grpc
+
+HEALTH_NAMES = {
+    value: name.removeprefix("SERVICE_HEALTH_")
+    for name, value in common_pb2.ServiceHealth.items()
+}
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {
+        "host": args.host,
+        "port": args.port,
+        "data_dir": args.data_dir,
+        "model": getattr(args, "model", None),
+        "log_level": args.log_level,
+    }
+    return load_settings(overrides, config_file=args.config)
+
+
+# ---------------------------------------------------------------- running the stack
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from llmos.kernel.stack import BY_NAME
+    from llmos.services.serve import serve
+
+    settings = _settings(args)
+    configure_logging(args.name, settings.log_level, settings.log_format)
+    spec = BY_NAME[args.name]
+    asyncio.run(serve(spec.build(settings), settings, name=spec.name, port=spec.port(settings)))
+    return 0
+
+
+def cmd_prepare_model(args: argparse.Namespace) -> int:
+    from llmos.services.runtime.models import resolve_model_dir
+
+    settings = _settings(args)
+    path = resolve_model_dir(settings.model, settings.data_dir, progress=_progress)
+    _progress(f"model ready: {path}")
+    return 0
+
+
+def _progress(message: str) -> None:
+    print(f"llmos: {message}", file=sys.stderr, flush=True)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from llmos.kernel.stack import STACK
+    from llmos.kernel.supervisor import Child, RestartIntensity, Supervisor, child_argv
+    from llmos.services.runtime.models import CATALOGUE, converted_dir, is_model_dir
+
+    settings = _settings(args)
+    configure_logging("supervisor", settings.log_level, settings.log_format)
+    passed = _passed_options(args)
+    if settings.model in CATALOGUE and not is_model_dir(
+        converted_dir(settings.data_dir, settings.model)
+    ):
+        # The longest wait a newcomer meets: run it in the foreground, with its progress.
+        prepare = [sys.executable, "-m", "llmos.kernel.cli", "prepare-model", *passed]
+        if subprocess.run(prepare, check=False).returncode != 0:
+            _progress("model preparation failed; see the messages above")
+            return 1
+    children = [
+        Child(
+            id=spec.name,
+            argv=child_argv(spec.name, *passed),
+            address=f"{settings.host}:{spec.port(settings)}",
+            shutdown_timeout_s=settings.shutdown_grace_s + 5,
+        )
+        for spec in STACK
+    ]
+    supervisor = Supervisor(
+        children,
+        RestartIntensity(settings.max_restarts, settings.restart_window_s),
+        settings.ready_timeout_s,
+    )
+    return asyncio.run(supervisor.run())
+
+
+def _passed_options(args: argparse.Namespace) -> list[str]:
+    """The common flags given to `up`, handed on to every child unchanged."""
+    passed: list[str] = []
+    for flag in ("host", "port", "data_dir", "config", "log_level", "model"):
+        value = getattr(args, flag, None)
+        if value is not None:
+            passed += [f"--{flag.replace('_', '-')}", str(value)]
+    return passed
+
+
+# ---------------------------------------------------------------- talking to the stack
+
+
+def _fail(error: grpc.aio.AioRpcError) -> int:
+    info = error_info(error)
+    reason = f" [{info.reason}]" if info is not None else ""
+    print(f"llmos: {error.code().name}{reason}: {error.details()}", file=sys.stderr)
+    return 1
+
+
+async def _status(settings: Settings, as_json: bool) -> int:
+    target = settings.kernel_target
+    async with open_channel(target) as channel:
+        try:
+            health = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=3
+            )
+            kernel_serving = health.status == health_pb2.HealthCheckResponse.SERVING
+            reply = await kernel_pb2_grpc.KernelServiceStub(channel).ListServices(
+                kernel_pb2.ListServicesRequest(), timeout=3
+            )
+        except grpc.aio.AioRpcError as error:
+            print(f"llmos: the kernel at {target} is not reachable: {error.details()}", file=sys.stderr)
+            return 1
+    rows = [("kernel", target, "-", "SERVING" if kernel_serving else "NOT_SERVING")]
+    rows += [
+        (s.name, s.address, str(s.pid), HEALTH_NAMES.get(s.health, "UNSPECIFIED"))
+        for s in reply.services
+    ]
+    registered = {common_pb2.ServiceKind.Name(s.kind).removeprefix("SERVICE_KIND_").lower() for s in reply.services}
+    missing = [kind for kind in settings.expected_services if kind not in registered]
+    rows += [(kind, "-", "-", "MISSING") for kind in missing]
+    healthy = all(row[3] == "SERVING" for row in rows)
+    if as_json:
+        keys = ("name", "address", "pid", "health")
+        print(json.dumps({"healthy": healthy, "services": [dict(zip(keys, r, strict=True)) for r in rows]}))
+    else:
+        print(f"{'SERVICE':<10} {'ADDRESS':<22} {'PID':<8} HEALTH")
+        for name, address, pid, state in rows:
+            print(f"{name:<10} {address:<22} {pid:<8} {state}")
+    return 0 if healthy else 1
+
+
+def _sampling(args: argparse.Namespace) -> common_pb2.SamplingParams:
+    params = common_pb2.SamplingParams()
+    if args.max_tokens is not None:
+        params.max_tokens = args.max_tokens
+    if args.temperature is not None:
+        params.temperature = args.temperature
+    if args.seed is not None:
+        params.seed = args.seed
+    return params
+
+
+async def _stream(
+    stub: kernel_pb2_grpc.KernelServiceStub,
+    request: kernel_pb2.GenerateRequest,
+    timeout: float | None,
+) -> tuple[str, kernel_pb2.GenerateResponse | None]:
+    """Print a completion as it arrives; return its text and final message."""
+    text: list[str] = []
+    last = None
+    async for piece in stub.Generate(request, timeout=timeout):
+        sys.stdout.write(piece.text)
+        sys.stdout.flush()
+        text.append(piece.text)
+        last = piece
+    sys.stdout.write("\n")
+    return "".join(text), last
+
+
+async def _generate(settings: Settings, args: argparse.Namespace) -> int:
+    request = kernel_pb2.GenerateRequest(
+        prompt=args.prompt, model=args.model_name or "", sampling=_sampling(args)
+    )
+    async with open_channel(settings.kernel_target) as channel:
+        stub = kernel_pb2_grpc.KernelServiceStub(channel)
+        try:
+            _, last = await _stream(stub, request, args.timeout)
+        except grpc.aio.AioRpcError as error:
+            return _fail(error)
+    if args.usage and last is not None:
+        print(
+            f"[{common_pb2.FinishReason.Name(last.finish_reason)}; "
+            f"{last.usage.prompt_tokens} prompt + {last.usage.completion_tokens} completion tokens; "
+            f"first token after {last.usage.time_to_first_token.ToTimedelta().total_seconds():.2f}s]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+async def _chat(settings: Settings, args: argparse.Namespace) -> int:
+    history: list[common_pb2.ChatMessage] = []
+    if args.system:
+        history.append(common_pb2.ChatMessage(role="system", content=args.system))
+    print("llmos chat: type a message; /reset clears the conversation, /exit or Ctrl-D quits.",
+          file=sys.stderr)
+    async with open_channel(settings.kernel_target) as channel:
+        stub = kernel_pb2_grpc.KernelServiceStub(channel)
+        while True:
+            try:
+                line = await asyncio.to_thread(input, "you> ")
+            except EOFError:
+                print(file=sys.stderr)
+                return 0
+            if line.strip() in ("/exit", "/quit"):
+                return 0
+            if line.strip() == "/reset":
+                del history[1 if args.system else 0 :]
+                continue
+            if not line.strip():
+                continue
+            history.append(common_pb2.ChatMessage(role="user", content=line))
+            request = kernel_pb2.GenerateRequest(
+                messages=history, model=args.model_name or "", sampling=_sampling(args)
+            )
+            sys.stdout.write("assistant> ")
+            try:
+                answer, _ = await _stream(stub, request, args.timeout)
+            except grpc.aio.AioRpcError as error:
+                history.pop()
+                _fail(error)
+                continue
+            history.append(common_pb2.ChatMessage(role="assistant", content=answer))
+
+
+async def _probe(address: str, service: str, timeout: float) -> int:
+    async with open_channel(address) as channel:
+        try:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
+        except grpc.aio.AioRpcError as error:
+            print(f"{address}: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{address}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    return asyncio.run(_status(_settings(args), args.json))
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    return asyncio.run(_generate(_settings(args), args))
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    return asyncio.run(_chat(_settings(args), args))
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    return asyncio.run(_probe(args.address, args.service, args.timeout))
+
+
+# ---------------------------------------------------------------- argument parsing
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", help="interface to bind / kernel host (LLMOS_HOST)")
+    parser.add_argument("--port", type=int, help="kernel port; services use the next ones (LLMOS_PORT)")
+    parser.add_argument("--data-dir", help="models, state and logs (LLMOS_DATA_DIR)")
+    parser.add_argument("--config", help="TOML settings file (LLMOS_CONFIG)")
+    parser.add_argument("--log-level", help="debug, info, warning, error (LLMOS_LOG_LEVEL)")
+
+
+def _client(parser: argparse.ArgumentParser) -> None:
+    _common(parser)
+    parser.add_argument("--model", dest="model_name", help="model to use (default: the runtime's)")
+    parser.add_argument("--max-tokens", type=int)
+    parser.add_argument("--temperature", type=float, help="0 for greedy decoding")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--timeout", type=float, help="deadline in seconds for each answer")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmos", description="LLM OS command line")
+    parser.add_argument("--version", action="version", version=f"llmos {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    up = commands.add_parser("up", help="start the whole stack as local processes")
+    _common(up)
+    up.add_argument("--model", help="default model: a catalogue name or a model directory")
+    up.set_defaults(func=cmd_up)
+
+    serve = commands.add_parser("serve", help="run one process of the stack in the foreground")
+    serve.add_argument("name", choices=["kernel", "runtime", "safety", "privacy", "explain", "hardware"])
+    _common(serve)
+    serve.add_argument("--model")
+    serve.set_defaults(func=cmd_serve)
+
+    prepare = commands.add_parser("prepare-model", help="convert the default model once")
+    _common(prepare)
+    prepare.add_argument("--model")
+    prepare.set_defaults(func=cmd_prepare_model)
+
+    status = commands.add_parser("status", help="each service, its address, pid and health")
+    _common(status)
+    status.add_argument("--json", action="store_true", help="one JSON object")
+    status.set_defaults(func=cmd_status)
+
+    generate = commands.add_parser("generate", help="stream a completion to stdout")
+    generate.add_argument("prompt")
+    _client(generate)
+    generate.add_argument("--usage", action="store_true", help="print token counts to stderr")
+    generate.set_defaults(func=cmd_generate)
+
+    chat = commands.add_parser("chat", help="interactive conversation")
+    _client(chat)
+    chat.add_argument("--system", help="system prompt")
+    chat.set_defaults(func=cmd_chat)
+
+    probe = commands.add_parser("probe", help="grpc.health.v1 check, for container health checks")
+    probe.add_argument("address")
+    probe.add_argument("--service", default="")
+    probe.add_argument("--timeout", type=float, default=3.0)
+    probe.set_defaults(func=cmd_probe)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result: Any = args.func(args)
+    except LlmosError as error:
+        print(f"llmos: {error.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return int(result)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

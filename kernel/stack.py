@@ -1,0 +1,82 @@
+"""The processes of the stack, as data: name, port offset from the kernel's port, and how to build it.
+
+`llmos serve NAME` builds one of these in the current process; `llmos up` starts each as a
+child process in this order and stops them in the reverse one. Builders import their
+service lazily, so the kernel process never imports torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable
+
+from llmos.services.config import Settings
+from llmos.services.serve import Service
+from llmos.services.unimplemented import PlannedService
+from llmos.v1 import common_pb2
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessSpec:
+    name: str
+    port_offset: int
+    build: Callable[[Settings], Service]
+
+    def port(self, settings: Settings) -> int:
+        return settings.port + self.port_offset
+
+
+def _kernel(settings: Settings) -> Service:
+    from llmos.kernel.server import KernelService
+
+    return KernelService(settings)
+
+
+def _runtime(settings: Settings) -> Service:
+    from llmos.services.runtime.server import RuntimeService
+
+    return RuntimeService(settings)
+
+
+def _planned(
+    kind: common_pb2.ServiceKind.ValueType, proto: str, service_name: str, work_item: str
+) -> Callable[[Settings], Service]:
+    def build(settings: Settings) -> Service:
+        return PlannedService(
+            kind=kind,
+            pb2_module=importlib.import_module(f"llmos.v1.{proto}_pb2"),
+            grpc_module=importlib.import_module(f"llmos.v1.{proto}_pb2_grpc"),
+            service_name=service_name,
+            planned_in=f"planned in the {work_item} work item",
+        )
+
+    return build
+
+
+STACK: tuple[ProcessSpec, ...] = (
+    ProcessSpec("kernel", 0, _kernel),
+    ProcessSpec("runtime", 1, _runtime),
+    ProcessSpec(
+        "safety", 2, _planned(common_pb2.SERVICE_KIND_SAFETY, "safety", "SafetyService", "safety")
+    ),
+    ProcessSpec(
+        "privacy",
+        3,
+        _planned(common_pb2.SERVICE_KIND_PRIVACY, "privacy", "PrivacyService", "privacy"),
+    ),
+    ProcessSpec(
+        "explain",
+        4,
+        _planned(common_pb2.SERVICE_KIND_EXPLAIN, "explain", "ExplainService", "explain"),
+    ),
+    ProcessSpec(
+        "hardware",
+        5,
+        _planned(
+            common_pb2.SERVICE_KIND_HARDWARE, "hardware", "HardwareService", "hardware-manager"
+        ),
+    ),
+)
+
+BY_NAME = {spec.name: spec for spec in STACK}

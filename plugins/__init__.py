@@ -1,0 +1,1 @@
+"""Plugins: hookspecs, manifest schema and plugin host (built in the plugins work item)."""

@@ -1,0 +1,136 @@
+"""The one configuration loader: a typed `Settings` per process, from flags > environment > file > defaults.
+
+Every process (kernel, each service, the CLI) builds its settings here and nowhere else:
+
+- defaults are the field defaults below;
+- a TOML file (`--config FILE`, `LLMOS_CONFIG`, or `llmos.toml` in the data directory),
+  whose top-level keys are the field names;
+- environment variables `LLMOS_<FIELD>` (e.g. `LLMOS_PORT=6000`);
+- explicit overrides, usually command-line flags.
+
+`Settings.describe()` renders the effective values with secrets masked, for the start-up log.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from llmos.services.errors import InvalidArgument
+
+ENV_PREFIX = "LLMOS_"
+SECRET_MARKERS = ("key", "secret", "password", "token")
+
+
+def default_data_dir() -> str:
+    """Where models, the task store and logs live unless told otherwise (XDG layout)."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return str(Path(base) / "llmos")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Every setting a process of the stack reads. Field name = TOML key = LLMOS_<NAME>."""
+
+    # Where the kernel listens; services bind `host` too, on the port they are given.
+    host: str = "127.0.0.1"
+    port: int = 50051
+    # The kernel address services register with; empty means host:port.
+    kernel_address: str = ""
+    data_dir: str = dataclasses.field(default_factory=default_data_dir)
+    # Model served when a request names none: a name known to the runtime or a local
+    # Hugging Face model directory.
+    model: str = "SmolLM2-135M-Instruct"
+    default_max_tokens: int = 256
+    # Requests whose prompt (all messages together) is longer are refused.
+    max_prompt_chars: int = 32_000
+    max_message_bytes: int = 16 * 1024 * 1024
+    # Compute threads the runtime may use; 0 lets torch decide.
+    torch_threads: int = 0
+    log_level: str = "info"
+    # "json", "text", or "auto" (text on a terminal, JSON otherwise).
+    log_format: str = "auto"
+    # How long a service waits for in-flight calls when told to stop.
+    shutdown_grace_s: float = 5.0
+    # Registration lease with the kernel; services renew at a third of it.
+    lease_s: int = 15
+    # `llmos up`: restart intensity (at most N restarts within T seconds, then give up)
+    max_restarts: int = 5
+    restart_window_s: float = 60.0
+    # `llmos up`: how long a process may take to report SERVING.
+    ready_timeout_s: float = 180.0
+    # `llmos status`: the kinds of service that must be registered and healthy.
+    expected_services: tuple[str, ...] = ("runtime", "safety", "privacy", "explain", "hardware")
+
+    @property
+    def kernel_target(self) -> str:
+        return self.kernel_address or f"{self.host}:{self.port}"
+
+    def describe(self) -> dict[str, Any]:
+        """The effective settings, secrets masked, for the start-up log line."""
+        shown: dict[str, Any] = {}
+        for name, value in dataclasses.asdict(self).items():
+            secret = any(marker in name for marker in SECRET_MARKERS) and value
+            shown[name] = "***" if secret else value
+        return shown
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+def _coerce(name: str, raw: Any) -> Any:
+    """Turn a TOML value or environment string into the field's type, or say what is wrong."""
+    field_type = str(FIELDS[name].type)
+    try:
+        if field_type == "int":
+            return int(raw)
+        if field_type == "float":
+            return float(raw)
+        if field_type.startswith("tuple"):
+            items = raw.split(",") if isinstance(raw, str) else list(raw)
+            return tuple(str(item).strip() for item in items if str(item).strip())
+        return str(raw)
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgument(
+            f"setting {name!r} must be {field_type}, got {raw!r}", reason="BAD_SETTING"
+        ) from exc
+
+
+def _from_file(path: Path) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidArgument(f"config file {path}: {exc}", reason="BAD_SETTING") from exc
+    unknown = sorted(set(data) - set(FIELDS))
+    if unknown:
+        raise InvalidArgument(
+            f"config file {path}: unknown settings {unknown}; known: {sorted(FIELDS)}",
+            reason="BAD_SETTING",
+        )
+    return data
+
+
+def load_settings(
+    overrides: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_file: str | None = None,
+) -> Settings:
+    """Build the effective settings. `overrides` with value None are ignored (unset flags)."""
+    env = os.environ if env is None else env
+    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+    unknown = sorted(set(flags) - set(FIELDS))
+    if unknown:
+        raise InvalidArgument(f"unknown settings {unknown}", reason="BAD_SETTING")
+    from_env = {
+        name: env[ENV_PREFIX + name.upper()] for name in FIELDS if ENV_PREFIX + name.upper() in env
+    }
+    data_dir = flags.get("data_dir") or from_env.get("data_dir") or default_data_dir()
+    file_name = config_file or env.get(ENV_PREFIX + "CONFIG")
+    path = Path(file_name) if file_name else Path(data_dir) / "llmos.toml"
+    from_file = _from_file(path) if file_name or path.is_file() else {}
+    merged = {**from_file, **from_env, **flags}
+    return Settings(**{name: _coerce(name, value) for name, value in merged.items()})

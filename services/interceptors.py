@@ -1,0 +1,97 @@
+"""The server interceptor every process installs: request ids in, errors out as statuses.
+
+For each call it takes `x-request-id` from the metadata (or makes one), puts it in the
+logging context, and turns a raised `LlmosError` into the status from the one table in
+`llmos.services.errors`, with ErrorInfo details. Anything else becomes INTERNAL with the
+request id in the message, and is logged with its traceback; the process keeps serving.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from llmos.services.channels import REQUEST_ID_KEY
+from llmos.services.errors import LlmosError, to_rpc_status
+from llmos.services.logs import request_id_var
+
+log = logging.getLogger(__name__)
+
+
+def _request_id(details: grpc.HandlerCallDetails) -> str:
+    for key, value in details.invocation_metadata or ():
+        if key == REQUEST_ID_KEY and value:
+            return str(value)
+    return uuid.uuid4().hex[:16]
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: Exception, method: str) -> None:
+    if isinstance(error, LlmosError):
+        log.info("%s refused: %s", method, error.message, extra={"reason": error.reason})
+        await context.abort_with_status(to_rpc_status(error))
+    log.exception("%s failed unexpectedly", method)
+    internal = LlmosError(
+        f"internal error in {method} (request id {request_id_var.get()}); see the service log"
+    )
+    await context.abort_with_status(to_rpc_status(internal))
+
+
+def _wrap_unary(behavior: Callable[..., Awaitable[Any]], rid: str, method: str) -> Any:
+    async def unary(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+        request_id_var.set(rid)
+        try:
+            return await behavior(request_or_iterator, context)
+        except (LlmosError, Exception) as error:
+            if isinstance(error, grpc.aio.AbortError):
+                raise
+            await _abort(context, error, method)
+
+    return unary
+
+
+def _wrap_streaming(behavior: Callable[..., Any], rid: str, method: str) -> Any:
+    async def streaming(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+        request_id_var.set(rid)
+        try:
+            result = behavior(request_or_iterator, context)
+            if inspect.isasyncgen(result):
+                async for response in result:
+                    yield response
+            else:  # a coroutine that writes with context.write
+                await result
+        except (LlmosError, Exception) as error:
+            if isinstance(error, grpc.aio.AbortError):
+                raise
+            await _abort(context, error, method)
+
+    return streaming
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Request-id context and the exception-to-status table, for every handler."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        rid = _request_id(handler_call_details)
+        method = handler_call_details.method
+        if handler.unary_unary:
+            return handler._replace(unary_unary=_wrap_unary(handler.unary_unary, rid, method))
+        if handler.stream_unary:
+            return handler._replace(stream_unary=_wrap_unary(handler.stream_unary, rid, method))
+        if handler.unary_stream:
+            return handler._replace(
+                unary_stream=_wrap_streaming(handler.unary_stream, rid, method)
+            )
+        return handler._replace(stream_stream=_wrap_streaming(handler.stream_stream, rid, method))
+

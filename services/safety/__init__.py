@@ -1,0 +1,2 @@
+"""The safety service. Until its work item lands, the stack serves its contract through
+`llmos.services.unimplemented.PlannedService` (see `llmos.kernel.stack`)."""
