@@ -24,8 +24,7 @@ from llmos.services.logs import configure_logging
 from llmos.v1 import common_pb2, kernel_pb2, kernel_pb2_grpc
 
 HEALTH_NAMES = {
-    value: name.removeprefix("SERVICE_HEALTH_")
-    for name, value in common_pb2.ServiceHealth.items()
+    value: name.removeprefix("SERVICE_HEALTH_") for name, value in common_pb2.ServiceHealth.items()
 }
 
 
@@ -134,20 +133,30 @@ async def _status(settings: Settings, as_json: bool) -> int:
                 kernel_pb2.ListServicesRequest(), timeout=3
             )
         except grpc.aio.AioRpcError as error:
-            print(f"llmos: the kernel at {target} is not reachable: {error.details()}", file=sys.stderr)
+            print(
+                f"llmos: the kernel at {target} is not reachable: {error.details()}",
+                file=sys.stderr,
+            )
             return 1
     rows = [("kernel", target, "-", "SERVING" if kernel_serving else "NOT_SERVING")]
     rows += [
         (s.name, s.address, str(s.pid), HEALTH_NAMES.get(s.health, "UNSPECIFIED"))
         for s in reply.services
     ]
-    registered = {common_pb2.ServiceKind.Name(s.kind).removeprefix("SERVICE_KIND_").lower() for s in reply.services}
+    registered = {
+        common_pb2.ServiceKind.Name(s.kind).removeprefix("SERVICE_KIND_").lower()
+        for s in reply.services
+    }
     missing = [kind for kind in settings.expected_services if kind not in registered]
     rows += [(kind, "-", "-", "MISSING") for kind in missing]
     healthy = all(row[3] == "SERVING" for row in rows)
     if as_json:
         keys = ("name", "address", "pid", "health")
-        print(json.dumps({"healthy": healthy, "services": [dict(zip(keys, r, strict=True)) for r in rows]}))
+        print(
+            json.dumps(
+                {"healthy": healthy, "services": [dict(zip(keys, r, strict=True)) for r in rows]}
+            )
+        )
     else:
         print(f"{'SERVICE':<10} {'ADDRESS':<22} {'PID':<8} HEALTH")
         for name, address, pid, state in rows:
@@ -167,7 +176,7 @@ def _sampling(args: argparse.Namespace) -> common_pb2.SamplingParams:
 
 
 async def _stream(
-    stub: kernel_pb2_grpc.KernelServiceStub,
+    stub: kernel_pb2_grpc.KernelServiceAsyncStub,
     request: kernel_pb2.GenerateRequest,
     timeout: float | None,
 ) -> tuple[str, kernel_pb2.GenerateResponse | None]:
@@ -194,10 +203,12 @@ async def _generate(settings: Settings, args: argparse.Namespace) -> int:
         except grpc.aio.AioRpcError as error:
             return _fail(error)
     if args.usage and last is not None:
+        usage = last.usage
+        first_token_s = usage.time_to_first_token.ToTimedelta().total_seconds()
         print(
             f"[{common_pb2.FinishReason.Name(last.finish_reason)}; "
-            f"{last.usage.prompt_tokens} prompt + {last.usage.completion_tokens} completion tokens; "
-            f"first token after {last.usage.time_to_first_token.ToTimedelta().total_seconds():.2f}s]",
+            f"{usage.prompt_tokens} prompt + {usage.completion_tokens} completion tokens; "
+            f"first token after {first_token_s:.2f}s]",
             file=sys.stderr,
         )
     return 0
@@ -207,8 +218,10 @@ async def _chat(settings: Settings, args: argparse.Namespace) -> int:
     history: list[common_pb2.ChatMessage] = []
     if args.system:
         history.append(common_pb2.ChatMessage(role="system", content=args.system))
-    print("llmos chat: type a message; /reset clears the conversation, /exit or Ctrl-D quits.",
-          file=sys.stderr)
+    print(
+        "llmos chat: type a message; /reset clears the conversation, /exit or Ctrl-D quits.",
+        file=sys.stderr,
+    )
     async with open_channel(settings.kernel_target) as channel:
         stub = kernel_pb2_grpc.KernelServiceStub(channel)
         while True:
@@ -273,7 +286,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help="interface to bind / kernel host (LLMOS_HOST)")
-    parser.add_argument("--port", type=int, help="kernel port; services use the next ones (LLMOS_PORT)")
+    parser.add_argument(
+        "--port", type=int, help="kernel port; services use the next ones (LLMOS_PORT)"
+    )
     parser.add_argument("--data-dir", help="models, state and logs (LLMOS_DATA_DIR)")
     parser.add_argument("--config", help="TOML settings file (LLMOS_CONFIG)")
     parser.add_argument("--log-level", help="debug, info, warning, error (LLMOS_LOG_LEVEL)")
@@ -299,7 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(func=cmd_up)
 
     serve = commands.add_parser("serve", help="run one process of the stack in the foreground")
-    serve.add_argument("name", choices=["kernel", "runtime", "safety", "privacy", "explain", "hardware"])
+    serve.add_argument(
+        "name", choices=["kernel", "runtime", "safety", "privacy", "explain", "hardware"]
+    )
     _common(serve)
     serve.add_argument("--model")
     serve.set_defaults(func=cmd_serve)

@@ -66,12 +66,18 @@ class Registry:
     async def register(self, request: kernel_pb2.RegisterServiceRequest) -> int:
         """Add or renew a service; returns the lease in seconds."""
         if not request.name or not request.address:
-            raise InvalidArgument("RegisterService needs a name and an address", reason="BAD_SERVICE")
+            raise InvalidArgument(
+                "RegisterService needs a name and an address", reason="BAD_SERVICE"
+            )
         if request.kind == common_pb2.SERVICE_KIND_UNSPECIFIED:
             raise InvalidArgument("RegisterService needs a kind", reason="BAD_SERVICE")
         expires = time.monotonic() + self.lease_s
         entry = self._entries.get(request.name)
-        if entry is not None and entry.info.address == request.address and entry.info.pid == request.pid:
+        if (
+            entry is not None
+            and entry.info.address == request.address
+            and entry.info.pid == request.pid
+        ):
             entry.lease_expires = expires
             return self.lease_s
         if entry is not None:
@@ -151,9 +157,10 @@ class Registry:
         while True:
             try:
                 async for reply in stub.Watch(health_pb2.HealthCheckRequest(service="")):
-                    self._set_health(entry, HEALTH_FROM_PROTO.get(
-                        reply.status, common_pb2.SERVICE_HEALTH_NOT_SERVING
-                    ))
+                    self._set_health(
+                        entry,
+                        HEALTH_FROM_PROTO.get(reply.status, common_pb2.SERVICE_HEALTH_NOT_SERVING),
+                    )
             except grpc.aio.AioRpcError:
                 pass
             self._set_health(entry, common_pb2.SERVICE_HEALTH_UNREACHABLE)

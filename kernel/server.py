@@ -1,4 +1,4 @@
-"""KernelService: the clients' only entry point. Brokers Generate to a runtime and keeps the registry.
+"""KernelService: the clients' only entry point; brokers Generate and keeps the registry.
 
 Generate validates the request, picks a serving runtime from the registry and relays its
 stream. The client's deadline bounds the downstream call (the time remaining is passed on),
@@ -20,8 +20,9 @@ import grpc
 from llmos.kernel.registry import Registry
 from llmos.services.channels import outgoing_metadata
 from llmos.services.config import Settings
-from llmos.services.errors import from_rpc_error, Unimplemented
+from llmos.services.errors import Unimplemented, from_rpc_error
 from llmos.services.logs import task_id_var
+from llmos.services.rpc_types import Context
 from llmos.services.validation import chat_messages, sampling_from
 from llmos.v1 import common_pb2, kernel_pb2, kernel_pb2_grpc, runtime_pb2, runtime_pb2_grpc
 
@@ -36,7 +37,7 @@ class KernelServicer(kernel_pb2_grpc.KernelServiceServicer):
         self.registry = registry
 
     async def Generate(
-        self, request: kernel_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+        self, request: kernel_pb2.GenerateRequest, context: Context
     ) -> AsyncIterator[kernel_pb2.GenerateResponse]:
         # Refuse bad input here, before anything downstream is touched.
         chat_messages(request.prompt, request.messages, self.settings.max_prompt_chars)
@@ -80,7 +81,7 @@ class KernelServicer(kernel_pb2_grpc.KernelServiceServicer):
             call.cancel()
 
     async def ListModels(
-        self, request: kernel_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+        self, request: kernel_pb2.ListModelsRequest, context: Context
     ) -> kernel_pb2.ListModelsResponse:
         runtime = self.registry.pick(common_pb2.SERVICE_KIND_RUNTIME)
         stub = runtime_pb2_grpc.RuntimeServiceStub(runtime.channel)
@@ -95,50 +96,50 @@ class KernelServicer(kernel_pb2_grpc.KernelServiceServicer):
         return kernel_pb2.ListModelsResponse(models=reply.models)
 
     async def RegisterService(
-        self, request: kernel_pb2.RegisterServiceRequest, context: grpc.aio.ServicerContext
+        self, request: kernel_pb2.RegisterServiceRequest, context: Context
     ) -> kernel_pb2.RegisterServiceResponse:
         lease = await self.registry.register(request)
         return kernel_pb2.RegisterServiceResponse(lease_seconds=lease)
 
     async def DeregisterService(
-        self, request: kernel_pb2.DeregisterServiceRequest, context: grpc.aio.ServicerContext
+        self, request: kernel_pb2.DeregisterServiceRequest, context: Context
     ) -> kernel_pb2.DeregisterServiceResponse:
         await self.registry.deregister(request.name)
         return kernel_pb2.DeregisterServiceResponse()
 
     async def ListServices(
-        self, request: kernel_pb2.ListServicesRequest, context: grpc.aio.ServicerContext
+        self, request: kernel_pb2.ListServicesRequest, context: Context
     ) -> kernel_pb2.ListServicesResponse:
         return kernel_pb2.ListServicesResponse(services=self.registry.services())
 
     async def Submit(
-        self, request: kernel_pb2.SubmitRequest, context: grpc.aio.ServicerContext
+        self, request: kernel_pb2.SubmitRequest, context: Context
     ) -> kernel_pb2.SubmitResponse:
         raise Unimplemented(f"KernelService.Submit is not implemented yet ({PLANNED})")
 
     async def GetTask(
-        self, request: kernel_pb2.GetTaskRequest, context: grpc.aio.ServicerContext
+        self, request: kernel_pb2.GetTaskRequest, context: Context
     ) -> kernel_pb2.GetTaskResponse:
         raise Unimplemented(f"KernelService.GetTask is not implemented yet ({PLANNED})")
 
     async def WatchTask(
-        self, request: kernel_pb2.WatchTaskRequest, context: grpc.aio.ServicerContext
+        self, request: kernel_pb2.WatchTaskRequest, context: Context
     ) -> AsyncIterator[kernel_pb2.WatchTaskResponse]:
         raise Unimplemented(f"KernelService.WatchTask is not implemented yet ({PLANNED})")
         yield  # pragma: no cover - makes this an async generator like the contract
 
     async def ListTasks(
-        self, request: kernel_pb2.ListTasksRequest, context: grpc.aio.ServicerContext
+        self, request: kernel_pb2.ListTasksRequest, context: Context
     ) -> kernel_pb2.ListTasksResponse:
         raise Unimplemented(f"KernelService.ListTasks is not implemented yet ({PLANNED})")
 
     async def CancelTask(
-        self, request: kernel_pb2.CancelTaskRequest, context: grpc.aio.ServicerContext
+        self, request: kernel_pb2.CancelTaskRequest, context: Context
     ) -> kernel_pb2.CancelTaskResponse:
         raise Unimplemented(f"KernelService.CancelTask is not implemented yet ({PLANNED})")
 
     async def GetTrace(
-        self, request: kernel_pb2.GetTraceRequest, context: grpc.aio.ServicerContext
+        self, request: kernel_pb2.GetTraceRequest, context: Context
     ) -> kernel_pb2.GetTraceResponse:
         raise Unimplemented(f"KernelService.GetTrace is not implemented yet ({PLANNED})")
 

@@ -1,4 +1,4 @@
-"""The processes of the stack, as data: name, port offset from the kernel's port, and how to build it.
+"""The processes of the stack, as data: name, port offset from the kernel's, how to build it.
 
 `llmos serve NAME` builds one of these in the current process; `llmos up` starts each as a
 child process in this order and stops them in the reverse one. Builders import their

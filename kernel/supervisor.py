@@ -178,7 +178,9 @@ class Supervisor:
             try:
                 await asyncio.wait_for(process.wait(), child.shutdown_timeout_s)
             except TimeoutError:
-                log.warning("%s did not stop in %.0fs; killing it", child.id, child.shutdown_timeout_s)
+                log.warning(
+                    "%s did not stop in %.0fs; killing it", child.id, child.shutdown_timeout_s
+                )
                 with contextlib.suppress(ProcessLookupError):
                     process.kill()
                 await process.wait()

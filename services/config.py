@@ -1,4 +1,4 @@
-"""The one configuration loader: a typed `Settings` per process, from flags > environment > file > defaults.
+"""The one configuration loader: typed `Settings`, from flags > environment > file > defaults.
 
 Every process (kernel, each service, the CLI) builds its settings here and nowhere else:
 

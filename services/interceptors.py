@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -19,8 +19,11 @@ import grpc
 from llmos.services.channels import REQUEST_ID_KEY
 from llmos.services.errors import LlmosError, to_rpc_status
 from llmos.services.logs import request_id_var
+from llmos.services.rpc_types import Context
 
 log = logging.getLogger(__name__)
+
+Handler = Any  # grpc.RpcMethodHandler: a namedtuple at run time, typed loosely by types-grpcio
 
 
 def _request_id(details: grpc.HandlerCallDetails) -> str:
@@ -30,11 +33,11 @@ def _request_id(details: grpc.HandlerCallDetails) -> str:
     return uuid.uuid4().hex[:16]
 
 
-async def _abort(context: grpc.aio.ServicerContext, error: Exception, method: str) -> None:
+async def _abort(context: Context, error: Exception, method: str) -> None:
     if isinstance(error, LlmosError):
         log.info("%s refused: %s", method, error.message, extra={"reason": error.reason})
         await context.abort_with_status(to_rpc_status(error))
-    log.exception("%s failed unexpectedly", method)
+    log.error("%s failed unexpectedly", method, exc_info=error)
     internal = LlmosError(
         f"internal error in {method} (request id {request_id_var.get()}); see the service log"
     )
@@ -42,20 +45,20 @@ async def _abort(context: grpc.aio.ServicerContext, error: Exception, method: st
 
 
 def _wrap_unary(behavior: Callable[..., Awaitable[Any]], rid: str, method: str) -> Any:
-    async def unary(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def unary(request_or_iterator: Any, context: Context) -> Any:
         request_id_var.set(rid)
         try:
             return await behavior(request_or_iterator, context)
-        except (LlmosError, Exception) as error:
-            if isinstance(error, grpc.aio.AbortError):
-                raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception as error:
             await _abort(context, error, method)
 
     return unary
 
 
 def _wrap_streaming(behavior: Callable[..., Any], rid: str, method: str) -> Any:
-    async def streaming(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def streaming(request_or_iterator: Any, context: Context) -> AsyncIterator[Any]:
         request_id_var.set(rid)
         try:
             result = behavior(request_or_iterator, context)
@@ -64,9 +67,9 @@ def _wrap_streaming(behavior: Callable[..., Any], rid: str, method: str) -> Any:
                     yield response
             else:  # a coroutine that writes with context.write
                 await result
-        except (LlmosError, Exception) as error:
-            if isinstance(error, grpc.aio.AbortError):
-                raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception as error:
             await _abort(context, error, method)
 
     return streaming
@@ -77,12 +80,12 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler:
         handler = await continuation(handler_call_details)
         if handler is None:
-            return handler
+            return None
         rid = _request_id(handler_call_details)
         method = handler_call_details.method
         if handler.unary_unary:
@@ -90,8 +93,5 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler.stream_unary:
             return handler._replace(stream_unary=_wrap_unary(handler.stream_unary, rid, method))
         if handler.unary_stream:
-            return handler._replace(
-                unary_stream=_wrap_streaming(handler.unary_stream, rid, method)
-            )
+            return handler._replace(unary_stream=_wrap_streaming(handler.unary_stream, rid, method))
         return handler._replace(stream_stream=_wrap_streaming(handler.stream_stream, rid, method))
-

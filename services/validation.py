@@ -1,4 +1,4 @@
-"""Checks on a generation request that every hop applies the same way, with messages that say what to fix.
+"""Checks on a generation request that every hop applies alike, with messages saying what to fix.
 
 Pure logic (no torch, no I/O): the kernel uses it to refuse bad input before anything is
 scheduled, and the runtime applies it again because it is deployed on its own.

@@ -20,8 +20,8 @@ import os
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, TypeAlias
 
 import torch
 
@@ -33,7 +33,7 @@ from llmos.v1 import common_pb2
 
 log = logging.getLogger(__name__)
 
-FinishReason = common_pb2.FinishReason.ValueType
+FinishReason: TypeAlias = common_pb2.FinishReason.ValueType
 
 
 @dataclasses.dataclass
@@ -56,7 +56,7 @@ class LoadedModel:
         )
         return list(encoded["input_ids"])
 
-    def decode(self, token_ids: list[int]) -> str:
+    def decode(self, token_ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
 
     def info(self) -> common_pb2.ModelInfo:
@@ -211,7 +211,7 @@ def load_model(name: str, model_dir: str, torch_threads: int = 0) -> LoadedModel
         torch.set_num_threads(torch_threads)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.eval()
+    model.eval()  # type: ignore[no-untyped-call]
     config = model.config
     eos = model.generation_config.eos_token_id
     if eos is None:

