@@ -41,6 +41,9 @@ class Settings:
     port: int = 50051
     # The kernel address services register with; empty means host:port.
     kernel_address: str = ""
+    # The host other processes dial to reach this one; empty means `host`. Needed when
+    # binding 0.0.0.0 in a container: set it to the container's service name.
+    advertise_host: str = ""
     data_dir: str = dataclasses.field(default_factory=default_data_dir)
     # Model served when a request names none: a name known to the runtime or a local
     # Hugging Face model directory.
@@ -69,6 +72,10 @@ class Settings:
     @property
     def kernel_target(self) -> str:
         return self.kernel_address or f"{self.host}:{self.port}"
+
+    def advertised(self, port: int) -> str:
+        """The address this process registers under for `port`."""
+        return f"{self.advertise_host or self.host}:{port}"
 
     def describe(self) -> dict[str, Any]:
         """The effective settings, secrets masked, for the start-up log line."""

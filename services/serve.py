@@ -154,7 +154,7 @@ async def serve(
                     kernel_pb2.RegisterServiceRequest(
                         kind=service.kind,
                         name=name,
-                        address=address,
+                        address=settings.advertised(port),
                         pid=os.getpid(),
                         version=__version__,
                     ),

@@ -1,0 +1,43 @@
+"""Shared fixtures: the converted model and the real stack started with `llmos up`.
+
+The stack fixture runs the README's `llmos up` as a child process on free ports, with the
+real default model, and waits until `llmos status` reports every service healthy. Tests
+talk to it over real gRPC. It is session-scoped: starting it costs seconds, and tests that
+break a process (SIGKILL of the runtime) wait for the supervisor to bring it back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from stacktools import DEFAULT_MODEL, REPO, Stack, start_stack, stop_stack
+
+from llmos.services.runtime.models import resolve_model_dir
+
+
+@pytest.fixture(scope="session")
+def model_data_dir() -> Path:
+    """A data directory holding the converted default model (converted once, then reused).
+
+    LLMOS_TEST_DATA_DIR points elsewhere; the default lives in the ignored .llmos/ folder,
+    so a fresh clone (as in CI) exercises the real conversion.
+    """
+    path = Path(os.environ.get("LLMOS_TEST_DATA_DIR", REPO / ".llmos" / "test-data"))
+    resolve_model_dir(DEFAULT_MODEL, path, progress=lambda message: print(message, flush=True))
+    return path
+
+
+@pytest.fixture(scope="session")
+def stack(model_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    log_path = tmp_path_factory.mktemp("stack") / "llmos-up.log"
+    running = start_stack(model_data_dir, log_path)
+    try:
+        running.wait_healthy(timeout_s=120)
+        yield running
+    finally:
+        with contextlib.suppress(Exception):
+            stop_stack(running)

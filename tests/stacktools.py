@@ -1,0 +1,130 @@
+"""Starting and reaching the real stack from tests: `llmos up` on free ports, and its CLI.
+
+Imported by conftest.py (fixtures) and by tests for the `Stack` type; tests/ is on the
+import path through pytest's `pythonpath` setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from llmos.v1 import kernel_pb2, kernel_pb2_grpc
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+STACK_SIZE = 6  # kernel + runtime, safety, privacy, explain, hardware
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_block(size: int) -> int:
+    """A base port such that base .. base+size-1 are all free on 127.0.0.1."""
+    for _ in range(200):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            base = int(probe.getsockname()[1])
+        if base + size < 65535 and all(_bindable(base + i) for i in range(size)):
+            return base
+    raise RuntimeError("no block of free ports found")
+
+
+@dataclasses.dataclass
+class Stack:
+    """A running `llmos up` and the ways tests reach it."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    data_dir: Path
+    log_path: Path
+    host: str = "127.0.0.1"
+
+    @property
+    def kernel_address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(self.kernel_address)
+
+    def kernel(self, channel: grpc.Channel) -> kernel_pb2_grpc.KernelServiceStub:
+        return kernel_pb2_grpc.KernelServiceStub(channel)
+
+    def services(self) -> dict[str, kernel_pb2.ServiceInfo]:
+        with self.channel() as channel:
+            reply = self.kernel(channel).ListServices(kernel_pb2.ListServicesRequest(), timeout=5)
+        return {service.name: service for service in reply.services}
+
+    def llmos(
+        self, *args: str, stdin: str | None = None, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        """Run the `llmos` CLI against this stack."""
+        return subprocess.run(
+            [sys.executable, "-m", "llmos.kernel.cli", *args, "--port", str(self.port)],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def wait_healthy(self, timeout_s: float) -> float:
+        """Seconds until `llmos status` exits 0; fails the test after `timeout_s`."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout_s:
+            if self.process.poll() is not None:
+                pytest.fail(f"llmos up exited with {self.process.returncode}; see {self.log_path}")
+            if self.llmos("status", timeout=10).returncode == 0:
+                return time.monotonic() - started
+            time.sleep(0.5)
+        pytest.fail(f"stack not healthy after {timeout_s}s; see {self.log_path}")
+
+
+def start_stack(data_dir: Path, log_path: Path, *extra: str) -> Stack:
+    port = free_port_block(STACK_SIZE)
+    env = {**os.environ, "LLMOS_LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1"}
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "llmos.kernel.cli",
+                "up",
+                "--port",
+                str(port),
+                "--data-dir",
+                str(data_dir),
+                *extra,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    return Stack(process=process, port=port, data_dir=data_dir, log_path=log_path)
+
+
+def stop_stack(stack: Stack) -> int:
+    """SIGTERM the supervisor and wait for it; returns its exit status."""
+    if stack.process.poll() is None:
+        stack.process.send_signal(signal.SIGTERM)
+        try:
+            stack.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            stack.process.kill()
+            stack.process.wait()
+    return stack.process.returncode
