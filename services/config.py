@@ -26,9 +26,10 @@ ENV_PREFIX = "LLMOS_"
 SECRET_MARKERS = ("key", "secret", "password", "token")
 
 
-def default_data_dir() -> str:
+def default_data_dir(env: Mapping[str, str] | None = None) -> str:
     """Where models, the task store and logs live unless told otherwise (XDG layout)."""
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    env = os.environ if env is None else env
+    base = env.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return str(Path(base) / "llmos")
 
 
@@ -81,7 +82,7 @@ class Settings:
         """The effective settings, secrets masked, for the start-up log line."""
         shown: dict[str, Any] = {}
         for name, value in dataclasses.asdict(self).items():
-            secret = any(marker in name for marker in SECRET_MARKERS) and value
+            secret = any(marker in name.split("_") for marker in SECRET_MARKERS) and value
             shown[name] = "***" if secret else value
         return shown
 
@@ -93,7 +94,13 @@ def _coerce(name: str, raw: Any) -> Any:
     """Turn a TOML value or environment string into the field's type, or say what is wrong."""
     field_type = str(FIELDS[name].type)
     try:
+        # TOML gives bools and floats typed; int(True) == 1 and int(5.5) == 5 would hide
+        # a mistake, so refuse them rather than convert.
+        if field_type in ("int", "float") and isinstance(raw, bool):
+            raise TypeError(raw)
         if field_type == "int":
+            if isinstance(raw, float):
+                raise TypeError(raw)
             return int(raw)
         if field_type == "float":
             return float(raw)
@@ -110,7 +117,7 @@ def _coerce(name: str, raw: Any) -> Any:
 def _from_file(path: Path) -> dict[str, Any]:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise InvalidArgument(f"config file {path}: {exc}", reason="BAD_SETTING") from exc
     unknown = sorted(set(data) - set(FIELDS))
     if unknown:
@@ -135,7 +142,7 @@ def load_settings(
     from_env = {
         name: env[ENV_PREFIX + name.upper()] for name in FIELDS if ENV_PREFIX + name.upper() in env
     }
-    data_dir = flags.get("data_dir") or from_env.get("data_dir") or default_data_dir()
+    data_dir = flags.get("data_dir") or from_env.get("data_dir") or default_data_dir(env)
     file_name = config_file or env.get(ENV_PREFIX + "CONFIG")
     path = Path(file_name) if file_name else Path(data_dir) / "llmos.toml"
     from_file = _from_file(path) if file_name or path.is_file() else {}

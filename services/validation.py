@@ -7,6 +7,7 @@ scheduled, and the runtime applies it again because it is deployed on its own.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 from llmos.services.errors import InvalidArgument
@@ -73,7 +74,7 @@ def sampling_from(params: common_pb2.SamplingParams, default_max_tokens: int) ->
             f"max_tokens is {max_tokens}; it must be at least 1", reason="BAD_MAX_TOKENS"
         )
     temperature = params.temperature if params.HasField("temperature") else defaults.temperature
-    if temperature < 0:
+    if not math.isfinite(temperature) or temperature < 0:
         raise InvalidArgument(
             f"temperature is {temperature}; use 0 for greedy decoding or a positive value",
             reason="BAD_TEMPERATURE",
@@ -89,7 +90,7 @@ def sampling_from(params: common_pb2.SamplingParams, default_max_tokens: int) ->
         if params.HasField("repetition_penalty")
         else defaults.repetition_penalty
     )
-    if penalty <= 0:
+    if not math.isfinite(penalty) or penalty <= 0:
         raise InvalidArgument(
             f"repetition_penalty is {penalty}; it must be > 0 (1 disables it)",
             reason="BAD_REPETITION_PENALTY",

@@ -44,13 +44,17 @@ class TextAssembler:
         """Add one token; return the newly final text (possibly empty)."""
         self._ids.append(token_id)
         text = self._decode(self._ids)
-        for stop in self._stop:
-            at = text.find(stop, max(0, self._released - len(stop) + 1))
-            if at != -1:
-                self.stopped = True
-                delta = text[self._released : at]
-                self._released = at
-                return delta
+        hits = [
+            at
+            for stop in self._stop
+            if (at := text.find(stop, max(0, self._released - len(stop) + 1))) != -1
+        ]
+        if hits:  # the earliest stop string wins, whichever is listed first
+            at = min(hits)
+            self.stopped = True
+            delta = text[self._released : at]
+            self._released = at
+            return delta
         end = len(text)
         while end > self._released and text[end - 1] == REPLACEMENT:
             end -= 1

@@ -128,8 +128,8 @@ def test_bad_file_value_names_the_setting(tmp_path: Path, data_dir: Path) -> Non
     assert "'expected_services'" in caught.value.message
 
 
-# BUG (services/config.py, _coerce): int() accepts TOML booleans and truncates TOML floats,
-# so `port = true` becomes port 1 and `port = 5005.5` becomes 5005 without a word.
+# int() would accept TOML booleans and truncate TOML floats (`port = true` -> 1,
+# `port = 5005.5` -> 5005) without a word; they must be refused.
 @pytest.mark.parametrize("value", ["true", "5005.5"])
 def test_non_integer_file_value_for_int_setting_is_refused(
     tmp_path: Path, data_dir: Path, value: str
@@ -161,8 +161,7 @@ def test_malformed_toml_is_invalid_argument(tmp_path: Path, data_dir: Path) -> N
     assert str(config) in caught.value.message
 
 
-# BUG (services/config.py, _from_file): a --config path that does not exist escapes as
-# FileNotFoundError, which the CLI does not catch (it reports only LlmosError).
+# A missing --config file must be our error (the CLI reports LlmosError), not an OSError.
 def test_missing_explicit_config_file_is_invalid_argument(tmp_path: Path, data_dir: Path) -> None:
     missing = tmp_path / "nowhere.toml"
 
@@ -201,6 +200,15 @@ def test_kernel_target_from_loaded_settings(data_dir: Path) -> None:
     assert load_settings({"data_dir": str(data_dir)}, env=env).kernel_target == "0.0.0.0:6100"
 
 
+def test_advertised_address_defaults_to_the_bound_host(data_dir: Path) -> None:
+    assert Settings(host="10.0.0.2").advertised(7001) == "10.0.0.2:7001"
+
+    env = {"LLMOS_HOST": "0.0.0.0", "LLMOS_ADVERTISE_HOST": "runtime"}
+    settings = load_settings({"data_dir": str(data_dir)}, env=env)
+    assert settings.advertised(7001) == "runtime:7001"
+    assert settings.kernel_target == "0.0.0.0:50051"
+
+
 def test_describe_lists_every_setting() -> None:
     settings = Settings(data_dir="/d", port=6001)
     shown = settings.describe()
@@ -210,8 +218,7 @@ def test_describe_lists_every_setting() -> None:
     assert shown["data_dir"] == "/d"
 
 
-# BUG (services/config.py, Settings.describe): markers are matched as substrings, so
-# `default_max_tokens` ("token") is shown as "***" in the start-up log.
+# Markers match whole words: `default_max_tokens` is not a secret.
 def test_describe_masks_none_of_the_current_settings() -> None:
     settings = Settings(data_dir="/d")
 

@@ -1,4 +1,4 @@
-"""ErrorInterceptor on a real in-process grpc.aio server, read back with error_info/from_rpc_error."""
+"""ErrorInterceptor on a real in-process grpc.aio server, and the errors its clients read back."""
 
 from __future__ import annotations
 
