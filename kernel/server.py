@@ -5,8 +5,8 @@ stream. The client's deadline bounds the downstream call (the time remaining is 
 and a client cancel cancels the downstream call, which drops the sequence in the runtime.
 A runtime that dies mid-stream ends the client's stream with UNAVAILABLE at once.
 
-Task, trace and scheduling RPCs are part of the contract and answer UNIMPLEMENTED until
-the kernel work item builds them.
+Task, trace and scheduling RPCs are part of the contract but not overridden here: the
+generated base class refuses them and the error interceptor answers UNIMPLEMENTED.
 """
 
 from __future__ import annotations
@@ -20,15 +20,13 @@ import grpc
 from llmos.kernel.registry import Registry
 from llmos.services.channels import outgoing_metadata
 from llmos.services.config import Settings
-from llmos.services.errors import Unimplemented, from_rpc_error
+from llmos.services.errors import from_rpc_error
 from llmos.services.logs import task_id_var
 from llmos.services.rpc_types import Context
 from llmos.services.validation import chat_messages, sampling_from
 from llmos.v1 import common_pb2, kernel_pb2, kernel_pb2_grpc, runtime_pb2, runtime_pb2_grpc
 
 log = logging.getLogger(__name__)
-
-PLANNED = "planned in the kernel work item"
 
 
 class KernelServicer(kernel_pb2_grpc.KernelServiceServicer):
@@ -112,37 +110,6 @@ class KernelServicer(kernel_pb2_grpc.KernelServiceServicer):
     ) -> kernel_pb2.ListServicesResponse:
         return kernel_pb2.ListServicesResponse(services=self.registry.services())
 
-    async def Submit(
-        self, request: kernel_pb2.SubmitRequest, context: Context
-    ) -> kernel_pb2.SubmitResponse:
-        raise Unimplemented(f"KernelService.Submit is not implemented yet ({PLANNED})")
-
-    async def GetTask(
-        self, request: kernel_pb2.GetTaskRequest, context: Context
-    ) -> kernel_pb2.GetTaskResponse:
-        raise Unimplemented(f"KernelService.GetTask is not implemented yet ({PLANNED})")
-
-    async def WatchTask(
-        self, request: kernel_pb2.WatchTaskRequest, context: Context
-    ) -> AsyncIterator[kernel_pb2.WatchTaskResponse]:
-        raise Unimplemented(f"KernelService.WatchTask is not implemented yet ({PLANNED})")
-        yield  # pragma: no cover - makes this an async generator like the contract
-
-    async def ListTasks(
-        self, request: kernel_pb2.ListTasksRequest, context: Context
-    ) -> kernel_pb2.ListTasksResponse:
-        raise Unimplemented(f"KernelService.ListTasks is not implemented yet ({PLANNED})")
-
-    async def CancelTask(
-        self, request: kernel_pb2.CancelTaskRequest, context: Context
-    ) -> kernel_pb2.CancelTaskResponse:
-        raise Unimplemented(f"KernelService.CancelTask is not implemented yet ({PLANNED})")
-
-    async def GetTrace(
-        self, request: kernel_pb2.GetTraceRequest, context: Context
-    ) -> kernel_pb2.GetTraceResponse:
-        raise Unimplemented(f"KernelService.GetTrace is not implemented yet ({PLANNED})")
-
 
 class KernelService:
     """The kernel process: ready at once; the registry fills as services register."""
@@ -151,7 +118,8 @@ class KernelService:
 
     def __init__(self, settings: Settings) -> None:
         self.registry = Registry(settings.lease_s, settings.max_message_bytes)
-        self.servicer = KernelServicer(settings, self.registry)
+        # RPCs not built yet are left to the generated base: they answer UNIMPLEMENTED.
+        self.servicer = KernelServicer(settings, self.registry)  # type: ignore[abstract]
 
     def add_to_server(self, server: grpc.aio.Server) -> list[str]:
         kernel_pb2_grpc.add_KernelServiceServicer_to_server(self.servicer, server)

@@ -40,7 +40,7 @@ def _runtime(settings: Settings) -> Service:
 
 
 def _planned(
-    kind: common_pb2.ServiceKind.ValueType, proto: str, service_name: str, work_item: str
+    kind: common_pb2.ServiceKind.ValueType, proto: str, service_name: str
 ) -> Callable[[Settings], Service]:
     def build(settings: Settings) -> Service:
         return PlannedService(
@@ -48,7 +48,6 @@ def _planned(
             pb2_module=importlib.import_module(f"llmos.v1.{proto}_pb2"),
             grpc_module=importlib.import_module(f"llmos.v1.{proto}_pb2_grpc"),
             service_name=service_name,
-            planned_in=f"planned in the {work_item} work item",
         )
 
     return build
@@ -57,25 +56,15 @@ def _planned(
 STACK: tuple[ProcessSpec, ...] = (
     ProcessSpec("kernel", 0, _kernel),
     ProcessSpec("runtime", 1, _runtime),
+    ProcessSpec("safety", 2, _planned(common_pb2.SERVICE_KIND_SAFETY, "safety", "SafetyService")),
     ProcessSpec(
-        "safety", 2, _planned(common_pb2.SERVICE_KIND_SAFETY, "safety", "SafetyService", "safety")
+        "privacy", 3, _planned(common_pb2.SERVICE_KIND_PRIVACY, "privacy", "PrivacyService")
     ),
     ProcessSpec(
-        "privacy",
-        3,
-        _planned(common_pb2.SERVICE_KIND_PRIVACY, "privacy", "PrivacyService", "privacy"),
+        "explain", 4, _planned(common_pb2.SERVICE_KIND_EXPLAIN, "explain", "ExplainService")
     ),
     ProcessSpec(
-        "explain",
-        4,
-        _planned(common_pb2.SERVICE_KIND_EXPLAIN, "explain", "ExplainService", "explain"),
-    ),
-    ProcessSpec(
-        "hardware",
-        5,
-        _planned(
-            common_pb2.SERVICE_KIND_HARDWARE, "hardware", "HardwareService", "hardware-manager"
-        ),
+        "hardware", 5, _planned(common_pb2.SERVICE_KIND_HARDWARE, "hardware", "HardwareService")
     ),
 )
 

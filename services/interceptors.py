@@ -4,6 +4,10 @@ For each call it takes `x-request-id` from the metadata (or makes one), puts it 
 logging context, and turns a raised `LlmosError` into the status from the one table in
 `llmos.services.errors`, with ErrorInfo details. Anything else becomes INTERNAL with the
 request id in the message, and is logged with its traceback; the process keeps serving.
+
+An RPC a servicer does not override reaches the generated base class, which raises
+NotImplementedError: that becomes UNIMPLEMENTED naming the method and the work item that
+will build it (`PLANNED_IN`), so unbuilt parts of a contract never need stub methods.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Any
 import grpc
 
 from llmos.services.channels import REQUEST_ID_KEY
-from llmos.services.errors import LlmosError, to_rpc_status
+from llmos.services.errors import LlmosError, Unimplemented, to_rpc_status
 from llmos.services.logs import request_id_var
 from llmos.services.rpc_types import Context
 
@@ -33,7 +37,32 @@ def _request_id(details: grpc.HandlerCallDetails) -> str:
     return uuid.uuid4().hex[:16]
 
 
+# Which work item builds each service's missing RPCs (see the issues).
+PLANNED_IN = {
+    "llmos.v1.KernelService": "the kernel work item (tasks, traces, scheduling)",
+    "llmos.v1.RuntimeService": "the model-runtime work item",
+    "llmos.v1.SafetyService": "the safety work item",
+    "llmos.v1.PrivacyService": "the privacy work item",
+    "llmos.v1.ExplainService": "the explain work item",
+    "llmos.v1.HardwareService": "the hardware-manager work item",
+    "llmos.v1.PluginHostService": "the plugins work item",
+}
+
+
+def _not_built(method: str) -> Unimplemented:
+    """`method` is the full gRPC path, e.g. /llmos.v1.SafetyService/Check."""
+    service, _, name = method.strip("/").partition("/")
+    planned = PLANNED_IN.get(service, "a later work item")
+    return Unimplemented(
+        f"{service}.{name} is not implemented yet (planned in {planned})",
+        reason="NOT_BUILT_YET",
+        metadata={"method": f"{service}.{name}"},
+    )
+
+
 async def _abort(context: Context, error: Exception, method: str) -> None:
+    if isinstance(error, NotImplementedError):
+        error = _not_built(method)
     if isinstance(error, LlmosError):
         log.info("%s refused: %s", method, error.message, extra={"reason": error.reason})
         await context.abort_with_status(to_rpc_status(error))

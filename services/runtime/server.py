@@ -2,7 +2,8 @@
 
 The default model is loaded (converted first if needed) before the process reports
 SERVING, so a healthy runtime can always answer. Score, Embed, LoadModel and UnloadModel
-are part of the contract and answer UNIMPLEMENTED until the model-runtime work item.
+are part of the contract but not overridden yet: they answer UNIMPLEMENTED (see
+llmos.services.interceptors) until the model-runtime work item.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import grpc
 from google.protobuf.duration_pb2 import Duration
 
 from llmos.services.config import Settings
-from llmos.services.errors import NotFound, Unavailable, Unimplemented
+from llmos.services.errors import NotFound, Unavailable
 from llmos.services.rpc_types import Context
 from llmos.services.runtime.engine import Engine, Event, load_model
 from llmos.services.runtime.models import resolve_model_dir
@@ -24,8 +25,6 @@ from llmos.services.validation import chat_messages, sampling_from
 from llmos.v1 import common_pb2, runtime_pb2, runtime_pb2_grpc
 
 log = logging.getLogger(__name__)
-
-PLANNED = "planned in the model-runtime work item"
 
 
 def _duration(seconds: float) -> Duration:
@@ -105,30 +104,6 @@ class RuntimeServicer(runtime_pb2_grpc.RuntimeServiceServicer):
             models=[engine.loaded.info() for engine in self.engines.values()]
         )
 
-    async def Score(
-        self, request: runtime_pb2.RuntimeServiceScoreRequest, context: Context
-    ) -> runtime_pb2.RuntimeServiceScoreResponse:
-        raise Unimplemented(f"RuntimeService.Score is not implemented yet ({PLANNED})")
-
-    async def Embed(
-        self, request: runtime_pb2.RuntimeServiceEmbedRequest, context: Context
-    ) -> runtime_pb2.RuntimeServiceEmbedResponse:
-        raise Unimplemented(f"RuntimeService.Embed is not implemented yet ({PLANNED})")
-
-    async def LoadModel(
-        self,
-        request: runtime_pb2.RuntimeServiceLoadModelRequest,
-        context: Context,
-    ) -> runtime_pb2.RuntimeServiceLoadModelResponse:
-        raise Unimplemented(f"RuntimeService.LoadModel is not implemented yet ({PLANNED})")
-
-    async def UnloadModel(
-        self,
-        request: runtime_pb2.RuntimeServiceUnloadModelRequest,
-        context: Context,
-    ) -> runtime_pb2.RuntimeServiceUnloadModelResponse:
-        raise Unimplemented(f"RuntimeService.UnloadModel is not implemented yet ({PLANNED})")
-
 
 class RuntimeService:
     """The runtime process: ready once its default model is loaded."""
@@ -137,7 +112,8 @@ class RuntimeService:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.servicer = RuntimeServicer(settings)
+        # RPCs not built yet are left to the generated base: they answer UNIMPLEMENTED.
+        self.servicer = RuntimeServicer(settings)  # type: ignore[abstract]
 
     def add_to_server(self, server: grpc.aio.Server) -> list[str]:
         runtime_pb2_grpc.add_RuntimeServiceServicer_to_server(self.servicer, server)
