@@ -34,7 +34,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         "port": args.port,
         "data_dir": args.data_dir,
         "model": getattr(args, "model", None),
-        "log_level": args.log_level,
+        "log_level": getattr(args, "log_level", None),
     }
     return load_settings(overrides, config_file=args.config)
 
@@ -284,14 +284,15 @@ def cmd_probe(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- argument parsing
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def _common(parser: argparse.ArgumentParser, *, runs_processes: bool = False) -> None:
     parser.add_argument("--host", help="interface to bind / kernel host (LLMOS_HOST)")
     parser.add_argument(
         "--port", type=int, help="kernel port; services use the next ones (LLMOS_PORT)"
     )
-    parser.add_argument("--data-dir", help="models, state and logs (LLMOS_DATA_DIR)")
+    parser.add_argument("--data-dir", help="converted models and llmos.toml (LLMOS_DATA_DIR)")
     parser.add_argument("--config", help="TOML settings file (LLMOS_CONFIG)")
-    parser.add_argument("--log-level", help="debug, info, warning, error (LLMOS_LOG_LEVEL)")
+    if runs_processes:
+        parser.add_argument("--log-level", help="debug, info, warning, error (LLMOS_LOG_LEVEL)")
 
 
 def _client(parser: argparse.ArgumentParser) -> None:
@@ -309,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     up = commands.add_parser("up", help="start the whole stack as local processes")
-    _common(up)
+    _common(up, runs_processes=True)
     up.add_argument("--model", help="default model: a catalogue name or a model directory")
     up.set_defaults(func=cmd_up)
 
@@ -317,12 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "name", choices=["kernel", "runtime", "safety", "privacy", "explain", "hardware"]
     )
-    _common(serve)
+    _common(serve, runs_processes=True)
     serve.add_argument("--model")
     serve.set_defaults(func=cmd_serve)
 
     prepare = commands.add_parser("prepare-model", help="convert the default model once")
-    _common(prepare)
+    _common(prepare, runs_processes=True)
     prepare.add_argument("--model")
     prepare.set_defaults(func=cmd_prepare_model)
 

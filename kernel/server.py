@@ -72,7 +72,9 @@ class KernelServicer(kernel_pb2_grpc.KernelServiceServicer):
                     first = False
                 yield response
         except grpc.aio.AioRpcError as error:
-            raise from_rpc_error(error, f"runtime {runtime.info.name} Generate") from error
+            raise from_rpc_error(
+                error, f"Generate on {runtime.info.name} at {runtime.info.address}"
+            ) from error
         finally:
             # Reached on success too (no-op then); on a client cancel or deadline this is
             # what reaches the runtime and frees its slot.
@@ -90,7 +92,9 @@ class KernelServicer(kernel_pb2_grpc.KernelServiceServicer):
                 metadata=outgoing_metadata(),
             )
         except grpc.aio.AioRpcError as error:
-            raise from_rpc_error(error, f"runtime {runtime.info.name} ListModels") from error
+            raise from_rpc_error(
+                error, f"ListModels on {runtime.info.name} at {runtime.info.address}"
+            ) from error
         return kernel_pb2.ListModelsResponse(models=reply.models)
 
     async def RegisterService(

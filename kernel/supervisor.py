@@ -18,6 +18,7 @@ import ctypes
 import dataclasses
 import logging
 import signal
+import socket
 import sys
 import time
 
@@ -63,6 +64,18 @@ class RestartIntensity:
             return False
         self._restarts.append(now)
         return True
+
+
+def port_is_free(address: str) -> bool:
+    """Whether host:port can be bound now (SO_REUSEADDR, as gRPC binds)."""
+    host, _, port = address.rpartition(":")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, int(port)))
+        except OSError:
+            return False
+    return True
 
 
 class ChildFailed(Exception):
@@ -112,6 +125,12 @@ class Supervisor:
         return process
 
     async def _start_healthy(self, child: Child) -> None:
+        # Otherwise another process on the port would answer the health check for it.
+        if not port_is_free(child.address):
+            raise ChildFailed(
+                f"{child.id} cannot start: {child.address} is already in use by another "
+                "process (another `llmos up`?); stop it or choose another --port"
+            )
         process = await self._spawn(child)
         try:
             await wait_serving(child.address, process, self.ready_timeout_s)

@@ -27,7 +27,7 @@ SECRET_MARKERS = ("key", "secret", "password", "token")
 
 
 def default_data_dir(env: Mapping[str, str] | None = None) -> str:
-    """Where models, the task store and logs live unless told otherwise (XDG layout)."""
+    """Where converted models and llmos.toml live unless told otherwise (XDG layout)."""
     env = os.environ if env is None else env
     base = env.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return str(Path(base) / "llmos")
@@ -53,6 +53,8 @@ class Settings:
     # Requests whose prompt (all messages together) is longer are refused.
     max_prompt_chars: int = 32_000
     max_message_bytes: int = 16 * 1024 * 1024
+    # Requests a runtime queues per model before refusing with RESOURCE_EXHAUSTED.
+    runtime_max_queued: int = 64
     # Compute threads the runtime may use; 0 lets torch decide.
     torch_threads: int = 0
     log_level: str = "info"

@@ -136,7 +136,13 @@ async def serve(
     for service_name in ["", *service_names]:
         await health_servicer.set(service_name, not_serving)
     await server.start()
-    log.info("%s listening on %s (pid %d)", name, address, os.getpid(), extra=settings.describe())
+    log.info(
+        "%s listening on %s (pid %d)",
+        name,
+        address,
+        os.getpid(),
+        extra={"settings": settings.describe()},
+    )
 
     registration: Registration | None = None
     try:

@@ -206,7 +206,10 @@ class Engine:
 def load_model(name: str, model_dir: str, torch_threads: int = 0) -> LoadedModel:
     """Load a Hugging Face model directory in float32 (these CPUs have no fast bf16)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    # A raw progress bar would break the JSON-lines log.
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     if torch_threads > 0:
         torch.set_num_threads(torch_threads)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -17,7 +17,8 @@ import grpc
 from google.protobuf.duration_pb2 import Duration
 
 from llmos.services.config import Settings
-from llmos.services.errors import NotFound, Unavailable
+from llmos.services.errors import LlmosError, NotFound, Unavailable
+from llmos.services.logs import task_id_var
 from llmos.services.rpc_types import Context
 from llmos.services.runtime.engine import Engine, Event, load_model
 from llmos.services.runtime.models import resolve_model_dir
@@ -77,6 +78,7 @@ class RuntimeServicer(runtime_pb2_grpc.RuntimeServiceServicer):
         request: runtime_pb2.RuntimeServiceGenerateRequest,
         context: Context,
     ) -> AsyncIterator[runtime_pb2.RuntimeServiceGenerateResponse]:
+        task_id_var.set(request.task_id)
         engine = self.engine_for(request.model)
         turns = chat_messages(request.prompt, request.messages, self.settings.max_prompt_chars)
         sampling = sampling_from(request.sampling, self.settings.default_max_tokens)
@@ -85,6 +87,10 @@ class RuntimeServicer(runtime_pb2_grpc.RuntimeServiceServicer):
         try:
             first = True
             async for event in handle.events():
+                if event.finish_reason == common_pb2.FINISH_REASON_ERROR:
+                    raise LlmosError(
+                        "decoding failed inside the runtime; see its log", reason="DECODE_FAILED"
+                    )
                 response = _response(event)
                 if first:
                     response.model = engine.loaded.name
@@ -126,7 +132,7 @@ class RuntimeService:
         loaded = await asyncio.to_thread(
             load_model, self.servicer.default_model, str(model_dir), self.settings.torch_threads
         )
-        self.servicer.engines[loaded.name] = Engine(loaded)
+        self.servicer.engines[loaded.name] = Engine(loaded, self.settings.runtime_max_queued)
         log.info("%s loaded: %d parameters", loaded.name, loaded.parameters)
 
     async def stop(self) -> None:

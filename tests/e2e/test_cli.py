@@ -6,7 +6,10 @@ import json
 import subprocess
 import sys
 
+import pytest
 from stacktools import Stack, free_port_block
+
+pytestmark = pytest.mark.model  # the real default model, converted once per session
 
 
 def test_generate_prints_a_sensible_answer(stack: Stack) -> None:

@@ -16,6 +16,8 @@ from llmos.services.runtime.models import converted_dir
 from llmos.services.validation import Sampling
 from llmos.v1 import common_pb2
 
+pytestmark = pytest.mark.model  # the real default model, converted once per session
+
 PROMPTS = [
     "What is the capital of France?",
     "Write a haiku about the sea.",

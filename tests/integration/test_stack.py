@@ -14,6 +14,8 @@ from llmos.kernel.stack import STACK
 from llmos.services.errors import error_info
 from llmos.v1 import common_pb2, kernel_pb2
 
+pytestmark = pytest.mark.model  # the real default model, converted once per session
+
 GREEDY = common_pb2.SamplingParams(temperature=0.0, max_tokens=24)
 
 

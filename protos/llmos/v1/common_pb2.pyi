@@ -31,13 +31,19 @@ class _FinishReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FinishRe
     FINISH_REASON_STOP: _FinishReason.ValueType  # 1
     """End-of-sequence token or a stop sequence."""
     FINISH_REASON_LENGTH: _FinishReason.ValueType  # 2
-    """max_tokens or the model's context was reached."""
+    """max_tokens was reached (prompt plus max_tokens must fit the context, or the
+    request is refused up front).
+    """
     FINISH_REASON_CANCELLED: _FinishReason.ValueType  # 3
-    """The client, a deadline or CancelTask ended it."""
+    """CancelTask ended it. A client that cancels its own call, or whose deadline passes,
+    gets the CANCELLED or DEADLINE_EXCEEDED status instead of a last message.
+    """
     FINISH_REASON_SAFETY: _FinishReason.ValueType  # 4
     """The safety service stopped it."""
     FINISH_REASON_ERROR: _FinishReason.ValueType  # 5
-    """A service failed; the status carries the details."""
+    """Recorded on a task that failed. A stream that fails ends with an error status, whose
+    message and ErrorInfo say why, not with this value.
+    """
 
 class FinishReason(_FinishReason, metaclass=_FinishReasonEnumTypeWrapper):
     """Why a generation ended."""
@@ -46,13 +52,19 @@ FINISH_REASON_UNSPECIFIED: FinishReason.ValueType  # 0
 FINISH_REASON_STOP: FinishReason.ValueType  # 1
 """End-of-sequence token or a stop sequence."""
 FINISH_REASON_LENGTH: FinishReason.ValueType  # 2
-"""max_tokens or the model's context was reached."""
+"""max_tokens was reached (prompt plus max_tokens must fit the context, or the
+request is refused up front).
+"""
 FINISH_REASON_CANCELLED: FinishReason.ValueType  # 3
-"""The client, a deadline or CancelTask ended it."""
+"""CancelTask ended it. A client that cancels its own call, or whose deadline passes,
+gets the CANCELLED or DEADLINE_EXCEEDED status instead of a last message.
+"""
 FINISH_REASON_SAFETY: FinishReason.ValueType  # 4
 """The safety service stopped it."""
 FINISH_REASON_ERROR: FinishReason.ValueType  # 5
-"""A service failed; the status carries the details."""
+"""Recorded on a task that failed. A stream that fails ends with an error status, whose
+message and ErrorInfo say why, not with this value.
+"""
 Global___FinishReason: _TypeAlias = FinishReason  # noqa: Y015
 
 class _Priority:

@@ -38,6 +38,9 @@ class GenerateRequest(_message.Message):
     `prompt` and `messages` must be set.
     """
     priority: _common_pb2.Priority.ValueType
+    """Scheduling class. Accepted but not used yet: the kernel's scheduler (priorities,
+    fair share) is built in the kernel work item.
+    """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]:
         """A whole conversation; the model's chat template is applied."""
