@@ -17,10 +17,12 @@ import contextlib
 import ctypes
 import dataclasses
 import logging
+import os
 import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -30,12 +32,20 @@ from llmos.services.channels import open_channel
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
+# Loaded here, in the parent: between fork and exec a child must not load libraries
+# (the parent's gRPC threads may hold the loader's lock).
+_LIBC = ctypes.CDLL(None, use_errno=True)
 
 
-def _die_with_parent() -> None:
-    """Runs in the child between fork and exec: SIGTERM us when the supervisor dies."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+def _die_with(parent_pid: int) -> Callable[[], None]:
+    """What the child runs between fork and exec: SIGTERM it when the supervisor dies."""
+
+    def arm() -> None:
+        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent_pid:  # the supervisor died before prctl took effect
+            os._exit(1)
+
+    return arm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +92,10 @@ class ChildFailed(Exception):
     """A child did not become healthy, or crashed more often than the intensity allows."""
 
 
+class _StopRequested(Exception):
+    """A stop was requested while a child was starting."""
+
+
 async def wait_serving(address: str, process: asyncio.subprocess.Process, timeout_s: float) -> None:
     """Return once `address` reports SERVING; fail if the process exits or time runs out."""
     deadline = time.monotonic() + timeout_s
@@ -118,7 +132,12 @@ class Supervisor:
 
     async def _spawn(self, child: Child) -> asyncio.subprocess.Process:
         process = await asyncio.create_subprocess_exec(
-            *child.argv, preexec_fn=_die_with_parent, stdin=asyncio.subprocess.DEVNULL
+            *child.argv,
+            preexec_fn=_die_with(os.getpid()),
+            stdin=asyncio.subprocess.DEVNULL,
+            # Not in the terminal's foreground group: Ctrl-C reaches only the supervisor,
+            # which then stops the children in reverse order.
+            process_group=0,
         )
         self.processes[child.id] = process
         log.info("started %s (pid %d)", child.id, process.pid)
@@ -132,9 +151,21 @@ class Supervisor:
                 "process (another `llmos up`?); stop it or choose another --port"
             )
         process = await self._spawn(child)
+        # A stop requested meanwhile (Ctrl-C while the model loads) must not wait for it.
+        ready = asyncio.create_task(wait_serving(child.address, process, self.ready_timeout_s))
+        stopping = asyncio.create_task(self._stop.wait())
         try:
-            await wait_serving(child.address, process, self.ready_timeout_s)
-        except ChildFailed as error:
+            await asyncio.wait({ready, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not ready.done():
+                ready.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await ready
+        if ready.cancelled():
+            raise _StopRequested
+        error = ready.exception()
+        if error is not None:
             raise ChildFailed(f"{child.id} {error}") from error
         log.info("%s is healthy at %s", child.id, child.address)
 
@@ -150,11 +181,15 @@ class Supervisor:
                 await self._start_healthy(child)
             log.info("all %d processes are healthy", len(self.children))
             return await self._supervise()
+        except _StopRequested:
+            return 0
         except ChildFailed as error:
             log.error("giving up: %s", error)
             return 1
         finally:
             await self.stop_all()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
 
     async def _supervise(self) -> int:
         stopping = asyncio.create_task(self._stop.wait())
@@ -172,18 +207,25 @@ class Supervisor:
                 if stopping in done:
                     return 0
                 for task in done:
-                    child = exits[task]
-                    status = task.result()
-                    if not self.intensity.allow(time.monotonic()):
-                        raise ChildFailed(
-                            f"{child.id} exited with status {status} and has been restarted "
-                            f"{self.intensity.max_restarts} times within "
-                            f"{self.intensity.window_s:.0f}s; not restarting it again"
-                        )
-                    log.warning("%s exited with status %s; restarting it", child.id, status)
-                    await self._start_healthy(child)
+                    await self._restart(exits[task], f"exited with status {task.result()}")
         finally:
             stopping.cancel()
+
+    async def _restart(self, child: Child, reason: str) -> None:
+        """Restart `child`; a restart that fails before SERVING counts and is tried again."""
+        while True:
+            if not self.intensity.allow(time.monotonic()):
+                raise ChildFailed(
+                    f"{child.id} {reason} and has been restarted "
+                    f"{self.intensity.max_restarts} times within "
+                    f"{self.intensity.window_s:.0f}s; not restarting it again"
+                )
+            log.warning("%s %s; restarting it", child.id, reason)
+            try:
+                await self._start_healthy(child)
+                return
+            except ChildFailed as error:
+                reason = str(error).removeprefix(f"{child.id} ")
 
     async def stop_all(self) -> None:
         """Stop children in reverse start order: SIGTERM, wait, then SIGKILL."""
