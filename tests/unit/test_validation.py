@@ -97,7 +97,8 @@ def test_unset_sampling_fields_take_the_defaults() -> None:
     sampling = sampling_from(SamplingParams(), default_max_tokens=64)
 
     assert sampling == Sampling(max_tokens=64)
-    assert sampling.temperature == pytest.approx(0.7)
+    assert sampling.temperature == pytest.approx(0.2)
+    assert sampling.top_p == pytest.approx(0.9)
     assert not sampling.greedy
     assert sampling.seed is None
 
