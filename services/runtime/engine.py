@@ -1,39 +1,40 @@
-"""The decoding loop of one loaded model: a worker thread that streams tokens into asyncio.
+"""Continuous batching for one loaded model: a worker thread that decodes all running
+sequences together, one token per step, and streams each token into asyncio.
 
-Requests queue (bounded: a full queue refuses at once) and a single worker thread decodes
-them one sequence at a time with a KV cache. Before every decoding step it checks whether
-the sequence was cancelled — by the client, a deadline or the kernel — so a cancelled
-request stops consuming compute at the next step. Continuous batching replaces the
-one-at-a-time loop in the model-runtime work item; the interface (submit → events) stays.
+Iteration-level scheduling, as in vLLM: at every step boundary the worker
+1. drops sequences that were cancelled (client cancel, deadline, kernel) — a cancelled
+   request consumes no compute after the step in flight;
+2. admits waiting requests, first come first served, while the batch has a free slot and
+   the KV budget (every running sequence reserves prompt + max_tokens positions) allows;
+3. prefills the newcomers together (prompts padded to the longest, masked);
+4. runs one decoding step for every running sequence, each at its own length
+   (`SlotKVCache`), and samples each row with its own parameters;
+5. removes finished sequences at once, freeing their slot and reservation.
+The waiting queue is bounded: a full queue refuses at once with RESOURCE_EXHAUSTED.
 
-Ownership: `submit` hands the caller a `SequenceHandle`; the caller must `cancel()` it when
-it stops listening (the gRPC handler does so in a `finally`). The worker always ends a
-sequence with exactly one final event, whatever happened.
+A lone sequence runs without any mask, exactly as Hugging Face's own forward pass does,
+so greedy decoding of a request alone reproduces `generate()` token for token.
 """
 
 from __future__ import annotations
 
-import asyncio
+import collections
 import dataclasses
 import logging
-import os
-import queue
 import threading
-import time
-from collections.abc import AsyncIterator, Sequence
-from typing import Any, TypeAlias
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from llmos.services.errors import InvalidArgument, ResourceExhausted
-from llmos.services.runtime.detokenize import TextAssembler
+from llmos.services.runtime.kv_cache import SlotKVCache
 from llmos.services.runtime.sampling import next_token
+from llmos.services.runtime.sequences import FinishReason, Running, SequenceHandle
 from llmos.services.validation import Sampling
 from llmos.v1 import common_pb2
 
 log = logging.getLogger(__name__)
-
-FinishReason: TypeAlias = common_pb2.FinishReason.ValueType
 
 
 @dataclasses.dataclass
@@ -71,66 +72,62 @@ class LoadedModel:
         )
 
 
-@dataclasses.dataclass
-class Event:
-    """A piece of a stream; the last one has `finish_reason` and the usage figures."""
+@dataclasses.dataclass(frozen=True)
+class EngineLimits:
+    """What one engine may take on at once."""
 
-    text: str
-    token_ids: list[int]
-    finish_reason: FinishReason | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    queue_time_s: float = 0.0
-    time_to_first_token_s: float = 0.0
+    # Sequences decoded together in one step.
+    max_batch_size: int = 32
+    # Requests waiting for a place in the batch; one more is refused at once.
+    max_queued: int = 64
+    # KV-cache memory the running sequences may reserve (prompt + max_tokens each).
+    kv_budget_bytes: int = 1024 * 1024 * 1024
+    # Prompt tokens prefilled together in one forward pass.
+    max_prefill_tokens: int = 2048
 
 
-class SequenceHandle:
-    """The caller's side of one queued or running sequence."""
+@dataclasses.dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine, for tests, logs and (later) metrics."""
 
-    def __init__(self, prompt_ids: list[int], sampling: Sampling) -> None:
-        self.prompt_ids = prompt_ids
-        self.sampling = sampling
-        self.arrived = time.monotonic()
-        self._loop = asyncio.get_running_loop()
-        self._events: asyncio.Queue[Event] = asyncio.Queue()
-        self._cancelled = threading.Event()
-
-    def cancel(self) -> None:
-        """Ask the worker to drop this sequence before its next decoding step."""
-        self._cancelled.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
-
-    def emit(self, event: Event) -> None:
-        """Called from the worker thread."""
-        self._loop.call_soon_threadsafe(self._events.put_nowait, event)
-
-    async def events(self) -> AsyncIterator[Event]:
-        """The stream of events, ending after the final one."""
-        while True:
-            event = await self._events.get()
-            yield event
-            if event.finish_reason is not None:
-                return
+    running: int
+    waiting: int
+    reserved_positions: int
+    kv_allocated_bytes: int
+    steps: int
 
 
 class Engine:
-    """Owns one model and the worker thread that decodes its queued sequences."""
+    """Owns one model and the thread that runs its continuous batch."""
 
-    def __init__(self, loaded: LoadedModel, max_queued: int = 64) -> None:
+    def __init__(self, loaded: LoadedModel, limits: EngineLimits | None = None) -> None:
         self.loaded = loaded
-        self.max_queued = max_queued
-        self._queue: queue.Queue[SequenceHandle | None] = queue.Queue()
-        self._worker = threading.Thread(target=self._work, name=f"decode-{loaded.name}")
+        self.limits = limits or EngineLimits()
+        config = loaded.model.config
+        self.cache = SlotKVCache(
+            layers=config.num_hidden_layers,
+            kv_heads=config.num_key_value_heads,
+            head_dim=getattr(config, "head_dim", config.hidden_size // config.num_attention_heads),
+            max_positions=loaded.context_length,
+            dtype=torch.float32,
+        )
+        self.position_budget = self.limits.kv_budget_bytes // self.cache.bytes_per_position
+        self._lock = threading.Condition()
+        self._waiting: collections.deque[SequenceHandle] = collections.deque()
+        self._running: list[Running] = []  # index == cache row
+        self._reserved = 0  # positions promised to running sequences
+        self._steps = 0
+        self._closing = False
+        self._worker = threading.Thread(target=self._work, name=f"batch-{loaded.name}")
         self._worker.daemon = True
         self._worker.start()
 
+    # -- the caller's side ------------------------------------------------------------
+
     def submit(self, prompt_ids: list[int], sampling: Sampling) -> SequenceHandle:
-        """Queue a sequence; refuse when it cannot fit the context or the queue is full."""
-        needed = len(prompt_ids) + sampling.max_tokens
-        if needed > self.loaded.context_length:
+        """Queue a sequence; refuse at once what can never fit or when the queue is full."""
+        handle = SequenceHandle(prompt_ids, sampling)
+        if handle.footprint > self.loaded.context_length:
             raise InvalidArgument(
                 f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({sampling.max_tokens}) "
                 f"exceeds {self.loaded.name}'s context of {self.loaded.context_length} tokens; "
@@ -138,69 +135,199 @@ class Engine:
                 reason="CONTEXT_EXCEEDED",
                 metadata={"context_length": str(self.loaded.context_length)},
             )
-        if self._queue.qsize() >= self.max_queued:
+        if handle.footprint > self.position_budget:
             raise ResourceExhausted(
-                f"{self.loaded.name} has {self.max_queued} requests queued; retry shortly",
-                reason="RUNTIME_QUEUE_FULL",
-                metadata={"retry_after_ms": "500"},
+                f"the prompt plus max_tokens needs {handle.footprint} cache positions; this "
+                f"runtime's KV budget holds {self.position_budget}; lower max_tokens",
+                reason="KV_BUDGET_EXCEEDED",
             )
-        handle = SequenceHandle(prompt_ids, sampling)
-        self._queue.put(handle)
+        with self._lock:
+            if len(self._waiting) >= self.limits.max_queued:
+                raise ResourceExhausted(
+                    f"{self.loaded.name} has {len(self._waiting)} requests waiting; retry shortly",
+                    reason="RUNTIME_QUEUE_FULL",
+                    metadata={"retry_after_ms": "500"},
+                )
+            self._waiting.append(handle)
+            self._lock.notify()
         return handle
 
+    def stats(self) -> EngineStats:
+        with self._lock:
+            return EngineStats(
+                running=len(self._running),
+                waiting=len(self._waiting),
+                reserved_positions=self._reserved,
+                kv_allocated_bytes=self.cache.allocated_bytes,
+                steps=self._steps,
+            )
+
     def close(self) -> None:
-        self._queue.put(None)
-        self._worker.join(timeout=10)
+        """Stop the worker; sequences still queued or running end as CANCELLED."""
+        with self._lock:
+            self._closing = True
+            self._lock.notify()
+        self._worker.join(timeout=30)
+
+    # -- the worker -------------------------------------------------------------------
 
     def _work(self) -> None:
-        while (handle := self._queue.get()) is not None:
+        while True:
+            with self._lock:
+                while not (self._waiting or self._running or self._closing):
+                    self.cache.release()  # an idle engine holds no cache memory
+                    self._lock.wait()
+                if self._closing:
+                    self._abandon_all()
+                    return
+                admitted = self._admit()
             try:
-                self._decode(handle)
+                self._iterate(admitted)
             except Exception:
-                log.exception("decoding failed")
-                handle.emit(Event("", [], finish_reason=common_pb2.FINISH_REASON_ERROR))
+                log.exception("decoding step failed; ending the batch's sequences")
+                with self._lock:
+                    for running in self._running:
+                        running.finish(common_pb2.FINISH_REASON_ERROR)
+                    self._running.clear()
+                    self._reserved = 0
 
-    def _generator(self, sampling: Sampling) -> torch.Generator | None:
-        if sampling.greedy:
-            return None
-        seed = sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(8))
-        return torch.Generator().manual_seed(seed % (2**63))
+    def _admit(self) -> list[Running]:
+        """Move waiting sequences into the batch while slots and the KV budget allow (FIFO)."""
+        admitted: list[Running] = []
+        while self._waiting and len(self._running) + len(admitted) < self.limits.max_batch_size:
+            handle = self._waiting[0]
+            if handle.cancelled:
+                self._waiting.popleft()
+                Running(handle, self.loaded.decode, self.loaded.eos_token_ids).finish(
+                    common_pb2.FINISH_REASON_CANCELLED
+                )
+                continue
+            if self._reserved + handle.footprint > self.position_budget:
+                break  # wait for running sequences to finish and free their reservation
+            self._waiting.popleft()
+            self._reserved += handle.footprint
+            admitted.append(Running(handle, self.loaded.decode, self.loaded.eos_token_ids))
+        return admitted
 
     @torch.inference_mode()
-    def _decode(self, handle: SequenceHandle) -> None:
-        loaded, sampling = self.loaded, handle.sampling
-        started = time.monotonic()
-        final = Event(
-            "", [], prompt_tokens=len(handle.prompt_ids), queue_time_s=started - handle.arrived
+    def _iterate(self, admitted: list[Running]) -> None:
+        """One iteration: drop cancelled rows, prefill newcomers, decode one token for all."""
+        self._drop_cancelled()
+        for chunk in self._prefill_chunks(admitted):
+            self._prefill(chunk)
+        if self._running:
+            self._decode_step()
+        self._steps += 1
+
+    def _drop_cancelled(self) -> None:
+        for row in reversed(range(len(self._running))):
+            if self._running[row].handle.cancelled:
+                self._remove(row, common_pb2.FINISH_REASON_CANCELLED)
+
+    def _prefill_chunks(self, admitted: list[Running]) -> list[list[Running]]:
+        chunks: list[list[Running]] = []
+        for running in admitted:
+            size = len(running.handle.prompt_ids)
+            if (
+                chunks
+                and (len(chunks[-1]) + 1)
+                * max(size, *(len(r.handle.prompt_ids) for r in chunks[-1]))
+                <= self.limits.max_prefill_tokens
+            ):
+                chunks[-1].append(running)
+            else:
+                chunks.append([running])
+        return chunks
+
+    def _prefill(self, chunk: list[Running]) -> None:
+        """Run the prompts of newcomers (padded to the longest) and take their first token."""
+        first_row = len(self._running)
+        lengths = [len(r.handle.prompt_ids) for r in chunk]
+        longest = max(lengths)
+        self.cache.reserve(first_row + len(chunk), max(longest, self._longest_running() + 1))
+        positions = torch.arange(longest).expand(len(chunk), longest)
+        inputs = torch.tensor(
+            [r.handle.prompt_ids + [0] * (longest - len(r.handle.prompt_ids)) for r in chunk]
         )
-        assembler = TextAssembler(loaded.decode, sampling.stop)
-        generator = self._generator(sampling)
-        seen = torch.tensor(handle.prompt_ids, dtype=torch.long)
-        inputs = seen.unsqueeze(0)
-        cache: Any = None
-        reason: FinishReason = common_pb2.FINISH_REASON_LENGTH
-        for _ in range(sampling.max_tokens):
-            if handle.cancelled:
-                reason = common_pb2.FINISH_REASON_CANCELLED
-                break
-            output = loaded.model(input_ids=inputs, cache=cache, use_cache=True, logits_to_keep=1)
-            cache = output.cache
-            token = next_token(output.logits[0, -1], seen, sampling, generator)
-            if token in loaded.eos_token_ids:
-                reason = common_pb2.FINISH_REASON_STOP
-                break
-            final.completion_tokens += 1
-            if final.completion_tokens == 1:
-                final.time_to_first_token_s = time.monotonic() - handle.arrived
-            seen = torch.cat([seen, torch.tensor([token])])
-            inputs = torch.tensor([[token]])
-            handle.emit(Event(assembler.push(token), [token]))
-            if assembler.stopped:
-                reason = common_pb2.FINISH_REASON_STOP
-                break
-        final.text = assembler.flush()
-        final.finish_reason = reason
-        handle.emit(final)
+        mask = None
+        if len(chunk) > 1:  # causal, and nothing past each prompt's own end
+            causal = torch.ones(longest, longest, dtype=torch.bool).tril()
+            valid = torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]
+            mask = (causal[None] & valid[:, None, :])[:, None]
+        self.cache.prepare(first_row, positions)
+        hidden = self._forward(inputs, positions, mask)
+        last = hidden[torch.arange(len(chunk)), torch.tensor(lengths) - 1]
+        logits = self.loaded.model.lm_head(last)
+        with self._lock:
+            self._running.extend(chunk)
+        self._sample_and_emit(list(range(first_row, first_row + len(chunk))), logits)
+
+    def _decode_step(self) -> None:
+        """Feed every running row its last token at its own position; take the next token."""
+        batch = len(self._running)
+        positions = torch.tensor([[r.length] for r in self._running])
+        self.cache.reserve(batch, int(positions.max()) + 1)
+        inputs = torch.tensor([[r.last_token] for r in self._running])
+        mask = None
+        lengths = positions[:, 0]
+        if batch > 1:  # each row sees only what it wrote, up to its own position
+            kv_length = int(lengths.max()) + 1
+            mask = (torch.arange(kv_length)[None, :] <= lengths[:, None])[:, None, None, :]
+        self.cache.prepare(0, positions)
+        hidden = self._forward(inputs, positions, mask)
+        for running in self._running:
+            running.length += 1
+        logits = self.loaded.model.lm_head(hidden[:, -1])
+        self._sample_and_emit(list(range(batch)), logits)
+
+    def _forward(
+        self, inputs: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        output = self.loaded.model.model(
+            input_ids=inputs,
+            position_ids=positions,
+            attention_mask=mask,
+            cache=self.cache,
+            use_cache=True,
+        )
+        hidden: torch.Tensor = output.last_hidden_state
+        return hidden
+
+    def _sample_and_emit(self, rows: list[int], logits: torch.Tensor) -> None:
+        finished: list[tuple[int, FinishReason]] = []
+        for index, row in enumerate(rows):
+            running = self._running[row]
+            token = next_token(logits[index], running.seen(), running.sampling, running.generator)
+            reason = running.accept(token)
+            if reason is not None:
+                finished.append((row, reason))
+        for row, reason in sorted(finished, reverse=True):
+            self._remove(row, reason)
+
+    def _remove(self, row: int, reason: FinishReason) -> None:
+        """End the sequence in `row` and keep rows compact by moving the last one in."""
+        with self._lock:
+            running = self._running[row]
+            last = self._running.pop()
+            if last is not running:
+                self.cache.move_row(len(self._running), row, last.length)
+                self._running[row] = last
+            self._reserved -= running.handle.footprint
+        running.finish(reason)
+
+    def _longest_running(self) -> int:
+        return max((r.length for r in self._running), default=0)
+
+    def _abandon_all(self) -> None:
+        for running in self._running:
+            running.finish(common_pb2.FINISH_REASON_CANCELLED)
+        for handle in self._waiting:
+            Running(handle, self.loaded.decode, self.loaded.eos_token_ids).finish(
+                common_pb2.FINISH_REASON_CANCELLED
+            )
+        self._running.clear()
+        self._waiting.clear()
+        self._reserved = 0
 
 
 def load_model(name: str, model_dir: str, torch_threads: int = 0) -> LoadedModel:

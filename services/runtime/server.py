@@ -20,8 +20,9 @@ from llmos.services.config import Settings
 from llmos.services.errors import LlmosError, NotFound, Unavailable
 from llmos.services.logs import task_id_var
 from llmos.services.rpc_types import Context
-from llmos.services.runtime.engine import Engine, Event, load_model
+from llmos.services.runtime.engine import Engine, EngineLimits, load_model
 from llmos.services.runtime.models import resolve_model_dir
+from llmos.services.runtime.sequences import Event
 from llmos.services.validation import chat_messages, sampling_from
 from llmos.v1 import common_pb2, runtime_pb2, runtime_pb2_grpc
 
@@ -132,7 +133,9 @@ class RuntimeService:
         loaded = await asyncio.to_thread(
             load_model, self.servicer.default_model, str(model_dir), self.settings.torch_threads
         )
-        self.servicer.engines[loaded.name] = Engine(loaded, self.settings.runtime_max_queued)
+        self.servicer.engines[loaded.name] = Engine(
+            loaded, EngineLimits(max_queued=self.settings.runtime_max_queued)
+        )
         log.info("%s loaded: %d parameters", loaded.name, loaded.parameters)
 
     async def stop(self) -> None:

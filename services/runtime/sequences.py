@@ -1,0 +1,133 @@
+"""One request's life in the runtime: the caller's handle, the events it receives, and the
+decoding state the engine keeps while it runs.
+
+Ownership: `Engine.submit` hands the caller a `SequenceHandle`; the caller must `cancel()`
+it when it stops listening (the gRPC handler does so in a `finally`). The engine ends
+every sequence with exactly one final event (one with a finish reason), whatever happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import TypeAlias
+
+import torch
+
+from llmos.services.runtime.detokenize import Decode, TextAssembler
+from llmos.services.validation import Sampling
+from llmos.v1 import common_pb2
+
+FinishReason: TypeAlias = common_pb2.FinishReason.ValueType
+
+
+@dataclasses.dataclass
+class Event:
+    """A piece of a stream; the last one has `finish_reason` and the usage figures."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    queue_time_s: float = 0.0
+    time_to_first_token_s: float = 0.0
+
+
+class SequenceHandle:
+    """The caller's side of one queued or running sequence."""
+
+    def __init__(self, prompt_ids: list[int], sampling: Sampling) -> None:
+        self.prompt_ids = prompt_ids
+        self.sampling = sampling
+        self.arrived = time.monotonic()
+        self._loop = asyncio.get_running_loop()
+        self._events: asyncio.Queue[Event] = asyncio.Queue()
+        self._cancelled = threading.Event()
+
+    @property
+    def footprint(self) -> int:
+        """Positions of KV cache this sequence may need: prompt plus every new token."""
+        return len(self.prompt_ids) + self.sampling.max_tokens
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this sequence before its next decoding step."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def emit(self, event: Event) -> None:
+        """Called from the engine's thread."""
+        self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+
+    async def events(self) -> AsyncIterator[Event]:
+        """The stream of events, ending after the final one."""
+        while True:
+            event = await self._events.get()
+            yield event
+            if event.finish_reason is not None:
+                return
+
+
+class Running:
+    """The engine's state for a sequence in the batch."""
+
+    def __init__(
+        self, handle: SequenceHandle, decode: Decode, eos_token_ids: frozenset[int]
+    ) -> None:
+        self.handle = handle
+        self.sampling = handle.sampling
+        self.eos_token_ids = eos_token_ids
+        self.started = time.monotonic()
+        self.length = len(handle.prompt_ids)  # positions written to the cache
+        self.last_token = handle.prompt_ids[-1]
+        self.generated: list[int] = []
+        self.assembler = TextAssembler(decode, self.sampling.stop)
+        self.generator = self._generator()
+        self.final = Event(
+            "",
+            [],
+            prompt_tokens=len(handle.prompt_ids),
+            queue_time_s=self.started - handle.arrived,
+        )
+
+    def _generator(self) -> torch.Generator | None:
+        if self.sampling.greedy:
+            return None
+        seed = self.sampling.seed
+        if seed is None:
+            seed = int.from_bytes(os.urandom(8))
+        return torch.Generator().manual_seed(seed % (2**63))
+
+    def seen(self) -> torch.Tensor:
+        """Prompt and generated ids, for the repetition penalty (empty when it is off)."""
+        if self.sampling.repetition_penalty == 1.0:
+            return torch.empty(0, dtype=torch.long)
+        return torch.tensor(self.handle.prompt_ids + self.generated, dtype=torch.long)
+
+    def accept(self, token: int) -> FinishReason | None:
+        """Take the token chosen for this sequence; say whether that finishes it."""
+        if token in self.eos_token_ids:
+            return common_pb2.FINISH_REASON_STOP
+        self.generated.append(token)
+        self.last_token = token
+        if len(self.generated) == 1:
+            self.final.time_to_first_token_s = time.monotonic() - self.handle.arrived
+        self.handle.emit(Event(self.assembler.push(token), [token]))
+        if self.assembler.stopped:
+            return common_pb2.FINISH_REASON_STOP
+        if len(self.generated) >= self.sampling.max_tokens:
+            return common_pb2.FINISH_REASON_LENGTH
+        return None
+
+    def finish(self, reason: FinishReason) -> None:
+        self.final.text = self.assembler.flush() if reason != common_pb2.FINISH_REASON_ERROR else ""
+        self.final.completion_tokens = len(self.generated)
+        self.final.finish_reason = reason
+        self.handle.emit(self.final)
