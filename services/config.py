@@ -55,6 +55,10 @@ class Settings:
     max_message_bytes: int = 16 * 1024 * 1024
     # Requests a runtime queues per model before refusing with RESOURCE_EXHAUSTED.
     runtime_max_queued: int = 64
+    # Sequences a runtime decodes together in one step (its continuous batch).
+    runtime_max_batch: int = 32
+    # KV-cache memory a runtime's running sequences may reserve, per model (MiB).
+    runtime_kv_budget_mb: int = 1024
     # Compute threads the runtime may use; 0 lets torch decide.
     torch_threads: int = 0
     log_level: str = "info"

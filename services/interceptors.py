@@ -65,12 +65,23 @@ async def _abort(context: Context, error: Exception, method: str) -> None:
         error = _not_built(method)
     if isinstance(error, LlmosError):
         log.info("%s refused: %s", method, error.message, extra={"reason": error.reason})
+        _forget_frames(error)
         await context.abort_with_status(to_rpc_status(error))
     log.error("%s failed unexpectedly", method, exc_info=error)
+    _forget_frames(error)
     internal = LlmosError(
         f"internal error in {method} (request id {request_id_var.get()}); see the service log"
     )
     await context.abort_with_status(to_rpc_status(internal))
+
+
+def _forget_frames(error: BaseException) -> None:
+    """Drop the traceback once the error is reported: the AbortError raised next keeps this
+    one as its context, and its frames would pin their locals (a whole model, say) for as
+    long as gRPC holds the finished call."""
+    while error is not None:
+        error.__traceback__ = None
+        error = error.__cause__ or error.__context__  # type: ignore[assignment]
 
 
 def _wrap_unary(behavior: Callable[..., Awaitable[Any]], rid: str, method: str) -> Any:

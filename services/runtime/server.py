@@ -1,9 +1,10 @@
-"""RuntimeService over gRPC: validates requests, feeds the engine, streams its events.
+"""RuntimeService over gRPC: validates requests, feeds the engines, streams their events.
 
 The default model is loaded (converted first if needed) before the process reports
-SERVING, so a healthy runtime can always answer. Score, Embed, LoadModel and UnloadModel
-are part of the contract but not overridden yet: they answer UNIMPLEMENTED (see
-llmos.services.interceptors) until the model-runtime work item.
+SERVING, so a healthy runtime can always answer. Generate streams from the model's
+continuous batch; Score reads log-probs in one forward pass; Embed serves sentence
+embeddings (all-MiniLM-L6-v2, loaded on first use); LoadModel and UnloadModel change what
+the runtime holds while it serves.
 """
 
 from __future__ import annotations
@@ -11,18 +12,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
 
 from llmos.services.config import Settings
-from llmos.services.errors import LlmosError, NotFound, Unavailable
+from llmos.services.errors import InvalidArgument, LlmosError
 from llmos.services.logs import task_id_var
 from llmos.services.rpc_types import Context
-from llmos.services.runtime.engine import Engine, EngineLimits, load_model
-from llmos.services.runtime.models import resolve_model_dir
+from llmos.services.runtime.scoring import score
 from llmos.services.runtime.sequences import Event
+from llmos.services.runtime.shelf import Shelf
 from llmos.services.validation import chat_messages, sampling_from
 from llmos.v1 import common_pb2, runtime_pb2, runtime_pb2_grpc
 
@@ -53,26 +53,11 @@ def _response(event: Event) -> runtime_pb2.RuntimeServiceGenerateResponse:
 
 
 class RuntimeServicer(runtime_pb2_grpc.RuntimeServiceServicer):
-    """The gRPC face of the engines, one per loaded model."""
+    """The gRPC face of the shelf of loaded models."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, shelf: Shelf) -> None:
         self.settings = settings
-        self.engines: dict[str, Engine] = {}
-
-    @property
-    def default_model(self) -> str:
-        return Path(self.settings.model).name
-
-    def engine_for(self, name: str) -> Engine:
-        if not self.engines:
-            raise Unavailable("the runtime is still loading its model", reason="NOT_READY")
-        key = Path(name).name if name else self.default_model
-        if key not in self.engines:
-            raise NotFound(
-                f"model {name!r} is not loaded; loaded: {sorted(self.engines)}",
-                reason="MODEL_NOT_FOUND",
-            )
-        return self.engines[key]
+        self.shelf = shelf
 
     async def Generate(
         self,
@@ -80,7 +65,7 @@ class RuntimeServicer(runtime_pb2_grpc.RuntimeServiceServicer):
         context: Context,
     ) -> AsyncIterator[runtime_pb2.RuntimeServiceGenerateResponse]:
         task_id_var.set(request.task_id)
-        engine = self.engine_for(request.model)
+        engine = self.shelf.engine(request.model)
         turns = chat_messages(request.prompt, request.messages, self.settings.max_prompt_chars)
         sampling = sampling_from(request.sampling, self.settings.default_max_tokens)
         prompt_ids = engine.loaded.encode_chat(turns)
@@ -107,9 +92,46 @@ class RuntimeServicer(runtime_pb2_grpc.RuntimeServiceServicer):
         request: runtime_pb2.RuntimeServiceListModelsRequest,
         context: Context,
     ) -> runtime_pb2.RuntimeServiceListModelsResponse:
-        return runtime_pb2.RuntimeServiceListModelsResponse(
-            models=[engine.loaded.info() for engine in self.engines.values()]
+        return runtime_pb2.RuntimeServiceListModelsResponse(models=self.shelf.infos())
+
+    async def Score(
+        self, request: runtime_pb2.RuntimeServiceScoreRequest, context: Context
+    ) -> runtime_pb2.RuntimeServiceScoreResponse:
+        loaded = self.shelf.engine(request.model).loaded
+        scored = await asyncio.to_thread(score, loaded, request.context, request.continuation)
+        return runtime_pb2.RuntimeServiceScoreResponse(
+            tokens=[
+                runtime_pb2.TokenLogprob(token_id=t.token_id, token=t.token, logprob=t.logprob)
+                for t in scored
+            ]
         )
+
+    async def Embed(
+        self, request: runtime_pb2.RuntimeServiceEmbedRequest, context: Context
+    ) -> runtime_pb2.RuntimeServiceEmbedResponse:
+        embedder = await self.shelf.embedding_model(request.model)
+        vectors = await asyncio.to_thread(embedder.embed, list(request.inputs))
+        return runtime_pb2.RuntimeServiceEmbedResponse(
+            embeddings=[runtime_pb2.Embedding(values=vector) for vector in vectors]
+        )
+
+    async def LoadModel(
+        self, request: runtime_pb2.RuntimeServiceLoadModelRequest, context: Context
+    ) -> runtime_pb2.RuntimeServiceLoadModelResponse:
+        if not request.name:
+            raise InvalidArgument(
+                "LoadModel needs a name: a catalogue model or a model directory",
+                reason="MODEL_NAME_MISSING",
+            )
+        return runtime_pb2.RuntimeServiceLoadModelResponse(
+            model=await self.shelf.load(request.name)
+        )
+
+    async def UnloadModel(
+        self, request: runtime_pb2.RuntimeServiceUnloadModelRequest, context: Context
+    ) -> runtime_pb2.RuntimeServiceUnloadModelResponse:
+        freed = await self.shelf.unload(request.name or self.shelf.default)
+        return runtime_pb2.RuntimeServiceUnloadModelResponse(freed_bytes=freed)
 
 
 class RuntimeService:
@@ -119,25 +141,15 @@ class RuntimeService:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        # RPCs not built yet are left to the generated base: they answer UNIMPLEMENTED.
-        self.servicer = RuntimeServicer(settings)  # type: ignore[abstract]
+        self.shelf = Shelf(settings)
+        self.servicer = RuntimeServicer(settings, self.shelf)
 
     def add_to_server(self, server: grpc.aio.Server) -> list[str]:
         runtime_pb2_grpc.add_RuntimeServiceServicer_to_server(self.servicer, server)
         return [runtime_pb2.DESCRIPTOR.services_by_name["RuntimeService"].full_name]
 
     async def start(self) -> None:
-        name = self.settings.model
-        model_dir = await asyncio.to_thread(resolve_model_dir, name, self.settings.data_dir)
-        log.info("loading %s from %s", name, model_dir)
-        loaded = await asyncio.to_thread(
-            load_model, self.servicer.default_model, str(model_dir), self.settings.torch_threads
-        )
-        self.servicer.engines[loaded.name] = Engine(
-            loaded, EngineLimits(max_queued=self.settings.runtime_max_queued)
-        )
-        log.info("%s loaded: %d parameters", loaded.name, loaded.parameters)
+        await self.shelf.load(self.settings.model)
 
     async def stop(self) -> None:
-        for engine in self.servicer.engines.values():
-            await asyncio.to_thread(engine.close)
+        await self.shelf.close()

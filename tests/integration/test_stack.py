@@ -164,7 +164,7 @@ def test_bad_input_is_refused_with_a_reason_and_the_stack_keeps_serving(
         (3, lambda ch: ch.unary_unary("/llmos.v1.PrivacyService/Detect")(b"")),
         (4, lambda ch: ch.unary_unary("/llmos.v1.ExplainService/Attribute")(b"")),
         (5, lambda ch: ch.unary_unary("/llmos.v1.HardwareService/Snapshot")(b"")),
-        (1, lambda ch: ch.unary_unary("/llmos.v1.RuntimeService/Embed")(b"")),
+        (0, lambda ch: ch.unary_unary("/llmos.v1.KernelService/GetTrace")(b"")),
     ],
 )
 def test_unbuilt_rpcs_answer_unimplemented_naming_the_method(

@@ -1,0 +1,189 @@
+"""RuntimeService over gRPC in its own process: Score, LoadModel/UnloadModel and the memory
+an unload really returns, and bad input to each."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import psutil
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from stacktools import free_port_block
+
+from llmos.services.errors import error_info
+from llmos.v1 import common_pb2, runtime_pb2, runtime_pb2_grpc
+
+pytestmark = pytest.mark.model  # the real default model, converted once per session
+
+GREEDY = common_pb2.SamplingParams(temperature=0.0, max_tokens=8)
+
+
+class Runtime:
+    def __init__(self, process: subprocess.Popen[bytes], address: str) -> None:
+        self.process = process
+        self.address = address
+        self.channel = grpc.insecure_channel(address)
+        self.stub = runtime_pb2_grpc.RuntimeServiceStub(self.channel)
+
+    def rss(self) -> int:
+        return int(psutil.Process(self.process.pid).memory_info().rss)
+
+    def generate(self, prompt: str = "Say hello.") -> str:
+        request = runtime_pb2.RuntimeServiceGenerateRequest(prompt=prompt, sampling=GREEDY)
+        return "".join(p.text for p in self.stub.Generate(request, timeout=60))
+
+
+@pytest.fixture(scope="module")
+def runtime(model_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
+    port = free_port_block(2)  # the runtime takes port + 1; no kernel listens on port
+    log = (tmp_path_factory.mktemp("runtime") / "runtime.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "llmos.kernel.cli", "serve", "runtime", "--port", str(port),
+         "--data-dir", str(model_data_dir)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    address = f"127.0.0.1:{port + 1}"
+    started = time.monotonic()
+    with grpc.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                if health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == 1:
+                    break
+            except grpc.RpcError:
+                pass
+            assert process.poll() is None, "the runtime exited during start-up"
+            assert time.monotonic() - started < 120, "the runtime did not become SERVING"
+            time.sleep(0.3)
+    running = Runtime(process, address)
+    yield running
+    running.channel.close()
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=30)
+    log.close()
+
+
+def rpc_error(call) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    return caught.value
+
+
+def test_score_gives_per_token_logprobs_that_prefer_the_likely_continuation(
+    runtime: Runtime,
+) -> None:
+    def total(continuation: str) -> tuple[int, float]:
+        reply = runtime.stub.Score(
+            runtime_pb2.RuntimeServiceScoreRequest(
+                context="The capital of France is", continuation=continuation
+            ),
+            timeout=30,
+        )
+        assert all(t.logprob <= 0 for t in reply.tokens)
+        assert "".join(t.token for t in reply.tokens) == continuation
+        return len(reply.tokens), sum(t.logprob for t in reply.tokens)
+
+    paris_tokens, paris = total(" Paris")
+    _, banana = total(" a banana")
+    assert paris_tokens >= 1
+    assert paris > banana
+
+
+def test_score_refuses_an_empty_continuation(runtime: Runtime) -> None:
+    request = runtime_pb2.RuntimeServiceScoreRequest(context="Hello", continuation="")
+    error = rpc_error(lambda: runtime.stub.Score(request, timeout=30))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_info(error).reason == "EMPTY_CONTINUATION"
+
+
+def test_embed_serves_unit_vectors_and_lists_the_embedding_model(runtime: Runtime) -> None:
+    reply = runtime.stub.Embed(
+        runtime_pb2.RuntimeServiceEmbedRequest(
+            inputs=["How do I reset my password?", "I forgot my password; how can I change it?"]
+        ),
+        timeout=60,
+    )
+    first, second = (list(e.values) for e in reply.embeddings)
+    assert len(first) == len(second) == 384
+    assert abs(sum(v * v for v in first) - 1.0) < 1e-3
+    assert sum(a * b for a, b in zip(first, second, strict=True)) > 0.6
+    names = {m.name for m in runtime.stub.ListModels(
+        runtime_pb2.RuntimeServiceListModelsRequest(), timeout=10
+    ).models}  # fmt: skip
+    assert "all-MiniLM-L6-v2" in names
+
+
+def test_embed_refuses_bad_input(runtime: Runtime) -> None:
+    for request, code, reason in [
+        (runtime_pb2.RuntimeServiceEmbedRequest(), grpc.StatusCode.INVALID_ARGUMENT, "EMPTY_INPUT"),
+        (
+            runtime_pb2.RuntimeServiceEmbedRequest(inputs=["ok", ""]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "EMPTY_INPUT",
+        ),
+        (
+            runtime_pb2.RuntimeServiceEmbedRequest(model="no-such-model", inputs=["hi"]),
+            grpc.StatusCode.NOT_FOUND,
+            "MODEL_NOT_FOUND",
+        ),
+    ]:
+        error = rpc_error(lambda request=request: runtime.stub.Embed(request, timeout=30))
+        assert error.code() == code
+        assert error_info(error).reason == reason
+
+
+def test_load_and_unload_refuse_bad_names(runtime: Runtime) -> None:
+    error = rpc_error(
+        lambda: runtime.stub.LoadModel(runtime_pb2.RuntimeServiceLoadModelRequest(), timeout=30)
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    error = rpc_error(
+        lambda: runtime.stub.LoadModel(
+            runtime_pb2.RuntimeServiceLoadModelRequest(name="no-such-model"), timeout=30
+        )
+    )
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    error = rpc_error(
+        lambda: runtime.stub.UnloadModel(
+            runtime_pb2.RuntimeServiceUnloadModelRequest(name="no-such-model"), timeout=30
+        )
+    )
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert runtime.generate()  # still serving
+
+
+def test_unload_returns_the_memory_and_load_brings_the_model_back(runtime: Runtime) -> None:
+    name = "SmolLM2-135M-Instruct"
+    runtime.generate()
+    weights = (
+        runtime.stub.ListModels(runtime_pb2.RuntimeServiceListModelsRequest(), timeout=10)
+        .models[0]
+        .weight_bytes
+    )
+    peaks = []
+    for _ in range(3):  # repeated cycles must not creep upwards
+        before = runtime.rss()
+        reply = runtime.stub.UnloadModel(
+            runtime_pb2.RuntimeServiceUnloadModelRequest(name=name), timeout=60
+        )
+        after = runtime.rss()
+        assert reply.freed_bytes > weights * 0.6, (reply.freed_bytes, weights)
+        assert before - after > weights * 0.6
+        models = runtime.stub.ListModels(runtime_pb2.RuntimeServiceListModelsRequest(), timeout=10)
+        assert name not in {m.name for m in models.models}
+        error = rpc_error(runtime.generate)
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        loaded = runtime.stub.LoadModel(
+            runtime_pb2.RuntimeServiceLoadModelRequest(name=name), timeout=120
+        )
+        assert loaded.model.name == name and loaded.model.loaded
+        assert runtime.generate()
+        peaks.append(runtime.rss())
+    assert peaks[-1] < peaks[0] + 100 * 2**20, f"RSS crept up over load/unload cycles: {peaks}"
