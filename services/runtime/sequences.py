@@ -88,6 +88,7 @@ class Running:
         self.length = len(handle.prompt_ids)  # positions written to the cache
         self.last_token = handle.prompt_ids[-1]
         self.generated: list[int] = []
+        self.finished = False
         self.assembler = TextAssembler(decode, self.sampling.stop)
         self.generator = self._generator()
         self.final = Event(
@@ -113,12 +114,12 @@ class Running:
 
     def accept(self, token: int) -> FinishReason | None:
         """Take the token chosen for this sequence; say whether that finishes it."""
+        if not self.generated and not self.final.time_to_first_token_s:
+            self.final.time_to_first_token_s = time.monotonic() - self.handle.arrived
         if token in self.eos_token_ids:
             return common_pb2.FINISH_REASON_STOP
         self.generated.append(token)
         self.last_token = token
-        if len(self.generated) == 1:
-            self.final.time_to_first_token_s = time.monotonic() - self.handle.arrived
         self.handle.emit(Event(self.assembler.push(token), [token]))
         if self.assembler.stopped:
             return common_pb2.FINISH_REASON_STOP
@@ -127,6 +128,7 @@ class Running:
         return None
 
     def finish(self, reason: FinishReason) -> None:
+        self.finished = True
         self.final.text = self.assembler.flush() if reason != common_pb2.FINISH_REASON_ERROR else ""
         self.final.completion_tokens = len(self.generated)
         self.final.finish_reason = reason

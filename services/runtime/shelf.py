@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 
 from llmos.services.config import Settings
-from llmos.services.errors import NotFound, Unavailable
+from llmos.services.errors import AlreadyExists, NotFound, Unavailable
 from llmos.services.runtime.embeddings import MINILM, Embedder
 from llmos.services.runtime.engine import Engine, EngineLimits, load_model
 from llmos.services.runtime.models import resolve_model_dir
@@ -40,6 +40,11 @@ def _trim_heap() -> None:
     # Not glibc: nothing to ask; freed memory returns when the OS reclaims it.
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _is_other_directory(name: str, known: str) -> bool:
+    """Whether `name` is a directory other than the one a same-named model came from."""
+    return Path(name).is_dir() and Path(name).resolve() != Path(known).resolve()
 
 
 def model_key(name: str) -> str:
@@ -89,7 +94,11 @@ class Shelf:
     def engine(self, name: str) -> Engine:
         """The engine of `name` ("" = the default model), or NOT_FOUND naming what is loaded."""
         if not self.engines:
-            raise Unavailable("the runtime has no model loaded yet", reason="NOT_READY")
+            raise Unavailable(
+                "the runtime has no model loaded (starting, or all were unloaded: LoadModel "
+                "loads one)",
+                reason="NOT_READY",
+            )
         key = model_key(name) if name else self.default
         if key not in self.engines:
             raise NotFound(
@@ -106,6 +115,12 @@ class Shelf:
             return (await self.embedding_model("")).info()
         async with self._loading:
             if key in self.engines:
+                known = self.engines[key].loaded.source
+                if await asyncio.to_thread(_is_other_directory, name, known):
+                    raise AlreadyExists(
+                        f"a model named {key!r} is already loaded from {known}; unload it first",
+                        reason="MODEL_NAME_TAKEN",
+                    )
                 return self.engines[key].loaded.info()
             model_dir = await asyncio.to_thread(resolve_model_dir, name, self.settings.data_dir)
             log.info("loading %s from %s", key, model_dir)

@@ -35,7 +35,8 @@ class _FinishReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FinishRe
     request is refused up front).
     """
     FINISH_REASON_CANCELLED: _FinishReason.ValueType  # 3
-    """CancelTask ended it. A client that cancels its own call, or whose deadline passes,
+    """CancelTask ended it, or its model was unloaded or its runtime stopped while it ran.
+    A client that cancels its own call, or whose deadline passes,
     gets the CANCELLED or DEADLINE_EXCEEDED status instead of a last message.
     """
     FINISH_REASON_SAFETY: _FinishReason.ValueType  # 4
@@ -56,7 +57,8 @@ FINISH_REASON_LENGTH: FinishReason.ValueType  # 2
 request is refused up front).
 """
 FINISH_REASON_CANCELLED: FinishReason.ValueType  # 3
-"""CancelTask ended it. A client that cancels its own call, or whose deadline passes,
+"""CancelTask ended it, or its model was unloaded or its runtime stopped while it ran.
+A client that cancels its own call, or whose deadline passes,
 gets the CANCELLED or DEADLINE_EXCEEDED status instead of a last message.
 """
 FINISH_REASON_SAFETY: FinishReason.ValueType  # 4
