@@ -20,7 +20,6 @@ once ("Already borrowed").
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import logging
 import os
@@ -33,6 +32,7 @@ from typing import Any
 import torch
 
 from llmos.services.errors import FailedPrecondition, InvalidArgument
+from llmos.services.runtime.models import package_folders
 from llmos.v1 import common_pb2
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -55,13 +55,8 @@ class PackagedModel:
 
     def locate(self) -> Path:
         """The model directory, found without importing the package."""
-        try:
-            spec = importlib.util.find_spec(self.package)
-        except (ImportError, ValueError):  # a dotted name whose parent is not installed
-            spec = None
-        locations = list(spec.submodule_search_locations or []) if spec else []
-        for location in locations:
-            candidate = Path(location) / self.subdir
+        for location in package_folders(self.package):
+            candidate = location / self.subdir
             if (candidate / "config.json").is_file() and any(candidate.glob("*.safetensors")):
                 return candidate
         raise FailedPrecondition(

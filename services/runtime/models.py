@@ -29,6 +29,16 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
 
 
+def package_folders(package: str) -> list[Path]:
+    """Where an installed package's files lie, found without importing it (model packages
+    often import heavy or unbuildable dependencies at import time)."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):  # a dotted name whose parent is not installed
+        return []
+    return [Path(location) for location in (spec.submodule_search_locations or [])] if spec else []
+
+
 @dataclasses.dataclass(frozen=True)
 class GgufSource:
     """A GGUF file shipped inside an installed Python package."""
@@ -39,10 +49,8 @@ class GgufSource:
 
     def locate(self) -> Path:
         """The GGUF file's path, found without importing the package (which imports llama-cpp)."""
-        spec = importlib.util.find_spec(self.package)
-        locations = list(spec.submodule_search_locations or []) if spec else []
-        for location in locations:
-            candidate = Path(location) / self.filename
+        for location in package_folders(self.package):
+            candidate = location / self.filename
             if candidate.is_file():
                 return candidate
         raise FailedPrecondition(
