@@ -1,0 +1,719 @@
+"""The embedded task store: one SQLite file, `<data_dir>/tasks.sqlite3`, the default backend.
+
+Why it is built this way:
+
+- **One dedicated thread, one connection.** sqlite3 calls block, so they run off the event
+  loop, all on a single worker thread (a one-thread executor) that owns the only connection.
+  Operations are therefore serialized in submission order: concurrent `append_text` calls
+  cannot race for an offset, no connection pool is needed, and the connection is never
+  touched from two threads (sqlite3's `check_same_thread` stays on as a guard).
+  `asyncio.to_thread` would hop between the default pool's threads and force either a
+  connection per thread (writers then contend for SQLite's file lock) or a lock of our own.
+  One thread is plenty: a small transaction takes tens of microseconds.
+- **Explicit transactions.** The connection is in autocommit mode and every operation runs
+  in its own `BEGIN IMMEDIATE ... COMMIT` (reads in `BEGIN ... COMMIT`), so a state change
+  and its event, or a text event and its offset, are written together or not at all, even
+  if the process is killed mid-write.
+- **WAL mode, synchronous=NORMAL by default.** Readers never block the writer. In WAL mode
+  NORMAL loses nothing when the *process* dies (SIGKILL, a crash): a committed transaction
+  is in the WAL file. Only a power cut or OS crash can lose the last commits (never corrupt
+  the file), the same promise as Redis' `appendfsync everysec`. Pass `synchronous="FULL"`
+  to fsync every commit, at a cost per streamed chunk of text.
+- **Output is derived, not rewritten.** `TaskRecord.output` is the concatenation of the
+  current attempt's "text" events, read when a record is read. Appending to a column would
+  rewrite the whole, growing row for every streamed chunk (quadratic in the output length);
+  inserting one small event row is constant work and is atomic by construction.
+- **One kernel per file.** `open` takes an exclusive `flock` on `tasks.sqlite3.lock`: two
+  kernels on one embedded store would each `recover` the other's running tasks. The OS
+  drops the lock when the holder dies, so a SIGKILLed kernel never blocks its successor.
+  Several kernels share work through the Redis backend instead.
+- **Forgetting is real.** `secure_delete` overwrites deleted rows, and `forget_tenant`
+  checkpoints and truncates the WAL, so a forgotten tenant's prompts do not linger in free
+  pages or old WAL frames.
+- **Errors in the project's terms.** A failing file (full disk, a lock an outside process
+  holds past the busy timeout) is Unavailable(STORE_UNAVAILABLE); any other sqlite3 error is
+  LlmosError(STORE_ERROR). No raw sqlite3 exception reaches the kernel.
+- **A schema version table.** `schema_version` records each version applied; `open` creates
+  the schema on a new file, and refuses a file written by a newer version rather than
+  misreading it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import concurrent.futures
+import contextlib
+import fcntl
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from llmos.kernel.store.contract import (
+    DEFAULT_PAGE_SIZE,
+    FAILED,
+    FINAL_STATES,
+    MAX_EVENTS_PER_READ,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    FinishReason,
+    RecoveryReport,
+    TaskEvent,
+    TaskRecord,
+    TaskState,
+    TaskStore,
+    check_event_range,
+    check_max_attempts,
+    check_new_record,
+    check_page_size,
+    check_transition,
+    decode_page_token,
+    encode_page_token,
+    finish_reason_for,
+    recovery_error,
+    state_name,
+)
+from llmos.services.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    LlmosError,
+    NotFound,
+    Unavailable,
+)
+from llmos.v1 import common_pb2
+
+T = TypeVar("T")
+
+FILE_NAME = "tasks.sqlite3"
+LOCK_NAME = "tasks.sqlite3.lock"
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_S = 5.0
+
+# Version 1. Offsets are per task and consecutive, so events and traces are keyed by
+# (task_id, seq) in WITHOUT ROWID tables: a task's log is one contiguous range of the index.
+# `attempt_offset` is the offset of the event that started the current attempt (0, or the
+# latest re-queue): `output` is the text logged since.
+SCHEMA_V1 = (
+    """
+    CREATE TABLE tasks (
+        task_id        TEXT PRIMARY KEY,
+        tenant         TEXT NOT NULL,
+        state          INTEGER NOT NULL,
+        model          TEXT NOT NULL,
+        priority       INTEGER NOT NULL,
+        request        BLOB NOT NULL,
+        created_at     REAL NOT NULL,
+        updated_at     REAL NOT NULL,
+        finished_at    REAL,
+        finish_reason  INTEGER NOT NULL,
+        usage          BLOB NOT NULL,
+        error          TEXT NOT NULL,
+        attempts       INTEGER NOT NULL,
+        attempt_offset INTEGER NOT NULL
+    )
+    """,
+    "CREATE INDEX tasks_by_created ON tasks (created_at, task_id)",
+    "CREATE INDEX tasks_by_tenant ON tasks (tenant, created_at, task_id)",
+    "CREATE INDEX tasks_by_state ON tasks (state, created_at, task_id)",
+    """
+    CREATE TABLE events (
+        task_id       TEXT NOT NULL,
+        seq           INTEGER NOT NULL,
+        kind          TEXT NOT NULL CHECK (kind IN ('state', 'text')),
+        state         INTEGER NOT NULL,
+        text          TEXT NOT NULL,
+        finish_reason INTEGER NOT NULL,
+        PRIMARY KEY (task_id, seq)
+    ) WITHOUT ROWID
+    """,
+    """
+    CREATE TABLE traces (
+        task_id TEXT NOT NULL,
+        seq     INTEGER NOT NULL,
+        step    BLOB NOT NULL,
+        PRIMARY KEY (task_id, seq)
+    ) WITHOUT ROWID
+    """,
+)
+# Upgrades from each older version to the next, applied in order inside one transaction.
+MIGRATIONS: dict[int, tuple[str, ...]] = {}
+
+TASK_COLUMNS = (
+    "task_id, tenant, state, model, priority, request, created_at, updated_at, finished_at, "
+    "finish_reason, usage, error, attempts, attempt_offset"
+)
+
+
+def _not_found(task_id: str) -> NotFound:
+    return NotFound(
+        f"no task {task_id!r}: it was never submitted here, or its tenant was forgotten",
+        reason="TASK_NOT_FOUND",
+        metadata={"task_id": task_id},
+    )
+
+
+@contextlib.contextmanager
+def _transaction(conn: sqlite3.Connection, *, write: bool) -> Iterator[None]:
+    """BEGIN IMMEDIATE for writes (take the write lock up front, so reading an offset and
+    inserting it cannot interleave with another writer), plain BEGIN for a consistent read."""
+    conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        # SQLite may already have rolled back (a full disk, a failed COMMIT).
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _task_row(conn: sqlite3.Connection, task_id: str) -> tuple[Any, ...]:
+    row: tuple[Any, ...] | None = conn.execute(
+        f"SELECT {TASK_COLUMNS} FROM tasks WHERE task_id = ?", (task_id,)
+    ).fetchone()
+    if row is None:
+        raise _not_found(task_id)
+    return row
+
+
+def _require_task(conn: sqlite3.Connection, task_id: str) -> None:
+    if conn.execute("SELECT 1 FROM tasks WHERE task_id = ?", (task_id,)).fetchone() is None:
+        raise _not_found(task_id)
+
+
+def _output(conn: sqlite3.Connection, task_id: str, attempt_offset: int) -> str:
+    rows = conn.execute(
+        "SELECT text FROM events WHERE task_id = ? AND seq >= ? AND kind = 'text' ORDER BY seq",
+        (task_id, attempt_offset),
+    )
+    return "".join(text for (text,) in rows)
+
+
+def _record(row: tuple[Any, ...], output: str) -> TaskRecord:
+    return TaskRecord(
+        task_id=row[0],
+        tenant=row[1],
+        state=common_pb2.TaskState.ValueType(row[2]),
+        model=row[3],
+        priority=common_pb2.Priority.ValueType(row[4]),
+        request=bytes(row[5]),
+        created_at=row[6],
+        updated_at=row[7],
+        finished_at=row[8],
+        finish_reason=common_pb2.FinishReason.ValueType(row[9]),
+        usage=bytes(row[10]),
+        output=output,
+        error=row[11],
+        attempts=row[12],
+    )
+
+
+def _read_record(conn: sqlite3.Connection, task_id: str) -> TaskRecord:
+    row = _task_row(conn, task_id)
+    return _record(row, _output(conn, task_id, row[13]))
+
+
+def _next_offset(conn: sqlite3.Connection, table: str, task_id: str) -> int:
+    (offset,) = conn.execute(
+        f"SELECT COALESCE(MAX(seq) + 1, 0) FROM {table} WHERE task_id = ?", (task_id,)
+    ).fetchone()
+    return int(offset)
+
+
+def _insert_event(
+    conn: sqlite3.Connection,
+    task_id: str,
+    offset: int,
+    *,
+    kind: Literal["state", "text"],
+    state: TaskState,
+    text: str,
+    finish_reason: FinishReason,
+) -> None:
+    conn.execute(
+        "INSERT INTO events (task_id, seq, kind, state, text, finish_reason) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        (task_id, offset, kind, int(state), text, int(finish_reason)),
+    )
+
+
+def _apply_transition(
+    conn: sqlite3.Connection,
+    row: tuple[Any, ...],
+    to_state: TaskState,
+    now: float,
+    *,
+    finish_reason: FinishReason,
+    usage: bytes | None,
+    error: str | None,
+    interrupted: bool,
+) -> None:
+    """Write a checked transition and its "state" event (the caller holds the transaction).
+
+    `interrupted` counts an attempt that did not finish: always for a re-queue, and for a
+    task failed by `recover`.
+    """
+    task_id = row[0]
+    offset = _next_offset(conn, "events", task_id)
+    attempts = row[12] + 1 if interrupted else row[12]
+    attempt_offset = offset if to_state == QUEUED else row[13]
+    finished_at = now if to_state in FINAL_STATES else None
+    stored_error = error if error is not None else ("" if to_state == SUCCEEDED else row[11])
+    conn.execute(
+        "UPDATE tasks SET state = ?, updated_at = ?, finished_at = ?, finish_reason = ?, "
+        "usage = ?, error = ?, attempts = ?, attempt_offset = ? WHERE task_id = ?",
+        (
+            int(to_state),
+            now,
+            finished_at,
+            int(finish_reason),
+            row[10] if usage is None else usage,
+            stored_error,
+            attempts,
+            attempt_offset,
+            task_id,
+        ),
+    )
+    _insert_event(
+        conn,
+        task_id,
+        offset,
+        kind="state",
+        state=to_state,
+        text=error or "",
+        finish_reason=finish_reason,
+    )
+
+
+class SqliteTaskStore(TaskStore):
+    """The `TaskStore` contract on one SQLite file; create it with `await SqliteTaskStore.open`."""
+
+    def __init__(
+        self,
+        path: Path,
+        conn: sqlite3.Connection,
+        executor: concurrent.futures.ThreadPoolExecutor,
+        lock_fd: int,
+        clock: Callable[[], float],
+    ) -> None:
+        """Use `open`: the connection must have been made on the executor's thread."""
+        self.path = path
+        self._conn = conn
+        self._executor = executor
+        self._lock_fd = lock_fd
+        self._clock = clock
+        self._closed = False
+
+    @classmethod
+    async def open(
+        cls,
+        data_dir: str | os.PathLike[str],
+        *,
+        synchronous: Literal["NORMAL", "FULL"] = "NORMAL",
+        clock: Callable[[], float] = time.time,
+    ) -> SqliteTaskStore:
+        """Open (creating if needed) `<data_dir>/tasks.sqlite3` and bring its schema up to date.
+
+        FailedPrecondition(STORE_LOCKED) when another live process has the store open, and
+        FailedPrecondition(STORE_SCHEMA_TOO_NEW) for a file a newer llmos wrote. `clock`
+        stamps updated_at and finished_at (a fake one makes times predictable).
+        """
+        if synchronous not in ("NORMAL", "FULL"):
+            raise ValueError(f"synchronous must be NORMAL or FULL, not {synchronous!r}")
+        path = Path(data_dir) / FILE_NAME
+        executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="llmos-task-store"
+        )
+        try:
+            loop = asyncio.get_running_loop()
+            conn, lock_fd = await loop.run_in_executor(executor, _open_files, path, synchronous)
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+        return cls(path, conn, executor, lock_fd, clock)
+
+    async def _run(self, operation: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `operation` on the store's thread, after everything submitted before it."""
+        if self._closed:
+            raise FailedPrecondition(f"the task store {self.path} is closed", reason="STORE_CLOSED")
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, operation, self._conn)
+        except sqlite3.OperationalError as exc:
+            # A full disk, an unreadable file, a lock held too long by an outside reader:
+            # the store cannot serve now, which is what UNAVAILABLE tells a client.
+            raise Unavailable(
+                f"the task store {self.path} failed: {exc}", reason="STORE_UNAVAILABLE"
+            ) from exc
+        except sqlite3.Error as exc:
+            raise LlmosError(
+                f"the task store {self.path} failed: {exc}", reason="STORE_ERROR"
+            ) from exc
+
+    async def create(self, record: TaskRecord) -> None:
+        check_new_record(record)
+
+        def operation(conn: sqlite3.Connection) -> None:
+            with _transaction(conn, write=True):
+                try:
+                    conn.execute(
+                        f"INSERT INTO tasks ({TASK_COLUMNS}) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)",
+                        (
+                            record.task_id,
+                            record.tenant,
+                            int(record.state),
+                            record.model,
+                            int(record.priority),
+                            record.request,
+                            record.created_at,
+                            record.updated_at,
+                            None,
+                            int(record.finish_reason),
+                            record.usage,
+                            record.error,
+                            record.attempts,
+                        ),
+                    )
+                except sqlite3.IntegrityError as exc:
+                    raise AlreadyExists(
+                        f"task {record.task_id!r} already exists",
+                        reason="DUPLICATE_TASK",
+                        metadata={"task_id": record.task_id},
+                    ) from exc
+                _insert_event(
+                    conn,
+                    record.task_id,
+                    0,
+                    kind="state",
+                    state=record.state,
+                    text="",
+                    finish_reason=common_pb2.FINISH_REASON_UNSPECIFIED,
+                )
+
+        await self._run(operation)
+
+    async def get(self, task_id: str) -> TaskRecord:
+        def operation(conn: sqlite3.Connection) -> TaskRecord:
+            with _transaction(conn, write=False):
+                return _read_record(conn, task_id)
+
+        return await self._run(operation)
+
+    async def transition(
+        self,
+        task_id: str,
+        to_state: TaskState,
+        *,
+        finish_reason: FinishReason | None = None,
+        usage: bytes | None = None,
+        error: str | None = None,
+    ) -> TaskRecord:
+        def operation(conn: sqlite3.Connection) -> TaskRecord:
+            with _transaction(conn, write=True):
+                row = _task_row(conn, task_id)
+                current = common_pb2.TaskState.ValueType(row[2])
+                if not check_transition(task_id, current, to_state):
+                    return _record(row, _output(conn, task_id, row[13]))
+                _apply_transition(
+                    conn,
+                    row,
+                    to_state,
+                    self._clock(),
+                    finish_reason=finish_reason_for(task_id, to_state, finish_reason),
+                    usage=usage,
+                    error=error,
+                    interrupted=current == RUNNING and to_state == QUEUED,
+                )
+                return _read_record(conn, task_id)
+
+        return await self._run(operation)
+
+    async def append_text(self, task_id: str, text: str) -> int:
+        def operation(conn: sqlite3.Connection) -> int:
+            with _transaction(conn, write=True):
+                row = conn.execute(
+                    "SELECT state FROM tasks WHERE task_id = ?", (task_id,)
+                ).fetchone()
+                if row is None:
+                    raise _not_found(task_id)
+                state = common_pb2.TaskState.ValueType(row[0])
+                if state in FINAL_STATES:
+                    raise FailedPrecondition(
+                        f"task {task_id} already finished as {state_name(state)}; "
+                        "it takes no more text",
+                        reason="TASK_FINISHED",
+                        metadata={"task_id": task_id, "state": state_name(state)},
+                    )
+                if state != RUNNING:
+                    raise FailedPrecondition(
+                        f"task {task_id} is {state_name(state)}; only a RUNNING task produces text",
+                        reason="TASK_NOT_RUNNING",
+                        metadata={"task_id": task_id, "state": state_name(state)},
+                    )
+                offset = _next_offset(conn, "events", task_id)
+                _insert_event(
+                    conn,
+                    task_id,
+                    offset,
+                    kind="text",
+                    state=state,
+                    text=text,
+                    finish_reason=common_pb2.FINISH_REASON_UNSPECIFIED,
+                )
+                conn.execute(
+                    "UPDATE tasks SET updated_at = ? WHERE task_id = ?", (self._clock(), task_id)
+                )
+                return offset
+
+        return await self._run(operation)
+
+    async def events(
+        self, task_id: str, offset: int = 0, limit: int = MAX_EVENTS_PER_READ
+    ) -> builtins.list[TaskEvent]:
+        check_event_range(offset, limit)
+
+        def operation(conn: sqlite3.Connection) -> builtins.list[TaskEvent]:
+            with _transaction(conn, write=False):
+                _require_task(conn, task_id)
+                rows = conn.execute(
+                    "SELECT seq, kind, state, text, finish_reason FROM events "
+                    "WHERE task_id = ? AND seq >= ? ORDER BY seq LIMIT ?",
+                    (task_id, offset, limit),
+                ).fetchall()
+            return [
+                TaskEvent(
+                    offset=seq,
+                    kind="state" if kind == "state" else "text",
+                    state=common_pb2.TaskState.ValueType(state),
+                    text=text,
+                    finish_reason=common_pb2.FinishReason.ValueType(finish_reason),
+                )
+                for seq, kind, state, text, finish_reason in rows
+            ]
+
+        return await self._run(operation)
+
+    async def add_trace_step(self, task_id: str, step: bytes) -> None:
+        def operation(conn: sqlite3.Connection) -> None:
+            with _transaction(conn, write=True):
+                _require_task(conn, task_id)
+                conn.execute(
+                    "INSERT INTO traces (task_id, seq, step) VALUES (?, ?, ?)",
+                    (task_id, _next_offset(conn, "traces", task_id), step),
+                )
+
+        await self._run(operation)
+
+    async def trace(self, task_id: str) -> builtins.list[bytes]:
+        def operation(conn: sqlite3.Connection) -> builtins.list[bytes]:
+            with _transaction(conn, write=False):
+                _require_task(conn, task_id)
+                rows = conn.execute(
+                    "SELECT step FROM traces WHERE task_id = ? ORDER BY seq", (task_id,)
+                ).fetchall()
+            return [bytes(step) for (step,) in rows]
+
+        return await self._run(operation)
+
+    async def list(
+        self,
+        tenant: str | None = None,
+        state: TaskState | None = None,
+        page_size: int = DEFAULT_PAGE_SIZE,
+        page_token: str = "",
+    ) -> tuple[builtins.list[TaskRecord], str]:
+        check_page_size(page_size)
+        after = decode_page_token(page_token) if page_token else None
+        clauses: builtins.list[str] = []
+        params: builtins.list[Any] = []
+        if tenant is not None:
+            clauses.append("tenant = ?")
+            params.append(tenant)
+        if state is not None:
+            clauses.append("state = ?")
+            params.append(int(state))
+        if after is not None:
+            clauses.append("(created_at, task_id) < (?, ?)")
+            params.extend(after)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        query = (
+            f"SELECT {TASK_COLUMNS} FROM tasks {where} "
+            "ORDER BY created_at DESC, task_id DESC LIMIT ?"
+        )
+
+        def operation(conn: sqlite3.Connection) -> tuple[builtins.list[TaskRecord], str]:
+            with _transaction(conn, write=False):
+                rows = conn.execute(query, (*params, page_size + 1)).fetchall()
+                page = rows[:page_size]
+                outputs = _outputs(conn, page)
+            records = [_record(row, outputs.get(row[0], "")) for row in page]
+            more = len(rows) > page_size
+            token = encode_page_token(page[-1][6], page[-1][0]) if more else ""
+            return records, token
+
+        return await self._run(operation)
+
+    async def recover(self, requeue_running: bool = True, max_attempts: int = 3) -> RecoveryReport:
+        check_max_attempts(max_attempts)
+
+        def operation(conn: sqlite3.Connection) -> RecoveryReport:
+            requeued: builtins.list[str] = []
+            failed: builtins.list[str] = []
+            with _transaction(conn, write=True):
+                running = conn.execute(
+                    f"SELECT {TASK_COLUMNS} FROM tasks WHERE state = ? "
+                    "ORDER BY created_at, task_id",
+                    (int(RUNNING),),
+                ).fetchall()
+                now = self._clock()
+                for row in running:
+                    again, reason = recovery_error(row[12] + 1, max_attempts, requeue_running)
+                    to_state = QUEUED if again else FAILED
+                    _apply_transition(
+                        conn,
+                        row,
+                        to_state,
+                        now,
+                        finish_reason=finish_reason_for(row[0], to_state, None),
+                        usage=None,
+                        error=reason,
+                        interrupted=True,
+                    )
+                    (requeued if again else failed).append(row[0])
+                queued = conn.execute(
+                    "SELECT task_id FROM tasks WHERE state = ? ORDER BY created_at, task_id",
+                    (int(QUEUED),),
+                ).fetchall()
+            return RecoveryReport(
+                queued=tuple(task_id for (task_id,) in queued),
+                requeued=tuple(requeued),
+                failed=tuple(failed),
+            )
+
+        return await self._run(operation)
+
+    async def forget_tenant(self, tenant: str) -> int:
+        def operation(conn: sqlite3.Connection) -> int:
+            with _transaction(conn, write=True):
+                for table in ("events", "traces"):
+                    conn.execute(
+                        f"DELETE FROM {table} WHERE task_id IN "
+                        "(SELECT task_id FROM tasks WHERE tenant = ?)",
+                        (tenant,),
+                    )
+                deleted = conn.execute("DELETE FROM tasks WHERE tenant = ?", (tenant,)).rowcount
+            # Copy the WAL into the main file (whose freed pages secure_delete zeroed) and
+            # empty it, so the old frames holding the forgotten rows are gone too.
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            return int(deleted)
+
+        return await self._run(operation)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        try:
+            # Queued behind every operation already submitted, which therefore complete.
+            await loop.run_in_executor(self._executor, self._conn.close)
+        finally:
+            self._executor.shutdown(wait=False)
+            os.close(self._lock_fd)
+
+
+def _outputs(conn: sqlite3.Connection, rows: builtins.list[tuple[Any, ...]]) -> dict[str, str]:
+    """The current attempt's output of each task in `rows`, in one query."""
+    if not rows:
+        return {}
+    marks = ", ".join("?" for _ in rows)
+    texts: dict[str, builtins.list[str]] = {}
+    for task_id, text in conn.execute(
+        "SELECT e.task_id, e.text FROM events AS e JOIN tasks AS t ON t.task_id = e.task_id "
+        f"WHERE e.task_id IN ({marks}) AND e.kind = 'text' AND e.seq >= t.attempt_offset "
+        "ORDER BY e.task_id, e.seq",
+        [row[0] for row in rows],
+    ):
+        texts.setdefault(task_id, []).append(text)
+    return {task_id: "".join(parts) for task_id, parts in texts.items()}
+
+
+def _lock(path: Path) -> int:
+    """An exclusive, non-blocking flock on `path`; the fd holds it until closed or death."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        os.close(fd)
+        raise FailedPrecondition(
+            f"the task store in {path.parent} is in use by another process (a kernel already "
+            "runs on this data directory); stop it, or give this one its own data directory",
+            reason="STORE_LOCKED",
+        ) from exc
+    return fd
+
+
+def _open_files(path: Path, synchronous: str) -> tuple[sqlite3.Connection, int]:
+    """On the store's thread: create the directory, take the lock, connect. Blocking work."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock_fd = _lock(path.parent / LOCK_NAME)
+    try:
+        return _connect(path, synchronous), lock_fd
+    except BaseException:
+        os.close(lock_fd)
+        raise
+
+
+def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
+    """Open the file, set it up, and create or upgrade the schema."""
+    conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_S)
+    try:
+        (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+        if str(mode).lower() != "wal":
+            raise FailedPrecondition(
+                f"{path}: SQLite refused WAL mode (got {mode!r}); is the file on a network "
+                "file system?",
+                reason="STORE_NO_WAL",
+            )
+        conn.execute(f"PRAGMA synchronous = {synchronous}")
+        conn.execute("PRAGMA secure_delete = ON")
+        with _transaction(conn, write=True):
+            _migrate(conn, path)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _migrate(conn: sqlite3.Connection, path: Path) -> None:
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_version "
+        "(version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
+    )
+    (version,) = conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()
+    if version > SCHEMA_VERSION:
+        raise FailedPrecondition(
+            f"{path} has task-store schema version {version}, newer than this llmos "
+            f"understands ({SCHEMA_VERSION}); upgrade llmos or use another data directory",
+            reason="STORE_SCHEMA_TOO_NEW",
+        )
+    if version == 0:
+        for statement in SCHEMA_V1:
+            conn.execute(statement)
+        version = 1
+        conn.execute(
+            "INSERT INTO schema_version (version, applied_at) VALUES (?, ?)", (1, time.time())
+        )
+    while version < SCHEMA_VERSION:
+        for statement in MIGRATIONS[version]:
+            conn.execute(statement)
+        version += 1
+        conn.execute(
+            "INSERT INTO schema_version (version, applied_at) VALUES (?, ?)",
+            (version, time.time()),
+        )

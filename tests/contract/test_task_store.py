@@ -1,0 +1,914 @@
+"""The task-store contract, run unchanged against every backend.
+
+Every test in the first part talks to the store only through `TaskStore`, so a new backend
+passes by being added to `BACKENDS`. The last part checks what only the SQLite backend
+promises: a kernel killed with SIGKILL mid-write loses nothing, one kernel per file, WAL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+import signal
+import sqlite3
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from llmos.kernel.store import (
+    FINAL_STATES,
+    TRANSITIONS,
+    RecoveryReport,
+    SqliteTaskStore,
+    TaskRecord,
+    TaskStore,
+    encode_page_token,
+)
+from llmos.kernel.store import sqlite as sqlite_store
+from llmos.services.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    LlmosError,
+    NotFound,
+    Unavailable,
+)
+from llmos.v1 import common_pb2, kernel_pb2
+
+QUEUED = common_pb2.TASK_STATE_QUEUED
+RUNNING = common_pb2.TASK_STATE_RUNNING
+SUCCEEDED = common_pb2.TASK_STATE_SUCCEEDED
+FAILED = common_pb2.TASK_STATE_FAILED
+CANCELLED = common_pb2.TASK_STATE_CANCELLED
+REFUSED = common_pb2.TASK_STATE_REFUSED
+STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, REFUSED)
+
+Opener = Callable[[Path], Awaitable[TaskStore]]
+
+
+async def open_sqlite(data_dir: Path) -> TaskStore:
+    return await SqliteTaskStore.open(data_dir)
+
+
+# Every backend the contract tests run against: adding one is one line here.
+BACKENDS: dict[str, Opener] = {
+    "sqlite": open_sqlite,
+}
+
+
+@dataclasses.dataclass
+class Backend:
+    """A backend and where its data lives, so a test can close the store and open it again."""
+
+    name: str
+    data_dir: Path
+    opener: Opener
+
+    async def open(self) -> TaskStore:
+        return await self.opener(self.data_dir)
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    name: str = request.param
+    return Backend(name, tmp_path / "data", BACKENDS[name])
+
+
+@pytest.fixture
+async def store(backend: Backend) -> AsyncIterator[TaskStore]:
+    opened = await backend.open()
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+def new_task(
+    task_id: str,
+    *,
+    tenant: str = "acme",
+    created_at: float = 1_000.0,
+    prompt: str = "hello",
+    priority: common_pb2.Priority.ValueType = common_pb2.PRIORITY_NORMAL,
+) -> TaskRecord:
+    request = kernel_pb2.GenerateRequest(model="echo", prompt=prompt, priority=priority)
+    return TaskRecord.queued(
+        task_id,
+        tenant=tenant,
+        model="echo",
+        priority=priority,
+        request=request.SerializeToString(),
+        now=created_at,
+    )
+
+
+async def running_task(
+    store: TaskStore, task_id: str, *, tenant: str = "acme", created_at: float = 1_000.0
+) -> TaskRecord:
+    await store.create(new_task(task_id, tenant=tenant, created_at=created_at))
+    return await store.transition(task_id, RUNNING)
+
+
+async def all_events(store: TaskStore, task_id: str) -> list[tuple[str, int, str]]:
+    return [(e.kind, e.state, e.text) for e in await store.events(task_id)]
+
+
+# ---------------------------------------------------------------- create and get
+
+
+async def test_create_then_get_returns_the_record(store: TaskStore) -> None:
+    record = new_task("t1", tenant="acme", created_at=1_234.5, prompt="what is 2+2?")
+    await store.create(record)
+
+    stored = await store.get("t1")
+
+    assert stored == record
+    request = kernel_pb2.GenerateRequest.FromString(stored.request)
+    assert request.prompt == "what is 2+2?"
+    assert (stored.state, stored.attempts, stored.output, stored.finished_at) == (
+        QUEUED,
+        0,
+        "",
+        None,
+    )
+    (first,) = await store.events("t1")
+    assert (first.offset, first.kind, first.state) == (0, "state", QUEUED)
+
+
+async def test_a_duplicate_id_is_refused_and_the_original_kept(store: TaskStore) -> None:
+    await store.create(new_task("t1", prompt="original"))
+
+    with pytest.raises(AlreadyExists) as caught:
+        await store.create(new_task("t1", prompt="impostor"))
+
+    assert caught.value.reason == "DUPLICATE_TASK"
+    stored = await store.get("t1")
+    assert kernel_pb2.GenerateRequest.FromString(stored.request).prompt == "original"
+    assert len(await store.events("t1")) == 1
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        dataclasses.replace(new_task("t1"), state=RUNNING),
+        dataclasses.replace(new_task("t1"), state=SUCCEEDED, finished_at=2_000.0),
+        dataclasses.replace(new_task("t1"), output="text from nowhere"),
+        dataclasses.replace(new_task("t1"), task_id=""),
+    ],
+    ids=["running", "finished", "with-output", "no-id"],
+)
+async def test_only_a_fresh_queued_task_can_be_created(
+    store: TaskStore, record: TaskRecord
+) -> None:
+    with pytest.raises(InvalidArgument):
+        await store.create(record)
+    if record.task_id:
+        with pytest.raises(NotFound):
+            await store.get(record.task_id)
+
+
+OPERATIONS_ON_ONE_TASK: dict[str, Callable[[TaskStore, str], Awaitable[object]]] = {
+    "get": lambda store, task_id: store.get(task_id),
+    "events": lambda store, task_id: store.events(task_id),
+    "transition": lambda store, task_id: store.transition(task_id, RUNNING),
+    "append_text": lambda store, task_id: store.append_text(task_id, "x"),
+    "add_trace_step": lambda store, task_id: store.add_trace_step(task_id, b"step"),
+    "trace": lambda store, task_id: store.trace(task_id),
+}
+
+
+@pytest.mark.parametrize("operation", sorted(OPERATIONS_ON_ONE_TASK))
+async def test_an_unknown_id_is_not_found(store: TaskStore, operation: str) -> None:
+    await store.create(new_task("known"))
+
+    with pytest.raises(NotFound) as caught:
+        await OPERATIONS_ON_ONE_TASK[operation](store, "no-such-task")
+
+    assert caught.value.reason == "TASK_NOT_FOUND"
+    assert "no-such-task" in caught.value.message
+
+
+# ---------------------------------------------------------------- transitions
+
+
+async def test_a_task_runs_to_success(store: TaskStore) -> None:
+    await store.create(new_task("t1"))
+    usage = common_pb2.Usage(prompt_tokens=3, completion_tokens=2).SerializeToString()
+
+    running = await store.transition("t1", RUNNING)
+    assert (running.state, running.finished_at) == (RUNNING, None)
+    done = await store.transition(
+        "t1", SUCCEEDED, finish_reason=common_pb2.FINISH_REASON_STOP, usage=usage
+    )
+
+    assert done.state == SUCCEEDED
+    assert done.finish_reason == common_pb2.FINISH_REASON_STOP
+    assert common_pb2.Usage.FromString(done.usage).completion_tokens == 2
+    assert done.finished_at is not None
+    assert done.finished_at >= done.created_at
+    assert await store.get("t1") == done
+    events = await store.events("t1")
+    assert [(e.offset, e.kind, e.state) for e in events] == [
+        (0, "state", QUEUED),
+        (1, "state", RUNNING),
+        (2, "state", SUCCEEDED),
+    ]
+    assert events[-1].finish_reason == common_pb2.FINISH_REASON_STOP
+
+
+async def test_changes_are_stamped_with_the_time(store: TaskStore) -> None:
+    await store.create(new_task("t1", created_at=time.time()))
+
+    before = time.time()
+    running = await store.transition("t1", RUNNING)
+    await store.append_text("t1", "x")
+    appended = await store.get("t1")
+    done = await store.transition("t1", SUCCEEDED)
+    after = time.time()
+
+    assert before <= running.updated_at <= appended.updated_at <= done.updated_at <= after
+    assert done.finished_at is not None
+    assert before <= done.finished_at <= after
+    assert done.created_at <= before
+
+
+LEGAL_PATHS = [
+    (QUEUED, [RUNNING, SUCCEEDED]),
+    (QUEUED, [RUNNING, FAILED]),
+    (QUEUED, [RUNNING, CANCELLED]),
+    (QUEUED, [RUNNING, QUEUED, RUNNING, SUCCEEDED]),
+    (QUEUED, [CANCELLED]),
+    (QUEUED, [REFUSED]),
+    (QUEUED, [FAILED]),
+]
+
+
+@pytest.mark.parametrize(
+    "path",
+    [steps for _, steps in LEGAL_PATHS],
+    ids=["-".join(common_pb2.TaskState.Name(s)[11:] for s in steps) for _, steps in LEGAL_PATHS],
+)
+async def test_legal_transitions_are_applied_and_logged(
+    store: TaskStore, path: list[common_pb2.TaskState.ValueType]
+) -> None:
+    await store.create(new_task("t1"))
+
+    for to_state in path:
+        record = await store.transition("t1", to_state)
+        assert record.state == to_state
+
+    assert record.finished_at is not None
+    assert [e.state for e in await store.events("t1")] == [QUEUED, *path]
+
+
+async def test_failed_and_cancelled_get_a_finish_reason_by_default(store: TaskStore) -> None:
+    await running_task(store, "failed")
+    await running_task(store, "cancelled")
+
+    failed = await store.transition("failed", FAILED, error="runtime died")
+    cancelled = await store.transition("cancelled", CANCELLED)
+
+    assert failed.finish_reason == common_pb2.FINISH_REASON_ERROR
+    assert failed.error == "runtime died"
+    assert (await store.events("failed"))[-1].text == "runtime died"
+    assert cancelled.finish_reason == common_pb2.FINISH_REASON_CANCELLED
+
+
+ILLEGAL = [
+    (QUEUED, QUEUED),
+    (QUEUED, SUCCEEDED),
+    (RUNNING, RUNNING),
+    (RUNNING, REFUSED),
+]
+
+
+@pytest.mark.parametrize(
+    ("start", "to_state"),
+    ILLEGAL,
+    ids=[
+        f"{common_pb2.TaskState.Name(a)[11:]}-{common_pb2.TaskState.Name(b)[11:]}"
+        for a, b in ILLEGAL
+    ],
+)
+async def test_illegal_transitions_are_refused_and_change_nothing(
+    store: TaskStore,
+    start: common_pb2.TaskState.ValueType,
+    to_state: common_pb2.TaskState.ValueType,
+) -> None:
+    await store.create(new_task("t1"))
+    if start == RUNNING:
+        await store.transition("t1", RUNNING)
+    before = (await store.get("t1"), await store.events("t1"))
+
+    with pytest.raises(FailedPrecondition) as caught:
+        await store.transition("t1", to_state)
+
+    assert caught.value.reason == "ILLEGAL_TRANSITION"
+    assert (await store.get("t1"), await store.events("t1")) == before
+
+
+def test_the_transition_table_is_the_documented_one() -> None:
+    assert {
+        common_pb2.TaskState.Name(a): sorted(common_pb2.TaskState.Name(b) for b in targets)
+        for a, targets in TRANSITIONS.items()
+        if targets
+    } == {
+        "TASK_STATE_QUEUED": [
+            "TASK_STATE_CANCELLED",
+            "TASK_STATE_FAILED",
+            "TASK_STATE_REFUSED",
+            "TASK_STATE_RUNNING",
+        ],
+        "TASK_STATE_RUNNING": [
+            "TASK_STATE_CANCELLED",
+            "TASK_STATE_FAILED",
+            "TASK_STATE_QUEUED",
+            "TASK_STATE_SUCCEEDED",
+        ],
+    }
+    assert {SUCCEEDED, FAILED, CANCELLED, REFUSED} == FINAL_STATES
+
+
+async def finish(store: TaskStore, task_id: str, final: common_pb2.TaskState.ValueType) -> None:
+    await store.create(new_task(task_id))
+    if final != REFUSED:
+        await store.transition(task_id, RUNNING)
+    await store.transition(task_id, final)
+
+
+@pytest.mark.parametrize("final", sorted(FINAL_STATES))
+async def test_a_final_state_is_final(
+    store: TaskStore, final: common_pb2.TaskState.ValueType
+) -> None:
+    await finish(store, "t1", final)
+    before = (await store.get("t1"), await store.events("t1"))
+
+    for to_state in STATES:
+        if to_state == final:
+            continue
+        with pytest.raises(FailedPrecondition) as caught:
+            await store.transition("t1", to_state)
+        assert caught.value.reason == "TASK_FINISHED"
+
+    assert (await store.get("t1"), await store.events("t1")) == before
+
+
+@pytest.mark.parametrize("final", sorted(FINAL_STATES))
+async def test_repeating_a_completion_changes_nothing(
+    store: TaskStore, final: common_pb2.TaskState.ValueType
+) -> None:
+    await finish(store, "t1", final)
+    first = await store.get("t1")
+    events = await store.events("t1")
+
+    again = await store.transition(
+        "t1", final, finish_reason=common_pb2.FINISH_REASON_LENGTH, usage=b"\x08\x07", error="late"
+    )
+
+    assert again == first
+    assert await store.get("t1") == first
+    assert await store.events("t1") == events
+
+
+@pytest.mark.parametrize("to_state", [common_pb2.TASK_STATE_UNSPECIFIED, 42])
+async def test_an_unknown_target_state_is_invalid(store: TaskStore, to_state: int) -> None:
+    await store.create(new_task("t1"))
+
+    with pytest.raises(InvalidArgument) as caught:
+        await store.transition("t1", common_pb2.TaskState.ValueType(to_state))
+
+    assert caught.value.reason == "BAD_TASK_STATE"
+    assert (await store.get("t1")).state == QUEUED
+
+
+async def test_only_a_final_state_takes_a_finish_reason(store: TaskStore) -> None:
+    await store.create(new_task("t1"))
+
+    with pytest.raises(InvalidArgument) as caught:
+        await store.transition("t1", RUNNING, finish_reason=common_pb2.FINISH_REASON_STOP)
+
+    assert caught.value.reason == "BAD_FINISH_REASON"
+    assert (await store.get("t1")).state == QUEUED
+
+
+async def test_a_requeue_counts_the_attempt_and_starts_the_output_afresh(
+    store: TaskStore,
+) -> None:
+    await running_task(store, "t1")
+    await store.append_text("t1", "half an ans")
+
+    requeued = await store.transition("t1", QUEUED, error="runtime died mid-stream")
+
+    assert (requeued.state, requeued.attempts, requeued.output) == (QUEUED, 1, "")
+    assert requeued.error == "runtime died mid-stream"
+    assert requeued.finished_at is None
+    await store.transition("t1", RUNNING)
+    await store.append_text("t1", "a whole answer")
+    done = await store.transition("t1", SUCCEEDED)
+    assert (done.output, done.attempts, done.error) == ("a whole answer", 1, "")
+    assert await all_events(store, "t1") == [
+        ("state", QUEUED, ""),
+        ("state", RUNNING, ""),
+        ("text", RUNNING, "half an ans"),
+        ("state", QUEUED, "runtime died mid-stream"),
+        ("state", RUNNING, ""),
+        ("text", RUNNING, "a whole answer"),
+        ("state", SUCCEEDED, ""),
+    ]
+
+
+# ---------------------------------------------------------------- text and events
+
+
+async def test_appended_text_builds_the_output_and_the_log(store: TaskStore) -> None:
+    await running_task(store, "t1")
+    await running_task(store, "t2")
+
+    offsets = [await store.append_text("t1", piece) for piece in ["Hel", "lo", ", ", "world"]]
+    await store.append_text("t2", "other task")
+
+    assert offsets == [2, 3, 4, 5]
+    assert (await store.get("t1")).output == "Hello, world"
+    assert (await store.get("t2")).output == "other task"
+    texts = [(e.offset, e.text) for e in await store.events("t1") if e.kind == "text"]
+    assert texts == [(2, "Hel"), (3, "lo"), (4, ", "), (5, "world")]
+
+
+async def test_only_a_running_task_takes_text(store: TaskStore) -> None:
+    await store.create(new_task("queued"))
+    await finish(store, "done", SUCCEEDED)
+
+    with pytest.raises(FailedPrecondition) as queued:
+        await store.append_text("queued", "too early")
+    with pytest.raises(FailedPrecondition) as done:
+        await store.append_text("done", "too late")
+
+    assert (queued.value.reason, done.value.reason) == ("TASK_NOT_RUNNING", "TASK_FINISHED")
+    assert (await store.get("queued")).output == (await store.get("done")).output == ""
+
+
+async def test_events_resume_from_an_offset(store: TaskStore) -> None:
+    await running_task(store, "t1")
+    for index in range(10):
+        await store.append_text("t1", f"<{index}>")
+    await store.transition("t1", SUCCEEDED)
+    everything = await store.events("t1")
+
+    assert [e.offset for e in everything] == list(range(13))
+    assert await store.events("t1", offset=5) == everything[5:]
+    assert await store.events("t1", offset=5, limit=3) == everything[5:8]
+    assert await store.events("t1", offset=13) == []
+    resumed = []
+    offset = 0
+    while batch := await store.events("t1", offset=offset, limit=4):
+        resumed.extend(batch)
+        offset = batch[-1].offset + 1
+    assert resumed == everything
+
+
+@pytest.mark.parametrize(
+    ("offset", "limit", "reason"),
+    [(-1, 10, "BAD_OFFSET"), (0, 0, "BAD_LIMIT"), (0, 1001, "BAD_LIMIT")],
+)
+async def test_a_bad_event_range_is_invalid(
+    store: TaskStore, offset: int, limit: int, reason: str
+) -> None:
+    await store.create(new_task("t1"))
+
+    with pytest.raises(InvalidArgument) as caught:
+        await store.events("t1", offset=offset, limit=limit)
+
+    assert caught.value.reason == reason
+
+
+async def test_concurrent_appends_get_distinct_consecutive_offsets(store: TaskStore) -> None:
+    await running_task(store, "t1")
+    pieces = [f"[{index:02d}]" for index in range(50)]
+
+    offsets = await asyncio.gather(*(store.append_text("t1", piece) for piece in pieces))
+
+    assert sorted(offsets) == list(range(2, 52))
+    by_offset = dict(zip(offsets, pieces, strict=True))
+    assert (await store.get("t1")).output == "".join(by_offset[o] for o in sorted(by_offset))
+    events = await store.events("t1", offset=2)
+    assert [(e.offset, e.text) for e in events] == sorted(by_offset.items())
+
+
+# ---------------------------------------------------------------- trace
+
+
+async def test_the_trace_keeps_its_order_per_task(store: TaskStore) -> None:
+    await store.create(new_task("t1"))
+    await store.create(new_task("t2"))
+    stages = ["admit", "safety:input", "privacy:redact", "runtime:generate", "record"]
+
+    assert await store.trace("t1") == []
+    for stage in stages:
+        step = common_pb2.TraceStep(stage=stage, service=f"{stage}-1", decision="allow")
+        await store.add_trace_step("t1", step.SerializeToString())
+    await store.add_trace_step("t2", common_pb2.TraceStep(stage="admit").SerializeToString())
+
+    steps = [common_pb2.TraceStep.FromString(raw) for raw in await store.trace("t1")]
+    assert [step.stage for step in steps] == stages
+    assert steps[1].service == "safety:input-1"
+    assert len(await store.trace("t2")) == 1
+
+
+async def test_a_finished_task_still_takes_trace_steps(store: TaskStore) -> None:
+    await finish(store, "t1", REFUSED)
+
+    await store.add_trace_step("t1", b"the record stage")
+
+    assert await store.trace("t1") == [b"the record stage"]
+
+
+# ---------------------------------------------------------------- list
+
+
+async def test_list_filters_by_tenant_and_state_newest_first(store: TaskStore) -> None:
+    await store.create(new_task("a-old", tenant="a", created_at=1.0))
+    await store.create(new_task("b-mid", tenant="b", created_at=2.0))
+    await store.create(new_task("a-new", tenant="a", created_at=3.0))
+    await store.create(new_task("a-newest", tenant="a", created_at=4.0))
+    await store.transition("a-new", RUNNING)
+    await store.append_text("a-new", "listed ")
+    await store.append_text("a-new", "output")
+
+    async def ids(**filters: object) -> list[str]:
+        records, token = await store.list(**filters)  # type: ignore[arg-type]
+        assert token == ""
+        return [record.task_id for record in records]
+
+    assert await ids() == ["a-newest", "a-new", "b-mid", "a-old"]
+    assert await ids(tenant="a") == ["a-newest", "a-new", "a-old"]
+    assert await ids(state=QUEUED) == ["a-newest", "b-mid", "a-old"]
+    assert await ids(tenant="a", state=RUNNING) == ["a-new"]
+    assert await ids(tenant="nobody") == []
+    records, _ = await store.list(tenant="a", state=RUNNING)
+    assert records == [await store.get("a-new")]
+    assert records[0].output == "listed output"
+
+
+async def test_list_pages_through_everything_once(store: TaskStore) -> None:
+    # Three tasks share each creation time, so the order must break ties by id.
+    # They are created in a shuffled order, so insertion order cannot stand in for it.
+    ids = [f"t{index:03d}" for index in range(120)]
+    for task_id in random.Random(4).sample(ids, len(ids)):
+        await store.create(new_task(task_id, created_at=1_000.0 + int(task_id[1:]) // 3))
+    expected = sorted(ids, key=lambda task_id: (1_000.0 + int(task_id[1:]) // 3, task_id))
+    expected.reverse()
+
+    seen: list[str] = []
+    sizes: list[int] = []
+    token = ""
+    while True:
+        page, token = await store.list(page_size=50, page_token=token)
+        sizes.append(len(page))
+        seen.extend(record.task_id for record in page)
+        if not token:
+            break
+
+    assert sizes == [50, 50, 20]
+    assert seen == expected
+
+
+async def test_pages_stay_put_while_new_tasks_arrive(store: TaskStore) -> None:
+    for index in range(10):
+        await store.create(new_task(f"t{index}", created_at=100.0 + index))
+
+    first, token = await store.list(page_size=4)
+    await store.create(new_task("newer", created_at=500.0))
+    second, token = await store.list(page_size=4, page_token=token)
+    third, token = await store.list(page_size=4, page_token=token)
+
+    assert [r.task_id for r in first + second + third] == [f"t{i}" for i in range(9, -1, -1)]
+    assert token == ""
+
+
+async def test_an_exactly_full_last_page_has_no_next_token(store: TaskStore) -> None:
+    for index in range(4):
+        await store.create(new_task(f"t{index}", created_at=float(index)))
+
+    page, token = await store.list(page_size=2)
+    page, token = await store.list(page_size=2, page_token=token)
+
+    assert [r.task_id for r in page] == ["t1", "t0"]
+    assert token == ""
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "not a token!",
+        "e30",  # base64 of {}
+        "WzEsMiwzXQ",  # base64 of [1,2,3]
+        "WyJ4IiwidDEiXQ",  # base64 of ["x","t1"]
+        "WyJOYU4iXQ",
+    ],
+)
+async def test_a_bad_page_token_is_invalid(store: TaskStore, token: str) -> None:
+    await store.create(new_task("t1"))
+
+    with pytest.raises(InvalidArgument) as caught:
+        await store.list(page_token=token)
+
+    assert caught.value.reason == "BAD_PAGE_TOKEN"
+
+
+async def test_a_token_for_a_position_past_the_end_gives_an_empty_page(store: TaskStore) -> None:
+    await store.create(new_task("t1", created_at=10.0))
+
+    page, token = await store.list(page_token=encode_page_token(1.0, "a"))
+
+    assert (page, token) == ([], "")
+
+
+@pytest.mark.parametrize("page_size", [0, -1, 1001])
+async def test_a_bad_page_size_is_invalid(store: TaskStore, page_size: int) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        await store.list(page_size=page_size)
+
+    assert caught.value.reason == "BAD_PAGE_SIZE"
+
+
+# ---------------------------------------------------------------- recovery
+
+
+async def test_recover_requeues_running_tasks_and_returns_the_queue_in_order(
+    store: TaskStore,
+) -> None:
+    await store.create(new_task("queued-1", created_at=1.0))
+    await running_task(store, "running-2", created_at=2.0)
+    await store.create(new_task("queued-3", created_at=3.0))
+    await running_task(store, "running-4", created_at=4.0)
+    await finish(store, "done-5", SUCCEEDED)
+    await store.append_text("running-2", "partial")
+
+    report = await store.recover()
+
+    assert report == RecoveryReport(
+        queued=("queued-1", "running-2", "queued-3", "running-4"),
+        requeued=("running-2", "running-4"),
+        failed=(),
+    )
+    requeued = await store.get("running-2")
+    assert (requeued.state, requeued.attempts, requeued.output) == (QUEUED, 1, "")
+    assert "kernel crash" in requeued.error
+    last = (await store.events("running-2"))[-1]
+    assert (last.kind, last.state) == ("state", QUEUED)
+    assert "kernel crash" in last.text
+    assert (await store.get("queued-1")).attempts == 0
+    assert (await store.get("done-5")).state == SUCCEEDED
+    assert await store.recover() == RecoveryReport(queued=report.queued)
+
+
+async def test_recover_fails_a_task_interrupted_max_attempts_times(store: TaskStore) -> None:
+    await running_task(store, "t1")
+
+    for attempt in (1, 2):
+        report = await store.recover(max_attempts=3)
+        assert report.requeued == ("t1",)
+        assert (await store.get("t1")).attempts == attempt
+        await store.transition("t1", RUNNING)
+    report = await store.recover(max_attempts=3)
+
+    assert report == RecoveryReport(queued=(), requeued=(), failed=("t1",))
+    failed = await store.get("t1")
+    assert (failed.state, failed.attempts) == (FAILED, 3)
+    assert failed.finish_reason == common_pb2.FINISH_REASON_ERROR
+    assert failed.finished_at is not None
+    assert "kernel crash" in failed.error
+    assert "kernel crash" in (await store.events("t1"))[-1].text
+
+
+async def test_recover_without_requeue_fails_running_tasks(store: TaskStore) -> None:
+    await running_task(store, "running", created_at=1.0)
+    await store.create(new_task("queued", created_at=2.0))
+
+    report = await store.recover(requeue_running=False)
+
+    assert report == RecoveryReport(queued=("queued",), requeued=(), failed=("running",))
+    failed = await store.get("running")
+    assert failed.state == FAILED
+    assert "kernel crash" in failed.error
+
+
+async def test_recover_refuses_a_max_attempts_below_one(store: TaskStore) -> None:
+    await running_task(store, "t1")
+
+    with pytest.raises(InvalidArgument):
+        await store.recover(max_attempts=0)
+
+    assert (await store.get("t1")).state == RUNNING
+
+
+# ---------------------------------------------------------------- forget, close, reopen
+
+
+async def test_forget_tenant_deletes_its_tasks_events_and_traces(store: TaskStore) -> None:
+    for task_id in ("a1", "a2"):
+        await running_task(store, task_id, tenant="a")
+        await store.append_text(task_id, "secret")
+        await store.add_trace_step(task_id, b"step")
+    await running_task(store, "b1", tenant="b")
+    await store.add_trace_step("b1", b"kept")
+
+    assert await store.forget_tenant("a") == 2
+
+    for task_id in ("a1", "a2"):
+        for operation in ("get", "events", "trace"):
+            with pytest.raises(NotFound):
+                await OPERATIONS_ON_ONE_TASK[operation](store, task_id)
+    assert [r.task_id for r in (await store.list())[0]] == ["b1"]
+    assert await store.trace("b1") == [b"kept"]
+    assert await store.forget_tenant("a") == 0
+    await store.create(new_task("a1", tenant="a"))
+    assert [e.offset for e in await store.events("a1")] == [0]
+
+
+async def test_everything_survives_close_and_reopen(backend: Backend) -> None:
+    store = await backend.open()
+    await running_task(store, "t1", created_at=1.0)
+    await store.append_text("t1", "kept text")
+    await store.add_trace_step("t1", b"step-1")
+    await store.transition("t1", SUCCEEDED, usage=b"\x08\x02")
+    await running_task(store, "t2", created_at=2.0)
+    await store.create(new_task("t3", created_at=3.0, tenant="other"))
+    before = {
+        task_id: (await store.get(task_id), await store.events(task_id), await store.trace(task_id))
+        for task_id in ("t1", "t2", "t3")
+    }
+    listed = await store.list()
+    await store.close()
+    await store.close()  # idempotent
+
+    reopened = await backend.open()
+    try:
+        after = {
+            task_id: (
+                await reopened.get(task_id),
+                await reopened.events(task_id),
+                await reopened.trace(task_id),
+            )
+            for task_id in ("t1", "t2", "t3")
+        }
+        assert after == before
+        assert await reopened.list() == listed
+        assert await reopened.append_text("t2", "more") == 2
+    finally:
+        await reopened.close()
+
+
+async def test_a_closed_store_refuses_calls(backend: Backend) -> None:
+    store = await backend.open()
+    await store.create(new_task("t1"))
+    await store.close()
+
+    with pytest.raises(FailedPrecondition) as caught:
+        await store.get("t1")
+
+    assert caught.value.reason == "STORE_CLOSED"
+
+
+# ---------------------------------------------------------------- SQLite only
+
+CRASHING_KERNEL = textwrap.dedent(
+    """
+    import asyncio, sys
+    from llmos.kernel.store import SqliteTaskStore, TaskRecord
+    from llmos.v1 import common_pb2
+
+    async def main() -> None:
+        store = await SqliteTaskStore.open(sys.argv[1])
+        for index in range(10):
+            await store.create(TaskRecord.queued(
+                f"t{index}", tenant="acme", model="echo",
+                priority=common_pb2.PRIORITY_NORMAL, request=b"", now=100.0 + index))
+        for index in range(5):
+            await store.transition(f"t{index}", common_pb2.TASK_STATE_RUNNING)
+        await store.transition("t4", common_pb2.TASK_STATE_SUCCEEDED)
+        print("ready", flush=True)
+        count = 0
+        while True:  # streaming into t0 when the kill lands
+            await store.append_text("t0", f"<{count}>")
+            count += 1
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_sqlite_recovers_every_task_after_sigkill(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        CRASHING_KERNEL,
+        str(data_dir),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert child.stdout is not None
+    assert child.stderr is not None
+    try:
+        line = await asyncio.wait_for(child.stdout.readline(), timeout=60)
+        assert line == b"ready\n", (await child.stderr.read()).decode()
+        await asyncio.sleep(0.3)
+        assert child.returncode is None, "the child was meant to be still writing"
+    finally:
+        if child.returncode is None:
+            child.kill()  # SIGKILL: no cleanup, no close
+        await child.wait()
+    assert child.returncode == -signal.SIGKILL
+
+    store = await SqliteTaskStore.open(data_dir)
+    try:
+        report = await store.recover()
+
+        assert report.requeued == ("t0", "t1", "t2", "t3")
+        assert report.failed == ()
+        assert report.queued == ("t0", "t1", "t2", "t3", "t5", "t6", "t7", "t8", "t9")
+        assert (await store.get("t4")).state == SUCCEEDED
+        records, _ = await store.list(page_size=100)
+        assert sorted(r.task_id for r in records) == [f"t{i}" for i in range(10)]
+        assert {r.state for r in records} == {QUEUED, SUCCEEDED}
+        events = await store.events("t0", limit=1000)
+        texts = [e.text for e in events if e.kind == "text"]
+        assert len(texts) > 0
+        assert texts == [f"<{i}>" for i in range(len(texts))]
+        offset = 0
+        while batch := await store.events("t0", offset=offset):
+            assert [e.offset for e in batch] == list(range(offset, offset + len(batch)))
+            offset += len(batch)
+        last = (await store.events("t0", offset=offset - 1))[-1]
+        assert (last.kind, last.state) == ("state", QUEUED)
+        assert (await store.get("t0")).attempts == 1
+    finally:
+        await store.close()
+
+
+async def test_sqlite_allows_one_open_store_per_data_dir(tmp_path: Path) -> None:
+    first = await SqliteTaskStore.open(tmp_path)
+    try:
+        with pytest.raises(FailedPrecondition) as caught:
+            await SqliteTaskStore.open(tmp_path)
+        assert caught.value.reason == "STORE_LOCKED"
+    finally:
+        await first.close()
+    second = await SqliteTaskStore.open(tmp_path)
+    await second.close()
+
+
+async def test_sqlite_uses_wal_and_records_its_schema_version(tmp_path: Path) -> None:
+    store = await SqliteTaskStore.open(tmp_path)
+    await store.create(new_task("t1"))
+    await store.close()
+
+    assert store.path == tmp_path / "tasks.sqlite3"
+    with sqlite3.connect(store.path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+    conn.close()
+
+
+async def test_sqlite_refuses_a_file_from_a_newer_schema(tmp_path: Path) -> None:
+    store = await SqliteTaskStore.open(tmp_path)
+    await store.close()
+    conn = sqlite3.connect(store.path)
+    with conn:
+        conn.execute("INSERT INTO schema_version (version, applied_at) VALUES (99, 0)")
+    conn.close()
+
+    with pytest.raises(LlmosError) as caught:
+        await SqliteTaskStore.open(tmp_path)
+
+    assert caught.value.reason == "STORE_SCHEMA_TOO_NEW"
+    # The refusal released the lock: trying again is refused for the same reason.
+    with pytest.raises(LlmosError) as again:
+        await SqliteTaskStore.open(tmp_path)
+    assert again.value.reason == "STORE_SCHEMA_TOO_NEW"
+
+
+async def test_sqlite_reports_a_file_it_cannot_write_as_unavailable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_store, "BUSY_TIMEOUT_S", 0.1)
+    store = await SqliteTaskStore.open(tmp_path)
+    await store.create(new_task("t1"))
+    outsider = sqlite3.connect(store.path, isolation_level=None)
+    try:
+        outsider.execute("BEGIN IMMEDIATE")  # holds the write lock
+        with pytest.raises(Unavailable) as caught:
+            await store.transition("t1", RUNNING)
+        assert caught.value.reason == "STORE_UNAVAILABLE"
+        assert (await store.get("t1")).state == QUEUED  # reads go on under WAL
+        outsider.execute("ROLLBACK")
+        assert (await store.transition("t1", RUNNING)).state == RUNNING
+    finally:
+        outsider.close()
+        await store.close()
