@@ -1,84 +1,133 @@
-"""KernelService: the clients' only entry point; brokers Generate and keeps the registry.
+"""KernelService: the clients' only entry point; it turns requests into tasks and keeps the
+registry of services.
 
-Generate validates the request, picks a serving runtime from the registry and relays its
-stream. The client's deadline bounds the downstream call (the time remaining is passed on),
-and a client cancel cancels the downstream call, which drops the sequence in the runtime.
-A runtime that dies mid-stream ends the client's stream with UNAVAILABLE at once.
-
-Task, trace and scheduling RPCs are part of the contract but not overridden here: the
-generated base class refuses them and the error interceptor answers UNIMPLEMENTED.
+Generate and Submit both go through the task runner (kernel/tasks.py): validation here,
+then admission by the scheduler, the request pipeline, the runtime, and the task store.
+The client's deadline bounds the task (and so every downstream call); a Generate client
+that disconnects cancels its task, which cancels the runtime call and frees its slot.
 """
 
 from __future__ import annotations
 
 import logging
-import uuid
+import time
 from collections.abc import AsyncIterator
 
 import grpc
 
 from llmos.kernel.registry import Registry
-from llmos.services.channels import outgoing_metadata
+from llmos.kernel.scheduler import Scheduler, SchedulerConfig
+from llmos.kernel.store import SqliteTaskStore, TaskRecord, TaskStore
+from llmos.kernel.tasks import TaskRunner
+from llmos.services.channels import TENANT_KEY, outgoing_metadata
 from llmos.services.config import Settings
-from llmos.services.errors import from_rpc_error
-from llmos.services.logs import task_id_var
+from llmos.services.errors import Unavailable, from_rpc_error
 from llmos.services.rpc_types import Context
 from llmos.services.validation import chat_messages, sampling_from
 from llmos.v1 import common_pb2, kernel_pb2, kernel_pb2_grpc, runtime_pb2, runtime_pb2_grpc
 
 log = logging.getLogger(__name__)
 
+DEFAULT_TENANT = "default"
+
+
+def tenant_of(context: Context) -> str:
+    """The calling tenant, from call metadata (authentication arrives with the policy work)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == TENANT_KEY and value:
+            return str(value)
+    return DEFAULT_TENANT
+
+
+def task_proto(record: TaskRecord) -> kernel_pb2.Task:
+    task = kernel_pb2.Task(
+        task_id=record.task_id,
+        tenant=record.tenant,
+        state=record.state,
+        model=record.model,
+        finish_reason=record.finish_reason,
+    )
+    task.created_at.FromNanoseconds(int(record.created_at * 1e9))
+    if record.finished_at is not None:
+        task.finished_at.FromNanoseconds(int(record.finished_at * 1e9))
+    if record.usage:
+        task.usage.ParseFromString(record.usage)
+    return task
+
 
 class KernelServicer(kernel_pb2_grpc.KernelServiceServicer):
-    def __init__(self, settings: Settings, registry: Registry) -> None:
+    def __init__(self, settings: Settings, registry: Registry, service: KernelService) -> None:
         self.settings = settings
         self.registry = registry
+        self.service = service
+
+    @property
+    def runner(self) -> TaskRunner:
+        if self.service.runner is None:
+            raise Unavailable("the kernel is still starting", reason="NOT_READY")
+        return self.service.runner
+
+    def _validate(self, request: kernel_pb2.GenerateRequest) -> None:
+        """Refuse bad input here, before anything is queued or stored."""
+        chat_messages(request.prompt, request.messages, self.settings.max_prompt_chars)
+        sampling_from(request.sampling, self.settings.default_max_tokens)
 
     async def Generate(
         self, request: kernel_pb2.GenerateRequest, context: Context
     ) -> AsyncIterator[kernel_pb2.GenerateResponse]:
-        # Refuse bad input here, before anything downstream is touched.
-        chat_messages(request.prompt, request.messages, self.settings.max_prompt_chars)
-        sampling_from(request.sampling, self.settings.default_max_tokens)
-        runtime = self.registry.pick(common_pb2.SERVICE_KIND_RUNTIME)
-        task_id = uuid.uuid4().hex
-        task_id_var.set(task_id)
-        stub = runtime_pb2_grpc.RuntimeServiceStub(runtime.channel)
-        call = stub.Generate(
-            runtime_pb2.RuntimeServiceGenerateRequest(
-                model=request.model,
-                prompt=request.prompt,
-                messages=request.messages,
-                sampling=request.sampling,
-                task_id=task_id,
-            ),
-            timeout=context.time_remaining(),
-            metadata=outgoing_metadata(x_llmos_task_id=task_id),
+        self._validate(request)
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        async for piece in self.runner.stream(request, tenant_of(context), deadline):
+            yield piece
+
+    async def Submit(
+        self, request: kernel_pb2.SubmitRequest, context: Context
+    ) -> kernel_pb2.SubmitResponse:
+        self._validate(request.request)
+        task_id = await self.runner.submit(request.request, tenant_of(context))
+        return kernel_pb2.SubmitResponse(task_id=task_id)
+
+    async def GetTask(
+        self, request: kernel_pb2.GetTaskRequest, context: Context
+    ) -> kernel_pb2.GetTaskResponse:
+        record = await self.runner.store.get(request.task_id)
+        return kernel_pb2.GetTaskResponse(task=task_proto(record), output=record.output)
+
+    async def WatchTask(
+        self, request: kernel_pb2.WatchTaskRequest, context: Context
+    ) -> AsyncIterator[kernel_pb2.WatchTaskResponse]:
+        async for event in self.runner.watch(request.task_id, request.offset):
+            yield event
+
+    async def ListTasks(
+        self, request: kernel_pb2.ListTasksRequest, context: Context
+    ) -> kernel_pb2.ListTasksResponse:
+        records, next_token = await self.runner.store.list(
+            tenant=request.tenant or None,
+            state=request.state or None,
+            page_size=request.page_size or 50,
+            page_token=request.page_token,
         )
-        log.info("task started on %s", runtime.info.name)
-        try:
-            first = True
-            async for piece in call:
-                response = kernel_pb2.GenerateResponse(
-                    text=piece.text,
-                    token_ids=piece.token_ids,
-                    finish_reason=piece.finish_reason,
-                    model=piece.model,
-                )
-                if piece.HasField("usage"):
-                    response.usage.CopyFrom(piece.usage)
-                if first:
-                    response.task_id = task_id
-                    first = False
-                yield response
-        except grpc.aio.AioRpcError as error:
-            raise from_rpc_error(
-                error, f"Generate on {runtime.info.name} at {runtime.info.address}"
-            ) from error
-        finally:
-            # Reached on success too (no-op then); on a client cancel or deadline this is
-            # what reaches the runtime and frees its slot.
-            call.cancel()
+        return kernel_pb2.ListTasksResponse(
+            tasks=[task_proto(r) for r in records], next_page_token=next_token
+        )
+
+    async def CancelTask(
+        self, request: kernel_pb2.CancelTaskRequest, context: Context
+    ) -> kernel_pb2.CancelTaskResponse:
+        record = await self.runner.cancel(request.task_id)
+        return kernel_pb2.CancelTaskResponse(state=record.state)
+
+    async def GetTrace(
+        self, request: kernel_pb2.GetTraceRequest, context: Context
+    ) -> kernel_pb2.GetTraceResponse:
+        await self.runner.store.get(request.task_id)  # NOT_FOUND for an unknown id
+        steps = [
+            common_pb2.TraceStep.FromString(raw)
+            for raw in await self.runner.store.trace(request.task_id)
+        ]
+        return kernel_pb2.GetTraceResponse(task_id=request.task_id, steps=steps)
 
     async def ListModels(
         self, request: kernel_pb2.ListModelsRequest, context: Context
@@ -116,14 +165,16 @@ class KernelServicer(kernel_pb2_grpc.KernelServiceServicer):
 
 
 class KernelService:
-    """The kernel process: ready at once; the registry fills as services register."""
+    """The kernel process: ready once its task store is open and recovered."""
 
     kind = common_pb2.SERVICE_KIND_KERNEL
 
     def __init__(self, settings: Settings) -> None:
+        self.settings = settings
         self.registry = Registry(settings.lease_s, settings.max_message_bytes)
-        # RPCs not built yet are left to the generated base: they answer UNIMPLEMENTED.
-        self.servicer = KernelServicer(settings, self.registry)  # type: ignore[abstract]
+        self.servicer = KernelServicer(settings, self.registry, self)
+        self.store: TaskStore | None = None
+        self.runner: TaskRunner | None = None
 
     def add_to_server(self, server: grpc.aio.Server) -> list[str]:
         kernel_pb2_grpc.add_KernelServiceServicer_to_server(self.servicer, server)
@@ -131,6 +182,19 @@ class KernelService:
 
     async def start(self) -> None:
         self.registry.start()
+        self.store = await SqliteTaskStore.open(self.settings.data_dir)
+        scheduler = Scheduler(
+            SchedulerConfig(
+                aging_s=self.settings.kernel_aging_s,
+                service_limits={"runtime": self.settings.kernel_runtime_concurrency},
+            )
+        )
+        self.runner = TaskRunner(self.registry, self.store, scheduler)
+        await self.runner.start()
 
     async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.close()
+        if self.store is not None:
+            await self.store.close()
         await self.registry.close()

@@ -16,6 +16,7 @@ import grpc
 from llmos.services.logs import request_id_var
 
 REQUEST_ID_KEY = "x-request-id"
+TENANT_KEY = "x-llmos-tenant"
 
 RETRY_SERVICE_CONFIG = {
     "methodConfig": [

@@ -53,6 +53,10 @@ class Settings:
     # Requests whose prompt (all messages together) is longer are refused.
     max_prompt_chars: int = 32_000
     max_message_bytes: int = 16 * 1024 * 1024
+    # Kernel scheduling: tasks dispatched to runtimes at once (the rest queue by priority
+    # class and tenant), and seconds a queued task waits before rising one priority class.
+    kernel_runtime_concurrency: int = 64
+    kernel_aging_s: float = 5.0
     # Requests a runtime queues per model before refusing with RESOURCE_EXHAUSTED.
     runtime_max_queued: int = 64
     # Sequences a runtime decodes together in one step (its continuous batch).

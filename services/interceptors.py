@@ -39,7 +39,6 @@ def _request_id(details: grpc.HandlerCallDetails) -> str:
 
 # Which work item builds each service's missing RPCs (see the issues).
 PLANNED_IN = {
-    "llmos.v1.KernelService": "the kernel work item (tasks, traces, scheduling)",
     "llmos.v1.SafetyService": "the safety work item",
     "llmos.v1.PrivacyService": "the privacy work item",
     "llmos.v1.ExplainService": "the explain work item",

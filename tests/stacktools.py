@@ -95,7 +95,19 @@ class Stack:
         pytest.fail(f"stack not healthy after {timeout_s}s; see {self.log_path}")
 
 
-def start_stack(data_dir: Path, log_path: Path, *extra: str) -> Stack:
+def stack_data_dir(model_data_dir: Path, parent: Path) -> Path:
+    """A data directory of its own (each kernel locks its task store) that shares the
+    converted models, so no stack converts them again."""
+    data_dir = parent / "data"
+    data_dir.mkdir(exist_ok=True)
+    models = data_dir / "models"
+    if not models.exists():
+        models.symlink_to((model_data_dir / "models").resolve(), target_is_directory=True)
+    return data_dir
+
+
+def start_stack(model_data_dir: Path, log_path: Path, *extra: str) -> Stack:
+    data_dir = stack_data_dir(model_data_dir, log_path.parent)
     port = free_port_block(STACK_SIZE)
     env = {**os.environ, "LLMOS_LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1"}
     with log_path.open("wb") as log:

@@ -1,0 +1,378 @@
+"""Tasks: every request the kernel accepts, from admission to its recorded end.
+
+Both entry points make a task. `Submit` returns its id at once and the work runs on
+without the client; `Generate` makes one too and streams it live, and a client that
+disconnects cancels it. The path of a task:
+
+1. admit — the scheduler takes a ticket (priority class, tenant, deadline) or refuses at
+   once with RESOURCE_EXHAUSTED and a retry-after hint; the task is stored QUEUED;
+2. dispatch — the dispatch loop asks the scheduler for the next ticket whenever work
+   arrives or a slot frees; tickets whose deadline passed while queued are dropped before
+   dispatch and the task FAILS with that reason;
+3. run — RUNNING; the before-model stages (safety:input, privacy:redact), the runtime's
+   streamed Generate (the remaining deadline bounds it; cancelling the task cancels the
+   call, which frees the runtime's batch slot), the after-model stages, then record:
+   SUCCEEDED with usage, or FAILED / CANCELLED with the reason in the trace.
+
+Every step appends a TraceStep. State and text go to the task store, so `WatchTask`
+replays a task from any offset and a kernel restart loses nothing: on start, tasks that
+were QUEUED or interrupted RUNNING are admitted again (`TaskStore.recover`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from llmos.kernel.registry import Registry
+from llmos.kernel.scheduler import Priority, Scheduler, Ticket
+from llmos.kernel.stages import ServiceStage, StageContext, after_model, before_model
+from llmos.kernel.store import TaskRecord, TaskStore
+from llmos.services.channels import outgoing_metadata
+from llmos.services.errors import DeadlineExceeded, LlmosError, from_rpc_error
+from llmos.services.logs import task_id_var
+from llmos.v1 import common_pb2, kernel_pb2, runtime_pb2, runtime_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+RUNTIME = "runtime"
+STREAM_END = None
+
+
+@dataclasses.dataclass
+class Running:
+    """A dispatched task: its asyncio task and the live listener of a Generate call."""
+
+    task: asyncio.Task[None] | None = None
+    listener: asyncio.Queue[kernel_pb2.GenerateResponse | None] | None = None
+    deadline: float | None = None
+    # Why it failed, kept whole (status code, reason) for the streaming client.
+    error: LlmosError | None = None
+
+
+def _timestamp() -> Timestamp:
+    stamp = Timestamp()
+    stamp.GetCurrentTime()
+    return stamp
+
+
+def _duration(seconds: float) -> Duration:
+    duration = Duration()
+    duration.FromNanoseconds(int(seconds * 1e9))
+    return duration
+
+
+class TaskRunner:
+    """Admits, dispatches, runs and records tasks."""
+
+    def __init__(self, registry: Registry, store: TaskStore, scheduler: Scheduler) -> None:
+        self.registry = registry
+        self.store = store
+        self.scheduler = scheduler
+        self._live: dict[str, Running] = {}
+        self._wakeup = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        report = await self.store.recover()
+        for task_id in report.queued:
+            record = await self.store.get(task_id)
+            self._admit(record, deadline=None)
+        if report.queued or report.failed:
+            log.info(
+                "recovered tasks: %d queued again, %d failed after repeated interruption",
+                len(report.queued),
+                len(report.failed),
+            )
+        self._loop_task = asyncio.create_task(self._dispatch_forever(), name="dispatch")
+
+    async def close(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        for running in list(self._live.values()):
+            if running.task is not None:
+                running.task.cancel()
+        await asyncio.gather(
+            *(r.task for r in self._live.values() if r.task is not None), return_exceptions=True
+        )
+
+    # -- entry points -----------------------------------------------------------------
+
+    async def submit(
+        self, request: kernel_pb2.GenerateRequest, tenant: str, deadline: float | None = None
+    ) -> str:
+        """Accept a task: admitted to the scheduler and stored QUEUED, or refused at once."""
+        priority = Priority.from_proto(request.priority)
+        record = TaskRecord.queued(
+            uuid.uuid4().hex,
+            tenant=tenant,
+            model=request.model,
+            priority=common_pb2.Priority.ValueType(int(priority)),
+            request=request.SerializeToString(),
+            now=time.time(),
+        )
+        self._admit(record, deadline)  # refuses before anything is stored
+        try:
+            await self.store.create(record)
+        except BaseException:
+            self.scheduler.cancel(record.task_id)
+            self._live.pop(record.task_id, None)
+            raise
+        self._wakeup.set()
+        return record.task_id
+
+    async def stream(
+        self, request: kernel_pb2.GenerateRequest, tenant: str, deadline: float | None
+    ) -> AsyncIterator[kernel_pb2.GenerateResponse]:
+        """Generate: a task whose output is streamed live; leaving cancels it."""
+        listener: asyncio.Queue[kernel_pb2.GenerateResponse | None] = asyncio.Queue()
+        task_id = await self.submit(request, tenant, deadline)
+        running = self._live[task_id]
+        running.listener = listener
+        try:
+            yield kernel_pb2.GenerateResponse(task_id=task_id)
+            while (piece := await listener.get()) is not STREAM_END:
+                yield piece
+            if running.error is not None:
+                raise running.error
+            record = await self.store.get(task_id)
+            if record.state != common_pb2.TASK_STATE_SUCCEEDED:
+                raise DeadlineExceeded(
+                    f"task {task_id} ended {common_pb2.TaskState.Name(record.state)}: "
+                    f"{record.error}",
+                    reason="TASK_NOT_COMPLETED",
+                )
+        finally:
+            await self.cancel(task_id, quietly=True)
+
+    async def cancel(self, task_id: str, *, quietly: bool = False) -> TaskRecord:
+        """Cancel a queued or running task; a finished one is returned as it is."""
+        record = await self.store.get(task_id)
+        if record.finished:
+            return record
+        if self.scheduler.cancel(task_id):
+            self._live.pop(task_id, None)
+            return await self.store.transition(
+                task_id, common_pb2.TASK_STATE_CANCELLED, error="cancelled while queued"
+            )
+        running = self._live.get(task_id)
+        if running is not None and running.task is not None:
+            running.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, LlmosError):
+                await running.task
+        if not quietly:
+            log.info("task %s cancelled", task_id)
+        return await self.store.get(task_id)
+
+    async def watch(self, task_id: str, offset: int) -> AsyncIterator[kernel_pb2.WatchTaskResponse]:
+        """The task's events from `offset`, following it live until it ends."""
+        while True:
+            events = await self.store.events(task_id, offset)
+            for event in events:
+                yield kernel_pb2.WatchTaskResponse(
+                    offset=event.offset,
+                    state=event.state,
+                    text=event.text if event.kind == "text" else "",
+                    finish_reason=event.finish_reason,
+                )
+                offset = event.offset + 1
+            if not events and (await self.store.get(task_id)).finished:
+                return
+            if not events:
+                await asyncio.sleep(0.05)
+
+    # -- admission and dispatch ---------------------------------------------------------
+
+    def _admit(self, record: TaskRecord, deadline: float | None) -> None:
+        self.scheduler.admit(
+            Ticket(
+                task_id=record.task_id,
+                tenant=record.tenant,
+                priority=Priority.from_proto(record.priority),
+                service=RUNTIME,
+                enqueued_at=time.monotonic(),
+                deadline=deadline,
+            ),
+            time.monotonic(),
+        )
+        self._live[record.task_id] = Running(deadline=deadline)
+
+    async def _dispatch_forever(self) -> None:
+        while True:
+            dispatch = self.scheduler.dispatch(time.monotonic())
+            for expired in dispatch.expired:
+                await self._end_unrun(expired.task_id, "its deadline passed while it was queued")
+            if dispatch.ticket is not None:
+                running = self._live.setdefault(dispatch.ticket.task_id, Running())
+                running.task = asyncio.create_task(
+                    self._run(dispatch.ticket, dispatch.effective), name=dispatch.ticket.task_id
+                )
+                continue
+            next_deadline = self.scheduler.next_deadline()
+            timeout = None if next_deadline is None else max(0.0, next_deadline - time.monotonic())
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), timeout)
+
+    async def _end_unrun(self, task_id: str, why: str) -> None:
+        running = self._live.pop(task_id, None)
+        with contextlib.suppress(LlmosError):
+            await self.store.transition(task_id, common_pb2.TASK_STATE_FAILED, error=why)
+        if running is not None and running.listener is not None:
+            running.listener.put_nowait(STREAM_END)
+
+    # -- running one task -------------------------------------------------------------
+
+    async def _run(self, ticket: Ticket, effective: Priority | None) -> None:
+        task_id_var.set(ticket.task_id)
+        running = self._live[ticket.task_id]
+        record = await self.store.transition(ticket.task_id, common_pb2.TASK_STATE_RUNNING)
+        await self._trace(
+            ticket.task_id,
+            common_pb2.TraceStep(
+                stage="admit",
+                service="kernel",
+                started_at=_timestamp(),
+                duration=_duration(time.monotonic() - ticket.enqueued_at),
+                decision="dispatched",
+                reason="scheduled by priority class, tenant fair share and deadline",
+                evidence={
+                    "tenant": ticket.tenant,
+                    "priority": ticket.priority.label,
+                    "ran_as": (effective or ticket.priority).label,
+                },
+            ),
+        )
+        request = kernel_pb2.GenerateRequest.FromString(record.request)
+        try:
+            text = request.prompt or "\n".join(m.content for m in request.messages)
+            await self._stages(before_model(), ticket, text, running.deadline)
+            output, usage = await self._generate(ticket, request, running)
+            await self._stages(after_model(), ticket, output, running.deadline)
+            await self.store.transition(
+                ticket.task_id,
+                common_pb2.TASK_STATE_SUCCEEDED,
+                finish_reason=usage.finish_reason,
+                usage=usage.usage.SerializeToString(),
+            )
+            await self._record(ticket.task_id, "succeeded")
+        except asyncio.CancelledError:
+            await asyncio.shield(
+                self._finish(ticket.task_id, common_pb2.TASK_STATE_CANCELLED, "cancelled")
+            )
+            raise
+        except LlmosError as error:
+            running.error = error
+            await self._finish(
+                ticket.task_id, common_pb2.TASK_STATE_FAILED, f"{error.reason}: {error.message}"
+            )
+        except Exception as error:  # recorded, never lost; the kernel keeps serving
+            log.exception("task failed unexpectedly")
+            await self._finish(ticket.task_id, common_pb2.TASK_STATE_FAILED, repr(error))
+        finally:
+            self.scheduler.release(ticket.task_id)
+            self._live.pop(ticket.task_id, None)
+            if running.listener is not None:
+                running.listener.put_nowait(STREAM_END)
+            self._wakeup.set()
+
+    async def _finish(self, task_id: str, state: common_pb2.TaskState.ValueType, why: str) -> None:
+        with contextlib.suppress(LlmosError):
+            await self.store.transition(task_id, state, error=why)
+        await self._record(
+            task_id, common_pb2.TaskState.Name(state).removeprefix("TASK_STATE_").lower(), why
+        )
+
+    async def _stages(
+        self, stages: tuple[ServiceStage, ...], ticket: Ticket, text: str, deadline: float | None
+    ) -> None:
+        for stage in stages:
+            context = StageContext(ticket.task_id, ticket.tenant, text, deadline)
+            await self._trace(ticket.task_id, await stage.run(self.registry, context))
+
+    async def _generate(
+        self, ticket: Ticket, request: kernel_pb2.GenerateRequest, running: Running
+    ) -> tuple[str, runtime_pb2.RuntimeServiceGenerateResponse]:
+        runtime = self.registry.pick(common_pb2.SERVICE_KIND_RUNTIME)
+        started, clock = _timestamp(), time.monotonic()
+        timeout = None if running.deadline is None else max(0.001, running.deadline - clock)
+        call = runtime_pb2_grpc.RuntimeServiceStub(runtime.channel).Generate(
+            runtime_pb2.RuntimeServiceGenerateRequest(
+                model=request.model,
+                prompt=request.prompt,
+                messages=request.messages,
+                sampling=request.sampling,
+                task_id=ticket.task_id,
+            ),
+            timeout=timeout,
+            metadata=outgoing_metadata(x_llmos_task_id=ticket.task_id),
+        )
+        pieces: list[str] = []
+        last = runtime_pb2.RuntimeServiceGenerateResponse()
+        step = common_pb2.TraceStep(
+            stage="runtime:generate", service=runtime.info.name, started_at=started
+        )
+        try:
+            async for piece in call:
+                last = piece
+                if piece.text:
+                    pieces.append(piece.text)
+                    await self.store.append_text(ticket.task_id, piece.text)
+                if running.listener is not None:
+                    running.listener.put_nowait(_to_client(piece))
+        except grpc.aio.AioRpcError as error:
+            step.decision, step.reason = "failed", f"{error.code().name}: {error.details()}"
+            step.duration.CopyFrom(_duration(time.monotonic() - clock))
+            await self._trace(ticket.task_id, step)
+            raise from_rpc_error(
+                error, f"Generate on {runtime.info.name} at {runtime.info.address}"
+            ) from error
+        finally:
+            call.cancel()  # a no-op when finished; on cancel it frees the runtime's slot
+        step.decision = "completed"
+        step.reason = common_pb2.FinishReason.Name(last.finish_reason)
+        step.evidence["completion_tokens"] = str(last.usage.completion_tokens)
+        step.evidence["prompt_tokens"] = str(last.usage.prompt_tokens)
+        step.duration.CopyFrom(_duration(time.monotonic() - clock))
+        await self._trace(ticket.task_id, step)
+        return "".join(pieces), last
+
+    async def _record(self, task_id: str, outcome: str, why: str = "") -> None:
+        await self._trace(
+            task_id,
+            common_pb2.TraceStep(
+                stage="record",
+                service="kernel",
+                started_at=_timestamp(),
+                decision=outcome,
+                reason=why,
+            ),
+        )
+
+    async def _trace(self, task_id: str, step: common_pb2.TraceStep) -> None:
+        await asyncio.shield(self.store.add_trace_step(task_id, step.SerializeToString()))
+
+
+def _to_client(piece: runtime_pb2.RuntimeServiceGenerateResponse) -> kernel_pb2.GenerateResponse:
+    response = kernel_pb2.GenerateResponse(
+        text=piece.text,
+        token_ids=piece.token_ids,
+        finish_reason=piece.finish_reason,
+        model=piece.model,
+    )
+    if piece.HasField("usage"):
+        response.usage.CopyFrom(piece.usage)
+    return response
