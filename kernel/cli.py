@@ -277,6 +277,88 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return asyncio.run(_chat(_settings(args), args))
 
 
+STATE_NAMES = {v: n.removeprefix("TASK_STATE_") for n, v in common_pb2.TaskState.items()}
+PRIORITIES = {"interactive": 1, "normal": 2, "batch": 3}
+
+
+async def _submit(settings: Settings, args: argparse.Namespace) -> int:
+    request = kernel_pb2.GenerateRequest(
+        prompt=args.prompt,
+        model=args.model_name or "",
+        sampling=_sampling(args),
+        priority=PRIORITIES[args.priority],  # type: ignore[arg-type]
+    )
+    async with open_channel(settings.kernel_target) as channel:
+        try:
+            reply = await kernel_pb2_grpc.KernelServiceStub(channel).Submit(
+                kernel_pb2.SubmitRequest(request=request), timeout=30
+            )
+        except grpc.aio.AioRpcError as error:
+            return _fail(error)
+    print(reply.task_id)
+    return 0
+
+
+async def _tasks(settings: Settings, args: argparse.Namespace) -> int:
+    state = common_pb2.TaskState.Value(f"TASK_STATE_{(args.state or 'unspecified').upper()}")
+    async with open_channel(settings.kernel_target) as channel:
+        try:
+            reply = await kernel_pb2_grpc.KernelServiceStub(channel).ListTasks(
+                kernel_pb2.ListTasksRequest(
+                    tenant=args.tenant or "", state=state, page_size=args.limit
+                ),
+                timeout=10,
+            )
+        except grpc.aio.AioRpcError as error:
+            return _fail(error)
+    print(f"{'TASK':<34} {'TENANT':<10} {'STATE':<10} {'TOKENS':>6}  CREATED")
+    for task in reply.tasks:
+        created = task.created_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
+        print(
+            f"{task.task_id:<34} {task.tenant:<10} {STATE_NAMES.get(task.state, '?'):<10} "
+            f"{task.usage.completion_tokens:>6}  {created}"
+        )
+    return 0
+
+
+async def _trace(settings: Settings, args: argparse.Namespace) -> int:
+    async with open_channel(settings.kernel_target) as channel:
+        stub = kernel_pb2_grpc.KernelServiceStub(channel)
+        try:
+            task = (
+                await stub.GetTask(kernel_pb2.GetTaskRequest(task_id=args.task_id), timeout=10)
+            ).task
+            trace = await stub.GetTrace(
+                kernel_pb2.GetTraceRequest(task_id=args.task_id), timeout=10
+            )
+        except grpc.aio.AioRpcError as error:
+            return _fail(error)
+    print(f"task {task.task_id}  [{STATE_NAMES.get(task.state, '?')}]  tenant {task.tenant}")
+    for index, step in enumerate(trace.steps):
+        branch = "└─" if index == len(trace.steps) - 1 else "├─"
+        millis = step.duration.ToTimedelta().total_seconds() * 1000
+        service = f" @{step.service}" if step.service else ""
+        print(f"{branch} {step.stage}{service}: {step.decision} ({millis:.1f} ms)")
+        stem = "   " if index == len(trace.steps) - 1 else "│  "
+        if step.reason:
+            print(f"{stem}   {step.reason}")
+        for key, value in sorted(step.evidence.items()):
+            print(f"{stem}   {key} = {value}")
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    return asyncio.run(_submit(_settings(args), args))
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    return asyncio.run(_tasks(_settings(args), args))
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    return asyncio.run(_trace(_settings(args), args))
+
+
 def cmd_probe(args: argparse.Namespace) -> int:
     return asyncio.run(_probe(args.address, args.service, args.timeout))
 
@@ -342,6 +424,26 @@ def build_parser() -> argparse.ArgumentParser:
     _client(chat)
     chat.add_argument("--system", help="system prompt")
     chat.set_defaults(func=cmd_chat)
+
+    submit = commands.add_parser("submit", help="queue a task; prints its id at once")
+    submit.add_argument("prompt")
+    _client(submit)
+    submit.add_argument("--priority", choices=sorted(PRIORITIES), default="normal")
+    submit.set_defaults(func=cmd_submit)
+
+    tasks = commands.add_parser("tasks", help="list tasks, newest first")
+    _common(tasks)
+    tasks.add_argument("--tenant")
+    tasks.add_argument(
+        "--state", choices=[n.lower() for n in STATE_NAMES.values() if n != "UNSPECIFIED"]
+    )
+    tasks.add_argument("--limit", type=int, default=20)
+    tasks.set_defaults(func=cmd_tasks)
+
+    trace = commands.add_parser("trace", help="a task's trace as a tree")
+    trace.add_argument("task_id")
+    _common(trace)
+    trace.set_defaults(func=cmd_trace)
 
     probe = commands.add_parser("probe", help="grpc.health.v1 check, for container health checks")
     probe.add_argument("address")
