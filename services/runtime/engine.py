@@ -58,6 +58,19 @@ class LoadedModel:
         )
         return list(encoded["input_ids"])
 
+    def release(self) -> None:
+        """Free the weights now, even if something (a finished call's frame, a traceback)
+        still holds this object: unloading must return the memory, not hope for it."""
+        for module in self.model.modules():
+            for name, param in list(module._parameters.items()):
+                if param is not None:
+                    module._parameters[name] = torch.nn.Parameter(
+                        torch.empty(0), requires_grad=False
+                    )
+            for name, buffer in list(module._buffers.items()):
+                if buffer is not None:
+                    module._buffers[name] = torch.empty(0)
+
     def decode(self, token_ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
 

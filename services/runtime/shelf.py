@@ -140,6 +140,8 @@ class Shelf:
         elif key in self.engines:
             engine = self.engines.pop(key)
             await asyncio.to_thread(engine.close)
+            engine.loaded.release()
+            engine.cache.release()
             del engine
         else:
             loaded = sorted(self.engines) + ([MINILM.name] if self.embedder else [])
