@@ -19,12 +19,11 @@ import time
 from collections.abc import Awaitable, Callable
 
 import grpc
-from google.protobuf.duration_pb2 import Duration
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from llmos.kernel.registry import Registry
 from llmos.services.channels import outgoing_metadata
 from llmos.services.errors import LlmosError, Unavailable
+from llmos.services.timing import now_timestamp, since
 from llmos.v1 import (
     common_pb2,
     privacy_pb2,
@@ -90,8 +89,7 @@ class ServiceStage:
 
     async def run(self, registry: Registry, ctx: StageContext) -> common_pb2.TraceStep:
         """Run the stage; raise Unavailable when it must fail closed."""
-        started, clock = Timestamp(), time.monotonic()
-        started.GetCurrentTime()
+        started, clock = now_timestamp(), time.monotonic()
         step = common_pb2.TraceStep(stage=self.name, started_at=started)
         try:
             entry = registry.pick(self.kind)
@@ -113,7 +111,7 @@ class ServiceStage:
                 ) from error
         except Unavailable as error:
             self._fail(step, error.message)
-        step.duration.CopyFrom(_since(clock))
+        step.duration.CopyFrom(since(clock))
         return step
 
     def _fail(self, step: common_pb2.TraceStep, why: str) -> None:
@@ -125,12 +123,6 @@ class ServiceStage:
                 metadata={"stage": self.name},
             )
         step.decision, step.reason = "failed_open", f"service down, policy allows: {why}"
-
-
-def _since(clock: float) -> Duration:
-    duration = Duration()
-    duration.FromNanoseconds(int((time.monotonic() - clock) * 1e9))
-    return duration
 
 
 def before_model() -> tuple[ServiceStage, ...]:

@@ -30,8 +30,6 @@ import uuid
 from collections.abc import AsyncIterator
 
 import grpc
-from google.protobuf.duration_pb2 import Duration
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from llmos.kernel.registry import Registry
 from llmos.kernel.scheduler import Priority, Scheduler, Ticket
@@ -40,6 +38,7 @@ from llmos.kernel.store import TaskRecord, TaskStore
 from llmos.services.channels import outgoing_metadata
 from llmos.services.errors import DeadlineExceeded, LlmosError, from_rpc_error
 from llmos.services.logs import task_id_var
+from llmos.services.timing import duration, now_timestamp, since
 from llmos.v1 import common_pb2, kernel_pb2, runtime_pb2, runtime_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -57,18 +56,6 @@ class Running:
     deadline: float | None = None
     # Why it failed, kept whole (status code, reason) for the streaming client.
     error: LlmosError | None = None
-
-
-def _timestamp() -> Timestamp:
-    stamp = Timestamp()
-    stamp.GetCurrentTime()
-    return stamp
-
-
-def _duration(seconds: float) -> Duration:
-    duration = Duration()
-    duration.FromNanoseconds(int(seconds * 1e9))
-    return duration
 
 
 class TaskRunner:
@@ -245,8 +232,8 @@ class TaskRunner:
             common_pb2.TraceStep(
                 stage="admit",
                 service="kernel",
-                started_at=_timestamp(),
-                duration=_duration(time.monotonic() - ticket.enqueued_at),
+                started_at=now_timestamp(),
+                duration=duration(time.monotonic() - ticket.enqueued_at),
                 decision="dispatched",
                 reason="scheduled by priority class, tenant fair share and deadline",
                 evidence={
@@ -307,7 +294,7 @@ class TaskRunner:
         self, ticket: Ticket, request: kernel_pb2.GenerateRequest, running: Running
     ) -> tuple[str, runtime_pb2.RuntimeServiceGenerateResponse]:
         runtime = self.registry.pick(common_pb2.SERVICE_KIND_RUNTIME)
-        started, clock = _timestamp(), time.monotonic()
+        started, clock = now_timestamp(), time.monotonic()
         timeout = None if running.deadline is None else max(0.001, running.deadline - clock)
         call = runtime_pb2_grpc.RuntimeServiceStub(runtime.channel).Generate(
             runtime_pb2.RuntimeServiceGenerateRequest(
@@ -335,7 +322,7 @@ class TaskRunner:
                     running.listener.put_nowait(_to_client(piece))
         except grpc.aio.AioRpcError as error:
             step.decision, step.reason = "failed", f"{error.code().name}: {error.details()}"
-            step.duration.CopyFrom(_duration(time.monotonic() - clock))
+            step.duration.CopyFrom(since(clock))
             await self._trace(ticket.task_id, step)
             raise from_rpc_error(
                 error, f"Generate on {runtime.info.name} at {runtime.info.address}"
@@ -346,7 +333,7 @@ class TaskRunner:
         step.reason = common_pb2.FinishReason.Name(last.finish_reason)
         step.evidence["completion_tokens"] = str(last.usage.completion_tokens)
         step.evidence["prompt_tokens"] = str(last.usage.prompt_tokens)
-        step.duration.CopyFrom(_duration(time.monotonic() - clock))
+        step.duration.CopyFrom(since(clock))
         await self._trace(ticket.task_id, step)
         return "".join(pieces), last
 
@@ -356,7 +343,7 @@ class TaskRunner:
             common_pb2.TraceStep(
                 stage="record",
                 service="kernel",
-                started_at=_timestamp(),
+                started_at=now_timestamp(),
                 decision=outcome,
                 reason=why,
             ),

@@ -14,7 +14,6 @@ import logging
 from collections.abc import AsyncIterator
 
 import grpc
-from google.protobuf.duration_pb2 import Duration
 
 from llmos.services.config import Settings
 from llmos.services.errors import InvalidArgument, LlmosError
@@ -23,16 +22,11 @@ from llmos.services.rpc_types import Context
 from llmos.services.runtime.scoring import score
 from llmos.services.runtime.sequences import Event
 from llmos.services.runtime.shelf import Shelf
+from llmos.services.timing import duration
 from llmos.services.validation import chat_messages, sampling_from
 from llmos.v1 import common_pb2, runtime_pb2, runtime_pb2_grpc
 
 log = logging.getLogger(__name__)
-
-
-def _duration(seconds: float) -> Duration:
-    duration = Duration()
-    duration.FromNanoseconds(int(seconds * 1e9))
-    return duration
 
 
 def _response(event: Event) -> runtime_pb2.RuntimeServiceGenerateResponse:
@@ -45,8 +39,8 @@ def _response(event: Event) -> runtime_pb2.RuntimeServiceGenerateResponse:
             common_pb2.Usage(
                 prompt_tokens=event.prompt_tokens,
                 completion_tokens=event.completion_tokens,
-                queue_time=_duration(event.queue_time_s),
-                time_to_first_token=_duration(event.time_to_first_token_s),
+                queue_time=duration(event.queue_time_s),
+                time_to_first_token=duration(event.time_to_first_token_s),
             )
         )
     return response

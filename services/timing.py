@@ -1,0 +1,26 @@
+"""Protobuf time values for usage figures and trace steps, made in one place."""
+
+from __future__ import annotations
+
+import time
+
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
+
+def now_timestamp() -> Timestamp:
+    """The wall-clock time now, for a trace step's start."""
+    stamp = Timestamp()
+    stamp.GetCurrentTime()
+    return stamp
+
+
+def duration(seconds: float) -> Duration:
+    value = Duration()
+    value.FromNanoseconds(int(seconds * 1e9))
+    return value
+
+
+def since(monotonic_start: float) -> Duration:
+    """Time elapsed since a time.monotonic() reading."""
+    return duration(time.monotonic() - monotonic_start)
