@@ -291,7 +291,7 @@ async def _submit(settings: Settings, args: argparse.Namespace) -> int:
     async with open_channel(settings.kernel_target) as channel:
         try:
             reply = await kernel_pb2_grpc.KernelServiceStub(channel).Submit(
-                kernel_pb2.SubmitRequest(request=request), timeout=30
+                kernel_pb2.SubmitRequest(request=request), timeout=args.timeout or 30
             )
         except grpc.aio.AioRpcError as error:
             return _fail(error)

@@ -117,6 +117,10 @@ class Registry:
     def services(self) -> list[kernel_pb2.ServiceInfo]:
         return [entry.info for entry in sorted(self._entries.values(), key=lambda e: e.info.name)]
 
+    def serving(self, kind: common_pb2.ServiceKind.ValueType) -> bool:
+        """Whether any instance of `kind` is registered and SERVING."""
+        return any(e.info.kind == kind and e.serving for e in self._entries.values())
+
     def pick(self, kind: common_pb2.ServiceKind.ValueType) -> Entry:
         """A serving instance of `kind` (round robin), or UNAVAILABLE saying what is wrong."""
         candidates = [e for e in self._entries.values() if e.info.kind == kind]

@@ -46,6 +46,7 @@ def task_proto(record: TaskRecord) -> kernel_pb2.Task:
         state=record.state,
         model=record.model,
         finish_reason=record.finish_reason,
+        error=record.error,
     )
     task.created_at.FromNanoseconds(int(record.created_at * 1e9))
     if record.finished_at is not None:

@@ -37,7 +37,7 @@ from llmos.kernel.stages import ServiceStage, StageContext, after_model, before_
 from llmos.kernel.store import TaskRecord, TaskStore
 from llmos.services.channels import outgoing_metadata
 from llmos.services.errors import DeadlineExceeded, LlmosError, from_rpc_error
-from llmos.services.logs import task_id_var
+from llmos.services.logs import request_id_var, task_id_var
 from llmos.services.timing import duration, now_timestamp, since
 from llmos.v1 import common_pb2, kernel_pb2, runtime_pb2, runtime_pb2_grpc
 
@@ -56,6 +56,8 @@ class Running:
     deadline: float | None = None
     # Why it failed, kept whole (status code, reason) for the streaming client.
     error: LlmosError | None = None
+    # The request id of the call that made the task, for the logs and downstream calls.
+    request_id: str = ""
 
 
 class TaskRunner:
@@ -68,23 +70,47 @@ class TaskRunner:
         self._live: dict[str, Running] = {}
         self._wakeup = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
+        self._recovery: asyncio.Task[None] | None = None
+        self._closing = False
 
     # -- lifecycle --------------------------------------------------------------------
 
     async def start(self) -> None:
         report = await self.store.recover()
-        for task_id in report.queued:
-            record = await self.store.get(task_id)
-            self._admit(record, deadline=None)
         if report.queued or report.failed:
             log.info(
-                "recovered tasks: %d queued again, %d failed after repeated interruption",
+                "recovered tasks: %d to run again, %d failed after repeated interruption",
                 len(report.queued),
                 len(report.failed),
             )
         self._loop_task = asyncio.create_task(self._dispatch_forever(), name="dispatch")
+        if report.queued:
+            self._recovery = asyncio.create_task(self._readmit(report.queued), name="recovery")
+
+    async def _readmit(self, task_ids: tuple[str, ...]) -> None:
+        """Admit recovered tasks once the services they need have registered again (after a
+        crash they re-register within a lease period); until then they wait, stored QUEUED."""
+        kinds = (
+            common_pb2.SERVICE_KIND_RUNTIME,
+            common_pb2.SERVICE_KIND_SAFETY,
+            common_pb2.SERVICE_KIND_PRIVACY,
+        )
+        # Polled twice a second, and only while recovering: not worth a notification path.
+        while not all(self.registry.serving(kind) for kind in kinds):  # noqa: ASYNC110
+            await asyncio.sleep(0.5)
+        for task_id in task_ids:
+            record = await self.store.get(task_id)
+            try:
+                self._admit(record, deadline=None)
+            except LlmosError as error:  # a full queue: stays QUEUED for the next start
+                log.warning("recovered task %s not admitted: %s", task_id, error.message)
+        self._wakeup.set()
 
     async def close(self) -> None:
+        """Stop dispatching; running tasks go back to QUEUED for the next start."""
+        self._closing = True
+        if self._recovery is not None:
+            self._recovery.cancel()
         if self._loop_task is not None:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -136,8 +162,13 @@ class TaskRunner:
             if running.error is not None:
                 raise running.error
             record = await self.store.get(task_id)
-            if record.state != common_pb2.TASK_STATE_SUCCEEDED:
-                raise DeadlineExceeded(
+            if record.state == common_pb2.TASK_STATE_CANCELLED:  # by CancelTask
+                yield kernel_pb2.GenerateResponse(
+                    task_id=task_id, finish_reason=common_pb2.FINISH_REASON_CANCELLED
+                )
+            elif record.state != common_pb2.TASK_STATE_SUCCEEDED:
+                failure = DeadlineExceeded if "deadline" in record.error else LlmosError
+                raise failure(
                     f"task {task_id} ended {common_pb2.TaskState.Name(record.state)}: "
                     f"{record.error}",
                     reason="TASK_NOT_COMPLETED",
@@ -151,10 +182,13 @@ class TaskRunner:
         if record.finished:
             return record
         if self.scheduler.cancel(task_id):
-            self._live.pop(task_id, None)
-            return await self.store.transition(
+            waiting = self._live.pop(task_id, None)
+            record = await self.store.transition(
                 task_id, common_pb2.TASK_STATE_CANCELLED, error="cancelled while queued"
             )
+            if waiting is not None and waiting.listener is not None:
+                waiting.listener.put_nowait(STREAM_END)
+            return record
         running = self._live.get(task_id)
         if running is not None and running.task is not None:
             running.task.cancel()
@@ -195,7 +229,7 @@ class TaskRunner:
             ),
             time.monotonic(),
         )
-        self._live[record.task_id] = Running(deadline=deadline)
+        self._live[record.task_id] = Running(deadline=deadline, request_id=request_id_var.get())
 
     async def _dispatch_forever(self) -> None:
         while True:
@@ -226,6 +260,7 @@ class TaskRunner:
     async def _run(self, ticket: Ticket, effective: Priority | None) -> None:
         task_id_var.set(ticket.task_id)
         running = self._live[ticket.task_id]
+        request_id_var.set(running.request_id)
         record = await self.store.transition(ticket.task_id, common_pb2.TASK_STATE_RUNNING)
         await self._trace(
             ticket.task_id,
@@ -257,9 +292,12 @@ class TaskRunner:
             )
             await self._record(ticket.task_id, "succeeded")
         except asyncio.CancelledError:
-            await asyncio.shield(
-                self._finish(ticket.task_id, common_pb2.TASK_STATE_CANCELLED, "cancelled")
-            )
+            if self._closing:  # a planned stop: run it again at the next start
+                await asyncio.shield(self._requeue(ticket.task_id))
+            else:
+                await asyncio.shield(
+                    self._finish(ticket.task_id, common_pb2.TASK_STATE_CANCELLED, "cancelled")
+                )
             raise
         except LlmosError as error:
             running.error = error
@@ -275,6 +313,13 @@ class TaskRunner:
             if running.listener is not None:
                 running.listener.put_nowait(STREAM_END)
             self._wakeup.set()
+
+    async def _requeue(self, task_id: str) -> None:
+        with contextlib.suppress(LlmosError):
+            await self.store.transition(
+                task_id, common_pb2.TASK_STATE_QUEUED, error="the kernel stopped; queued again"
+            )
+        await self._record(task_id, "requeued", "the kernel stopped while it ran")
 
     async def _finish(self, task_id: str, state: common_pb2.TaskState.ValueType, why: str) -> None:
         with contextlib.suppress(LlmosError):

@@ -2,7 +2,8 @@
 
 `contract` defines the records, events and rules every backend shares; `sqlite` is the
 embedded default (one file under the data directory). A Redis backend for several kernels
-implements the same contract and passes the same tests (tests/contract/test_task_store.py).
+(not built yet) must implement the same contract and pass the same tests
+(tests/contract/test_task_store.py).
 """
 
 from llmos.kernel.store.contract import (

@@ -50,7 +50,7 @@ REFUSED = common_pb2.TASK_STATE_REFUSED
 FINAL_STATES: frozenset[TaskState] = frozenset({SUCCEEDED, FAILED, CANCELLED, REFUSED})
 
 # Every legal move. RUNNING -> QUEUED is the re-queue of an interrupted attempt (a kernel
-# crash, a runtime that died mid-stream); it counts the attempt in `attempts`.
+# that crashed or stopped while it ran); it counts the attempt in `attempts`.
 TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
     QUEUED: frozenset({RUNNING, CANCELLED, REFUSED, FAILED}),
     RUNNING: frozenset({SUCCEEDED, FAILED, CANCELLED, QUEUED}),

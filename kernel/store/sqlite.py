@@ -26,7 +26,7 @@ Why it is built this way:
 - **One kernel per file.** `open` takes an exclusive `flock` on `tasks.sqlite3.lock`: two
   kernels on one embedded store would each `recover` the other's running tasks. The OS
   drops the lock when the holder dies, so a SIGKILLed kernel never blocks its successor.
-  Several kernels share work through the Redis backend instead.
+  Several kernels are to share work through a Redis backend (planned) instead.
 - **Forgetting is real.** `secure_delete` overwrites deleted rows, and `forget_tenant`
   checkpoints and truncates the WAL, so a forgotten tenant's prompts do not linger in free
   pages or old WAL frames.

@@ -153,7 +153,7 @@ Global___SubmitResponse: _TypeAlias = SubmitResponse  # noqa: Y015
 
 @_typing.final
 class Task(_message.Message):
-    """[#next-free-field: 9]"""
+    """[#next-free-field: 10]"""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -165,11 +165,14 @@ class Task(_message.Message):
     FINISHED_AT_FIELD_NUMBER: _builtins.int
     FINISH_REASON_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     tenant: _builtins.str
     state: _common_pb2.TaskState.ValueType
     model: _builtins.str
     finish_reason: _common_pb2.FinishReason.ValueType
+    error: _builtins.str
+    """Why the task failed, was cancelled or was queued again; empty otherwise."""
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -187,10 +190,11 @@ class Task(_message.Message):
         finished_at: _timestamp_pb2.Timestamp | None = ...,
         finish_reason: _common_pb2.FinishReason.ValueType = ...,
         usage: _common_pb2.Usage | None = ...,
+        error: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "finished_at", b"finished_at", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "finish_reason", b"finish_reason", "finished_at", b"finished_at", "model", b"model", "state", b"state", "task_id", b"task_id", "tenant", b"tenant", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "error", b"error", "finish_reason", b"finish_reason", "finished_at", b"finished_at", "model", b"model", "state", b"state", "task_id", b"task_id", "tenant", b"tenant", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
