@@ -100,6 +100,8 @@ class TaskRunner:
             await asyncio.sleep(0.5)
         for task_id in task_ids:
             record = await self.store.get(task_id)
+            if record.state != common_pb2.TASK_STATE_QUEUED:  # cancelled meanwhile
+                continue
             try:
                 self._admit(record, deadline=None)
             except LlmosError as error:  # a full queue: stays QUEUED for the next start
@@ -194,6 +196,11 @@ class TaskRunner:
             running.task.cancel()
             with contextlib.suppress(asyncio.CancelledError, LlmosError):
                 await running.task
+        elif record.state == common_pb2.TASK_STATE_QUEUED:
+            # Stored but not admitted yet: a recovered task waiting for the services.
+            return await self.store.transition(
+                task_id, common_pb2.TASK_STATE_CANCELLED, error="cancelled while queued"
+            )
         if not quietly:
             log.info("task %s cancelled", task_id)
         return await self.store.get(task_id)

@@ -70,6 +70,21 @@ class Stack:
             reply = self.kernel(channel).ListServices(kernel_pb2.ListServicesRequest(), timeout=5)
         return {service.name: service for service in reply.services}
 
+    def runtime_batch(self) -> int:
+        """Sequences in the runtime's running batch now (ListModels reports the engine)."""
+        with self.channel() as channel:
+            reply = self.kernel(channel).ListModels(kernel_pb2.ListModelsRequest(), timeout=10)
+        return sum(model.running_sequences + model.queued_sequences for model in reply.models)
+
+    def wait_runtime_idle(self, timeout_s: float = 5.0) -> float:
+        """Seconds until the runtime's batch is empty; fails the test after `timeout_s`."""
+        started = time.monotonic()
+        while self.runtime_batch():
+            if time.monotonic() - started > timeout_s:
+                pytest.fail(f"the runtime still runs sequences after {timeout_s}s")
+            time.sleep(0.05)
+        return time.monotonic() - started
+
     def llmos(
         self, *args: str, stdin: str | None = None, timeout: float = 120
     ) -> subprocess.CompletedProcess[str]:

@@ -63,7 +63,11 @@ class Shelf:
         self._loading = asyncio.Lock()
 
     def infos(self) -> list[common_pb2.ModelInfo]:
-        infos = [engine.loaded.info() for engine in self.engines.values()]
+        infos = []
+        for engine in self.engines.values():
+            info, stats = engine.loaded.info(), engine.stats()
+            info.running_sequences, info.queued_sequences = stats.running, stats.waiting
+            infos.append(info)
         if self.embedder is not None:
             infos.append(self.embedder.info())
         return infos

@@ -173,13 +173,7 @@ def test_cancel_a_running_task_frees_the_runtime(stack: Stack) -> None:
         )
     assert reply.state == common_pb2.TASK_STATE_CANCELLED
     assert get(stack, task_id).task.usage.completion_tokens == 0  # never completed
-    with stack.channel() as channel:
-        pieces = list(
-            stack.kernel(channel).Generate(
-                kernel_pb2.GenerateRequest(prompt="Hi", sampling=GREEDY), timeout=60
-            )
-        )
-    assert pieces[-1].usage.queue_time.ToTimedelta().total_seconds() < 1.0
+    stack.wait_runtime_idle(timeout_s=3)  # the runtime dropped the sequence
 
 
 def test_a_generate_client_that_leaves_cancels_its_task(stack: Stack) -> None:

@@ -376,7 +376,7 @@ Global___TraceStep: _TypeAlias = TraceStep  # noqa: Y015
 @_typing.final
 class ModelInfo(_message.Message):
     """Description of a model a runtime can serve.
-    [#next-free-field: 8]
+    [#next-free-field: 10]
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -388,6 +388,8 @@ class ModelInfo(_message.Message):
     WEIGHT_BYTES_FIELD_NUMBER: _builtins.int
     DTYPE_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
+    RUNNING_SEQUENCES_FIELD_NUMBER: _builtins.int
+    QUEUED_SEQUENCES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     loaded: _builtins.bool
     parameters: _builtins.int
@@ -396,6 +398,9 @@ class ModelInfo(_message.Message):
     """Bytes the loaded weights occupy."""
     dtype: _builtins.str
     source: _builtins.str
+    running_sequences: _builtins.int
+    """Sequences in the model's running batch, and waiting for a place in it, right now."""
+    queued_sequences: _builtins.int
     def __init__(
         self,
         *,
@@ -406,10 +411,12 @@ class ModelInfo(_message.Message):
         weight_bytes: _builtins.int = ...,
         dtype: _builtins.str = ...,
         source: _builtins.str = ...,
+        running_sequences: _builtins.int = ...,
+        queued_sequences: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_length", b"context_length", "dtype", b"dtype", "loaded", b"loaded", "name", b"name", "parameters", b"parameters", "source", b"source", "weight_bytes", b"weight_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_length", b"context_length", "dtype", b"dtype", "loaded", b"loaded", "name", b"name", "parameters", b"parameters", "queued_sequences", b"queued_sequences", "running_sequences", b"running_sequences", "source", b"source", "weight_bytes", b"weight_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
