@@ -17,15 +17,12 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmos import __version__
+from llmos.kernel.registry import HEALTH_NAMES, KIND_NAMES
 from llmos.services.channels import open_channel
 from llmos.services.config import Settings, load_settings
 from llmos.services.errors import LlmosError, error_info
 from llmos.services.logs import configure_logging
 from llmos.v1 import common_pb2, kernel_pb2, kernel_pb2_grpc
-
-HEALTH_NAMES = {
-    value: name.removeprefix("SERVICE_HEALTH_") for name, value in common_pb2.ServiceHealth.items()
-}
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -143,10 +140,7 @@ async def _status(settings: Settings, as_json: bool) -> int:
         (s.name, s.address, str(s.pid), HEALTH_NAMES.get(s.health, "UNSPECIFIED"))
         for s in reply.services
     ]
-    registered = {
-        common_pb2.ServiceKind.Name(s.kind).removeprefix("SERVICE_KIND_").lower()
-        for s in reply.services
-    }
+    registered = {KIND_NAMES.get(s.kind, "?") for s in reply.services}
     missing = [kind for kind in settings.expected_services if kind not in registered]
     rows += [(kind, "-", "-", "MISSING") for kind in missing]
     healthy = all(row[3] == "SERVING" for row in rows)

@@ -34,6 +34,9 @@ KIND_NAMES = {
     value: name.removeprefix("SERVICE_KIND_").lower()
     for name, value in common_pb2.ServiceKind.items()
 }
+HEALTH_NAMES = {
+    value: name.removeprefix("SERVICE_HEALTH_") for name, value in common_pb2.ServiceHealth.items()
+}
 
 
 @dataclasses.dataclass
@@ -128,8 +131,7 @@ class Registry:
         if not serving:
             kind_name = KIND_NAMES.get(kind, "service")
             seen = ", ".join(
-                f"{e.info.name}@{e.info.address} is "
-                f"{common_pb2.ServiceHealth.Name(e.info.health).removeprefix('SERVICE_HEALTH_')}"
+                f"{e.info.name}@{e.info.address} is {HEALTH_NAMES[e.info.health]}"
                 for e in candidates
             )
             raise Unavailable(
@@ -176,7 +178,7 @@ class Registry:
             log.info(
                 "%s is now %s",
                 entry.info.name,
-                common_pb2.ServiceHealth.Name(health).removeprefix("SERVICE_HEALTH_"),
+                HEALTH_NAMES[health],
             )
             entry.info.health = health
 

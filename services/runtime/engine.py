@@ -232,16 +232,17 @@ class Engine:
             widest = max(widest, handle.footprint)
             self._waiting.popleft()
             self._reserved += handle.footprint
-            admitted.append(Running(handle, self.loaded.decode, self.loaded.eos_token_ids))
+            admitted.append(self._running_state(handle))
         return admitted
+
+    def _running_state(self, handle: SequenceHandle) -> Running:
+        return Running(handle, self.loaded.decode, self.loaded.eos_token_ids)
 
     def _purge_cancelled_waiting(self) -> None:
         """End queued requests whose caller gave up; they free their queue place at once."""
         for handle in [h for h in self._waiting if h.cancelled]:
             self._waiting.remove(handle)
-            Running(handle, self.loaded.decode, self.loaded.eos_token_ids).finish(
-                common_pb2.FINISH_REASON_CANCELLED
-            )
+            self._running_state(handle).finish(common_pb2.FINISH_REASON_CANCELLED)
 
     @torch.inference_mode()
     def _iterate(self, admitted: list[Running]) -> None:
@@ -356,9 +357,7 @@ class Engine:
         for running in self._running:
             running.finish(common_pb2.FINISH_REASON_CANCELLED)
         for handle in self._waiting:
-            Running(handle, self.loaded.decode, self.loaded.eos_token_ids).finish(
-                common_pb2.FINISH_REASON_CANCELLED
-            )
+            self._running_state(handle).finish(common_pb2.FINISH_REASON_CANCELLED)
         self._running.clear()
         self._waiting.clear()
         self._reserved = 0
