@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17llmos/v1/hardware.proto\x12\x08llmos.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"Z\n\x08\x43puStats\x12\x0f\n\x07percent\x18\x01 \x01(\x02\x12\x18\n\x10per_core_percent\x18\x02 \x03(\x02\x12\x14\n\x0cload_average\x18\x03 \x03(\x02\x12\r\n\x05\x63ores\x18\x04 \x01(\x05\";\n\x0bMemoryStats\x12\x13\n\x0btotal_bytes\x18\x01 \x01(\x03\x12\x17\n\x0f\x61vailable_bytes\x18\x02 \x01(\x03\"\xc8\x01\n\x08GpuStats\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x1a\n\x12memory_total_bytes\x18\x03 \x01(\x03\x12\x19\n\x11memory_used_bytes\x18\x04 \x01(\x03\x12\x19\n\x11memory_free_bytes\x18\x05 \x01(\x03\x12\x1b\n\x13utilization_percent\x18\x06 \x01(\x02\x12\x1b\n\x13temperature_celsius\x18\x07 \x01(\x02\x12\x13\n\x0bpower_watts\x18\x08 \x01(\x02\"T\n\x0cProcessStats\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\x05\x12\x11\n\trss_bytes\x18\x03 \x01(\x03\x12\x13\n\x0b\x63pu_percent\x18\x04 \x01(\x02\"\xf5\x01\n\x10HardwareSnapshot\x12,\n\x08taken_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1f\n\x03\x63pu\x18\x02 \x01(\x0b\x32\x12.llmos.v1.CpuStats\x12%\n\x06memory\x18\x03 \x01(\x0b\x32\x15.llmos.v1.MemoryStats\x12 \n\x04gpus\x18\x04 \x03(\x0b\x32\x12.llmos.v1.GpuStats\x12\x1e\n\x16gpu_unavailable_reason\x18\x05 \x01(\t\x12)\n\tprocesses\x18\x06 \x03(\x0b\x32\x16.llmos.v1.ProcessStats\" \n\x1eHardwareServiceSnapshotRequest\"O\n\x1fHardwareServiceSnapshotResponse\x12,\n\x08snapshot\x18\x01 \x01(\x0b\x32\x1a.llmos.v1.HardwareSnapshot\"J\n\x1bHardwareServiceWatchRequest\x12+\n\x08interval\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\"L\n\x1cHardwareServiceWatchResponse\x12,\n\x08snapshot\x18\x01 \x01(\x0b\x32\x1a.llmos.v1.HardwareSnapshot\"v\n\x1dHardwareServiceReserveRequest\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x03\x12\x0e\n\x06holder\x18\x03 \x01(\t\x12&\n\x03ttl\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"h\n\x1eHardwareServiceReserveResponse\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"G\n\x1dHardwareServiceReleaseRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x0e\n\x06holder\x18\x02 \x01(\t\" \n\x1eHardwareServiceReleaseResponse2\x88\x03\n\x0fHardwareService\x12_\n\x08Snapshot\x12(.llmos.v1.HardwareServiceSnapshotRequest\x1a).llmos.v1.HardwareServiceSnapshotResponse\x12X\n\x05Watch\x12%.llmos.v1.HardwareServiceWatchRequest\x1a&.llmos.v1.HardwareServiceWatchResponse0\x01\x12\\\n\x07Reserve\x12\'.llmos.v1.HardwareServiceReserveRequest\x1a(.llmos.v1.HardwareServiceReserveResponse\x12\\\n\x07Release\x12\'.llmos.v1.HardwareServiceReleaseRequest\x1a(.llmos.v1.HardwareServiceReleaseResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17llmos/v1/hardware.proto\x12\x08llmos.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"Z\n\x08\x43puStats\x12\x0f\n\x07percent\x18\x01 \x01(\x02\x12\x18\n\x10per_core_percent\x18\x02 \x03(\x02\x12\x14\n\x0cload_average\x18\x03 \x03(\x02\x12\r\n\x05\x63ores\x18\x04 \x01(\x05\"S\n\x0bMemoryStats\x12\x13\n\x0btotal_bytes\x18\x01 \x01(\x03\x12\x17\n\x0f\x61vailable_bytes\x18\x02 \x01(\x03\x12\x16\n\x0ereserved_bytes\x18\x03 \x01(\x03\"\xe7\x01\n\x08GpuStats\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x1a\n\x12memory_total_bytes\x18\x03 \x01(\x03\x12\x19\n\x11memory_used_bytes\x18\x04 \x01(\x03\x12\x19\n\x11memory_free_bytes\x18\x05 \x01(\x03\x12\x1b\n\x13utilization_percent\x18\x06 \x01(\x02\x12\x1b\n\x13temperature_celsius\x18\x07 \x01(\x02\x12\x13\n\x0bpower_watts\x18\x08 \x01(\x02\x12\x1d\n\x15memory_reserved_bytes\x18\t \x01(\x03\"T\n\x0cProcessStats\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\x05\x12\x11\n\trss_bytes\x18\x03 \x01(\x03\x12\x13\n\x0b\x63pu_percent\x18\x04 \x01(\x02\"\xf5\x01\n\x10HardwareSnapshot\x12,\n\x08taken_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1f\n\x03\x63pu\x18\x02 \x01(\x0b\x32\x12.llmos.v1.CpuStats\x12%\n\x06memory\x18\x03 \x01(\x0b\x32\x15.llmos.v1.MemoryStats\x12 \n\x04gpus\x18\x04 \x03(\x0b\x32\x12.llmos.v1.GpuStats\x12\x1e\n\x16gpu_unavailable_reason\x18\x05 \x01(\t\x12)\n\tprocesses\x18\x06 \x03(\x0b\x32\x16.llmos.v1.ProcessStats\" \n\x1eHardwareServiceSnapshotRequest\"O\n\x1fHardwareServiceSnapshotResponse\x12,\n\x08snapshot\x18\x01 \x01(\x0b\x32\x1a.llmos.v1.HardwareSnapshot\"J\n\x1bHardwareServiceWatchRequest\x12+\n\x08interval\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\"L\n\x1cHardwareServiceWatchResponse\x12,\n\x08snapshot\x18\x01 \x01(\x0b\x32\x1a.llmos.v1.HardwareSnapshot\"\x8e\x01\n\x1dHardwareServiceReserveRequest\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x03\x12\x0e\n\x06holder\x18\x03 \x01(\t\x12&\n\x03ttl\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x16\n\x0ereservation_id\x18\x05 \x01(\t\"h\n\x1eHardwareServiceReserveResponse\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"G\n\x1dHardwareServiceReleaseRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x0e\n\x06holder\x18\x02 \x01(\t\" \n\x1eHardwareServiceReleaseResponse2\x88\x03\n\x0fHardwareService\x12_\n\x08Snapshot\x12(.llmos.v1.HardwareServiceSnapshotRequest\x1a).llmos.v1.HardwareServiceSnapshotResponse\x12X\n\x05Watch\x12%.llmos.v1.HardwareServiceWatchRequest\x1a&.llmos.v1.HardwareServiceWatchResponse0\x01\x12\\\n\x07Reserve\x12\'.llmos.v1.HardwareServiceReserveRequest\x1a(.llmos.v1.HardwareServiceReserveResponse\x12\\\n\x07Release\x12\'.llmos.v1.HardwareServiceReleaseRequest\x1a(.llmos.v1.HardwareServiceReleaseResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,29 +36,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CPUSTATS']._serialized_start=102
   _globals['_CPUSTATS']._serialized_end=192
   _globals['_MEMORYSTATS']._serialized_start=194
-  _globals['_MEMORYSTATS']._serialized_end=253
-  _globals['_GPUSTATS']._serialized_start=256
-  _globals['_GPUSTATS']._serialized_end=456
-  _globals['_PROCESSSTATS']._serialized_start=458
-  _globals['_PROCESSSTATS']._serialized_end=542
-  _globals['_HARDWARESNAPSHOT']._serialized_start=545
-  _globals['_HARDWARESNAPSHOT']._serialized_end=790
-  _globals['_HARDWARESERVICESNAPSHOTREQUEST']._serialized_start=792
-  _globals['_HARDWARESERVICESNAPSHOTREQUEST']._serialized_end=824
-  _globals['_HARDWARESERVICESNAPSHOTRESPONSE']._serialized_start=826
-  _globals['_HARDWARESERVICESNAPSHOTRESPONSE']._serialized_end=905
-  _globals['_HARDWARESERVICEWATCHREQUEST']._serialized_start=907
-  _globals['_HARDWARESERVICEWATCHREQUEST']._serialized_end=981
-  _globals['_HARDWARESERVICEWATCHRESPONSE']._serialized_start=983
-  _globals['_HARDWARESERVICEWATCHRESPONSE']._serialized_end=1059
-  _globals['_HARDWARESERVICERESERVEREQUEST']._serialized_start=1061
-  _globals['_HARDWARESERVICERESERVEREQUEST']._serialized_end=1179
-  _globals['_HARDWARESERVICERESERVERESPONSE']._serialized_start=1181
-  _globals['_HARDWARESERVICERESERVERESPONSE']._serialized_end=1285
-  _globals['_HARDWARESERVICERELEASEREQUEST']._serialized_start=1287
-  _globals['_HARDWARESERVICERELEASEREQUEST']._serialized_end=1358
-  _globals['_HARDWARESERVICERELEASERESPONSE']._serialized_start=1360
-  _globals['_HARDWARESERVICERELEASERESPONSE']._serialized_end=1392
-  _globals['_HARDWARESERVICE']._serialized_start=1395
-  _globals['_HARDWARESERVICE']._serialized_end=1787
+  _globals['_MEMORYSTATS']._serialized_end=277
+  _globals['_GPUSTATS']._serialized_start=280
+  _globals['_GPUSTATS']._serialized_end=511
+  _globals['_PROCESSSTATS']._serialized_start=513
+  _globals['_PROCESSSTATS']._serialized_end=597
+  _globals['_HARDWARESNAPSHOT']._serialized_start=600
+  _globals['_HARDWARESNAPSHOT']._serialized_end=845
+  _globals['_HARDWARESERVICESNAPSHOTREQUEST']._serialized_start=847
+  _globals['_HARDWARESERVICESNAPSHOTREQUEST']._serialized_end=879
+  _globals['_HARDWARESERVICESNAPSHOTRESPONSE']._serialized_start=881
+  _globals['_HARDWARESERVICESNAPSHOTRESPONSE']._serialized_end=960
+  _globals['_HARDWARESERVICEWATCHREQUEST']._serialized_start=962
+  _globals['_HARDWARESERVICEWATCHREQUEST']._serialized_end=1036
+  _globals['_HARDWARESERVICEWATCHRESPONSE']._serialized_start=1038
+  _globals['_HARDWARESERVICEWATCHRESPONSE']._serialized_end=1114
+  _globals['_HARDWARESERVICERESERVEREQUEST']._serialized_start=1117
+  _globals['_HARDWARESERVICERESERVEREQUEST']._serialized_end=1259
+  _globals['_HARDWARESERVICERESERVERESPONSE']._serialized_start=1261
+  _globals['_HARDWARESERVICERESERVERESPONSE']._serialized_end=1365
+  _globals['_HARDWARESERVICERELEASEREQUEST']._serialized_start=1367
+  _globals['_HARDWARESERVICERELEASEREQUEST']._serialized_end=1438
+  _globals['_HARDWARESERVICERELEASERESPONSE']._serialized_start=1440
+  _globals['_HARDWARESERVICERELEASERESPONSE']._serialized_end=1472
+  _globals['_HARDWARESERVICE']._serialized_start=1475
+  _globals['_HARDWARESERVICE']._serialized_end=1867
 # @@protoc_insertion_point(module_scope)

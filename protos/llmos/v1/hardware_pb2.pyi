@@ -54,23 +54,27 @@ Global___CpuStats: _TypeAlias = CpuStats  # noqa: Y015
 
 @_typing.final
 class MemoryStats(_message.Message):
-    """[#next-free-field: 3]"""
+    """[#next-free-field: 4]"""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     TOTAL_BYTES_FIELD_NUMBER: _builtins.int
     AVAILABLE_BYTES_FIELD_NUMBER: _builtins.int
+    RESERVED_BYTES_FIELD_NUMBER: _builtins.int
     total_bytes: _builtins.int
     available_bytes: _builtins.int
+    reserved_bytes: _builtins.int
+    """Held by live reservations on device "cpu"."""
     def __init__(
         self,
         *,
         total_bytes: _builtins.int = ...,
         available_bytes: _builtins.int = ...,
+        reserved_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_bytes", b"available_bytes", "total_bytes", b"total_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_bytes", b"available_bytes", "reserved_bytes", b"reserved_bytes", "total_bytes", b"total_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -78,7 +82,7 @@ Global___MemoryStats: _TypeAlias = MemoryStats  # noqa: Y015
 
 @_typing.final
 class GpuStats(_message.Message):
-    """[#next-free-field: 9]"""
+    """[#next-free-field: 10]"""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -90,6 +94,7 @@ class GpuStats(_message.Message):
     UTILIZATION_PERCENT_FIELD_NUMBER: _builtins.int
     TEMPERATURE_CELSIUS_FIELD_NUMBER: _builtins.int
     POWER_WATTS_FIELD_NUMBER: _builtins.int
+    MEMORY_RESERVED_BYTES_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     name: _builtins.str
     memory_total_bytes: _builtins.int
@@ -98,6 +103,8 @@ class GpuStats(_message.Message):
     utilization_percent: _builtins.float
     temperature_celsius: _builtins.float
     power_watts: _builtins.float
+    memory_reserved_bytes: _builtins.int
+    """Held by live reservations on device "gpu:<index>"."""
     def __init__(
         self,
         *,
@@ -109,10 +116,11 @@ class GpuStats(_message.Message):
         utilization_percent: _builtins.float = ...,
         temperature_celsius: _builtins.float = ...,
         power_watts: _builtins.float = ...,
+        memory_reserved_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "memory_free_bytes", b"memory_free_bytes", "memory_total_bytes", b"memory_total_bytes", "memory_used_bytes", b"memory_used_bytes", "name", b"name", "power_watts", b"power_watts", "temperature_celsius", b"temperature_celsius", "utilization_percent", b"utilization_percent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "memory_free_bytes", b"memory_free_bytes", "memory_reserved_bytes", b"memory_reserved_bytes", "memory_total_bytes", b"memory_total_bytes", "memory_used_bytes", b"memory_used_bytes", "name", b"name", "power_watts", b"power_watts", "temperature_celsius", b"temperature_celsius", "utilization_percent", b"utilization_percent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -275,7 +283,7 @@ Global___HardwareServiceWatchResponse: _TypeAlias = HardwareServiceWatchResponse
 
 @_typing.final
 class HardwareServiceReserveRequest(_message.Message):
-    """[#next-free-field: 5]"""
+    """[#next-free-field: 6]"""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -283,12 +291,26 @@ class HardwareServiceReserveRequest(_message.Message):
     BYTES_FIELD_NUMBER: _builtins.int
     HOLDER_FIELD_NUMBER: _builtins.int
     TTL_FIELD_NUMBER: _builtins.int
+    RESERVATION_ID_FIELD_NUMBER: _builtins.int
     device: _builtins.str
     """"cpu" for host memory, "gpu:0" for a GPU."""
     bytes: _builtins.int
+    """More than 0 and at most the device's total memory."""
     holder: _builtins.str
+    """Who holds it. "pid:N" ties the reservation to process N on the hardware service's
+    host, and the name of a registered service to that service's process: it ends when
+    that process does. Any other name is ended by its TTL or Release only.
+    """
+    reservation_id: _builtins.str
+    """Set to renew that reservation: its TTL starts again from now. The holder must be the
+    same; device and bytes, when set, must equal the reservation's.
+    """
     @_builtins.property
-    def ttl(self) -> _duration_pb2.Duration: ...
+    def ttl(self) -> _duration_pb2.Duration:
+        """Required, more than 0 and at most 24 hours: the reservation ends this long after it
+        was made or last renewed.
+        """
+
     def __init__(
         self,
         *,
@@ -296,10 +318,11 @@ class HardwareServiceReserveRequest(_message.Message):
         bytes: _builtins.int = ...,
         holder: _builtins.str = ...,
         ttl: _duration_pb2.Duration | None = ...,
+        reservation_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "device", b"device", "holder", b"holder", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "device", b"device", "holder", b"holder", "reservation_id", b"reservation_id", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -60,7 +60,8 @@ class HardwareServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Snapshot(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """CPU, memory, GPUs and the registered services' processes, read now.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -73,7 +74,9 @@ class HardwareServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Reserve(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Claims memory on a device for a holder until its TTL passes, its holder's process
+        ends or it is released; or renews a reservation (`reservation_id` set).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

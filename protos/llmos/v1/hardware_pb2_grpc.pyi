@@ -32,18 +32,26 @@ class HardwareServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> HardwareServiceAsyncStub: ...
     Snapshot: _grpc.UnaryUnaryMultiCallable[_hardware_pb2.HardwareServiceSnapshotRequest, _hardware_pb2.HardwareServiceSnapshotResponse]
+    """CPU, memory, GPUs and the registered services' processes, read now."""
     Watch: _grpc.UnaryStreamMultiCallable[_hardware_pb2.HardwareServiceWatchRequest, _hardware_pb2.HardwareServiceWatchResponse]
     """Streams snapshots at the requested interval."""
     Reserve: _grpc.UnaryUnaryMultiCallable[_hardware_pb2.HardwareServiceReserveRequest, _hardware_pb2.HardwareServiceReserveResponse]
+    """Claims memory on a device for a holder until its TTL passes, its holder's process
+    ends or it is released; or renews a reservation (`reservation_id` set).
+    """
     Release: _grpc.UnaryUnaryMultiCallable[_hardware_pb2.HardwareServiceReleaseRequest, _hardware_pb2.HardwareServiceReleaseResponse]
 
 @_typing.type_check_only
 class HardwareServiceAsyncStub(HardwareServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Snapshot: _aio.UnaryUnaryMultiCallable[_hardware_pb2.HardwareServiceSnapshotRequest, _hardware_pb2.HardwareServiceSnapshotResponse]  # type: ignore[assignment]
+    """CPU, memory, GPUs and the registered services' processes, read now."""
     Watch: _aio.UnaryStreamMultiCallable[_hardware_pb2.HardwareServiceWatchRequest, _hardware_pb2.HardwareServiceWatchResponse]  # type: ignore[assignment]
     """Streams snapshots at the requested interval."""
     Reserve: _aio.UnaryUnaryMultiCallable[_hardware_pb2.HardwareServiceReserveRequest, _hardware_pb2.HardwareServiceReserveResponse]  # type: ignore[assignment]
+    """Claims memory on a device for a holder until its TTL passes, its holder's process
+    ends or it is released; or renews a reservation (`reservation_id` set).
+    """
     Release: _aio.UnaryUnaryMultiCallable[_hardware_pb2.HardwareServiceReleaseRequest, _hardware_pb2.HardwareServiceReleaseResponse]  # type: ignore[assignment]
 
 class HardwareServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -52,7 +60,8 @@ class HardwareServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _hardware_pb2.HardwareServiceSnapshotRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_hardware_pb2.HardwareServiceSnapshotResponse, _abc.Awaitable[_hardware_pb2.HardwareServiceSnapshotResponse]]: ...
+    ) -> _typing.Union[_hardware_pb2.HardwareServiceSnapshotResponse, _abc.Awaitable[_hardware_pb2.HardwareServiceSnapshotResponse]]:
+        """CPU, memory, GPUs and the registered services' processes, read now."""
 
     @_abc_1.abstractmethod
     def Watch(
@@ -67,7 +76,10 @@ class HardwareServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _hardware_pb2.HardwareServiceReserveRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_hardware_pb2.HardwareServiceReserveResponse, _abc.Awaitable[_hardware_pb2.HardwareServiceReserveResponse]]: ...
+    ) -> _typing.Union[_hardware_pb2.HardwareServiceReserveResponse, _abc.Awaitable[_hardware_pb2.HardwareServiceReserveResponse]]:
+        """Claims memory on a device for a holder until its TTL passes, its holder's process
+        ends or it is released; or renews a reservation (`reservation_id` set).
+        """
 
     @_abc_1.abstractmethod
     def Release(
