@@ -73,8 +73,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     settings = _settings(args)
     configure_logging("supervisor", settings.log_level, settings.log_format)
     passed = _passed_options(args)
-    if settings.model in CATALOGUE and not is_model_dir(
-        converted_dir(settings.data_dir, settings.model)
+    if (
+        settings.runtime_engine != "echo"  # the echo engine loads no model
+        and settings.model in CATALOGUE
+        and not is_model_dir(converted_dir(settings.data_dir, settings.model))
     ):
         # The longest wait a newcomer meets: run it in the foreground, with its progress.
         prepare = [sys.executable, "-m", "llmos.kernel.cli", "prepare-model", *passed]

@@ -28,12 +28,18 @@ class ProcessSpec:
 
 
 def _kernel(settings: Settings) -> Service:
+    from llmos.kernel import stages
     from llmos.kernel.server import KernelService
 
+    stages.configure(settings)  # kernel_stages: the pipeline's service stages it runs
     return KernelService(settings)
 
 
 def _runtime(settings: Settings) -> Service:
+    from llmos.services.runtime.echo import EchoRuntimeService, uses_echo
+
+    if uses_echo(settings):  # runtime_engine = "echo": no model, no torch
+        return EchoRuntimeService(settings)
     from llmos.services.runtime.server import RuntimeService
 
     return RuntimeService(settings)

@@ -10,11 +10,16 @@ instance, or UNAVAILABLE) fails closed — the task is refused with UNAVAILABLE 
 policy marks it fail-open, in which case the trace says "failed_open". A service that
 answers UNIMPLEMENTED has not been built yet: the stage is "not_available", skipped, and
 traced as such. The plugin stages join when the plugins work item lands.
+
+Which stages run is the `kernel_stages` setting (all four by default), applied once at start
+by `configure`: leaving stages out is for measuring the kernel without them
+(bench/kernel.py), until per-tenant policy decides the stage list.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Awaitable, Callable
 
@@ -22,7 +27,8 @@ import grpc
 
 from llmos.kernel.registry import Registry
 from llmos.services.channels import outgoing_metadata
-from llmos.services.errors import LlmosError, Unavailable
+from llmos.services.config import Settings
+from llmos.services.errors import InvalidArgument, LlmosError, Unavailable
 from llmos.services.timing import now_timestamp, since
 from llmos.v1 import (
     common_pb2,
@@ -31,6 +37,11 @@ from llmos.v1 import (
     safety_pb2,
     safety_pb2_grpc,
 )
+
+log = logging.getLogger(__name__)
+
+STAGE_NAMES = ("safety:input", "privacy:redact", "safety:output", "privacy:restore")
+_enabled: frozenset[str] = frozenset(STAGE_NAMES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,8 +136,33 @@ class ServiceStage:
         step.decision, step.reason = "failed_open", f"service down, policy allows: {why}"
 
 
+def configure(settings: Settings) -> None:
+    """Apply `kernel_stages` for this process; an unknown name stops the kernel at start,
+    since a misspelt stage would otherwise be silently skipped."""
+    global _enabled  # noqa: PLW0603 -- one kernel per process; set once, before serving
+    unknown = sorted(set(settings.kernel_stages) - set(STAGE_NAMES))
+    if unknown:
+        raise InvalidArgument(
+            f"kernel_stages names unknown stages {unknown}; known: {', '.join(STAGE_NAMES)}",
+            reason="BAD_SETTING",
+        )
+    _enabled = frozenset(settings.kernel_stages)
+    skipped = [name for name in STAGE_NAMES if name not in _enabled]
+    if skipped:
+        log.warning(
+            "pipeline stages turned off by the kernel_stages setting: %s; every request "
+            "skips them (meant for measurements)",
+            ", ".join(skipped),
+        )
+
+
+def enabled_stages() -> tuple[str, ...]:
+    """The stages requests run through, in pipeline order."""
+    return tuple(name for name in STAGE_NAMES if name in _enabled)
+
+
 def before_model() -> tuple[ServiceStage, ...]:
-    return (
+    stages = (
         ServiceStage(
             "safety:input",
             common_pb2.SERVICE_KIND_SAFETY,
@@ -134,10 +170,11 @@ def before_model() -> tuple[ServiceStage, ...]:
         ),
         ServiceStage("privacy:redact", common_pb2.SERVICE_KIND_PRIVACY, _privacy_redact),
     )
+    return tuple(stage for stage in stages if stage.name in _enabled)
 
 
 def after_model() -> tuple[ServiceStage, ...]:
-    return (
+    stages = (
         ServiceStage(
             "safety:output",
             common_pb2.SERVICE_KIND_SAFETY,
@@ -145,3 +182,4 @@ def after_model() -> tuple[ServiceStage, ...]:
         ),
         ServiceStage("privacy:restore", common_pb2.SERVICE_KIND_PRIVACY, _privacy_restore),
     )
+    return tuple(stage for stage in stages if stage.name in _enabled)

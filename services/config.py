@@ -57,6 +57,23 @@ class Settings:
     # class and tenant), and seconds a queued task waits before rising one priority class.
     kernel_runtime_concurrency: int = 64
     kernel_aging_s: float = 5.0
+    # Tasks the kernel queues per priority class before refusing with RESOURCE_EXHAUSTED;
+    # 0 keeps the scheduler's defaults (256 interactive, 1024 normal, 4096 batch). Not read
+    # yet: takes effect once kernel/server.py passes it to SchedulerConfig.queue_limits.
+    kernel_max_queued: int = 0
+    # The pipeline's service stages the kernel runs, by name (kernel/stages.py); empty runs
+    # none. Meant for measuring the kernel without them (bench/kernel.py): a stage left out
+    # is skipped for every request and tenant, and the kernel logs a warning at start.
+    kernel_stages: tuple[str, ...] = (
+        "safety:input",
+        "privacy:redact",
+        "safety:output",
+        "privacy:restore",
+    )
+    # What answers Generate in the runtime: "model" (the default model, loaded at start) or
+    # "echo" (no model: streams the prompt back, for tests and benchmarks of everything
+    # around the model; services/runtime/echo.py).
+    runtime_engine: str = "model"
     # Requests a runtime queues per model before refusing with RESOURCE_EXHAUSTED.
     runtime_max_queued: int = 64
     # Sequences a runtime decodes together in one step (its continuous batch).
