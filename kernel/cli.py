@@ -137,9 +137,16 @@ async def _status(settings: Settings, as_json: bool) -> int:
                 file=sys.stderr,
             )
             return 1
-    rows = [("kernel", target, "-", "SERVING" if kernel_serving else "NOT_SERVING")]
+    kernel_state = "SERVING" if kernel_serving else "NOT_SERVING"
+    rows = [("kernel", target, "-", kernel_state, _kernel_metrics_address(settings))]
     rows += [
-        (s.name, s.address, str(s.pid), HEALTH_NAMES.get(s.health, "UNSPECIFIED"))
+        (
+            s.name,
+            s.address,
+            str(s.pid),
+            HEALTH_NAMES.get(s.health, "UNSPECIFIED"),
+            s.metrics_address or "-",
+        )
         for s in reply.services
     ]
     registered = {KIND_NAMES.get(s.kind, "?") for s in reply.services}
@@ -147,17 +154,25 @@ async def _status(settings: Settings, as_json: bool) -> int:
     rows += [(kind, "-", "-", "MISSING") for kind in missing]
     healthy = all(row[3] == "SERVING" for row in rows)
     if as_json:
-        keys = ("name", "address", "pid", "health")
+        keys = ("name", "address", "pid", "health", "metrics_address")
         print(
             json.dumps(
                 {"healthy": healthy, "services": [dict(zip(keys, r, strict=True)) for r in rows]}
             )
         )
     else:
-        print(f"{'SERVICE':<10} {'ADDRESS':<22} {'PID':<8} HEALTH")
-        for name, address, pid, state in rows:
-            print(f"{name:<10} {address:<22} {pid:<8} {state}")
+        print(f"{'SERVICE':<10} {'ADDRESS':<22} {'PID':<8} {'HEALTH':<12} METRICS")
+        for name, address, pid, state, metrics in rows:
+            print(f"{name:<10} {address:<22} {pid:<8} {state:<12} {metrics}")
     return 0 if healthy else 1
+
+
+def _kernel_metrics_address(settings: Settings) -> str:
+    """Where the kernel serves /metrics. The kernel is not in its own registry, so this
+    follows the same rule it does (`Settings.metrics_port_for`), like its address does."""
+    host, _, port = settings.kernel_target.rpartition(":")
+    metrics_port = settings.metrics_port_for(int(port) if port.isdigit() else settings.port)
+    return "-" if metrics_port is None else f"{host}:{metrics_port}"
 
 
 def _sampling(args: argparse.Namespace) -> common_pb2.SamplingParams:
@@ -405,7 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--model")
     prepare.set_defaults(func=cmd_prepare_model)
 
-    status = commands.add_parser("status", help="each service, its address, pid and health")
+    status = commands.add_parser(
+        "status", help="each service, its address, pid, health and metrics address"
+    )
     _common(status)
     status.add_argument("--json", action="store_true", help="one JSON object")
     status.set_defaults(func=cmd_status)

@@ -45,6 +45,12 @@ def _runtime(settings: Settings) -> Service:
     return RuntimeService(settings)
 
 
+def _hardware(settings: Settings) -> Service:
+    from llmos.services.hardware.server import HardwareService
+
+    return HardwareService(settings)
+
+
 def _planned(
     kind: common_pb2.ServiceKind.ValueType, proto: str, service_name: str
 ) -> Callable[[Settings], Service]:
@@ -59,8 +65,11 @@ def _planned(
     return build
 
 
+# The hardware service starts before the runtime, so the runtime's default model can
+# reserve its host memory through it (its port offset stays 5).
 STACK: tuple[ProcessSpec, ...] = (
     ProcessSpec("kernel", 0, _kernel),
+    ProcessSpec("hardware", 5, _hardware),
     ProcessSpec("runtime", 1, _runtime),
     ProcessSpec("safety", 2, _planned(common_pb2.SERVICE_KIND_SAFETY, "safety", "SafetyService")),
     ProcessSpec(
@@ -68,9 +77,6 @@ STACK: tuple[ProcessSpec, ...] = (
     ),
     ProcessSpec(
         "explain", 4, _planned(common_pb2.SERVICE_KIND_EXPLAIN, "explain", "ExplainService")
-    ),
-    ProcessSpec(
-        "hardware", 5, _planned(common_pb2.SERVICE_KIND_HARDWARE, "hardware", "HardwareService")
     ),
 )
 

@@ -24,6 +24,10 @@ from llmos.services.errors import InvalidArgument
 
 ENV_PREFIX = "LLMOS_"
 SECRET_MARKERS = ("key", "secret", "password", "token")
+# With `metrics_port = 0`, a process serves /metrics on its gRPC port plus this: the
+# default stack's 50051..50056 gives 51051..51056.
+METRICS_PORT_OFFSET = 1000
+METRICS_OFF = -1
 
 
 def default_data_dir(env: Mapping[str, str] | None = None) -> str:
@@ -97,6 +101,10 @@ class Settings:
     # `llmos status`: the kinds of service that must be registered and healthy.
     expected_services: tuple[str, ...] = ("runtime", "safety", "privacy", "explain", "hardware")
 
+    # Prometheus /metrics over HTTP on `host`. The kernel's port; every other process adds
+    # the same offset as to its gRPC port (kernel/stack.py). 0 = each gRPC port + 1000
+    # (51051, 51052, ...); -1 = no metrics endpoint.
+    metrics_port: int = 0
     @property
     def kernel_target(self) -> str:
         return self.kernel_address or f"{self.host}:{self.port}"
@@ -116,6 +124,32 @@ class Settings:
 
 FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 
+
+    def metrics_port_for(self, grpc_port: int) -> int | None:
+        """The /metrics port of the process serving gRPC on `grpc_port`; None when off.
+
+        One rule for every process, so `llmos status`, the compose file and a Prometheus
+        config can all say where a process's metrics are without asking it.
+        """
+        if self.metrics_port == METRICS_OFF:
+            return None
+        if self.metrics_port < METRICS_OFF:
+            raise InvalidArgument(
+                f"metrics_port is {self.metrics_port}; use a port, 0 (gRPC port + "
+                f"{METRICS_PORT_OFFSET}) or {METRICS_OFF} (off)",
+                reason="BAD_SETTING",
+            )
+        if self.metrics_port == 0:
+            port = grpc_port + METRICS_PORT_OFFSET
+        else:
+            port = self.metrics_port + (grpc_port - self.port)
+        if not 0 < port < 65536:
+            raise InvalidArgument(
+                f"the metrics port for gRPC port {grpc_port} would be {port}, outside "
+                "1-65535; set metrics_port to a lower base, or -1 to turn metrics off",
+                reason="BAD_SETTING",
+            )
+        return port
 
 def _coerce(name: str, raw: Any) -> Any:
     """Turn a TOML value or environment string into the field's type, or say what is wrong."""

@@ -42,7 +42,6 @@ PLANNED_IN = {
     "llmos.v1.SafetyService": "the safety work item",
     "llmos.v1.PrivacyService": "the privacy work item",
     "llmos.v1.ExplainService": "the explain work item",
-    "llmos.v1.HardwareService": "the hardware-manager work item",
     "llmos.v1.PluginHostService": "the plugins work item",
 }
 

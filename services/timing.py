@@ -24,3 +24,10 @@ def duration(seconds: float) -> Duration:
 def since(monotonic_start: float) -> Duration:
     """Time elapsed since a time.monotonic() reading."""
     return duration(time.monotonic() - monotonic_start)
+
+
+def timestamp_at(epoch_seconds: float) -> Timestamp:
+    """A time.time() reading as a Timestamp (a reservation's expiry, say)."""
+    stamp = Timestamp()
+    stamp.FromNanoseconds(int(epoch_seconds * 1e9))
+    return stamp
