@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import random
 import signal
 import sqlite3
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
+from redistools import REDIS_URL, delete_prefix
 
 from llmos.kernel.store import (
     FINAL_STATES,
@@ -30,6 +32,7 @@ from llmos.kernel.store import (
     encode_page_token,
 )
 from llmos.kernel.store import sqlite as sqlite_store
+from llmos.kernel.store.redis import RedisTaskStore
 from llmos.services.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -55,9 +58,21 @@ async def open_sqlite(data_dir: Path) -> TaskStore:
     return await SqliteTaskStore.open(data_dir)
 
 
+async def open_redis(data_dir: Path) -> TaskStore:
+    """A store on the test Redis, under a prefix named after the test's directory, so
+    closing and reopening finds the same data."""
+    return await RedisTaskStore.open(REDIS_URL, prefix=redis_prefix(data_dir))
+
+
+def redis_prefix(data_dir: Path) -> str:
+    """Unique per test directory (a full path, so concurrent pytest runs do not collide)."""
+    return f"llmos-contract-{hashlib.sha256(str(data_dir).encode()).hexdigest()[:16]}:"
+
+
 # Every backend the contract tests run against: adding one is one line here.
 BACKENDS: dict[str, Opener] = {
     "sqlite": open_sqlite,
+    "redis": open_redis,
 }
 
 
@@ -74,9 +89,12 @@ class Backend:
 
 
 @pytest.fixture(params=sorted(BACKENDS))
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     name: str = request.param
-    return Backend(name, tmp_path / "data", BACKENDS[name])
+    data_dir = tmp_path / "data"
+    yield Backend(name, data_dir, BACKENDS[name])
+    if name == "redis":
+        delete_prefix(redis_prefix(data_dir))
 
 
 @pytest.fixture

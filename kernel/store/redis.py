@@ -1,0 +1,618 @@
+"""The shared task store: task records, event logs and traces in Redis, for several kernels.
+
+Why it is built this way:
+
+- **Every change is one server-side script.** A state change and its "state" event, a text
+  event and the output it extends, a new task and its index entries (and, through
+  `kernel.store.work_queue`, its queue entry) are written by one Lua script, which Redis runs
+  atomically: no reader sees half a change and no crash leaves one.
+- **State rules in Python, applied by compare-and-set.** The transition table and its
+  messages live in `contract.py`, shared with SQLite. `transition` reads the record, checks
+  the move there, then asks the script to apply it only if the state is still the one it
+  read; if another kernel moved the task meanwhile, it reads again and re-checks. So two
+  kernels completing the same task store one result, and the repeat is the contract's no-op.
+- **Output is appended, not rewritten.** `APPEND` to a per-task string is amortised O(1) per
+  streamed chunk; a re-queue deletes it, so `output` is the current attempt's text.
+- **Indexes are sorted sets scored by `created_at`.** Members with equal scores sort by task
+  id, so `ZREVRANGEBYSCORE` gives exactly the contract's newest-first order (created_at,
+  then task_id, descending) and a page token is a position, as in SQLite.
+- **Reconnects are the client's job.** The connection pool retries a command that failed on
+  a dropped connection with exponential backoff for about `RETRY_BUDGET_S`, so a Redis
+  restart under load costs latency, not tasks. Past that, the error is
+  Unavailable(STORE_UNAVAILABLE); any other Redis error is LlmosError(STORE_ERROR).
+- **One key prefix per deployment** (`redis_prefix`), so several stacks (or test runs) can
+  share a server. Keys are not hash-tagged: this backend wants one Redis (with a replica),
+  not Redis Cluster.
+
+Durability is the server's: the project's Redis configuration (deploy/redis/redis.conf)
+turns on the append-only file with `appendfsync everysec`, the same promise as the SQLite
+backend's synchronous=NORMAL.
+"""
+
+from __future__ import annotations
+
+import builtins
+import dataclasses
+import json
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import redis.asyncio as aioredis
+import redis.exceptions
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+
+from llmos.kernel.store.contract import (
+    DEFAULT_PAGE_SIZE,
+    FAILED,
+    FINAL_STATES,
+    MAX_EVENTS_PER_READ,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    EventKind,
+    FinishReason,
+    RecoveryReport,
+    TaskEvent,
+    TaskRecord,
+    TaskState,
+    TaskStore,
+    check_event_range,
+    check_max_attempts,
+    check_new_record,
+    check_page_size,
+    check_transition,
+    decode_page_token,
+    encode_page_token,
+    finish_reason_for,
+    recovery_error,
+    state_name,
+)
+from llmos.services.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    LlmosError,
+    NotFound,
+    Unavailable,
+)
+from llmos.v1 import common_pb2
+
+# Retries of a command that failed on a broken connection: ~0.05 s doubling to 1 s, 15 tries,
+# about 10 s in all, longer than a Redis restart takes.
+RETRIES = 15
+RETRY_BUDGET_S = 10.0
+# How many index entries `list` fetches per round trip while filtering.
+LIST_CHUNK = 200
+# How many times `transition` re-reads a task that another kernel changed under it.
+MAX_CAS_ROUNDS = 20
+
+# KEYS: task hash, events list, output string, old state index, new state index.
+# ARGV: expected state, event, reset output ("1"/"0"), score, task id, field/value pairs...
+# Returns the event's offset, or -1 when the state is no longer the expected one.
+TRANSITION = """
+if redis.call('HGET', KEYS[1], 'state') ~= ARGV[1] then return -1 end
+local offset = redis.call('RPUSH', KEYS[2], ARGV[2]) - 1
+if ARGV[3] == '1' then redis.call('DEL', KEYS[3]) end
+redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+if KEYS[4] ~= KEYS[5] then
+  redis.call('ZREM', KEYS[4], ARGV[5])
+  redis.call('ZADD', KEYS[5], ARGV[4], ARGV[5])
+end
+return offset
+"""
+
+# KEYS: task hash, events list, output string. ARGV: event, text, now, running state.
+# Returns {offset} or {-1} (no such task) or {-2, state} (not running).
+APPEND_TEXT = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return {-1} end
+if state ~= ARGV[4] then return {-2, state} end
+local offset = redis.call('RPUSH', KEYS[2], ARGV[1]) - 1
+redis.call('APPEND', KEYS[3], ARGV[2])
+redis.call('HSET', KEYS[1], 'updated_at', ARGV[3])
+return {offset}
+"""
+
+# KEYS: task hash, trace list. ARGV: step. Returns 0 when there is no such task.
+ADD_TRACE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('RPUSH', KEYS[2], ARGV[1])
+return 1
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class Keys:
+    """Every key this backend uses, under one prefix."""
+
+    prefix: str
+
+    def task(self, task_id: str) -> str:
+        return f"{self.prefix}task:{task_id}"
+
+    def events(self, task_id: str) -> str:
+        return f"{self.prefix}events:{task_id}"
+
+    def output(self, task_id: str) -> str:
+        return f"{self.prefix}output:{task_id}"
+
+    def trace(self, task_id: str) -> str:
+        return f"{self.prefix}trace:{task_id}"
+
+    def all_tasks(self) -> str:
+        return f"{self.prefix}idx:all"
+
+    def by_tenant(self, tenant: str) -> str:
+        return f"{self.prefix}idx:tenant:{tenant}"
+
+    def by_state(self, state: int) -> str:
+        return f"{self.prefix}idx:state:{int(state)}"
+
+    def per_task(self, task_id: str) -> tuple[str, str, str, str]:
+        return (self.task(task_id), self.events(task_id), self.output(task_id), self.trace(task_id))
+
+
+def new_task_script(enqueue: bool) -> str:
+    """The script that stores a new task: record, first event, indexes, and (when `enqueue`)
+    its entry on a work stream, all at once, so a crash can neither leave an accepted task
+    off the queue nor queue a task that has no record.
+
+    KEYS: task hash, events list, all index, tenant index, state index[, stream].
+    ARGV: event, score, task id[, stream field count n, n field/value pairs], fields...
+    Returns 0 when the id exists, else 1 (or the stream entry id when enqueuing).
+    """
+    enqueue_lines = (
+        """
+local n = tonumber(ARGV[4])
+local entry = redis.call('XADD', KEYS[6], '*', unpack(ARGV, 5, 4 + 2 * n))
+local first = 5 + 2 * n
+"""
+        if enqueue
+        else "local first = 4\n"
+    )
+    return (
+        "if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end\n"
+        + enqueue_lines
+        + """
+redis.call('HSET', KEYS[1], unpack(ARGV, first))
+redis.call('RPUSH', KEYS[2], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
+redis.call('ZADD', KEYS[4], ARGV[2], ARGV[3])
+redis.call('ZADD', KEYS[5], ARGV[2], ARGV[3])
+"""
+        + ("return entry\n" if enqueue else "return 1\n")
+    )
+
+
+def encode_event(
+    kind: EventKind, state: TaskState, text: str, finish_reason: FinishReason
+) -> bytes:
+    return json.dumps([kind, int(state), int(finish_reason), text], separators=(",", ":")).encode()
+
+
+def decode_event(offset: int, raw: bytes) -> TaskEvent:
+    kind, state, finish_reason, text = json.loads(raw)
+    return TaskEvent(
+        offset=offset,
+        kind="text" if kind == "text" else "state",
+        state=common_pb2.TaskState.ValueType(state),
+        text=text,
+        finish_reason=common_pb2.FinishReason.ValueType(finish_reason),
+    )
+
+
+def record_fields(record: TaskRecord) -> dict[str, bytes | str]:
+    """The hash fields of a record (output lives in its own key)."""
+    return {
+        "task_id": record.task_id,
+        "tenant": record.tenant,
+        "state": str(int(record.state)),
+        "model": record.model,
+        "priority": str(int(record.priority)),
+        "request": record.request,
+        "created_at": repr(record.created_at),
+        "updated_at": repr(record.updated_at),
+        "finished_at": "" if record.finished_at is None else repr(record.finished_at),
+        "finish_reason": str(int(record.finish_reason)),
+        "usage": record.usage,
+        "error": record.error,
+        "attempts": str(record.attempts),
+    }
+
+
+def parse_record(raw: Mapping[bytes, bytes], output: bytes | None) -> TaskRecord:
+    def text(name: str) -> str:
+        return raw[name.encode()].decode()
+
+    finished = text("finished_at")
+    return TaskRecord(
+        task_id=text("task_id"),
+        tenant=text("tenant"),
+        state=common_pb2.TaskState.ValueType(int(text("state"))),
+        model=text("model"),
+        priority=common_pb2.Priority.ValueType(int(text("priority"))),
+        request=raw[b"request"],
+        created_at=float(text("created_at")),
+        updated_at=float(text("updated_at")),
+        finished_at=float(finished) if finished else None,
+        finish_reason=common_pb2.FinishReason.ValueType(int(text("finish_reason"))),
+        usage=raw[b"usage"],
+        output=(output or b"").decode(),
+        error=text("error"),
+        attempts=int(text("attempts")),
+    )
+
+
+def flatten(fields: Mapping[str, bytes | str]) -> builtins.list[bytes | str]:
+    return [item for pair in fields.items() for item in pair]
+
+
+def not_found(task_id: str) -> NotFound:
+    return NotFound(
+        f"no task {task_id!r}: it was never submitted here, or its tenant was forgotten",
+        reason="TASK_NOT_FOUND",
+        metadata={"task_id": task_id},
+    )
+
+
+def connect(url: str) -> aioredis.Redis:
+    """A client that retries commands across a dropped connection (see the module doc)."""
+    return aioredis.Redis.from_url(
+        url,
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), RETRIES),
+        retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
+        health_check_interval=10,
+        socket_connect_timeout=2.0,
+    )
+
+
+class RedisTaskStore(TaskStore):
+    """The `TaskStore` contract on a Redis server; create it with `await RedisTaskStore.open`."""
+
+    def __init__(self, client: aioredis.Redis, url: str, prefix: str, clock: Callable[[], float]):
+        """Use `open`, which checks the server is reachable."""
+        self.client = client
+        self.url = url
+        self.keys = Keys(prefix)
+        self._clock = clock
+        self._closed = False
+        self._transition = client.register_script(TRANSITION)
+        self._append_text = client.register_script(APPEND_TEXT)
+        self._add_trace = client.register_script(ADD_TRACE)
+        self._create = client.register_script(new_task_script(enqueue=False))
+        self.create_and_enqueue = client.register_script(new_task_script(enqueue=True))
+
+    @classmethod
+    async def open(
+        cls, url: str, *, prefix: str = "llmos:", clock: Callable[[], float] | None = None
+    ) -> RedisTaskStore:
+        """Connect to `url` (redis://host:port/db) and check it answers.
+
+        Unavailable(STORE_UNAVAILABLE) when it does not, naming the address, so a kernel
+        configured for Redis refuses to start rather than accept tasks it cannot keep.
+        """
+        client = connect(url)
+        store = cls(client, url, prefix, clock or time.time)
+        try:
+            await store.call(client.ping())
+        except BaseException:
+            await client.aclose()
+            raise
+        return store
+
+    async def call(self, operation: Awaitable[Any]) -> Any:
+        """Await a Redis operation, translating its failures into the project's errors.
+
+        Returns Any: redis-py types replies as unions of every shape a command can answer
+        (bytes | str | list ...), so each caller narrows what it knows its command returns.
+        """
+        if self._closed:
+            if hasattr(operation, "close"):
+                operation.close()  # a coroutine never awaited would warn
+            raise FailedPrecondition(
+                f"the task store at {self.where} is closed", reason="STORE_CLOSED"
+            )
+        try:
+            return await operation
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            raise Unavailable(
+                f"the task store at {self.where} is unreachable: {exc}", reason="STORE_UNAVAILABLE"
+            ) from exc
+        except redis.exceptions.RedisError as exc:
+            raise LlmosError(
+                f"the task store at {self.where} failed: {exc}", reason="STORE_ERROR"
+            ) from exc
+
+    @property
+    def where(self) -> str:
+        """The server, without credentials, for messages."""
+        kwargs = self.client.connection_pool.connection_kwargs
+        return f"redis {kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
+
+    def new_task_args(self, record: TaskRecord) -> tuple[builtins.list[str], builtins.list[Any]]:
+        """KEYS and the leading ARGV of the new-task script for `record`."""
+        check_new_record(record)
+        keys = [
+            self.keys.task(record.task_id),
+            self.keys.events(record.task_id),
+            self.keys.all_tasks(),
+            self.keys.by_tenant(record.tenant),
+            self.keys.by_state(record.state),
+        ]
+        event = encode_event("state", record.state, "", common_pb2.FINISH_REASON_UNSPECIFIED)
+        return keys, [event, repr(record.created_at), record.task_id]
+
+    def duplicate(self, task_id: str) -> AlreadyExists:
+        return AlreadyExists(
+            f"task {task_id!r} already exists",
+            reason="DUPLICATE_TASK",
+            metadata={"task_id": task_id},
+        )
+
+    async def create(self, record: TaskRecord) -> None:
+        keys, args = self.new_task_args(record)
+        created = await self.call(
+            self._create(keys=keys, args=[*args, *flatten(record_fields(record))])
+        )
+        if not created:
+            raise self.duplicate(record.task_id)
+
+    async def _read(self, task_id: str) -> TaskRecord:
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.hgetall(self.keys.task(task_id))
+            pipe.get(self.keys.output(task_id))
+            raw, output = await self.call(pipe.execute())
+        if not raw:
+            raise not_found(task_id)
+        return parse_record(raw, output)
+
+    async def get(self, task_id: str) -> TaskRecord:
+        return await self._read(task_id)
+
+    async def transition(
+        self,
+        task_id: str,
+        to_state: TaskState,
+        *,
+        finish_reason: FinishReason | None = None,
+        usage: bytes | None = None,
+        error: str | None = None,
+    ) -> TaskRecord:
+        for _ in range(MAX_CAS_ROUNDS):
+            record = await self._read(task_id)
+            if not check_transition(task_id, record.state, to_state):
+                return record
+            applied = await self._apply(
+                record,
+                to_state,
+                finish_reason=finish_reason_for(task_id, to_state, finish_reason),
+                usage=usage,
+                error=error,
+                interrupted=record.state == RUNNING and to_state == QUEUED,
+            )
+            if applied is not None:
+                return applied
+        raise Unavailable(
+            f"task {task_id} kept changing under this kernel ({MAX_CAS_ROUNDS} tries); retry",
+            reason="STORE_CONTENDED",
+        )
+
+    async def _apply(
+        self,
+        record: TaskRecord,
+        to_state: TaskState,
+        *,
+        finish_reason: FinishReason,
+        usage: bytes | None,
+        error: str | None,
+        interrupted: bool,
+    ) -> TaskRecord | None:
+        """Write a checked transition if the task is still in `record.state`; the new record,
+        or None when another writer moved it first (the caller reads again)."""
+        now = self._clock()
+        updated = dataclasses.replace(
+            record,
+            state=to_state,
+            updated_at=now,
+            finished_at=now if to_state in FINAL_STATES else None,
+            finish_reason=finish_reason,
+            usage=record.usage if usage is None else usage,
+            error=error if error is not None else ("" if to_state == SUCCEEDED else record.error),
+            attempts=record.attempts + 1 if interrupted else record.attempts,
+            output="" if to_state == QUEUED else record.output,
+        )
+        task_id = record.task_id
+        offset = await self.call(
+            self._transition(
+                keys=[
+                    self.keys.task(task_id),
+                    self.keys.events(task_id),
+                    self.keys.output(task_id),
+                    self.keys.by_state(record.state),
+                    self.keys.by_state(to_state),
+                ],
+                args=[
+                    str(int(record.state)),
+                    encode_event("state", to_state, error or "", finish_reason),
+                    "1" if to_state == QUEUED else "0",
+                    repr(record.created_at),
+                    task_id,
+                    *flatten(record_fields(updated)),
+                ],
+            )
+        )
+        return None if int(offset) < 0 else updated
+
+    async def append_text(self, task_id: str, text: str) -> int:
+        event = encode_event("text", RUNNING, text, common_pb2.FINISH_REASON_UNSPECIFIED)
+        result = await self.call(
+            self._append_text(
+                keys=[
+                    self.keys.task(task_id),
+                    self.keys.events(task_id),
+                    self.keys.output(task_id),
+                ],
+                args=[event, text.encode(), repr(self._clock()), str(int(RUNNING))],
+            )
+        )
+        code = int(result[0])
+        if code == -1:
+            raise not_found(task_id)
+        if code == -2:
+            state = common_pb2.TaskState.ValueType(int(result[1]))
+            if state in FINAL_STATES:
+                raise FailedPrecondition(
+                    f"task {task_id} already finished as {state_name(state)}; "
+                    "it takes no more text",
+                    reason="TASK_FINISHED",
+                    metadata={"task_id": task_id, "state": state_name(state)},
+                )
+            raise FailedPrecondition(
+                f"task {task_id} is {state_name(state)}; only a RUNNING task produces text",
+                reason="TASK_NOT_RUNNING",
+                metadata={"task_id": task_id, "state": state_name(state)},
+            )
+        return code
+
+    async def events(
+        self, task_id: str, offset: int = 0, limit: int = MAX_EVENTS_PER_READ
+    ) -> builtins.list[TaskEvent]:
+        check_event_range(offset, limit)
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.exists(self.keys.task(task_id))
+            pipe.lrange(self.keys.events(task_id), offset, offset + limit - 1)
+            exists, raws = await self.call(pipe.execute())
+        if not exists:
+            raise not_found(task_id)
+        return [decode_event(offset + i, raw) for i, raw in enumerate(raws)]
+
+    async def add_trace_step(self, task_id: str, step: bytes) -> None:
+        added = await self.call(
+            self._add_trace(keys=[self.keys.task(task_id), self.keys.trace(task_id)], args=[step])
+        )
+        if not added:
+            raise not_found(task_id)
+
+    async def trace(self, task_id: str) -> builtins.list[bytes]:
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.exists(self.keys.task(task_id))
+            pipe.lrange(self.keys.trace(task_id), 0, -1)
+            exists, steps = await self.call(pipe.execute())
+        if not exists:
+            raise not_found(task_id)
+        return [bytes(step) for step in steps]
+
+    async def list(
+        self,
+        tenant: str | None = None,
+        state: TaskState | None = None,
+        page_size: int = DEFAULT_PAGE_SIZE,
+        page_token: str = "",
+    ) -> tuple[builtins.list[TaskRecord], str]:
+        check_page_size(page_size)
+        after = decode_page_token(page_token) if page_token else None
+        # Walk the narrowest index; the other filter is checked per candidate.
+        if state is not None:
+            index = self.keys.by_state(state)
+        elif tenant is not None:
+            index = self.keys.by_tenant(tenant)
+        else:
+            index = self.keys.all_tasks()
+        ceiling: float | str = "+inf" if after is None else after[0]
+        wanted: builtins.list[str] = []
+        skip = 0
+        while len(wanted) <= page_size:
+            chunk = await self.call(
+                self.client.zrevrangebyscore(
+                    index, ceiling, "-inf", start=skip, num=LIST_CHUNK, withscores=True
+                )
+            )
+            if not chunk:
+                break
+            skip += len(chunk)
+            candidates = [
+                member.decode()
+                for member, score in chunk
+                if after is None or (score, member.decode()) < after
+            ]
+            if tenant is not None and state is not None:
+                candidates = await self._of_tenant(candidates, tenant)
+            wanted.extend(candidates)
+        page_ids = wanted[:page_size]
+        records = await self._read_many(page_ids)
+        more = len(wanted) > page_size
+        token = encode_page_token(records[-1].created_at, records[-1].task_id) if more else ""
+        return records, token
+
+    async def _of_tenant(self, task_ids: builtins.list[str], tenant: str) -> builtins.list[str]:
+        async with self.client.pipeline(transaction=False) as pipe:
+            for task_id in task_ids:
+                pipe.hget(self.keys.task(task_id), "tenant")
+            tenants = await self.call(pipe.execute())
+        return [t for t, owner in zip(task_ids, tenants, strict=True) if owner == tenant.encode()]
+
+    async def _read_many(self, task_ids: builtins.list[str]) -> builtins.list[TaskRecord]:
+        async with self.client.pipeline(transaction=False) as pipe:
+            for task_id in task_ids:
+                pipe.hgetall(self.keys.task(task_id))
+                pipe.get(self.keys.output(task_id))
+            replies = await self.call(pipe.execute())
+        return [
+            parse_record(raw, output)
+            for raw, output in zip(replies[0::2], replies[1::2], strict=True)
+            if raw  # forgotten between the index read and now
+        ]
+
+    async def recover(self, requeue_running: bool = True, max_attempts: int = 3) -> RecoveryReport:
+        """The contract's cold-start recovery, for a deployment with one kernel on this Redis.
+
+        Several kernels sharing the store never call it (a live kernel's RUNNING tasks are
+        not interrupted): they take over a dead kernel's work through the work queue's
+        XAUTOCLAIM instead (`kernel.store.work_queue`).
+        """
+        check_max_attempts(max_attempts)
+        requeued: builtins.list[str] = []
+        failed: builtins.list[str] = []
+        running = await self.call(self.client.zrange(self.keys.by_state(RUNNING), 0, -1))
+        for member in running:
+            record = await self._read(member.decode())
+            if record.state != RUNNING:
+                continue
+            again, reason = recovery_error(record.attempts + 1, max_attempts, requeue_running)
+            to_state = QUEUED if again else FAILED
+            applied = await self._apply(
+                record,
+                to_state,
+                finish_reason=finish_reason_for(record.task_id, to_state, None),
+                usage=None,
+                error=reason,
+                interrupted=True,
+            )
+            if applied is not None:
+                (requeued if again else failed).append(record.task_id)
+        queued = await self.call(self.client.zrange(self.keys.by_state(QUEUED), 0, -1))
+        return RecoveryReport(
+            queued=tuple(member.decode() for member in queued),
+            requeued=tuple(requeued),
+            failed=tuple(failed),
+        )
+
+    async def forget_tenant(self, tenant: str) -> int:
+        index = self.keys.by_tenant(tenant)
+        members = [m.decode() for m in await self.call(self.client.zrange(index, 0, -1))]
+        async with self.client.pipeline(transaction=True) as pipe:
+            for task_id in members:
+                pipe.delete(*self.keys.per_task(task_id))
+                pipe.zrem(self.keys.all_tasks(), task_id)
+                for state in common_pb2.TaskState.values():
+                    pipe.zrem(self.keys.by_state(state), task_id)
+            pipe.delete(index)
+            await self.call(pipe.execute())
+        return len(members)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self.client.aclose()
