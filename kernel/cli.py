@@ -151,7 +151,7 @@ async def _status(settings: Settings, as_json: bool) -> int:
     ]
     registered = {KIND_NAMES.get(s.kind, "?") for s in reply.services}
     missing = [kind for kind in settings.expected_services if kind not in registered]
-    rows += [(kind, "-", "-", "MISSING") for kind in missing]
+    rows += [(kind, "-", "-", "MISSING", "-") for kind in missing]
     healthy = all(row[3] == "SERVING" for row in rows)
     if as_json:
         keys = ("name", "address", "pid", "health", "metrics_address")

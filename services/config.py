@@ -89,6 +89,10 @@ class Settings:
     log_level: str = "info"
     # "json", "text", or "auto" (text on a terminal, JSON otherwise).
     log_format: str = "auto"
+    # Prometheus /metrics over HTTP on `host`. The kernel's port; every other process adds
+    # the same offset as to its gRPC port (kernel/stack.py). 0 = each gRPC port + 1000
+    # (51051, 51052, ...); -1 = no metrics endpoint.
+    metrics_port: int = 0
     # How long a service waits for in-flight calls when told to stop.
     shutdown_grace_s: float = 5.0
     # Registration lease with the kernel; services renew at a third of it.
@@ -101,10 +105,6 @@ class Settings:
     # `llmos status`: the kinds of service that must be registered and healthy.
     expected_services: tuple[str, ...] = ("runtime", "safety", "privacy", "explain", "hardware")
 
-    # Prometheus /metrics over HTTP on `host`. The kernel's port; every other process adds
-    # the same offset as to its gRPC port (kernel/stack.py). 0 = each gRPC port + 1000
-    # (51051, 51052, ...); -1 = no metrics endpoint.
-    metrics_port: int = 0
     @property
     def kernel_target(self) -> str:
         return self.kernel_address or f"{self.host}:{self.port}"
@@ -112,18 +112,6 @@ class Settings:
     def advertised(self, port: int) -> str:
         """The address this process registers under for `port`."""
         return f"{self.advertise_host or self.host}:{port}"
-
-    def describe(self) -> dict[str, Any]:
-        """The effective settings, secrets masked, for the start-up log line."""
-        shown: dict[str, Any] = {}
-        for name, value in dataclasses.asdict(self).items():
-            secret = any(marker in name.split("_") for marker in SECRET_MARKERS) and value
-            shown[name] = "***" if secret else value
-        return shown
-
-
-FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
-
 
     def metrics_port_for(self, grpc_port: int) -> int | None:
         """The /metrics port of the process serving gRPC on `grpc_port`; None when off.
@@ -150,6 +138,18 @@ FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
                 reason="BAD_SETTING",
             )
         return port
+
+    def describe(self) -> dict[str, Any]:
+        """The effective settings, secrets masked, for the start-up log line."""
+        shown: dict[str, Any] = {}
+        for name, value in dataclasses.asdict(self).items():
+            secret = any(marker in name.split("_") for marker in SECRET_MARKERS) and value
+            shown[name] = "***" if secret else value
+        return shown
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+
 
 def _coerce(name: str, raw: Any) -> Any:
     """Turn a TOML value or environment string into the field's type, or say what is wrong."""

@@ -3,11 +3,12 @@
 It builds a grpc.aio server with the error/request-id interceptor, explicit message-size
 and keepalive options, the standard health service and server reflection, then:
 
-1. starts listening with every health status NOT_SERVING;
+1. starts listening with every health status NOT_SERVING, and serves Prometheus metrics
+   on its own HTTP port (`llmos.services.metrics`);
 2. runs the service's `start()` (loading a model, say) and only then reports SERVING;
-3. registers with the kernel and renews the registration as a lease;
+3. registers with the kernel (gRPC and metrics addresses) and renews it as a lease;
 4. on SIGTERM or SIGINT reports NOT_SERVING (draining), deregisters, lets in-flight calls
-   finish within the grace period, and runs the service's `stop()`.
+   finish within the grace period, runs the service's `stop()` and stops the metrics.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from llmos import __version__
 from llmos.services.channels import open_channel, server_options
 from llmos.services.config import Settings
 from llmos.services.interceptors import ErrorInterceptor
+from llmos.services.metrics import start_metrics
 from llmos.v1 import common_pb2, kernel_pb2, kernel_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -135,6 +137,8 @@ async def serve(
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
     for service_name in ["", *service_names]:
         await health_servicer.set(service_name, not_serving)
+    # Before the server starts: a taken metrics port ends the process before it serves.
+    metrics = start_metrics(settings, name=name, kind=service.kind, grpc_port=port)
     await server.start()
     log.info(
         "%s listening on %s (pid %d)",
@@ -163,6 +167,7 @@ async def serve(
                         address=settings.advertised(port),
                         pid=os.getpid(),
                         version=__version__,
+                        metrics_address=metrics.address if metrics is not None else "",
                     ),
                 )
                 registration.start()
@@ -176,4 +181,6 @@ async def serve(
             await registration.close()
         await server.stop(settings.shutdown_grace_s)
         await service.stop()
+        if metrics is not None:
+            metrics.close()
         log.info("%s stopped", name)

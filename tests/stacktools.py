@@ -18,6 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from llmos.services.config import METRICS_PORT_OFFSET
 from llmos.v1 import kernel_pb2, kernel_pb2_grpc
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,12 +36,15 @@ def _bindable(port: int) -> bool:
 
 
 def free_port_block(size: int) -> int:
-    """A base port such that base .. base+size-1 are all free on 127.0.0.1."""
+    """A base port such that base .. base+size-1 are all free on 127.0.0.1, and so are the
+    metrics ports the processes on them take by default (each + METRICS_PORT_OFFSET)."""
     for _ in range(200):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
             probe.bind(("127.0.0.1", 0))
             base = int(probe.getsockname()[1])
-        if base + size < 65535 and all(_bindable(base + i) for i in range(size)):
+        ports = [base + i for i in range(size)]
+        ports += [port + METRICS_PORT_OFFSET for port in ports]
+        if max(ports) < 65535 and all(_bindable(port) for port in ports):
             return base
     raise RuntimeError("no block of free ports found")
 

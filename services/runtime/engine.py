@@ -30,6 +30,7 @@ import torch
 
 from llmos.services.errors import InvalidArgument, ResourceExhausted
 from llmos.services.runtime.kv_cache import SlotKVCache
+from llmos.services.runtime.metrics import BATCH_SEQUENCES
 from llmos.services.runtime.sampling import next_token
 from llmos.services.runtime.sequences import FinishReason, Running, SequenceHandle
 from llmos.services.validation import Sampling
@@ -112,7 +113,7 @@ class EngineLimits:
 
 @dataclasses.dataclass(frozen=True)
 class EngineStats:
-    """A snapshot of the engine, for tests, logs and (later) metrics."""
+    """A snapshot of the engine, for tests, logs and metrics (runtime/metrics.py)."""
 
     running: int
     waiting: int
@@ -142,6 +143,7 @@ class Engine:
         self._reserved = 0  # positions promised to running sequences
         self._steps = 0
         self._closing = False
+        self._batch_sizes = BATCH_SEQUENCES.labels(loaded.name)
         self._worker = threading.Thread(target=self._work, name=f"batch-{loaded.name}")
         self._worker.daemon = True
         self._worker.start()
@@ -300,6 +302,7 @@ class Engine:
     def _decode_step(self) -> None:
         """Feed every running row its last token at its own position; take the next token."""
         batch = len(self._running)
+        self._batch_sizes.observe(batch)
         positions = torch.tensor([[r.length] for r in self._running])
         self.cache.reserve(batch, int(positions.max()) + 1)
         inputs = torch.tensor([[r.last_token] for r in self._running])

@@ -19,6 +19,7 @@ from llmos.services.config import Settings
 from llmos.services.errors import InvalidArgument, LlmosError
 from llmos.services.logs import task_id_var
 from llmos.services.rpc_types import Context
+from llmos.services.runtime.metrics import StreamMeter, watch_shelf
 from llmos.services.runtime.scoring import score
 from llmos.services.runtime.sequences import Event
 from llmos.services.runtime.shelf import Shelf
@@ -64,9 +65,11 @@ class RuntimeServicer(runtime_pb2_grpc.RuntimeServiceServicer):
         sampling = sampling_from(request.sampling, self.settings.default_max_tokens)
         prompt_ids = engine.loaded.encode_chat(turns)
         handle = engine.submit(prompt_ids, sampling)
+        meter = StreamMeter(engine.loaded.name, handle.arrived, len(prompt_ids))
         try:
             first = True
             async for event in handle.events():
+                meter.event(event)
                 if event.finish_reason == common_pb2.FINISH_REASON_ERROR:
                     raise LlmosError(
                         "decoding failed inside the runtime; see its log", reason="DECODE_FAILED"
@@ -80,6 +83,7 @@ class RuntimeServicer(runtime_pb2_grpc.RuntimeServiceServicer):
             # Client cancel, deadline or a finished stream: the worker drops the sequence
             # before its next step (a finished one is already gone).
             handle.cancel()
+            meter.close()
 
     async def ListModels(
         self,
@@ -137,6 +141,7 @@ class RuntimeService:
         self.settings = settings
         self.shelf = Shelf(settings)
         self.servicer = RuntimeServicer(settings, self.shelf)
+        watch_shelf(self.shelf)
 
     def add_to_server(self, server: grpc.aio.Server) -> list[str]:
         runtime_pb2_grpc.add_RuntimeServiceServicer_to_server(self.servicer, server)

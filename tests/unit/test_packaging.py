@@ -27,6 +27,10 @@ LIGHT_MODULES = (
     "llmos.kernel.cli",
     "llmos.kernel.stack",
     "llmos.services.serve",
+    # Imported by every process for its /metrics, the echo runtime included.
+    "llmos.services.metrics",
+    "llmos.kernel.metrics",
+    "llmos.services.runtime.metrics",
 )
 
 
