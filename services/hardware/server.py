@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -46,6 +46,9 @@ from llmos.v1 import common_pb2, hardware_pb2, hardware_pb2_grpc
 log = logging.getLogger(__name__)
 
 SWEEP_S = 0.5
+# CPU figures are measured between readings; reading this often keeps them current for a
+# first Snapshot (a lone `llmos top --once`), instead of measuring from the last caller.
+WARM_S = 1.0
 
 
 def _seconds(value: Any) -> float:
@@ -83,8 +86,17 @@ class HardwareServicer(hardware_pb2_grpc.HardwareServiceServicer):
 
     # ------------------------------------------------------------ snapshots
 
+    async def _services(self) -> list[tuple[str, int]]:
+        return [(s.name, int(s.pid)) for s in await self.registered.list()]
+
+    async def warm(self) -> None:
+        """Take the CPU readings (host and processes) without building a snapshot."""
+        services = await self._services()
+        await asyncio.to_thread(self.machine.host.cpu)
+        await asyncio.to_thread(self.machine.processes.read, services)
+
     async def snapshot(self) -> hardware_pb2.HardwareSnapshot:
-        services = [(s.name, int(s.pid)) for s in await self.registered.list()]
+        services = await self._services()
         cpu, memory, gpus, reason, processes = await asyncio.to_thread(self.machine.read, services)
         now = time.time()
         self.sweep(now)
@@ -239,28 +251,35 @@ class HardwareService:
         self.machine = Machine(load_nvml)
         self.registered = RegisteredServices(settings)
         self.servicer = HardwareServicer(self.machine, self.registered)
-        self._sweeper: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     def add_to_server(self, server: grpc.aio.Server) -> list[str]:
         hardware_pb2_grpc.add_HardwareServiceServicer_to_server(self.servicer, server)
         return [hardware_pb2.DESCRIPTOR.services_by_name["HardwareService"].full_name]
 
-    async def _sweep_forever(self) -> None:
+    @staticmethod
+    async def _every(seconds: float, work: Callable[[], Awaitable[None]], what: str) -> None:
         while True:
-            await asyncio.sleep(SWEEP_S)
+            await asyncio.sleep(seconds)
             try:
-                self.servicer.sweep(time.time())
-            except Exception:  # the next sweep may succeed; a dead sweeper never would
-                log.exception("the reservation sweep failed")
+                await work()
+            except Exception:  # the next round may succeed; a dead loop never would
+                log.exception("%s failed", what)
+
+    async def _sweep(self) -> None:
+        self.servicer.sweep(time.time())
 
     async def start(self) -> None:
         await asyncio.to_thread(self.machine.gpus.open)
-        self._sweeper = asyncio.create_task(self._sweep_forever(), name="reservation-sweep")
+        self._tasks = [
+            asyncio.create_task(self._every(SWEEP_S, self._sweep, "the reservation sweep")),
+            asyncio.create_task(self._every(WARM_S, self.servicer.warm, "the CPU reading")),
+        ]
 
     async def stop(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+                await task
         await asyncio.to_thread(self.machine.gpus.close)
         await self.registered.close()
