@@ -1,0 +1,58 @@
+"""bench/kernel.py --quick end to end: every phase runs against real processes and the JSON
+has every figure. Figures are never asserted (bench/README.md): only that they exist, that
+no call failed, and that the stage switch and the full queue did what they should."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from stacktools import REPO
+
+PIPELINE = {"safety:input", "privacy:redact", "safety:output", "privacy:restore"}
+
+
+def test_quick_run_prints_every_figure() -> None:
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "kernel.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+
+    pairs = {"bare": ("direct", "proxy"), "stages_off": ("direct", "kernel")}
+    pairs["stages_on"] = pairs["stages_off"]
+    for phase, targets in pairs.items():
+        result = report[phase]
+        for target in targets:
+            latency, load = result["latency"][target], result["throughput"][target]
+            assert latency["calls"] == report["plan"]["requests"], (phase, target)
+            assert latency["errors"] == {} and load["errors"] == {}, (phase, target)
+            assert latency["p50_ms"] > 0 and load["calls_per_s"] > 0, (phase, target)
+        assert set(result["added"]) == {"p50_ms", "p99_ms"}
+
+    traced = {
+        phase: set(report[phase]["stage_cost"]["stages"]) for phase in ("stages_off", "stages_on")
+    }
+    assert traced["stages_off"] == {"admit", "runtime:generate"}
+    assert traced["stages_on"] == {"admit", "runtime:generate"} | PIPELINE
+
+    refusal = report["stages_on"]["refusal"]
+    assert refusal["reasons"] == {"RESOURCE_EXHAUSTED/QUEUE_FULL": report["plan"]["refusals"]}
+    assert refusal["tasks_accepted_before_full"] > 0
+
+    soak = report["stages_on"]["soak"]
+    assert soak["errors"] == {} and soak["calls"] > 0
+    assert 0 < soak["rss_mib_start"] <= soak["rss_mib_max"]
+
+    assert set(report["targets"]) == {
+        "kernel_stages_off_added_p50_over_proxy",
+        "kernel_stages_off_throughput_over_proxy",
+        "stages_marginal_p50_ms",
+        "full_queue_refusal_p99_ms",
+        "memory_flat_second_half_mib_per_min",
+    }

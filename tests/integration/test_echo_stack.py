@@ -1,0 +1,102 @@
+"""The whole stack (`llmos up`) with the echo runtime: everything around the model, no model.
+
+`runtime_engine = "echo"` makes the stack's runtime process stream the prompt back, so these
+tests need no converted model (no `model` marker) and the stack is healthy in seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+from stacktools import Stack, free_port_block, stop_stack
+
+from llmos.kernel.stack import STACK
+from llmos.v1 import common_pb2, kernel_pb2
+
+
+@pytest.fixture(scope="module")
+def echo_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    workdir = tmp_path_factory.mktemp("echo-stack")
+    log_path, data_dir = workdir / "llmos-up.log", workdir / "data"
+    port = free_port_block(len(STACK))
+    env = {
+        **os.environ,
+        "LLMOS_RUNTIME_ENGINE": "echo",
+        "LLMOS_LOG_FORMAT": "json",
+        "LLMOS_METRICS_PORT": "-1",  # only the gRPC block is known to be free
+        "PYTHONUNBUFFERED": "1",
+    }
+    argv = [sys.executable, "-m", "llmos.kernel.cli", "up", "--port", str(port)]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [*argv, "--data-dir", str(data_dir)], stdout=log, stderr=subprocess.STDOUT, env=env
+        )
+    stack = Stack(process=process, port=port, data_dir=data_dir, log_path=log_path)
+    try:
+        stack.wait_healthy(timeout_s=60)
+        yield stack
+    finally:
+        stop_stack(stack)
+
+
+def generate(stack: Stack, prompt: str) -> list[kernel_pb2.GenerateResponse]:
+    with stack.channel() as channel:
+        request = kernel_pb2.GenerateRequest(prompt=prompt)
+        return list(stack.kernel(channel).Generate(request, timeout=30))
+
+
+def test_generate_through_the_kernel_streams_the_prompt_back(echo_stack: Stack) -> None:
+    pieces = generate(echo_stack, "hello from the echo runtime")
+
+    assert pieces[0].task_id, "the first message carries the task id"
+    assert "".join(p.text for p in pieces) == "hello from the echo runtime"
+    assert [p.text for p in pieces if p.text] == ["hello ", "from ", "the ", "echo ", "runtime"]
+    assert {p.model for p in pieces} - {""} == {"echo"}
+    last = pieces[-1]
+    assert last.finish_reason == common_pb2.FINISH_REASON_STOP
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (5, 5)
+
+
+def test_the_task_is_stored_and_traced_like_a_model_task(echo_stack: Stack) -> None:
+    task_id = generate(echo_stack, "trace me")[0].task_id
+    with echo_stack.channel() as channel:
+        kernel = echo_stack.kernel(channel)
+        task = kernel.GetTask(kernel_pb2.GetTaskRequest(task_id=task_id), timeout=10)
+        trace = kernel.GetTrace(kernel_pb2.GetTraceRequest(task_id=task_id), timeout=10)
+
+    assert task.task.state == common_pb2.TASK_STATE_SUCCEEDED
+    assert task.output == "trace me"
+    stages = [step.stage for step in trace.steps]
+    assert stages == [
+        "admit",
+        "safety:input",
+        "privacy:redact",
+        "runtime:generate",
+        "safety:output",
+        "privacy:restore",
+        "record",
+    ]
+    generate_step = trace.steps[stages.index("runtime:generate")]
+    assert generate_step.service == "runtime"
+    assert generate_step.decision == "completed"
+
+
+def test_models_and_the_cli_see_the_echo_engine(echo_stack: Stack) -> None:
+    with echo_stack.channel() as channel:
+        models = echo_stack.kernel(channel).ListModels(kernel_pb2.ListModelsRequest(), timeout=10)
+    assert [m.name for m in models.models] == ["echo"]
+
+    done = echo_stack.llmos("generate", "said twice")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "said twice"
+
+
+def test_calls_that_need_a_model_say_so(echo_stack: Stack) -> None:
+    done = echo_stack.llmos("generate", "hi", "--model", "SmolLM2-135M-Instruct")
+    assert done.returncode != 0
+    assert "MODEL_NOT_FOUND" in done.stderr
+    assert "echo engine" in done.stderr
