@@ -5,7 +5,8 @@ Each loaded model has its own `Engine` (its own batch). Loading runs on a worker
 (conversion first, if the catalogue model was never converted); unloading stops the
 engine (sequences still running end as CANCELLED), drops every reference, collects and
 asks the C allocator to return freed pages (`malloc_trim`), then measures the resident
-memory actually returned.
+memory actually returned. A generative model's host memory is reserved through the
+hardware service before it loads and released when it unloads (`reservations.py`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from llmos.services.errors import AlreadyExists, NotFound, Unavailable
 from llmos.services.runtime.embeddings import MINILM, Embedder
 from llmos.services.runtime.engine import Engine, EngineLimits, load_model
 from llmos.services.runtime.models import resolve_model_dir
+from llmos.services.runtime.reservations import HostMemory, weight_bytes
 from llmos.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,7 @@ class Shelf:
         self.settings = settings
         self.engines: dict[str, Engine] = {}
         self.embedder: Embedder | None = None
+        self.host_memory = HostMemory(settings)
         self._loading = asyncio.Lock()
 
     def infos(self) -> list[common_pb2.ModelInfo]:
@@ -128,9 +131,14 @@ class Shelf:
                 return self.engines[key].loaded.info()
             model_dir = await asyncio.to_thread(resolve_model_dir, name, self.settings.data_dir)
             log.info("loading %s from %s", key, model_dir)
-            loaded = await asyncio.to_thread(
-                load_model, key, str(model_dir), self.settings.torch_threads
-            )
+            await self.host_memory.reserve(key, await asyncio.to_thread(weight_bytes, model_dir))
+            try:
+                loaded = await asyncio.to_thread(
+                    load_model, key, str(model_dir), self.settings.torch_threads
+                )
+            except BaseException:
+                await self.host_memory.release(key)
+                raise
             self.engines[key] = Engine(loaded, self.limits())
             log.info("%s loaded: %d parameters", key, loaded.parameters)
             return loaded.info()
@@ -147,6 +155,7 @@ class Shelf:
             engine.loaded.release()
             engine.cache.release()
             del engine
+            await self.host_memory.release(key)
         else:
             loaded = sorted(self.engines) + ([MINILM.name] if self.embedder else [])
             raise NotFound(
@@ -161,3 +170,4 @@ class Shelf:
     async def close(self) -> None:
         for key in list(self.engines):
             await asyncio.to_thread(self.engines.pop(key).close)
+        await self.host_memory.close()
