@@ -370,6 +370,12 @@ def cmd_trace(args: argparse.Namespace) -> int:
     return asyncio.run(_trace(_settings(args), args))
 
 
+def cmd_top(args: argparse.Namespace) -> int:
+    from llmos.kernel.top import top
+
+    return top(_settings(args), once=args.once, interval=args.interval)
+
+
 def cmd_probe(args: argparse.Namespace) -> int:
     return asyncio.run(_probe(args.address, args.service, args.timeout))
 
@@ -395,6 +401,14 @@ def _client(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, help="0 for greedy decoding")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--timeout", type=float, help="deadline in seconds for each answer")
+
+
+def _add_top(commands: Any) -> None:
+    top = commands.add_parser("top", help="live view: services, tasks, CPU, memory, GPUs")
+    _common(top)
+    top.add_argument("--once", action="store_true", help="print one frame and exit")
+    top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    top.set_defaults(func=cmd_top)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -457,6 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_argument("task_id")
     _common(trace)
     trace.set_defaults(func=cmd_trace)
+
+    _add_top(commands)
 
     probe = commands.add_parser("probe", help="grpc.health.v1 check, for container health checks")
     probe.add_argument("address")
