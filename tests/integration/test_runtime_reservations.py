@@ -19,8 +19,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf.duration_pb2 import Duration
 from stacktools import DEFAULT_MODEL, STACK_SIZE, Stack, free_port_block, stack_data_dir
 
+from llmos.services.errors import error_info
 from llmos.v1 import hardware_pb2, hardware_pb2_grpc, kernel_pb2, runtime_pb2, runtime_pb2_grpc
 
 pytestmark = pytest.mark.model  # the real default model, converted once per session
@@ -137,3 +139,73 @@ def test_without_a_hardware_service_the_runtime_loads_anyway_and_logs_it(
             child.send_signal(signal.SIGTERM)
         for child in children:
             child.wait(timeout=60)
+
+
+def test_a_load_the_hardware_service_refuses_is_refused_before_any_memory_is_used(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """Another model (the same weights under another name) does not fit once nearly all
+    free memory is held by someone else: LoadModel answers the hardware service's
+    RESOURCE_EXHAUSTED, hop named, and nothing is loaded."""
+    other = tmp_path / "SmolLM2-other"
+    other.symlink_to(
+        (stack.data_dir / "models" / DEFAULT_MODEL).resolve(), target_is_directory=True
+    )
+    with grpc.insecure_channel(stack.services()["hardware"].address) as channel:
+        hardware = hardware_pb2_grpc.HardwareServiceStub(channel)
+
+        def reserve(size: int) -> hardware_pb2.HardwareServiceReserveResponse:
+            request = hardware_pb2.HardwareServiceReserveRequest(
+                device="cpu", bytes=size, holder="test-hog", ttl=Duration(seconds=120)
+            )
+            return hardware.Reserve(request, timeout=10)
+
+        # Ask for everything to learn what is free, then hold all but 10 MiB of it.
+        total = hardware.Snapshot(
+            hardware_pb2.HardwareServiceSnapshotRequest(), timeout=10
+        ).snapshot.memory.total_bytes
+        with pytest.raises(grpc.RpcError) as caught:
+            reserve(total)
+        info = error_info(caught.value)
+        assert info is not None
+        hog = reserve(int(info.metadata["free_bytes"]) - 10 * 2**20)
+        runtime = stack.services()["runtime"].address
+        try:
+            with grpc.insecure_channel(runtime) as runtime_channel:
+                stub = runtime_pb2_grpc.RuntimeServiceStub(runtime_channel)
+                with pytest.raises(grpc.RpcError) as refused:
+                    stub.LoadModel(
+                        runtime_pb2.RuntimeServiceLoadModelRequest(name=str(other)), timeout=60
+                    )
+                models = stub.ListModels(runtime_pb2.RuntimeServiceListModelsRequest(), timeout=10)
+        finally:
+            hardware.Release(
+                hardware_pb2.HardwareServiceReleaseRequest(
+                    reservation_id=hog.reservation_id, holder="test-hog"
+                ),
+                timeout=10,
+            )
+    error = refused.value
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
+    assert error_info(error).reason == "INSUFFICIENT_MEMORY"
+    assert error.details().startswith("Reserve on hardware at ")
+    assert "is free" in error.details()
+    assert [m.name for m in models.models] == [DEFAULT_MODEL], "nothing else was loaded"
+
+
+def test_a_restarted_hardware_service_gets_the_runtimes_reservation_back(stack: Stack) -> None:
+    """Reservations live in the hardware process: after it restarts, the runtime's next
+    renewal finds its reservation gone (NOT_FOUND) and reserves again."""
+    weights = weight_file_bytes(stack.data_dir)
+    killed = stack.services()["hardware"].pid
+    os.kill(killed, signal.SIGKILL)
+
+    def restarted() -> bool:
+        with contextlib.suppress(grpc.RpcError, KeyError):
+            hardware = stack.services()["hardware"]
+            return hardware.pid != killed and reserved_bytes(stack) >= 0
+        return False
+
+    wait_for(restarted, 60, "the supervisor restarting the hardware service")
+    # The runtime renews every TTL_S / 3 = 20 s: within two rounds it has reserved again.
+    wait_for(lambda: reserved_bytes(stack) == weights, 60, "the runtime reserving again")
