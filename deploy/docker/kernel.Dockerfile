@@ -32,5 +32,6 @@ ENV PATH=/opt/llmos/bin:$PATH \
     LLMOS_LOG_FORMAT=json
 USER 10001:10001
 WORKDIR /home/llmos
-EXPOSE 50051
+# gRPC, and Prometheus /metrics (the gRPC port + 1000).
+EXPOSE 50051 51051
 CMD ["llmos", "serve", "kernel"]

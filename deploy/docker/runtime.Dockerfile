@@ -39,5 +39,6 @@ ENV PATH=/opt/llmos/bin:$PATH \
     LLMOS_LOG_FORMAT=json
 USER 10001:10001
 WORKDIR /home/llmos
-EXPOSE 50052
+# gRPC, and Prometheus /metrics (the gRPC port + 1000).
+EXPOSE 50052 51052
 CMD ["llmos", "serve", "runtime"]

@@ -29,6 +29,7 @@ ENV PATH=/opt/llmos/bin:$PATH \
     LLMOS_LOG_FORMAT=json
 USER 10001:10001
 WORKDIR /home/llmos
-# safety, privacy, explain, hardware: the kernel's port (50051) plus 2, 3, 4, 5.
-EXPOSE 50053 50054 50055 50056
+# safety, privacy, explain, hardware: the kernel's port (50051) plus 2, 3, 4, 5; and
+# their Prometheus /metrics, each on its gRPC port + 1000.
+EXPOSE 50053 50054 50055 50056 51053 51054 51055 51056
 CMD ["llmos", "serve", "safety"]

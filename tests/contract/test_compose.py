@@ -24,7 +24,7 @@ import yaml
 from jsonschema.protocols import Validator
 
 from llmos.kernel.stack import BY_NAME, STACK
-from llmos.services.config import FIELDS
+from llmos.services.config import FIELDS, METRICS_PORT_OFFSET
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"
@@ -234,8 +234,23 @@ def test_the_schema_check_catches_a_misspelt_key() -> None:
 # ---------------------------------------------------------------- the services
 
 
+def profiled(profile: str | None) -> set[str]:
+    """The services Compose starts with `profile` enabled only (None: with no profile)."""
+    return {
+        name
+        for name, definition in compose()["services"].items()
+        if (profile in definition.get("profiles", []))
+        or (profile is None and not definition.get("profiles"))
+    }
+
+
 def test_compose_runs_every_process_of_the_stack_plus_redis() -> None:
-    assert set(compose()["services"]) == {*PROCESSES, "redis"}
+    assert profiled(None) == {*PROCESSES, "redis"}
+
+
+def test_the_observability_profile_adds_prometheus_and_grafana() -> None:
+    assert profiled("observability") == {"prometheus", "grafana"}
+    assert set(compose()["services"]) == {*PROCESSES, "redis", "prometheus", "grafana"}
 
 
 @pytest.mark.parametrize("name", PROCESSES)
@@ -302,9 +317,23 @@ def test_services_start_after_a_healthy_kernel(name: str) -> None:
     assert depends_on.get("kernel", {}).get("condition") == "service_healthy"
 
 
-@pytest.mark.parametrize("name", [*PROCESSES, "redis"])
+@pytest.mark.parametrize("name", [*PROCESSES, "redis", "prometheus", "grafana"])
 def test_every_container_restarts_unless_stopped(name: str) -> None:
     assert service(name).get("restart") == "unless-stopped"
+
+
+def exposed_ports(name: str) -> set[int]:
+    return {int(str(port).split("/")[0]) for port in service(name).get("expose", [])}
+
+
+@pytest.mark.parametrize("name", PROCESSES)
+def test_each_process_exposes_its_metrics_port_to_the_compose_network(name: str) -> None:
+    metrics_port = expected_port(name) + METRICS_PORT_OFFSET
+    assert metrics_port in exposed_ports(name), (
+        f"{name}: serves /metrics on {metrics_port} (its gRPC port + {METRICS_PORT_OFFSET}); "
+        "expose it so Prometheus can scrape it"
+    )
+    assert metrics_port not in published_ports(name), f"{name}: metrics are not published"
 
 
 def test_only_the_kernel_is_published_on_50051() -> None:
@@ -397,7 +426,9 @@ def test_dockerfile_exposes_the_ports_of_the_processes_it_serves(path: Path) -> 
     }
     served = {name for name in PROCESSES if built_dockerfile(name) == path.resolve()}
     served.add(exec_form(path, "CMD")[2])
-    assert exposed == {KERNEL_PORT + BY_NAME[name].port_offset for name in served}
+    grpc_ports = {KERNEL_PORT + BY_NAME[name].port_offset for name in served}
+    # Each process's gRPC port, and its /metrics on the gRPC port + METRICS_PORT_OFFSET.
+    assert exposed == grpc_ports | {port + METRICS_PORT_OFFSET for port in grpc_ports}
 
 
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
