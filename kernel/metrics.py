@@ -9,15 +9,8 @@ Imported by the kernel process only (`llmos.services.metrics.KIND_COLLECTORS`), 
 family below is on the kernel's /metrics from its start, at zero where a label set is known
 in advance (priority classes, task states).
 
-| name | type | labels |
-| --- | --- | --- |
-| `llmos_kernel_queue_depth` | gauge | `priority` |
-| `llmos_kernel_queue_limit` | gauge | `priority` |
-| `llmos_kernel_running_tasks` | gauge | `service` |
-| `llmos_kernel_queue_wait_seconds` | histogram | `priority` |
-| `llmos_kernel_tasks_total` | counter | `state` |
-| `llmos_kernel_stage_duration_seconds` | histogram | `stage`, `decision` |
-| `llmos_kernel_admissions_refused_total` | counter | `priority`, `reason` |
+The names, types and labels are listed in docs/operator-guide.md#metrics (a contract
+test keeps that table equal to what is defined here).
 """
 
 from __future__ import annotations

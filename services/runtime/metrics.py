@@ -8,25 +8,12 @@ Three sources, each where the fact is known:
 - a collector reads each engine's `EngineStats` at scrape time (running and queued
   sequences, KV-cache bytes, steps), so the batch thread never does extra work for it.
 
-Imported by the runtime process only (`llmos.services.metrics.KIND_COLLECTORS`); the
-engine imports it too, so the in-process engine tests need no endpoint.
+Imported by every runtime process (`llmos.services.metrics.KIND_COLLECTORS`), the echo
+runtime's too, so it imports no torch; the engine imports it as well, so the in-process
+engine tests record without an endpoint.
 
-| name | type | labels |
-| --- | --- | --- |
-| `llmos_runtime_generated_tokens_total` | counter | `model` |
-| `llmos_runtime_prompt_tokens_total` | counter | `model` |
-| `llmos_runtime_requests_total` | counter | `model`, `finish_reason` |
-| `llmos_runtime_time_to_first_token_seconds` | histogram | `model` |
-| `llmos_runtime_inter_token_latency_seconds` | histogram | `model` |
-| `llmos_runtime_batch_sequences` | histogram | `model` |
-| `llmos_runtime_running_sequences` | gauge | `model` |
-| `llmos_runtime_queued_sequences` | gauge | `model` |
-| `llmos_runtime_batch_limit_sequences` | gauge | `model` |
-| `llmos_runtime_kv_cache_allocated_bytes` | gauge | `model` |
-| `llmos_runtime_kv_cache_reserved_bytes` | gauge | `model` |
-| `llmos_runtime_kv_cache_budget_bytes` | gauge | `model` |
-| `llmos_runtime_model_weight_bytes` | gauge | `model` |
-| `llmos_runtime_engine_steps_total` | counter | `model` |
+The names, types and labels are listed in docs/operator-guide.md#metrics (a contract
+test keeps that table equal to what is defined here).
 """
 
 from __future__ import annotations
