@@ -107,6 +107,7 @@ def check_holder(holder: str) -> str:
             f"holder is {len(holder)} characters; at most {MAX_HOLDER_CHARS} are allowed",
             reason="BAD_HOLDER",
         )
+    holder_pid(holder)  # a malformed "pid:" holder is refused up front
     return holder
 
 
