@@ -27,7 +27,9 @@ conditions:
               broker's percentile minus the direct one.
   throughput  --concurrency clients on one channel, each issuing its next call as soon as the
               last ends, for --duration-s per target: completed calls per second at
-              saturation, errors by status code, and latency under that load.
+              saturation, errors by status code, latency under that load, the CPU time each
+              process (client, broker, runtime, the stages' services) spent per call (from
+              /proc), and `cores_busy`, their CPU time over the wall time.
 
 Both kernel phases report:
 
@@ -91,6 +93,7 @@ DRAIN_TIMEOUT_S = 120.0
 FILL_BATCH = 16
 MAX_FILL = 50_000
 FLAT_MIB_PER_MIN = 1.0
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 QUICK = {
     "requests": 40,
     "warmup": 5,
@@ -201,6 +204,12 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text(encoding="ascii").rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
 def children_of(pid: int) -> list[int]:
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(child) for child in path.read_text(encoding="ascii").split()]
@@ -297,13 +306,13 @@ async def stack_ready(address: str) -> bool:
     return expected <= healthy
 
 
-async def runtime_of(kernel_address: str) -> kernel_pb2.ServiceInfo:
-    """The runtime the kernel registered: its address (for direct calls) and pid."""
+async def registered(kernel_address: str) -> dict[str, kernel_pb2.ServiceInfo]:
+    """The services the kernel registered, by name: addresses (for direct calls) and pids."""
     async with grpc.aio.insecure_channel(kernel_address) as channel:
         reply = await kernel_pb2_grpc.KernelServiceStub(channel).ListServices(
             kernel_pb2.ListServicesRequest(), timeout=5
         )
-    return next(s for s in reply.services if s.kind == common_pb2.SERVICE_KIND_RUNTIME)
+    return {service.name: service for service in reply.services}
 
 
 # ---------------------------------------------------------------------------- calls
@@ -399,14 +408,25 @@ async def saturate(call: Call, concurrency: int, duration_s: float) -> tuple[Tim
     return timings, time.perf_counter() - started
 
 
-async def throughput(call: Call, concurrency: int, duration_s: float) -> dict[str, Any]:
+async def throughput(
+    call: Call, concurrency: int, duration_s: float, pids: dict[str, int]
+) -> dict[str, Any]:
+    """Saturation figures, with the CPU time each process spent per completed call."""
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     timings, wall = await saturate(call, concurrency, duration_s)
+    spent = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+    calls = len(timings.seconds)
     summary = latency_summary(timings.seconds, timings.errors)
     return {
         "concurrency": concurrency,
         "wall_s": round(wall, 3),
-        "calls_per_s": round(len(timings.seconds) / wall, 1),
+        "calls_per_s": round(calls / wall, 1),
         **summary,
+        "cpu_ms_per_call": {
+            name: round(1000 * seconds / calls, 3) if calls else None
+            for name, seconds in spent.items()
+        },
+        "cores_busy": round(sum(spent.values()) / wall, 2),
     }
 
 
@@ -424,8 +444,9 @@ class Plan:
     soak_s: float
 
 
-async def compare(plan: Plan, calls: dict[str, Call]) -> dict[str, Any]:
-    """Latency and throughput of each target; the broker is the last one named."""
+async def compare(plan: Plan, calls: dict[str, Call], pids: dict[str, int]) -> dict[str, Any]:
+    """Latency and throughput of each target; the broker is the last one named. `pids` are
+    the processes whose CPU time per call the throughput runs report."""
     timings = await latency(calls, plan.requests, plan.warmup)
     summaries = {name: latency_summary(t.seconds, t.errors) for name, t in timings.items()}
     direct, broker = next(iter(calls)), list(calls)[-1]
@@ -435,7 +456,9 @@ async def compare(plan: Plan, calls: dict[str, Call]) -> dict[str, Any]:
         "throughput": {},
     }
     for name, call in calls.items():
-        result["throughput"][name] = await throughput(call, plan.concurrency, plan.duration_s)
+        result["throughput"][name] = await throughput(
+            call, plan.concurrency, plan.duration_s, {"client": os.getpid(), **pids}
+        )
     result["_task_ids"] = timings[broker].task_ids
     return result
 
@@ -448,13 +471,16 @@ async def bare_phase(plan: Plan, workdir: Path) -> dict[str, Any]:
     try:
         started = time.monotonic()
         # No kernel at `base`: the runtime's registration retries quietly once a second.
-        procs.start(
+        runtime_process = procs.start(
             "runtime",
             [sys.executable, "-m", "llmos.kernel.cli", "serve", "runtime", "--port", str(base)],
             echo_env(procs.workdir / "data"),
         )
         proxy_argv = [sys.executable, str(REPO / "bench" / "bare_proxy.py")]
-        procs.start("proxy", [*proxy_argv, "--listen", proxy, "--target", runtime], {})
+        proxy_process = procs.start(
+            "proxy", [*proxy_argv, "--listen", proxy, "--target", runtime], {}
+        )
+        pids = {"runtime": runtime_process.pid, "proxy": proxy_process.pid}
         await wait_for("the echo runtime", lambda: serving(runtime), procs)
         async with (
             grpc.aio.insecure_channel(runtime) as direct,
@@ -467,7 +493,7 @@ async def bare_phase(plan: Plan, workdir: Path) -> dict[str, Any]:
             await wait_for("the proxy", probe(calls["proxy"]), procs)
             ready_s = time.monotonic() - started
             progress("bare: runtime and proxy ready; measuring")
-            result = await compare(plan, calls)
+            result = await compare(plan, calls, pids)
         result.pop("_task_ids")
         return {"ready_s": round(ready_s, 2), **result}
     finally:
@@ -511,7 +537,11 @@ async def kernel_phase(plan: Plan, workdir: Path, stages_on: bool) -> dict[str, 
     settings = {} if stages_on else {"kernel_stages": ""}
     async with stack(workdir, name, **settings) as (port, supervisor, ready_s):
         kernel_address = f"{HOST}:{port}"
-        runtime = await runtime_of(kernel_address)
+        services = await registered(kernel_address)
+        runtime = services["runtime"]
+        pids = {"kernel": kernel_pid(supervisor), "runtime": runtime.pid}
+        if stages_on:
+            pids |= {name: services[name].pid for name in ("safety", "privacy")}
         async with (
             grpc.aio.insecure_channel(runtime.address) as direct,
             grpc.aio.insecure_channel(kernel_address) as kernel,
@@ -521,7 +551,7 @@ async def kernel_phase(plan: Plan, workdir: Path, stages_on: bool) -> dict[str, 
                 "kernel": kernel_call(kernel, plan.prompt),
             }
             progress(f"{name}: stack ready in {ready_s:.1f}s; measuring")
-            result = await compare(plan, calls)
+            result = await compare(plan, calls, pids)
             task_ids = result.pop("_task_ids")
             result = {"ready_s": round(ready_s, 2), **result}
             result["stage_cost"] = await stage_cost(kernel, task_ids[:200])
@@ -529,7 +559,7 @@ async def kernel_phase(plan: Plan, workdir: Path, stages_on: bool) -> dict[str, 
                 progress(f"{name}: refusal of a full queue")
                 result["refusal"] = await refusal(kernel, runtime.pid, plan)
                 progress(f"{name}: soak for {plan.soak_s:.0f}s")
-                result["soak"] = await soak(calls["kernel"], kernel_pid(supervisor), plan)
+                result["soak"] = await soak(calls["kernel"], pids["kernel"], plan)
             return result
 
 
@@ -711,19 +741,28 @@ def machine() -> dict[str, Any]:
     }
 
 
-def commit() -> str:
+def git(*args: str) -> str:
     result = subprocess.run(
-        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-        capture_output=True,
-        text=True,
-        check=False,
+        ["git", "-C", str(REPO), *args], capture_output=True, text=True, check=False
     )
-    return result.stdout.strip() or "?"
+    return result.stdout.strip()
+
+
+def source() -> dict[str, Any]:
+    """The commit measured, and the tracked code files that differ from it (uncommitted
+    edits to kernel/ or services/ change what is measured)."""
+    changed = git("status", "--porcelain", "--untracked-files=no").splitlines()
+    return {
+        "commit": git("rev-parse", "--short", "HEAD") or "?",
+        "uncommitted_code": sorted(
+            line[3:] for line in changed if line[3:].startswith(("kernel/", "services/"))
+        ),
+    }
 
 
 async def run(plan: Plan, workdir: Path) -> dict[str, Any]:
     report: dict[str, Any] = {
-        "commit": commit(),
+        "source": source(),
         "machine": machine(),
         "plan": dataclasses.asdict(plan),
     }
