@@ -16,12 +16,14 @@ from collections.abc import AsyncIterator
 import grpc
 
 from llmos.kernel.registry import Registry
-from llmos.kernel.scheduler import Scheduler, SchedulerConfig
+from llmos.kernel.scheduler import DEFAULT_QUEUE_LIMITS, Priority, Scheduler, SchedulerConfig
 from llmos.kernel.store import SqliteTaskStore, TaskRecord, TaskStore
+from llmos.kernel.store.redis import RedisTaskStore
+from llmos.kernel.store.work_queue import RedisWorkQueue
 from llmos.kernel.tasks import TaskRunner
 from llmos.services.channels import TENANT_KEY, outgoing_metadata
 from llmos.services.config import Settings
-from llmos.services.errors import Unavailable, from_rpc_error
+from llmos.services.errors import InvalidArgument, Unavailable, from_rpc_error
 from llmos.services.rpc_types import Context
 from llmos.services.validation import chat_messages, sampling_from
 from llmos.v1 import common_pb2, kernel_pb2, kernel_pb2_grpc, runtime_pb2, runtime_pb2_grpc
@@ -183,15 +185,49 @@ class KernelService:
 
     async def start(self) -> None:
         self.registry.start()
-        self.store = await SqliteTaskStore.open(self.settings.data_dir)
+        limits = dict(DEFAULT_QUEUE_LIMITS)
+        if self.settings.kernel_max_queued > 0:
+            limits = dict.fromkeys(Priority, self.settings.kernel_max_queued)
+        queue: RedisWorkQueue | None = None
+        if self.settings.task_store == "redis":
+            store = await RedisTaskStore.open(
+                self.settings.redis_url, prefix=self.settings.redis_prefix
+            )
+            queue = RedisWorkQueue(
+                store,
+                claim_idle_s=self.settings.kernel_claim_idle_s,
+                max_deliveries=self.settings.kernel_max_deliveries,
+                queue_limits=limits,
+            )
+            self.store = store
+        elif self.settings.task_store == "sqlite":
+            self.store = await SqliteTaskStore.open(self.settings.data_dir)
+        else:
+            raise InvalidArgument(
+                f'task_store is {self.settings.task_store!r}; use "sqlite" (one kernel, '
+                'embedded) or "redis" (several kernels, with redis_url)',
+                reason="BAD_SETTING",
+            )
+        concurrency = self.settings.kernel_runtime_concurrency
         scheduler = Scheduler(
             SchedulerConfig(
                 aging_s=self.settings.kernel_aging_s,
-                service_limits={"runtime": self.settings.kernel_runtime_concurrency},
+                service_limits={"runtime": concurrency},
+                queue_limits=limits,
             )
         )
-        self.runner = TaskRunner(self.registry, self.store, scheduler)
+        # With a shared queue, hold a quarter more than can run, so a freed slot is filled
+        # from this kernel's own queue without a round trip to Redis.
+        self.runner = TaskRunner(
+            self.registry,
+            self.store,
+            scheduler,
+            queue,
+            max_local=concurrency + max(1, concurrency // 4),
+        )
         await self.runner.start()
+        if queue is not None:
+            log.info("sharing work through %s as kernel %s", store.where, queue.kernel_id)
 
     async def stop(self) -> None:
         if self.runner is not None:

@@ -17,6 +17,12 @@ disconnects cancels it. The path of a task:
 Every step appends a TraceStep. State and text go to the task store, so `WatchTask`
 replays a task from any offset and a kernel restart loses nothing: on start, tasks that
 were QUEUED or interrupted RUNNING are admitted again (`TaskStore.recover`).
+
+With a shared work queue (several kernels on one Redis, `kernel.store.work_queue`) a
+`Submit` goes onto the shared queue instead of this kernel's scheduler; a feeder takes
+entries from it while this kernel has room, and acknowledges each once its final state is
+stored. Recovery is then the queue's: dead kernels' entries are taken over, not recovered
+at start. A `Generate` still runs where its client is connected.
 """
 
 from __future__ import annotations
@@ -31,12 +37,14 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from llmos.kernel import metrics as kernel_metrics
 from llmos.kernel.registry import Registry
 from llmos.kernel.scheduler import Priority, Scheduler, Ticket
 from llmos.kernel.stages import ServiceStage, StageContext, after_model, before_model
 from llmos.kernel.store import TaskRecord, TaskStore
+from llmos.kernel.store.work_queue import RedisWorkQueue, Work
 from llmos.services.channels import outgoing_metadata
-from llmos.services.errors import DeadlineExceeded, LlmosError, from_rpc_error
+from llmos.services.errors import DeadlineExceeded, LlmosError, NotFound, from_rpc_error
 from llmos.services.logs import request_id_var, task_id_var
 from llmos.services.timing import duration, now_timestamp, since
 from llmos.v1 import common_pb2, kernel_pb2, runtime_pb2, runtime_pb2_grpc
@@ -45,6 +53,8 @@ log = logging.getLogger(__name__)
 
 RUNTIME = "runtime"
 STREAM_END = None
+# How long CancelTask waits for another kernel to stop a task it runs.
+REMOTE_CANCEL_WAIT_S = 3.0
 
 
 @dataclasses.dataclass
@@ -58,24 +68,49 @@ class Running:
     error: LlmosError | None = None
     # The request id of the call that made the task, for the logs and downstream calls.
     request_id: str = ""
+    # Another kernel took its queue entry over: stop without writing a state.
+    lost: bool = False
 
 
 class TaskRunner:
     """Admits, dispatches, runs and records tasks."""
 
-    def __init__(self, registry: Registry, store: TaskStore, scheduler: Scheduler) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        store: TaskStore,
+        scheduler: Scheduler,
+        queue: RedisWorkQueue | None = None,
+        max_local: int = 64,
+    ) -> None:
+        """`queue` is the shared work queue when several kernels share the store; then this
+        kernel holds at most `max_local` tasks (queued here or running) at a time."""
         self.registry = registry
         self.store = store
         self.scheduler = scheduler
+        kernel_metrics.watch_scheduler(scheduler, [RUNTIME])
+        self.queue = queue
+        self.max_local = max_local
         self._live: dict[str, Running] = {}
         self._wakeup = asyncio.Event()
+        self._room = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._recovery: asyncio.Task[None] | None = None
+        self._shared: list[asyncio.Task[None]] = []
         self._closing = False
 
     # -- lifecycle --------------------------------------------------------------------
 
     async def start(self) -> None:
+        self._loop_task = asyncio.create_task(self._dispatch_forever(), name="dispatch")
+        if self.queue is not None:
+            await self.queue.start()
+            self._shared = [
+                asyncio.create_task(self._feed_forever(self.queue), name="feed"),
+                asyncio.create_task(self._follow(self.queue.cancels, lost=False), name="cancels"),
+                asyncio.create_task(self._follow(self.queue.lost, lost=True), name="lost"),
+            ]
+            return
         report = await self.store.recover()
         if report.queued or report.failed:
             log.info(
@@ -83,7 +118,6 @@ class TaskRunner:
                 len(report.queued),
                 len(report.failed),
             )
-        self._loop_task = asyncio.create_task(self._dispatch_forever(), name="dispatch")
         if report.queued:
             self._recovery = asyncio.create_task(self._readmit(report.queued), name="recovery")
 
@@ -109,27 +143,39 @@ class TaskRunner:
         self._wakeup.set()
 
     async def close(self) -> None:
-        """Stop dispatching; running tasks go back to QUEUED for the next start."""
+        """Stop dispatching; running tasks go back to QUEUED for the next start (with a
+        shared queue: back on the queue, for any kernel)."""
         self._closing = True
-        if self._recovery is not None:
-            self._recovery.cancel()
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
+        background = [self._recovery, self._loop_task, *self._shared]
+        for task in background:
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(*(t for t in background if t is not None), return_exceptions=True)
         for running in list(self._live.values()):
             if running.task is not None:
                 running.task.cancel()
         await asyncio.gather(
             *(r.task for r in self._live.values() if r.task is not None), return_exceptions=True
         )
+        if self.queue is not None:
+            for task_id in list(self.queue.held):  # taken but never started
+                with contextlib.suppress(LlmosError):
+                    record = await self.store.get(task_id)
+                    await self.queue.release(task_id, record.priority)
+            await self.queue.close()
 
     # -- entry points -----------------------------------------------------------------
 
     async def submit(
-        self, request: kernel_pb2.GenerateRequest, tenant: str, deadline: float | None = None
+        self,
+        request: kernel_pb2.GenerateRequest,
+        tenant: str,
+        deadline: float | None = None,
+        *,
+        streamed: bool = False,
     ) -> str:
-        """Accept a task: admitted to the scheduler and stored QUEUED, or refused at once."""
+        """Accept a task: stored QUEUED and admitted to the scheduler (or, with a shared
+        queue and unless `streamed`, put on the shared queue), or refused at once."""
         priority = Priority.from_proto(request.priority)
         record = TaskRecord.queued(
             uuid.uuid4().hex,
@@ -139,13 +185,21 @@ class TaskRunner:
             request=request.SerializeToString(),
             now=time.time(),
         )
+        if self.queue is not None and not streamed:
+            await self.queue.submit(record)  # refuses (queue full) before anything is stored
+            kernel_metrics.task_entered(common_pb2.TASK_STATE_QUEUED)
+            return record.task_id
         self._admit(record, deadline)  # refuses before anything is stored
         try:
-            await self.store.create(record)
+            if self.queue is not None:
+                await self.queue.attach(record)
+            else:
+                await self.store.create(record)
         except BaseException:
             self.scheduler.cancel(record.task_id)
             self._live.pop(record.task_id, None)
             raise
+        kernel_metrics.task_entered(common_pb2.TASK_STATE_QUEUED)
         self._wakeup.set()
         return record.task_id
 
@@ -154,7 +208,7 @@ class TaskRunner:
     ) -> AsyncIterator[kernel_pb2.GenerateResponse]:
         """Generate: a task whose output is streamed live; leaving cancels it."""
         listener: asyncio.Queue[kernel_pb2.GenerateResponse | None] = asyncio.Queue()
-        task_id = await self.submit(request, tenant, deadline)
+        task_id = await self.submit(request, tenant, deadline, streamed=True)
         running = self._live[task_id]
         running.listener = listener
         try:
@@ -185,9 +239,11 @@ class TaskRunner:
             return record
         if self.scheduler.cancel(task_id):
             waiting = self._live.pop(task_id, None)
-            record = await self.store.transition(
+            self._room.set()
+            record = await self._transition(
                 task_id, common_pb2.TASK_STATE_CANCELLED, error="cancelled while queued"
             )
+            await self._settle(task_id)
             if waiting is not None and waiting.listener is not None:
                 waiting.listener.put_nowait(STREAM_END)
             return record
@@ -197,13 +253,26 @@ class TaskRunner:
             with contextlib.suppress(asyncio.CancelledError, LlmosError):
                 await running.task
         elif record.state == common_pb2.TASK_STATE_QUEUED:
-            # Stored but not admitted yet: a recovered task waiting for the services.
-            return await self.store.transition(
+            # Stored but not admitted here: a recovered task waiting for the services, or
+            # one on the shared queue (whichever kernel takes it finds it cancelled).
+            return await self._transition(
                 task_id, common_pb2.TASK_STATE_CANCELLED, error="cancelled while queued"
             )
+        elif self.queue is not None and record.state == common_pb2.TASK_STATE_RUNNING:
+            return await self._cancel_elsewhere(self.queue, task_id)
         if not quietly:
             log.info("task %s cancelled", task_id)
         return await self.store.get(task_id)
+
+    async def _cancel_elsewhere(self, queue: RedisWorkQueue, task_id: str) -> TaskRecord:
+        """Ask the kernel running `task_id` to cancel it; wait a little for it to end."""
+        await queue.publish_cancel(task_id)
+        give_up = time.monotonic() + REMOTE_CANCEL_WAIT_S
+        record = await self.store.get(task_id)
+        while not record.finished and time.monotonic() < give_up:
+            await asyncio.sleep(0.05)
+            record = await self.store.get(task_id)
+        return record
 
     async def watch(self, task_id: str, offset: int) -> AsyncIterator[kernel_pb2.WatchTaskResponse]:
         """The task's events from `offset`, following it live until it ends."""
@@ -224,26 +293,102 @@ class TaskRunner:
 
     # -- admission and dispatch ---------------------------------------------------------
 
-    def _admit(self, record: TaskRecord, deadline: float | None) -> None:
-        self.scheduler.admit(
-            Ticket(
-                task_id=record.task_id,
-                tenant=record.tenant,
-                priority=Priority.from_proto(record.priority),
-                service=RUNTIME,
-                enqueued_at=time.monotonic(),
-                deadline=deadline,
-            ),
-            time.monotonic(),
-        )
+    def _admit(self, record: TaskRecord, deadline: float | None, waited_s: float = 0.0) -> None:
+        """Queue `record` here; `waited_s` is time it already spent queued elsewhere (on the
+        shared queue), which counts towards its aging."""
+        now = time.monotonic()
+        priority = Priority.from_proto(record.priority)
+        try:
+            self.scheduler.admit(
+                Ticket(
+                    task_id=record.task_id,
+                    tenant=record.tenant,
+                    priority=priority,
+                    service=RUNTIME,
+                    enqueued_at=now - waited_s,
+                    deadline=deadline,
+                ),
+                now,
+            )
+        except LlmosError as error:
+            kernel_metrics.admission_refused(priority, error.reason)
+            raise
         self._live[record.task_id] = Running(deadline=deadline, request_id=request_id_var.get())
+
+    async def _settle(self, task_id: str) -> None:
+        """The task's final state is stored: with a shared queue, acknowledge its entry."""
+        if self.queue is not None:
+            with contextlib.suppress(LlmosError):  # Redis down: it is taken over, found done
+                await self.queue.done(task_id)
+
+    # -- the shared queue -----------------------------------------------------------------
+
+    async def _feed_forever(self, queue: RedisWorkQueue) -> None:
+        """Take work from the shared queue whenever this kernel has room for it. Stops on
+        `_closing` too: a cancel landing inside a Redis command may be swallowed."""
+        while not self._closing:
+            room = self.max_local - len(self._live)
+            if room <= 0:
+                self._room.clear()
+                await self._room.wait()
+                continue
+            try:
+                works = await queue.take(room)
+            except LlmosError as error:  # Redis unreachable past its retries: keep trying
+                log.warning("could not take work from the shared queue: %s", error.message)
+                await asyncio.sleep(1.0)
+                continue
+            for work in works:
+                await self._take(queue, work)
+            if works:
+                self._wakeup.set()
+
+    async def _take(self, queue: RedisWorkQueue, work: Work) -> None:
+        try:
+            record = await self.store.get(work.task_id)
+        except NotFound:  # its tenant was forgotten meanwhile
+            await queue.done(work.task_id)
+            return
+        if record.finished:  # cancelled while queued, or finished by a kernel that then died
+            await queue.done(work.task_id)
+            return
+        if record.state == common_pb2.TASK_STATE_RUNNING:  # its kernel died mid-run
+            record = await self._transition(
+                work.task_id,
+                common_pb2.TASK_STATE_QUEUED,
+                error=f"the kernel running it stopped renewing its claim; taken over by "
+                f"{queue.kernel_id} (delivery {work.deliveries})",
+            )
+        self._admit(record, deadline=None, waited_s=max(0.0, time.time() - record.created_at))
+
+    async def _follow(self, task_ids: asyncio.Queue[str], *, lost: bool) -> None:
+        """Cancel local tasks another kernel asked to cancel, or whose entries it took."""
+        while True:
+            task_id = await task_ids.get()
+            running = self._live.get(task_id)
+            if running is None:
+                continue
+            if lost:
+                running.lost = True
+                self.scheduler.cancel(task_id)
+                if running.task is not None:
+                    running.task.cancel()
+                else:
+                    self._live.pop(task_id, None)
+            else:
+                with contextlib.suppress(LlmosError):
+                    await self.cancel(task_id)
 
     async def _dispatch_forever(self) -> None:
         while True:
             dispatch = self.scheduler.dispatch(time.monotonic())
             for expired in dispatch.expired:
                 await self._end_unrun(expired.task_id, "its deadline passed while it was queued")
+                self._room.set()
             if dispatch.ticket is not None:
+                kernel_metrics.task_dispatched(
+                    dispatch.ticket.priority, time.monotonic() - dispatch.ticket.enqueued_at
+                )
                 running = self._live.setdefault(dispatch.ticket.task_id, Running())
                 running.task = asyncio.create_task(
                     self._run(dispatch.ticket, dispatch.effective), name=dispatch.ticket.task_id
@@ -258,7 +403,8 @@ class TaskRunner:
     async def _end_unrun(self, task_id: str, why: str) -> None:
         running = self._live.pop(task_id, None)
         with contextlib.suppress(LlmosError):
-            await self.store.transition(task_id, common_pb2.TASK_STATE_FAILED, error=why)
+            await self._transition(task_id, common_pb2.TASK_STATE_FAILED, error=why)
+        await self._settle(task_id)
         if running is not None and running.listener is not None:
             running.listener.put_nowait(STREAM_END)
 
@@ -268,7 +414,20 @@ class TaskRunner:
         task_id_var.set(ticket.task_id)
         running = self._live[ticket.task_id]
         request_id_var.set(running.request_id)
-        record = await self.store.transition(ticket.task_id, common_pb2.TASK_STATE_RUNNING)
+        try:
+            record = await self._transition(ticket.task_id, common_pb2.TASK_STATE_RUNNING)
+        except LlmosError as error:  # cancelled through another kernel before it started
+            log.info("task %s not started: %s", ticket.task_id, error.message)
+            self._forget(ticket.task_id, running)
+            await self._settle(ticket.task_id)
+            return
+        evidence = {
+            "tenant": ticket.tenant,
+            "priority": ticket.priority.label,
+            "ran_as": (effective or ticket.priority).label,
+        }
+        if self.queue is not None:
+            evidence["kernel"] = self.queue.kernel_id
         await self._trace(
             ticket.task_id,
             common_pb2.TraceStep(
@@ -278,11 +437,7 @@ class TaskRunner:
                 duration=duration(time.monotonic() - ticket.enqueued_at),
                 decision="dispatched",
                 reason="scheduled by priority class, tenant fair share and deadline",
-                evidence={
-                    "tenant": ticket.tenant,
-                    "priority": ticket.priority.label,
-                    "ran_as": (effective or ticket.priority).label,
-                },
+                evidence=evidence,
             ),
         )
         request = kernel_pb2.GenerateRequest.FromString(record.request)
@@ -291,16 +446,19 @@ class TaskRunner:
             await self._stages(before_model(), ticket, text, running.deadline)
             output, usage = await self._generate(ticket, request, running)
             await self._stages(after_model(), ticket, output, running.deadline)
-            await self.store.transition(
+            await self._transition(
                 ticket.task_id,
                 common_pb2.TASK_STATE_SUCCEEDED,
                 finish_reason=usage.finish_reason,
                 usage=usage.usage.SerializeToString(),
             )
             await self._record(ticket.task_id, "succeeded")
+            await self._settle(ticket.task_id)
         except asyncio.CancelledError:
+            if running.lost:  # another kernel runs it now; it writes the outcome
+                raise
             if self._closing:  # a planned stop: run it again at the next start
-                await asyncio.shield(self._requeue(ticket.task_id))
+                await asyncio.shield(self._requeue(ticket.task_id, record.priority))
             else:
                 await asyncio.shield(
                     self._finish(ticket.task_id, common_pb2.TASK_STATE_CANCELLED, "cancelled")
@@ -315,25 +473,34 @@ class TaskRunner:
             log.exception("task failed unexpectedly")
             await self._finish(ticket.task_id, common_pb2.TASK_STATE_FAILED, repr(error))
         finally:
-            self.scheduler.release(ticket.task_id)
-            self._live.pop(ticket.task_id, None)
-            if running.listener is not None:
-                running.listener.put_nowait(STREAM_END)
-            self._wakeup.set()
+            self._forget(ticket.task_id, running)
 
-    async def _requeue(self, task_id: str) -> None:
+    def _forget(self, task_id: str, running: Running) -> None:
+        """The task no longer occupies this kernel: free its slot and end its stream."""
+        self.scheduler.release(task_id)
+        self._live.pop(task_id, None)
+        if running.listener is not None:
+            running.listener.put_nowait(STREAM_END)
+        self._wakeup.set()
+        self._room.set()
+
+    async def _requeue(self, task_id: str, priority: common_pb2.Priority.ValueType) -> None:
         with contextlib.suppress(LlmosError):
-            await self.store.transition(
+            await self._transition(
                 task_id, common_pb2.TASK_STATE_QUEUED, error="the kernel stopped; queued again"
             )
         await self._record(task_id, "requeued", "the kernel stopped while it ran")
+        if self.queue is not None:
+            with contextlib.suppress(LlmosError):  # else taken over once its claim lapses
+                await self.queue.release(task_id, priority)
 
     async def _finish(self, task_id: str, state: common_pb2.TaskState.ValueType, why: str) -> None:
         with contextlib.suppress(LlmosError):
-            await self.store.transition(task_id, state, error=why)
+            await self._transition(task_id, state, error=why)
         await self._record(
             task_id, common_pb2.TaskState.Name(state).removeprefix("TASK_STATE_").lower(), why
         )
+        await self._settle(task_id)
 
     async def _stages(
         self, stages: tuple[ServiceStage, ...], ticket: Ticket, text: str, deadline: float | None
@@ -401,7 +568,25 @@ class TaskRunner:
             ),
         )
 
+    async def _transition(
+        self,
+        task_id: str,
+        state: common_pb2.TaskState.ValueType,
+        *,
+        finish_reason: common_pb2.FinishReason.ValueType | None = None,
+        usage: bytes | None = None,
+        error: str | None = None,
+    ) -> TaskRecord:
+        """Store a transition, then count the task as entering `state` (a refused
+        transition raises before it is counted)."""
+        record = await self.store.transition(
+            task_id, state, finish_reason=finish_reason, usage=usage, error=error
+        )
+        kernel_metrics.task_entered(state)
+        return record
+
     async def _trace(self, task_id: str, step: common_pb2.TraceStep) -> None:
+        kernel_metrics.stage_ran(step)
         await asyncio.shield(self.store.add_trace_step(task_id, step.SerializeToString()))
 
 

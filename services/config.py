@@ -61,9 +61,21 @@ class Settings:
     # class and tenant), and seconds a queued task waits before rising one priority class.
     kernel_runtime_concurrency: int = 64
     kernel_aging_s: float = 5.0
+    # Where the kernel keeps tasks: "sqlite" (embedded, one kernel, under data_dir) or
+    # "redis" (shared by several kernels; see docs/operator-guide.md "Several kernels").
+    task_store: str = "sqlite"
+    # The Redis server of the "redis" task store, and the prefix of every key it writes,
+    # so several deployments can share one server.
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = "llmos:"
+    # Several kernels: a queued task held by a kernel that has not renewed its claim for
+    # this long is taken over by another; one delivered more often than max_deliveries is
+    # moved to the dead-letter stream and FAILED.
+    kernel_claim_idle_s: float = 15.0
+    kernel_max_deliveries: int = 5
     # Tasks the kernel queues per priority class before refusing with RESOURCE_EXHAUSTED;
-    # 0 keeps the scheduler's defaults (256 interactive, 1024 normal, 4096 batch). Not read
-    # yet: takes effect once kernel/server.py passes it to SchedulerConfig.queue_limits.
+    # 0 keeps the scheduler's defaults (256 interactive, 1024 normal, 4096 batch). With the
+    # Redis task store it bounds each class's shared stream the same way.
     kernel_max_queued: int = 0
     # The pipeline's service stages the kernel runs, by name (kernel/stages.py); empty runs
     # none. Meant for measuring the kernel without them (bench/kernel.py): a stage left out
@@ -144,7 +156,14 @@ class Settings:
         shown: dict[str, Any] = {}
         for name, value in dataclasses.asdict(self).items():
             secret = any(marker in name.split("_") for marker in SECRET_MARKERS) and value
-            shown[name] = "***" if secret else value
+            if secret:
+                shown[name] = "***"
+            elif isinstance(value, str) and "://" in value and "@" in value:
+                # A URL with credentials (redis://user:password@host): keep the host.
+                scheme, rest = value.split("://", 1)
+                shown[name] = f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+            else:
+                shown[name] = value
         return shown
 
 

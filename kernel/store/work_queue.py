@@ -136,6 +136,9 @@ class RedisWorkQueue:
         self._refresh = self.client.register_script(REFRESH)
         self._next_reclaim = 0.0
         self._background: builtins.list[asyncio.Task[None]] = []
+        # Background loops stop on this rather than on cancellation: redis-py can swallow a
+        # CancelledError that lands mid-command, and the loop would then run on.
+        self._stopping = asyncio.Event()
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -158,9 +161,8 @@ class RedisWorkQueue:
     async def close(self) -> None:
         """Stop renewing. Entries still held stay pending, so another kernel takes them over
         after `claim_idle_s`; call `release` first for those that should move at once."""
-        for task in self._background:
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        self._stopping.set()
+        await stop_loops(self._background)
         with contextlib.suppress(LlmosError):
             await self.store.call(self.client.delete(self.alive_key))
 
@@ -381,8 +383,7 @@ class RedisWorkQueue:
         return taken
 
     async def _renew_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.claim_idle_s / 3)
+        while not await self._stopped_within(self.claim_idle_s / 3):
             try:
                 for task_id in await self.renew():
                     log.warning("task %s was taken over by another kernel; stopping it", task_id)
@@ -393,17 +394,38 @@ class RedisWorkQueue:
     async def publish_cancel(self, task_id: str) -> None:
         await self.store.call(self.client.publish(self.cancel_channel, task_id))
 
+    async def _stopped_within(self, seconds: float) -> bool:
+        """Wait up to `seconds`; True once `close` was called."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        return self._stopping.is_set()
+
     async def _listen_for_cancels(self) -> None:
-        while True:
+        while not self._stopping.is_set():
             try:
                 pubsub = self.client.pubsub()
                 await pubsub.subscribe(self.cancel_channel)
                 try:
-                    async for message in pubsub.listen():
-                        if message.get("type") == "message":
+                    while not self._stopping.is_set():
+                        message = await pubsub.get_message(
+                            ignore_subscribe_messages=True, timeout=0.5
+                        )
+                        if message is not None and message.get("type") == "message":
                             self.cancels.put_nowait(message["data"].decode())
                 finally:
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
                 log.warning("cancel channel lost (%s); resubscribing", exc)
-                await asyncio.sleep(0.5)
+                await self._stopped_within(0.5)
+
+
+async def stop_loops(
+    tasks: builtins.list[asyncio.Task[None]], grace_s: float = BLOCK_S + 2
+) -> None:
+    """Wait for loops told to stop to finish; cancel the ones that do not within `grace_s`."""
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(tasks, timeout=grace_s)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
