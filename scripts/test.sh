@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh all,dev
 (cd tests/e2e/node && npm ci --no-audit --no-fund --loglevel=error)
+scripts/ensure-redis.sh
 echo "== ruff"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .

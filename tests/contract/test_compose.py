@@ -348,9 +348,21 @@ def test_redis_keeps_an_append_only_file_on_a_volume() -> None:
     assert str(redis["image"]).startswith("redis:7")
     command = redis.get("command") or []
     words = shlex.split(command) if isinstance(command, str) else [str(w) for w in command]
-    assert "--appendonly" in words
-    assert words[words.index("--appendonly") + 1] == "yes"
-    assert any(str(volume).endswith(":/data") for volume in redis.get("volumes", []))
+    mounts = {str(volume).split(":")[1]: str(volume).split(":")[0] for volume in redis["volumes"]}
+    # The server runs with the project's configuration file, which turns the AOF on.
+    config_in_container = words[1]
+    assert words[0] == "redis-server"
+    config = (REPO / mounts[config_in_container]).read_text().splitlines()
+    assert "appendonly yes" in config
+    assert "appendfsync everysec" in config
+    assert "/data" in mounts, "the AOF directory (the image's working directory) is a volume"
+
+
+def test_the_kernel_keeps_its_tasks_in_that_redis() -> None:
+    kernel = service("kernel")
+    assert kernel["environment"]["LLMOS_TASK_STORE"] == "redis"
+    assert kernel["environment"]["LLMOS_REDIS_URL"].startswith("redis://redis:6379")
+    assert kernel["depends_on"]["redis"]["condition"] == "service_healthy"
 
 
 # ---------------------------------------------------------------- the data volume

@@ -20,7 +20,7 @@ from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parents[2]
 HEAVY = ("torch", "transformers")
-EXTRAS = ("runtime", "safety", "privacy", "hardware", "redis", "dev", "all")
+EXTRAS = ("runtime", "safety", "privacy", "hardware", "dev", "all")
 # Imported by the kernel process and the CLI; none may pull the model runtime's libraries.
 LIGHT_MODULES = (
     "llmos.kernel.server",
