@@ -10,11 +10,13 @@ processes shares the CPUs at a time:
 
   bare        an echo runtime alone (`llmos serve runtime`) and bench/bare_proxy.py in front of
               it: receive, forward, return — the floor any Python broker can reach;
-  stages_off  `llmos up` with the echo runtime and `kernel_stages = ""`: admission, scheduler,
-              task store, trace, but no safety or privacy stage;
-  stages_on   `llmos up` with the echo runtime and the default stages (while the safety and
-              privacy services are unbuilt, each stage is a round trip answered UNIMPLEMENTED
-              and traced "not_available").
+  stages_off  `llmos up` with the echo runtime and a default pipeline policy with no service
+              stages (LLMOS_POLICY_STAGES and LLMOS_POLICY_MANDATORY empty; kernel/policy.py):
+              admission, scheduler, task store, trace, but no plugin, safety or privacy stage;
+  stages_on   `llmos up` with the echo runtime and the default policy's stages (while the
+              safety and privacy services are unbuilt, each of their stages is a round trip
+              answered UNIMPLEMENTED and traced "not_available"; the two plugin stages are
+              traced "not_available" without a call).
 
 In each phase the same workload goes to the runtime directly and through the broker (the
 proxy, or the kernel), so each broker is compared with a baseline measured under the same
@@ -36,7 +38,7 @@ Both kernel phases report:
   stage_cost  per trace stage (admit, each pipeline stage, runtime:generate), the durations
               its trace steps record (GetTrace on the latency run's tasks) and their
               decisions. In stages_on, `marginal_p50_ms` = stages_on added p50 minus
-              stages_off added p50: the four stages' cost as the client sees it.
+              stages_off added p50: the stages' cost as the client sees it.
 
 stages_on also measures:
 
@@ -534,7 +536,8 @@ async def stack(workdir: Path, name: str, **settings: str) -> AsyncIterator[tupl
 
 async def kernel_phase(plan: Plan, workdir: Path, stages_on: bool) -> dict[str, Any]:
     name = "stages_on" if stages_on else "stages_off"
-    settings = {} if stages_on else {"kernel_stages": ""}
+    # Stages off: the default policy runs none, so none can be mandatory either.
+    settings = {} if stages_on else {"policy_stages": "", "policy_mandatory": ""}
     async with stack(workdir, name, **settings) as (port, supervisor, ready_s):
         kernel_address = f"{HOST}:{port}"
         services = await registered(kernel_address)

@@ -310,25 +310,48 @@ async def _submit(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+# Tasks asked for per ListTasks call; `llmos tasks` follows next_page_token for more.
+TASKS_PAGE_SIZE = 100
+
+
 async def _tasks(settings: Settings, args: argparse.Namespace) -> int:
+    """Print tasks page by page as they arrive, so a long listing starts at once and a
+    `--limit` stops asking as soon as it is met."""
     state = common_pb2.TaskState.Value(f"TASK_STATE_{(args.state or 'unspecified').upper()}")
-    async with open_channel(settings.kernel_target) as channel:
-        try:
-            reply = await kernel_pb2_grpc.KernelServiceStub(channel).ListTasks(
-                kernel_pb2.ListTasksRequest(
-                    tenant=args.tenant or "", state=state, page_size=args.limit
-                ),
-                timeout=10,
-            )
-        except grpc.aio.AioRpcError as error:
-            return _fail(error)
+    remaining = args.limit or None  # 0: no limit
+    token, shown = "", 0
     print(f"{'TASK':<34} {'TENANT':<10} {'STATE':<10} {'TOKENS':>6}  CREATED")
-    for task in reply.tasks:
-        created = task.created_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
-        print(
-            f"{task.task_id:<34} {task.tenant:<10} {STATE_NAMES.get(task.state, '?'):<10} "
-            f"{task.usage.completion_tokens:>6}  {created}"
-        )
+    async with open_channel(settings.kernel_target) as channel:
+        stub = kernel_pb2_grpc.KernelServiceStub(channel)
+        while remaining is None or shown < remaining:
+            page_size = TASKS_PAGE_SIZE if remaining is None else remaining - shown
+            try:
+                reply = await stub.ListTasks(
+                    kernel_pb2.ListTasksRequest(
+                        tenant=args.tenant or "",
+                        state=state,
+                        page_size=min(page_size, TASKS_PAGE_SIZE),
+                        page_token=token,
+                    ),
+                    timeout=10,
+                )
+            except grpc.aio.AioRpcError as error:
+                return _fail(error)
+            for task in reply.tasks:
+                created = task.created_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
+                print(
+                    f"{task.task_id:<34} {task.tenant:<10} "
+                    f"{STATE_NAMES.get(task.state, '?'):<10} "
+                    f"{task.usage.completion_tokens:>6}  {created}"
+                )
+            shown += len(reply.tasks)
+            token = reply.next_page_token
+            if not token:
+                return 0
+    print(
+        f"llmos: the first {shown} shown; more may match: raise --limit (0 shows all)",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -403,6 +426,14 @@ def _client(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, help="deadline in seconds for each answer")
 
 
+def count(text: str) -> int:
+    """A whole number, 0 or more, for argparse (its error says "invalid count value")."""
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
 def _add_top(commands: Any) -> None:
     top = commands.add_parser("top", help="live view: services, tasks, CPU, memory, GPUs")
     _common(top)
@@ -460,11 +491,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     tasks = commands.add_parser("tasks", help="list tasks, newest first")
     _common(tasks)
-    tasks.add_argument("--tenant")
+    tasks.add_argument("--tenant", help="only this tenant's tasks")
     tasks.add_argument(
-        "--state", choices=[n.lower() for n in STATE_NAMES.values() if n != "UNSPECIFIED"]
+        "--state",
+        choices=[n.lower() for n in STATE_NAMES.values() if n != "UNSPECIFIED"],
+        help="only tasks in this state",
     )
-    tasks.add_argument("--limit", type=int, default=20)
+    tasks.add_argument(
+        "--limit", type=count, default=20, help="show at most N tasks; 0 shows all (20)"
+    )
     tasks.set_defaults(func=cmd_tasks)
 
     trace = commands.add_parser("trace", help="a task's trace as a tree")

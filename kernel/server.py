@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from llmos.kernel.policy import Policies
 from llmos.kernel.registry import Registry
 from llmos.kernel.scheduler import DEFAULT_QUEUE_LIMITS, Priority, Scheduler, SchedulerConfig
 from llmos.kernel.store import SqliteTaskStore, TaskRecord, TaskStore
@@ -174,6 +175,9 @@ class KernelService:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        # Checked before anything starts: a misspelt stage must stop the kernel, not be
+        # silently skipped for every request.
+        self.policies = Policies.from_settings(settings)
         self.registry = Registry(settings.lease_s, settings.max_message_bytes)
         self.servicer = KernelServicer(settings, self.registry, self)
         self.store: TaskStore | None = None
@@ -224,7 +228,17 @@ class KernelService:
             scheduler,
             queue,
             max_local=concurrency + max(1, concurrency // 4),
+            policies=self.policies,
         )
+        for policy in self.policies.all():
+            if policy.unchecked:
+                log.warning(
+                    "pipeline policy %s leaves out %s: its requests are not checked there",
+                    policy.describe(),
+                    ", ".join(policy.unchecked),
+                )
+            else:
+                log.info("pipeline policy %s", policy.describe())
         await self.runner.start()
         if queue is not None:
             log.info("sharing work through %s as kernel %s", store.where, queue.kernel_id)

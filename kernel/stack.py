@@ -28,11 +28,9 @@ class ProcessSpec:
 
 
 def _kernel(settings: Settings) -> Service:
-    from llmos.kernel import stages
     from llmos.kernel.server import KernelService
 
-    stages.configure(settings)  # kernel_stages: the pipeline's service stages it runs
-    return KernelService(settings)
+    return KernelService(settings)  # refuses a bad pipeline policy before serving
 
 
 def _runtime(settings: Settings) -> Service:

@@ -2,34 +2,33 @@
 
 DESIGN.md's request path is admit → plugins:before → safety:input → privacy:redact →
 runtime:generate → safety:output → privacy:restore → plugins:after → record. The kernel
-runs the admit, runtime and record steps itself (kernel/tasks.py); the stages here call
-the safety and privacy services. Each returns the trace step it produced.
+runs the admit, runtime and record steps itself (kernel/tasks.py); the stages here are the
+others, built for a tenant's policy (kernel/policy.py) by `for_policy`. Each `run` returns
+the trace step it produced, with the policy named in its evidence.
 
 Failure policy, one rule for every stage: a stage whose service is down (no serving
-instance, or UNAVAILABLE) fails closed — the task is refused with UNAVAILABLE — unless the
-policy marks it fail-open, in which case the trace says "failed_open". A service that
-answers UNIMPLEMENTED has not been built yet: the stage is "not_available", skipped, and
-traced as such. The plugin stages join when the plugins work item lands.
-
-Which stages run is the `kernel_stages` setting (all four by default), applied once at start
-by `configure`: leaving stages out is for measuring the kernel without them
-(bench/kernel.py), until per-tenant policy decides the stage list.
+instance, or UNAVAILABLE / DEADLINE_EXCEEDED) fails closed — the task is refused with
+UNAVAILABLE — unless the policy marks it fail-open, in which case the trace says
+"failed_open". A service that answers UNIMPLEMENTED has not been built yet: the stage is
+"not_available", skipped, and traced as such. The plugin stages have no service until the
+plugins work item lands: traced "not_available" without a call.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
+import functools
 import time
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import grpc
 
+from llmos.kernel.policy import DEFAULT_TIMEOUT_S, PLANNED, TenantPolicy
 from llmos.kernel.registry import Registry
 from llmos.services.channels import outgoing_metadata
-from llmos.services.config import Settings
-from llmos.services.errors import InvalidArgument, LlmosError, Unavailable
-from llmos.services.timing import now_timestamp, since
+from llmos.services.errors import LlmosError, Unavailable
+from llmos.services.timing import duration, now_timestamp, since
 from llmos.v1 import (
     common_pb2,
     privacy_pb2,
@@ -37,11 +36,6 @@ from llmos.v1 import (
     safety_pb2,
     safety_pb2_grpc,
 )
-
-log = logging.getLogger(__name__)
-
-STAGE_NAMES = ("safety:input", "privacy:redact", "safety:output", "privacy:restore")
-_enabled: frozenset[str] = frozenset(STAGE_NAMES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +46,15 @@ class StageContext:
     tenant: str
     text: str
     deadline_s: float | None
+
+
+class Stage(Protocol):
+    """A step of the request path the policy chooses: run it, get its trace step."""
+
+    @property
+    def name(self) -> str: ...
+
+    async def run(self, registry: Registry, ctx: StageContext) -> common_pb2.TraceStep: ...
 
 
 Call = Callable[[grpc.aio.Channel, StageContext, float | None], Awaitable[object]]
@@ -95,13 +98,16 @@ class ServiceStage:
     name: str
     kind: common_pb2.ServiceKind.ValueType
     call: Call
+    # The policy that put it on the path, named in every step's evidence.
+    policy: str
     fail_open: bool = False
-    timeout_s: float = 5.0
+    timeout_s: float = DEFAULT_TIMEOUT_S
 
     async def run(self, registry: Registry, ctx: StageContext) -> common_pb2.TraceStep:
         """Run the stage; raise Unavailable when it must fail closed."""
         started, clock = now_timestamp(), time.monotonic()
         step = common_pb2.TraceStep(stage=self.name, started_at=started)
+        step.evidence["policy"] = self.policy
         try:
             entry = registry.pick(self.kind)
             step.service = entry.info.name
@@ -129,57 +135,61 @@ class ServiceStage:
         if not self.fail_open:
             raise Unavailable(
                 f"{self.name} is required and its service is down ({why}); the request is "
-                "refused (fail closed)",
+                f"refused (fail closed, policy {self.policy})",
                 reason="STAGE_UNAVAILABLE",
-                metadata={"stage": self.name},
+                metadata={"stage": self.name, "policy": self.policy},
             )
-        step.decision, step.reason = "failed_open", f"service down, policy allows: {why}"
+        step.decision = "failed_open"
+        step.reason = f"service down; policy {self.policy} lets this stage fail open: {why}"
 
 
-def configure(settings: Settings) -> None:
-    """Apply `kernel_stages` for this process; an unknown name stops the kernel at start,
-    since a misspelt stage would otherwise be silently skipped."""
-    global _enabled  # noqa: PLW0603 -- one kernel per process; set once, before serving
-    unknown = sorted(set(settings.kernel_stages) - set(STAGE_NAMES))
-    if unknown:
-        raise InvalidArgument(
-            f"kernel_stages names unknown stages {unknown}; known: {', '.join(STAGE_NAMES)}",
-            reason="BAD_SETTING",
+@dataclasses.dataclass(frozen=True)
+class PlannedStage:
+    """A stage whose service does not exist yet (the plugin stages until the plugins work
+    item): traced "not_available" at once, so the trace shows the full path the policy
+    chose without a call that cannot succeed."""
+
+    name: str
+    policy: str
+
+    async def run(self, registry: Registry, ctx: StageContext) -> common_pb2.TraceStep:
+        return common_pb2.TraceStep(
+            stage=self.name,
+            started_at=now_timestamp(),
+            duration=duration(0.0),
+            decision="not_available",
+            reason="plugins are not built yet; skipped without a call",
+            evidence={"policy": self.policy},
         )
-    _enabled = frozenset(settings.kernel_stages)
-    skipped = [name for name in STAGE_NAMES if name not in _enabled]
-    if skipped:
-        log.warning(
-            "pipeline stages turned off by the kernel_stages setting: %s; every request "
-            "skips them (meant for measurements)",
-            ", ".join(skipped),
-        )
 
 
-def enabled_stages() -> tuple[str, ...]:
-    """The stages requests run through, in pipeline order."""
-    return tuple(name for name in STAGE_NAMES if name in _enabled)
+_SERVICES: dict[str, tuple[common_pb2.ServiceKind.ValueType, Call]] = {
+    "safety:input": (common_pb2.SERVICE_KIND_SAFETY, _safety_check(safety_pb2.DIRECTION_INPUT)),
+    "privacy:redact": (common_pb2.SERVICE_KIND_PRIVACY, _privacy_redact),
+    "safety:output": (common_pb2.SERVICE_KIND_SAFETY, _safety_check(safety_pb2.DIRECTION_OUTPUT)),
+    "privacy:restore": (common_pb2.SERVICE_KIND_PRIVACY, _privacy_restore),
+}
 
 
-def before_model() -> tuple[ServiceStage, ...]:
-    stages = (
-        ServiceStage(
-            "safety:input",
-            common_pb2.SERVICE_KIND_SAFETY,
-            _safety_check(safety_pb2.DIRECTION_INPUT),
-        ),
-        ServiceStage("privacy:redact", common_pb2.SERVICE_KIND_PRIVACY, _privacy_redact),
+def _stage(name: str, policy: TenantPolicy) -> Stage:
+    if name in PLANNED:
+        return PlannedStage(name, policy.name)
+    kind, call = _SERVICES[name]
+    return ServiceStage(
+        name,
+        kind,
+        call,
+        policy=policy.name,
+        fail_open=name in policy.fail_open,
+        timeout_s=policy.timeout_s,
     )
-    return tuple(stage for stage in stages if stage.name in _enabled)
 
 
-def after_model() -> tuple[ServiceStage, ...]:
-    stages = (
-        ServiceStage(
-            "safety:output",
-            common_pb2.SERVICE_KIND_SAFETY,
-            _safety_check(safety_pb2.DIRECTION_OUTPUT),
-        ),
-        ServiceStage("privacy:restore", common_pb2.SERVICE_KIND_PRIVACY, _privacy_restore),
+@functools.cache
+def for_policy(policy: TenantPolicy) -> tuple[tuple[Stage, ...], tuple[Stage, ...]]:
+    """The stages before and after the model for `policy`, built once per policy (the
+    policies are fixed at start, so the cache holds a handful)."""
+    return (
+        tuple(_stage(name, policy) for name in policy.before_model),
+        tuple(_stage(name, policy) for name in policy.after_model),
     )
-    return tuple(stage for stage in stages if stage.name in _enabled)

@@ -9,7 +9,8 @@ disconnects cancels it. The path of a task:
 2. dispatch — the dispatch loop asks the scheduler for the next ticket whenever work
    arrives or a slot frees; tickets whose deadline passed while queued are dropped before
    dispatch and the task FAILS with that reason;
-3. run — RUNNING; the before-model stages (safety:input, privacy:redact), the runtime's
+3. run — RUNNING; the before-model stages the tenant's policy chooses (kernel/policy.py:
+   plugins:before, safety:input, privacy:redact by default), the runtime's
    streamed Generate (the remaining deadline bounds it; cancelling the task cancels the
    call, which frees the runtime's batch slot), the after-model stages, then record:
    SUCCEEDED with usage, or FAILED / CANCELLED with the reason in the trace.
@@ -38,9 +39,10 @@ from collections.abc import AsyncIterator
 import grpc
 
 from llmos.kernel import metrics as kernel_metrics
+from llmos.kernel.policy import Policies
 from llmos.kernel.registry import Registry
 from llmos.kernel.scheduler import Priority, Scheduler, Ticket
-from llmos.kernel.stages import ServiceStage, StageContext, after_model, before_model
+from llmos.kernel.stages import Stage, StageContext, for_policy
 from llmos.kernel.store import TaskRecord, TaskStore
 from llmos.kernel.store.work_queue import RedisWorkQueue, Work
 from llmos.services.channels import outgoing_metadata
@@ -82,9 +84,13 @@ class TaskRunner:
         scheduler: Scheduler,
         queue: RedisWorkQueue | None = None,
         max_local: int = 64,
+        *,
+        policies: Policies | None = None,
     ) -> None:
         """`queue` is the shared work queue when several kernels share the store; then this
-        kernel holds at most `max_local` tasks (queued here or running) at a time."""
+        kernel holds at most `max_local` tasks (queued here or running) at a time.
+        `policies` choose each tenant's stages (the built-in default when None)."""
+        self.policies = Policies() if policies is None else policies
         self.registry = registry
         self.store = store
         self.scheduler = scheduler
@@ -421,7 +427,10 @@ class TaskRunner:
             self._forget(ticket.task_id, running)
             await self._settle(ticket.task_id)
             return
+        policy = self.policies.for_tenant(ticket.tenant)
+        before, after = for_policy(policy)
         evidence = {
+            "policy": policy.name,  # chose the stages: one it leaves out writes no step
             "tenant": ticket.tenant,
             "priority": ticket.priority.label,
             "ran_as": (effective or ticket.priority).label,
@@ -443,9 +452,9 @@ class TaskRunner:
         request = kernel_pb2.GenerateRequest.FromString(record.request)
         try:
             text = request.prompt or "\n".join(m.content for m in request.messages)
-            await self._stages(before_model(), ticket, text, running.deadline)
+            await self._stages(before, ticket, text, running.deadline)
             output, usage = await self._generate(ticket, request, running)
-            await self._stages(after_model(), ticket, output, running.deadline)
+            await self._stages(after, ticket, output, running.deadline)
             await self._transition(
                 ticket.task_id,
                 common_pb2.TASK_STATE_SUCCEEDED,
@@ -503,7 +512,7 @@ class TaskRunner:
         await self._settle(task_id)
 
     async def _stages(
-        self, stages: tuple[ServiceStage, ...], ticket: Ticket, text: str, deadline: float | None
+        self, stages: tuple[Stage, ...], ticket: Ticket, text: str, deadline: float | None
     ) -> None:
         for stage in stages:
             context = StageContext(ticket.task_id, ticket.tenant, text, deadline)

@@ -4,9 +4,15 @@ Every process (kernel, each service, the CLI) builds its settings here and nowhe
 
 - defaults are the field defaults below;
 - a TOML file (`--config FILE`, `LLMOS_CONFIG`, or `llmos.toml` in the data directory),
-  whose top-level keys are the field names;
-- environment variables `LLMOS_<FIELD>` (e.g. `LLMOS_PORT=6000`);
+  whose top-level keys are the field names, plus two kinds of table: `[policy]` and
+  `[tenants.NAME]` (the pipeline policy, `PolicyTable`);
+- environment variables `LLMOS_<FIELD>` (e.g. `LLMOS_PORT=6000`), and
+  `LLMOS_POLICY_<FIELD>` for a field of the `[policy]` table (e.g. `LLMOS_POLICY_STAGES=`);
 - explicit overrides, usually command-line flags.
+
+The loader checks the shape and types of everything, tables included, and names the
+offending key (`tenants.acme.fail_open`) in its BAD_SETTING error. What a stage name means
+is the kernel's to check (kernel/policy.py): this module cannot import the kernel.
 
 `Settings.describe()` renders the effective values with secrets masked, for the start-up log.
 """
@@ -14,6 +20,7 @@ Every process (kernel, each service, the CLI) builds its settings here and nowhe
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -38,8 +45,33 @@ def default_data_dir(env: Mapping[str, str] | None = None) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
+class PolicyTable:
+    """One pipeline-policy table as the operator wrote it: `[policy]` (every tenant's
+    default) or `[tenants.NAME]` (one tenant). None means "not set here": a tenant table
+    inherits the field from `[policy]`, and `[policy]` from the kernel's built-in default.
+    The kernel turns these into `TenantPolicy` objects and checks the stage names
+    (kernel/policy.py; docs/operator-guide.md "Tenant policy")."""
+
+    # The service stages that run, by name (their order is the pipeline's).
+    stages: tuple[str, ...] | None = None
+    # Stages whose down service lets the request through, traced "failed_open".
+    fail_open: tuple[str, ...] | None = None
+    # Seconds each stage's service call may take (less when the task's deadline is nearer).
+    timeout_s: float | None = None
+    # Stages no tenant table may leave out. `[policy]` only.
+    mandatory: tuple[str, ...] | None = None
+
+
+POLICY_FIELDS = tuple(f.name for f in dataclasses.fields(PolicyTable))
+# The tables among the settings; every other setting is a flat key.
+TABLES = ("policy", "tenants")
+
+
+@dataclasses.dataclass(frozen=True)
 class Settings:
-    """Every setting a process of the stack reads. Field name = TOML key = LLMOS_<NAME>."""
+    """Every setting a process of the stack reads. Field name = TOML key = LLMOS_<NAME>,
+    except the two tables, `policy` and `tenants`, set as TOML tables (and the fields of
+    `policy` as LLMOS_POLICY_<FIELD>)."""
 
     # Where the kernel listens; services bind `host` too, on the port they are given.
     host: str = "127.0.0.1"
@@ -77,15 +109,11 @@ class Settings:
     # 0 keeps the scheduler's defaults (256 interactive, 1024 normal, 4096 batch). With the
     # Redis task store it bounds each class's shared stream the same way.
     kernel_max_queued: int = 0
-    # The pipeline's service stages the kernel runs, by name (kernel/stages.py); empty runs
-    # none. Meant for measuring the kernel without them (bench/kernel.py): a stage left out
-    # is skipped for every request and tenant, and the kernel logs a warning at start.
-    kernel_stages: tuple[str, ...] = (
-        "safety:input",
-        "privacy:redact",
-        "safety:output",
-        "privacy:restore",
-    )
+    # The pipeline policy, read by the kernel only (kernel/policy.py): the `[policy]` table
+    # is every tenant's (which service stages run, which fail open, their timeout, which
+    # are mandatory); a `[tenants.NAME]` table overrides fields of it for one tenant.
+    policy: PolicyTable = dataclasses.field(default_factory=PolicyTable)
+    tenants: Mapping[str, PolicyTable] = dataclasses.field(default_factory=dict)
     # What answers Generate in the runtime: "model" (the default model, loaded at start) or
     # "echo" (no model: streams the prompt back, for tests and benchmarks of everything
     # around the model; services/runtime/echo.py).
@@ -168,10 +196,91 @@ class Settings:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+# Settings that were removed, and what replaced them: refused by name wherever they are set
+# (the environment included, which otherwise ignores names it does not know), so an old
+# script fails at start instead of silently getting the default.
+REMOVED = {
+    "kernel_stages": "the pipeline policy replaced it: [policy] stages (LLMOS_POLICY_STAGES), "
+    "with mandatory (LLMOS_POLICY_MANDATORY) empty too to run no stage; see the operator "
+    'guide, "Tenant policy"',
+}
+
+
+def _bad(key: str, expected: str, raw: Any) -> InvalidArgument:
+    return InvalidArgument(f"setting {key!r} must be {expected}, got {raw!r}", reason="BAD_SETTING")
+
+
+def _names(key: str, raw: Any) -> tuple[str, ...]:
+    """A list of stage names: a TOML array of strings, or a comma-separated string (the
+    environment's form, also accepted in TOML like every other list setting)."""
+    if isinstance(raw, str):
+        items = raw.split(",")
+    elif isinstance(raw, list | tuple) and all(isinstance(item, str) for item in raw):
+        items = list(raw)
+    else:
+        raise _bad(key, "a list of stage names", raw)
+    return tuple(item.strip() for item in items if item.strip())
+
+
+def _seconds(key: str, raw: Any) -> float:
+    if isinstance(raw, bool):  # float(True) == 1.0 would hide the mistake
+        raise _bad(key, "a number of seconds above 0", raw)
+    try:
+        value = float(raw)
+    except (TypeError, ValueError) as exc:
+        raise _bad(key, "a number of seconds above 0", raw) from exc
+    if not (value > 0 and math.isfinite(value)):
+        raise _bad(key, "a number of seconds above 0", raw)
+    return value
+
+
+def _policy_table(key: str, raw: Any, *, tenant: bool) -> PolicyTable:
+    """One `[policy]` or `[tenants.NAME]` table, every field typed; `key` names it in errors."""
+    if isinstance(raw, PolicyTable):
+        return raw
+    if not isinstance(raw, Mapping):
+        raise _bad(key, f"a table of {', '.join(POLICY_FIELDS)}", raw)
+    unknown = sorted(set(raw) - set(POLICY_FIELDS))
+    if unknown:
+        raise InvalidArgument(
+            f"setting {key!r} has unknown fields {[f'{key}.{name}' for name in unknown]}; "
+            f"known: {', '.join(POLICY_FIELDS)}",
+            reason="BAD_SETTING",
+        )
+    if tenant and "mandatory" in raw:
+        raise InvalidArgument(
+            f"setting '{key}.mandatory': mandatory stages are set once for every tenant, in "
+            "[policy]; a tenant table cannot change them",
+            reason="BAD_SETTING",
+        )
+    fields: dict[str, Any] = {}
+    for name, value in raw.items():
+        where = f"{key}.{name}"
+        fields[name] = _seconds(where, value) if name == "timeout_s" else _names(where, value)
+    return PolicyTable(**fields)
+
+
+def _tenant_tables(raw: Any) -> dict[str, PolicyTable]:
+    if not isinstance(raw, Mapping):
+        raise _bad("tenants", "a table of [tenants.NAME] tables", raw)
+    tables: dict[str, PolicyTable] = {}
+    for name, table in raw.items():
+        if not str(name).strip():
+            raise InvalidArgument(
+                "setting 'tenants' has a table for an empty tenant name; requests without "
+                "a tenant belong to the tenant 'default': use [tenants.default]",
+                reason="BAD_SETTING",
+            )
+        tables[str(name)] = _policy_table(f"tenants.{name}", table, tenant=True)
+    return tables
 
 
 def _coerce(name: str, raw: Any) -> Any:
     """Turn a TOML value or environment string into the field's type, or say what is wrong."""
+    if name == "policy":
+        return _policy_table("policy", raw, tenant=False)
+    if name == "tenants":
+        return _tenant_tables(raw)
     field_type = str(FIELDS[name].type)
     try:
         # TOML gives bools and floats typed; int(True) == 1 and int(5.5) == 5 would hide
@@ -199,6 +308,12 @@ def _from_file(path: Path) -> dict[str, Any]:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise InvalidArgument(f"config file {path}: {exc}", reason="BAD_SETTING") from exc
+    removed = sorted(set(data) & set(REMOVED))
+    if removed:
+        raise InvalidArgument(
+            f"config file {path}: {removed[0]!r} is no longer read: {REMOVED[removed[0]]}",
+            reason="BAD_SETTING",
+        )
     unknown = sorted(set(data) - set(FIELDS))
     if unknown:
         raise InvalidArgument(
@@ -215,16 +330,32 @@ def load_settings(
 ) -> Settings:
     """Build the effective settings. `overrides` with value None are ignored (unset flags)."""
     env = os.environ if env is None else env
+    for name, instead in REMOVED.items():
+        if ENV_PREFIX + name.upper() in env:
+            raise InvalidArgument(
+                f"{ENV_PREFIX}{name.upper()} is no longer read: {instead}", reason="BAD_SETTING"
+            )
     flags = {k: v for k, v in (overrides or {}).items() if v is not None}
     unknown = sorted(set(flags) - set(FIELDS))
     if unknown:
         raise InvalidArgument(f"unknown settings {unknown}", reason="BAD_SETTING")
     from_env = {
-        name: env[ENV_PREFIX + name.upper()] for name in FIELDS if ENV_PREFIX + name.upper() in env
+        name: env[ENV_PREFIX + name.upper()]
+        for name in FIELDS
+        if name not in TABLES and ENV_PREFIX + name.upper() in env
     }
     data_dir = flags.get("data_dir") or from_env.get("data_dir") or default_data_dir(env)
     file_name = config_file or env.get(ENV_PREFIX + "CONFIG")
     path = Path(file_name) if file_name else Path(data_dir) / "llmos.toml"
     from_file = _from_file(path) if file_name or path.is_file() else {}
     merged = {**from_file, **from_env, **flags}
+    # LLMOS_POLICY_<FIELD> overrides that field of the file's [policy] table, not the table.
+    policy_env = {
+        field: env[f"{ENV_PREFIX}POLICY_{field.upper()}"]
+        for field in POLICY_FIELDS
+        if f"{ENV_PREFIX}POLICY_{field.upper()}" in env
+    }
+    if policy_env and "policy" not in flags:
+        table = from_file.get("policy", {})
+        merged["policy"] = {**table, **policy_env} if isinstance(table, Mapping) else table
     return Settings(**{name: _coerce(name, value) for name, value in merged.items()})

@@ -2,8 +2,8 @@
 
 `start_kernel` runs `llmos serve kernel` with the Redis store and its own echo runtime
 (`llmos serve runtime`, registered with it); kernels given the same key prefix share tasks
-and the work queue. Safety and privacy are not started, so the kernels run with no service
-stages (`kernel_stages` empty).
+and the work queue. Safety and privacy are not started, so the kernels run a default
+pipeline policy with no service stages (`[policy] stages` and `mandatory` empty).
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ def start_kernel(workdir: Path, name: str, prefix: str, redis_url: str = REDIS_U
         "LLMOS_REDIS_URL": redis_url,
         "LLMOS_REDIS_PREFIX": prefix,
         "LLMOS_KERNEL_CLAIM_IDLE_S": str(CLAIM_IDLE_S),
-        "LLMOS_KERNEL_STAGES": "",
+        "LLMOS_POLICY_STAGES": "",
+        "LLMOS_POLICY_MANDATORY": "",
         # Few tasks at a time per kernel, so the kill finds work held and work waiting.
         "LLMOS_KERNEL_RUNTIME_CONCURRENCY": "4",
         "LLMOS_RUNTIME_ENGINE": "echo",

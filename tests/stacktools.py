@@ -19,7 +19,7 @@ import grpc
 import pytest
 
 from llmos.services.config import METRICS_PORT_OFFSET
-from llmos.v1 import kernel_pb2, kernel_pb2_grpc
+from llmos.v1 import common_pb2, kernel_pb2, kernel_pb2_grpc
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -159,3 +159,64 @@ def stop_stack(stack: Stack) -> int:
             stack.process.kill()
             stack.process.wait()
     return stack.process.returncode
+
+
+@dataclasses.dataclass
+class Served:
+    """Some processes of the stack run alone with `llmos serve NAME` on one port block: a
+    stack in which the services left out are *down* (never registered), with no supervisor
+    to bring them back."""
+
+    workdir: Path
+    env: dict[str, str]
+    port: int = dataclasses.field(default_factory=lambda: free_port_block(STACK_SIZE))
+    children: dict[str, subprocess.Popen[bytes]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def stack(self) -> Stack:
+        """A `Stack` view on the kernel, for its helpers (channel, kernel, llmos)."""
+        return Stack(self.children["kernel"], self.port, self.workdir / "data", self.log("kernel"))
+
+    def log(self, name: str) -> Path:
+        return self.workdir / f"{name}.log"
+
+    def start(self, name: str) -> None:
+        argv = [sys.executable, "-m", "llmos.kernel.cli", "serve", name, "--port", str(self.port)]
+        env = {**os.environ, "LLMOS_LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1", **self.env}
+        with self.log(name).open("wb") as log:
+            self.children[name] = subprocess.Popen(
+                [*argv, "--data-dir", str(self.workdir / "data")],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+
+    def wait_registered(self, *names: str, timeout_s: float = 60) -> None:
+        """Until the kernel answers and lists each of `names` SERVING."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for name, child in self.children.items():
+                if child.poll() is not None:
+                    pytest.fail(f"{name} exited with {child.returncode}; see {self.log(name)}")
+            try:
+                services = self.stack.services()
+            except grpc.RpcError:
+                services = {}
+            if all(
+                name in services and services[name].health == common_pb2.SERVICE_HEALTH_SERVING
+                for name in names
+            ):
+                return
+            time.sleep(0.2)
+        pytest.fail(f"{names} not serving within {timeout_s}s; logs in {self.workdir}")
+
+    def stop(self) -> None:
+        for child in reversed(self.children.values()):
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in self.children.values():
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()

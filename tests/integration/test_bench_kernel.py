@@ -10,7 +10,14 @@ import sys
 
 from stacktools import REPO
 
-PIPELINE = {"safety:input", "privacy:redact", "safety:output", "privacy:restore"}
+PIPELINE = {
+    "plugins:before",
+    "safety:input",
+    "privacy:redact",
+    "safety:output",
+    "privacy:restore",
+    "plugins:after",
+}
 
 
 def test_quick_run_prints_every_figure() -> None:

@@ -109,11 +109,13 @@ def test_trace_records_every_stage_in_order(stack: Stack) -> None:
     stages = [step.stage for step in trace.steps]
     assert stages == [
         "admit",
+        "plugins:before",
         "safety:input",
         "privacy:redact",
         "runtime:generate",
         "safety:output",
         "privacy:restore",
+        "plugins:after",
         "record",
     ]
     by_stage = {step.stage: step for step in trace.steps}

@@ -1,41 +1,130 @@
-"""The kernel_stages setting: which of the pipeline's service stages the kernel runs."""
+"""The pipeline's stages as a policy builds them: which run, and what each traces when its
+service answers, is not built yet, or is down (fail closed, or fail open by policy)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import dataclasses
+from typing import Any
 
+import grpc
 import pytest
 
-from llmos.kernel import stages
-from llmos.services.config import Settings, load_settings
-from llmos.services.errors import InvalidArgument
+from llmos.kernel.policy import TenantPolicy
+from llmos.kernel.registry import Registry
+from llmos.kernel.stages import PlannedStage, ServiceStage, StageContext, for_policy
+from llmos.services.errors import Unavailable
+from llmos.v1 import common_pb2, kernel_pb2
+
+CONTEXT = StageContext(task_id="t1", tenant="acme", text="hello", deadline_s=None)
 
 
-@pytest.fixture(autouse=True)
-def restore_stages() -> Iterator[None]:
-    """configure() sets the process's stages; put the default back for the next test."""
-    yield
-    stages.configure(Settings())
+@dataclasses.dataclass
+class Instance:
+    """What Registry.pick returns, as far as a stage reads it."""
+
+    info: kernel_pb2.ServiceInfo
+    channel: Any = None
 
 
-def test_kernel_stages_setting_chooses_the_pipeline_stages() -> None:
-    assert stages.enabled_stages() == stages.STAGE_NAMES
+class OneInstance:
+    """A registry with one serving instance of every kind."""
 
-    stages.configure(load_settings(env={"LLMOS_KERNEL_STAGES": "", "LLMOS_DATA_DIR": "/x"}))
-    assert (stages.before_model(), stages.after_model(), stages.enabled_stages()) == ((), (), ())
-
-    stages.configure(Settings(kernel_stages=("privacy:restore", "safety:input")))
-    assert [s.name for s in stages.before_model()] == ["safety:input"]
-    assert [s.name for s in stages.after_model()] == ["privacy:restore"]
+    def pick(self, kind: common_pb2.ServiceKind.ValueType) -> Instance:
+        return Instance(kernel_pb2.ServiceInfo(name="safety-1"))
 
 
-def test_an_unknown_stage_name_is_refused() -> None:
-    with pytest.raises(InvalidArgument) as bad:
-        stages.configure(Settings(kernel_stages=("safety:inputs",)))
-    assert bad.value.reason == "BAD_SETTING"
-    assert stages.enabled_stages() == stages.STAGE_NAMES
+def rpc_error(code: grpc.StatusCode) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(
+        code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=f"{code.name} said the service"
+    )
 
 
-def test_the_default_setting_names_every_stage() -> None:
-    """config.py cannot import the kernel, so it spells the names out; they must agree."""
-    assert Settings().kernel_stages == stages.STAGE_NAMES
+def stage(*, fail_open: bool = False, error: grpc.StatusCode | None = None) -> ServiceStage:
+    async def call(channel: object, ctx: StageContext, timeout: float | None) -> object:
+        if error is not None:
+            raise rpc_error(error)
+        return None
+
+    return ServiceStage(
+        "safety:input", common_pb2.SERVICE_KIND_SAFETY, call, policy="tenant:acme",
+        fail_open=fail_open,
+    )  # fmt: skip
+
+
+def test_the_policy_chooses_the_stages_in_pipeline_order() -> None:
+    before, after = for_policy(TenantPolicy("default"))
+    assert [s.name for s in before] == ["plugins:before", "safety:input", "privacy:redact"]
+    assert [s.name for s in after] == ["safety:output", "privacy:restore", "plugins:after"]
+    assert isinstance(before[0], PlannedStage) and isinstance(after[-1], PlannedStage)
+
+    lean = TenantPolicy(
+        "tenant:lean",
+        stages=("safety:input", "safety:output"),
+        fail_open=frozenset({"safety:output"}),
+        timeout_s=0.5,
+    )
+    before, after = for_policy(lean)
+    assert [s.name for s in before] == ["safety:input"]
+    assert [s.name for s in after] == ["safety:output"]
+    assert isinstance(before[0], ServiceStage) and isinstance(after[0], ServiceStage)
+    assert (before[0].fail_open, after[0].fail_open) == (False, True)
+    assert before[0].timeout_s == 0.5
+    assert before[0].policy == "tenant:lean"
+
+    assert for_policy(TenantPolicy("off", stages=())) == ((), ())
+    assert for_policy(lean) is for_policy(lean), "built once per policy"
+
+
+async def test_a_plugin_stage_is_traced_not_available_without_a_call() -> None:
+    step = await PlannedStage("plugins:before", "default").run(Registry(15, 1 << 20), CONTEXT)
+
+    assert (step.stage, step.decision, step.service) == ("plugins:before", "not_available", "")
+    assert step.HasField("duration")
+    assert dict(step.evidence) == {"policy": "default"}
+    assert "plugins" in step.reason
+
+
+async def test_a_service_that_answers_is_allowed_and_the_policy_named() -> None:
+    step = await stage().run(OneInstance(), CONTEXT)  # type: ignore[arg-type]
+
+    assert (step.decision, step.service) == ("allow", "safety-1")
+    assert step.evidence["policy"] == "tenant:acme"
+
+
+async def test_unimplemented_is_not_available_whatever_the_policy() -> None:
+    for fail_open in (False, True):
+        step = await stage(fail_open=fail_open, error=grpc.StatusCode.UNIMPLEMENTED).run(
+            OneInstance(),  # type: ignore[arg-type]
+            CONTEXT,
+        )
+        assert step.decision == "not_available"
+        assert step.evidence["policy"] == "tenant:acme"
+
+
+@pytest.mark.parametrize("error", [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED])
+async def test_a_down_service_fails_closed_unless_the_policy_says_open(
+    error: grpc.StatusCode,
+) -> None:
+    with pytest.raises(Unavailable) as refused:
+        await stage(error=error).run(OneInstance(), CONTEXT)  # type: ignore[arg-type]
+    assert refused.value.reason == "STAGE_UNAVAILABLE"
+    assert refused.value.metadata == {"stage": "safety:input", "policy": "tenant:acme"}
+    assert "fail closed, policy tenant:acme" in refused.value.message
+
+    step = await stage(fail_open=True, error=error).run(OneInstance(), CONTEXT)  # type: ignore[arg-type]
+    assert step.decision == "failed_open"
+    assert step.evidence["policy"] == "tenant:acme"
+    assert "policy tenant:acme" in step.reason and error.name in step.reason
+
+
+async def test_no_registered_service_is_down_too() -> None:
+    empty = Registry(15, 1 << 20)
+
+    with pytest.raises(Unavailable) as refused:
+        await stage().run(empty, CONTEXT)
+    assert refused.value.reason == "STAGE_UNAVAILABLE"
+    assert "none registered" in refused.value.message
+
+    step = await stage(fail_open=True).run(empty, CONTEXT)
+    assert (step.decision, step.service) == ("failed_open", "")
+    assert "none registered" in step.reason
