@@ -1,6 +1,7 @@
 """The Redis server the Redis code paths are tested against, and per-test key prefixes.
 
-Tests use a real server (127.0.0.1:6379 by default; `LLMOS_TEST_REDIS_PORT` or `LLMOS_TEST_REDIS_URL` override it),
+Tests use a real server (127.0.0.1:6379 by default; `LLMOS_TEST_REDIS_PORT` or
+`LLMOS_TEST_REDIS_URL` override it),
 database 15, each test under its own key prefix, deleted afterwards, so runs never see
 each other's keys. `.ci/run` starts a server when none is running.
 """
@@ -12,10 +13,8 @@ import uuid
 
 import redis
 
-REDIS_URL = os.environ.get(
-    "LLMOS_TEST_REDIS_URL",
-    f"redis://127.0.0.1:{os.environ.get('LLMOS_TEST_REDIS_PORT', '6379')}/15",
-)
+PORT = os.environ.get("LLMOS_TEST_REDIS_PORT", "6379")
+REDIS_URL = os.environ.get("LLMOS_TEST_REDIS_URL", f"redis://127.0.0.1:{PORT}/15")
 
 
 def fresh_prefix(label: str = "test") -> str:
