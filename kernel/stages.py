@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Protocol
 
 import grpc
@@ -182,6 +182,19 @@ def _stage(name: str, policy: TenantPolicy) -> Stage:
         policy=policy.name,
         fail_open=name in policy.fail_open,
         timeout_s=policy.timeout_s,
+    )
+
+
+def services_required(
+    policies: Iterable[TenantPolicy],
+) -> frozenset[common_pb2.ServiceKind.ValueType]:
+    """The service kinds some policy runs a fail-closed stage on: without them serving, a
+    task of that policy would be refused, so recovered tasks wait for them."""
+    return frozenset(
+        _SERVICES[name][0]
+        for policy in policies
+        for name in policy.stages
+        if name in _SERVICES and name not in policy.fail_open
     )
 
 
