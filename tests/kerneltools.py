@@ -40,6 +40,17 @@ class Kernel:
     kernel: subprocess.Popen[bytes]
     runtime: subprocess.Popen[bytes]
     log: Path
+    argv: list[str]
+    env: dict[str, str]
+
+    def restart_kernel(self) -> None:
+        """Start the kernel process again, as it was; return once its runtime re-registered
+        (at the runtime's next lease renewal)."""
+        with self.log.open("ab") as out:
+            self.kernel = subprocess.Popen(
+                self.argv, stdout=out, stderr=subprocess.STDOUT, env=self.env
+            )
+        wait_for_runtime(self)
 
     @property
     def address(self) -> str:
@@ -57,11 +68,15 @@ class Kernel:
                 process.wait()
 
 
-def start_kernel(workdir: Path, name: str, prefix: str, redis_url: str = REDIS_URL) -> Kernel:
+def start_kernel(
+    workdir: Path, name: str, prefix: str, redis_url: str = REDIS_URL, store: str = "redis"
+) -> Kernel:
+    """A kernel with the `store` task store ("redis", or "sqlite" under workdir/name) and
+    its echo runtime, once the runtime has registered."""
     port = free_port_block(2)
     env = {
         **os.environ,
-        "LLMOS_TASK_STORE": "redis",
+        "LLMOS_TASK_STORE": store,
         "LLMOS_REDIS_URL": redis_url,
         "LLMOS_REDIS_PREFIX": prefix,
         "LLMOS_KERNEL_CLAIM_IDLE_S": str(CLAIM_IDLE_S),
@@ -79,14 +94,13 @@ def start_kernel(workdir: Path, name: str, prefix: str, redis_url: str = REDIS_U
     log = workdir / f"{name}.log"
     argv = [sys.executable, "-m", "llmos.kernel.cli", "serve"]
     common = ["--port", str(port), "--data-dir", str(data_dir)]
+    kernel_argv = [*argv, "kernel", *common]
     with log.open("ab") as out:
-        kernel = subprocess.Popen(
-            [*argv, "kernel", *common], stdout=out, stderr=subprocess.STDOUT, env=env
-        )
+        kernel = subprocess.Popen(kernel_argv, stdout=out, stderr=subprocess.STDOUT, env=env)
         runtime = subprocess.Popen(
             [*argv, "runtime", *common], stdout=out, stderr=subprocess.STDOUT, env=env
         )
-    started = Kernel(port, kernel, runtime, log)
+    started = Kernel(port, kernel, runtime, log, kernel_argv, env)
     try:
         wait_for_runtime(started)
     except BaseException:
