@@ -49,6 +49,12 @@ def _hardware(settings: Settings) -> Service:
     return HardwareService(settings)
 
 
+def _privacy(settings: Settings) -> Service:
+    from llmos.services.privacy.server import PrivacyService
+
+    return PrivacyService(settings)
+
+
 def _planned(
     kind: common_pb2.ServiceKind.ValueType, proto: str, service_name: str
 ) -> Callable[[Settings], Service]:
@@ -70,9 +76,7 @@ STACK: tuple[ProcessSpec, ...] = (
     ProcessSpec("hardware", 5, _hardware),
     ProcessSpec("runtime", 1, _runtime),
     ProcessSpec("safety", 2, _planned(common_pb2.SERVICE_KIND_SAFETY, "safety", "SafetyService")),
-    ProcessSpec(
-        "privacy", 3, _planned(common_pb2.SERVICE_KIND_PRIVACY, "privacy", "PrivacyService")
-    ),
+    ProcessSpec("privacy", 3, _privacy),
     ProcessSpec(
         "explain", 4, _planned(common_pb2.SERVICE_KIND_EXPLAIN, "explain", "ExplainService")
     ),

@@ -124,6 +124,11 @@ class Settings:
     runtime_max_batch: int = 32
     # KV-cache memory a runtime's running sequences may reserve, per model (MiB).
     runtime_kv_budget_mb: int = 1024
+    # The privacy service's keys (services/privacy/keys.py): `privacy_key` is
+    # "id:base64[,id:base64]" (the last active), else the key file (JSON, mode 0600; empty
+    # means <data_dir>/privacy/keys.json, created with a fresh key on first start).
+    privacy_key: str = ""
+    privacy_key_file: str = ""
     # Compute threads the runtime may use; 0 lets torch decide.
     torch_threads: int = 0
     log_level: str = "info"

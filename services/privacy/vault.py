@@ -1,0 +1,167 @@
+"""The pseudonym vault: which placeholder stands for which value, per tenant and
+conversation, encrypted at rest.
+
+One SQLite file, `<data_dir>/privacy/vault.sqlite3`. A conversation belongs to the tenant
+that first redacted in it; its entries hold the placeholder (`<PERSON_1>`), the type, the
+value sealed with AES-GCM under the tenant's vault key (its id stored beside it; the tenant,
+conversation and placeholder bound in as associated data, so a row copied to another
+conversation or tenant does not open), and a keyed HMAC of the value, so the same value
+gets the same placeholder again without the vault storing it in the clear. The file never
+holds a value or a key in plain text; the keys come from the key ring (keys.py).
+
+Calls are synchronous and short (one indexed statement each); the service runs them from
+its event loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import sqlite3
+import time
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from llmos.services.errors import LlmosError, NotFound, PermissionDenied
+from llmos.services.privacy.keys import KeyRing
+
+VAULT_FILE = Path("privacy") / "vault.sqlite3"
+NONCE_BYTES = 12
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS conversations (
+    conversation TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS entries (
+    conversation TEXT NOT NULL,
+    placeholder TEXT NOT NULL,
+    type TEXT NOT NULL,
+    lookup BLOB NOT NULL,
+    key_id TEXT NOT NULL,
+    sealed BLOB NOT NULL,
+    PRIMARY KEY (conversation, placeholder)
+);
+CREATE INDEX IF NOT EXISTS entries_lookup ON entries (conversation, lookup);
+"""
+
+
+class Vault:
+    """Placeholders and their sealed values, per tenant and conversation."""
+
+    def __init__(self, path: Path, keys: KeyRing) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.path = path
+        self.keys = keys
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA secure_delete=ON")  # a forgotten value leaves no bytes
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- conversations ---------------------------------------------------------------
+
+    def claim(self, tenant: str, conversation: str) -> None:
+        """Make `conversation` the tenant's (first use), or check that it is."""
+        self._db.execute(
+            "INSERT OR IGNORE INTO conversations VALUES (?, ?, ?)",
+            (conversation, tenant, time.time()),
+        )
+        self.owner_check(tenant, conversation)
+
+    def owner_check(self, tenant: str, conversation: str) -> None:
+        row = self._db.execute(
+            "SELECT tenant FROM conversations WHERE conversation = ?", (conversation,)
+        ).fetchone()
+        if row is None:
+            raise NotFound(
+                f"conversation {conversation!r} has no pseudonyms: nothing was redacted in it "
+                "with the pseudonymize operator (or it was forgotten)",
+                reason="CONVERSATION_NOT_FOUND",
+            )
+        if row[0] != tenant:
+            raise PermissionDenied(
+                f"conversation {conversation!r} belongs to another tenant",
+                reason="FOREIGN_CONVERSATION",
+            )
+
+    # -- entries ---------------------------------------------------------------------
+
+    def _lookup(self, tenant: str, kind: str, value: str) -> bytes:
+        key = self.keys.derived(self.keys.active, "lookup", tenant)
+        return hmac.new(key, f"{kind}\0{value}".encode(), hashlib.sha256).digest()
+
+    def placeholder_for(self, tenant: str, conversation: str, kind: str, value: str) -> str | None:
+        """The placeholder this value already has in the conversation, if any."""
+        row = self._db.execute(
+            "SELECT placeholder FROM entries WHERE conversation = ? AND lookup = ?",
+            (conversation, self._lookup(tenant, kind, value)),
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def numbers_used(self, conversation: str, kind: str) -> int:
+        """The highest placeholder number of `kind` in the conversation (0 for none)."""
+        rows = self._db.execute(
+            "SELECT placeholder FROM entries WHERE conversation = ? AND type = ?",
+            (conversation, kind),
+        ).fetchall()
+        return max((int(str(row[0])[:-1].rsplit("_", 1)[1]) for row in rows), default=0)
+
+    def add(self, tenant: str, conversation: str, placeholder: str, kind: str, value: str) -> None:
+        key_id = self.keys.active
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        aad = _aad(tenant, conversation, placeholder)
+        sealed = nonce + AESGCM(self.keys.derived(key_id, "vault", tenant)).encrypt(
+            nonce, value.encode(), aad
+        )
+        self._db.execute(
+            "INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?)",
+            (conversation, placeholder, kind, self._lookup(tenant, kind, value), key_id, sealed),
+        )
+
+    def values(self, tenant: str, conversation: str) -> dict[str, str]:
+        """Every placeholder of the conversation and its value, opened."""
+        self.owner_check(tenant, conversation)
+        rows = self._db.execute(
+            "SELECT placeholder, key_id, sealed FROM entries WHERE conversation = ?",
+            (conversation,),
+        ).fetchall()
+        opened: dict[str, str] = {}
+        for placeholder, key_id, sealed in rows:
+            aead = AESGCM(self.keys.derived(key_id, "vault", tenant))
+            try:
+                aad = _aad(tenant, conversation, placeholder)
+                value = aead.decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], aad)
+            except InvalidTag as error:
+                raise LlmosError(
+                    f"vault entry {placeholder} of conversation {conversation!r} does not "
+                    "authenticate: the vault file was altered",
+                    reason="VAULT_CORRUPT",
+                ) from error
+            opened[placeholder] = value.decode()
+        return opened
+
+    # -- forgetting ------------------------------------------------------------------
+
+    def forget_tenant(self, tenant: str) -> int:
+        """Delete every conversation of `tenant` and its entries; the count of entries."""
+        with self._db:
+            self._db.execute("BEGIN")
+            cursor = self._db.execute(
+                "DELETE FROM entries WHERE conversation IN "
+                "(SELECT conversation FROM conversations WHERE tenant = ?)",
+                (tenant,),
+            )
+            self._db.execute("DELETE FROM conversations WHERE tenant = ?", (tenant,))
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return int(cursor.rowcount)
+
+
+def _aad(tenant: str, conversation: str, placeholder: str) -> bytes:
+    return f"vault\0{tenant}\0{conversation}\0{placeholder}".encode()
