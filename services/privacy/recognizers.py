@@ -102,7 +102,7 @@ _PHONE = re.compile(
     r"(?<![\w+(])\+?(?:\d[\d ().-]{6,20}\d|\(\d{3}\)[\d ().-]{6,14}\d)"
     r"(?:\s*(?:x|ext\.?|extension)\s*\d{1,6})?(?!\w)"
 )
-_CARD = re.compile(r"(?<![\d-])(?:\d[ -]?){12,18}\d(?![\d-])")
+_CARD = re.compile(r"(?<![\d-])(?:\d[ -]?){11,18}\d(?![\d-])")
 _IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b")
 _SSN = re.compile(r"(?<![\d-])(\d{3})-(\d{2})-(\d{4})(?![\d-])")
 _IPV4 = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?![\d.]|\.\d)")
@@ -128,10 +128,18 @@ def _emails(text: str) -> Iterator[Finding]:
         )
 
 
+# Cards are written without separators, or in groups of four (Amex: 4-6-5); a number like
+# 001-584-514-8525 is a phone number that happens to pass Luhn.
+_CARD_GROUPS = re.compile(r"\d{4}(?:([ -])\d{4}(?:\1\d{4}){2,3}(?:\1\d{1,3})?|([ -])\d{6}\2\d{5})")
+
+
 def _cards(text: str) -> Iterator[Finding]:
     for match in _CARD.finditer(text):
-        digits = re.sub(r"\D", "", match.group())
-        if 13 <= len(digits) <= 19 and luhn_ok(digits):
+        candidate = match.group()
+        digits = re.sub(r"\D", "", candidate)
+        if digits != candidate and not _CARD_GROUPS.fullmatch(candidate):
+            continue
+        if 12 <= len(digits) <= 19 and luhn_ok(digits):  # Maestro has 12
             yield Finding(
                 CREDIT_CARD,
                 match.start(),
@@ -198,7 +206,9 @@ def _phones(text: str, region: str) -> Iterator[Finding]:
         if digits < 7:
             continue
         try:
-            number = phonenumbers.parse(candidate, region)
+            # "001-" is how Faker and some people write +1; libphonenumber reads it as an
+            # exit code only from a region that dials 00.
+            number = phonenumbers.parse(re.sub(r"^00(?=1\D)", "+", candidate), region)
         except phonenumbers.NumberParseException:
             continue
         if not phonenumbers.is_possible_number(number):
@@ -237,75 +247,14 @@ def find_patterns(text: str, region: str = "US") -> list[Finding]:
 # Capitalised words that start sentences and greetings without naming anyone: a text whose
 # only capitals are these (or acronyms, or inside pattern entities) skips NER.
 _COMMON_CAPS = frozenset(
-    [
-        "I",
-        "I'm",
-        "I've",
-        "I'd",
-        "I'll",
-        "A",
-        "An",
-        "The",
-        "My",
-        "Our",
-        "Your",
-        "Hi",
-        "Hello",
-        "Hey",
-        "Dear",
-        "Please",
-        "Thanks",
-        "Thank",
-        "Yes",
-        "No",
-        "Ok",
-        "OK",
-        "Can",
-        "Could",
-        "Would",
-        "Will",
-        "Should",
-        "Do",
-        "Does",
-        "Did",
-        "Is",
-        "Are",
-        "Was",
-        "Were",
-        "What",
-        "When",
-        "Where",
-        "Why",
-        "How",
-        "Who",
-        "Which",
-        "This",
-        "That",
-        "These",
-        "Those",
-        "It",
-        "Its",
-        "If",
-        "And",
-        "But",
-        "Or",
-        "So",
-        "Also",
-        "Send",
-        "Call",
-        "Email",
-        "Mail",
-        "Pay",
-        "Use",
-        "Here",
-        "There",
-        "We",
-        "You",
-        "They",
-        "He",
-        "She",
-        "Note",
-    ]
+    (  # noqa: SIM905 - a word list reads better as words
+        "I I'm I've I'd I'll A An The My Our Your Hi Hello Hey Dear Please Thanks Thank Yes "
+        "No Ok OK Can Could Would Will Should Do Does Did Is Are Was Were What When Where Why "
+        "How Who Which This That These Those It Its If And But Or So Also Send Call Email "
+        "Mail Pay Use Here There We You They He She Note Summarise Summarize Translate Write "
+        "Explain Draft List Give Tell Ask Show Find Check Remind Book Schedule Reply Create "
+        "Make Generate Forward Block Update Wire Text Login Reimburse Charge Social Server"
+    ).split()
 )
 _WORD = re.compile(r"\b[^\W\d_]{2,}\b")
 
@@ -320,6 +269,105 @@ def may_name_someone(text: str, covered: Iterable[Finding] = ()) -> bool:
         if not any(start <= match.start() < end for start, end in spans):
             return True
     return False
+
+
+# -------------------------------------------------------------------- capitalised runs
+
+# Words that join the parts of a name or place ("Bosnia and Herzegovina", "Cenate di Sotto").
+_CONNECTORS = frozenset(
+    ["and", "of", "de", "del", "della", "di", "da", "la", "le", "van", "von", "der", "du", "y"]
+)
+# Words that make a capitalised run a place.
+_PLACE_WORDS = frozenset(
+    [
+        "Lake",
+        "Port",
+        "Mount",
+        "City",
+        "Republic",
+        "Islands",
+        "Island",
+        "State",
+        "States",
+        "New",
+        "San",
+        "Santa",
+        "Saint",
+        "St",
+        "North",
+        "South",
+        "East",
+        "West",
+        "Fort",
+        "Bay",
+        "Kingdom",
+        "Valley",
+        "Beach",
+        "Springs",
+        "County",
+        "Sur",
+        "Bad",
+    ]
+)
+# The word before a run that makes it a place: "in Lisbon", "near Hechingen".
+_PLACE_CUES = frozenset(["in", "at", "near", "visit", "visiting", "across", "moved"])
+_TOWARDS = frozenset(["from", "to"])
+_FROM_PLACE = _PLACE_CUES | {"from"}
+_NAME_WORD = re.compile(r"[^\W\d_]+(?:[-'\u2019][^\W\d_]+)*")
+
+
+def _titled(word: str) -> bool:
+    return word[0].isupper() and not word.isupper() and word not in _COMMON_CAPS
+
+
+def capitalised_runs(text: str) -> list[Finding]:
+    """Runs of capitalised words that spaCy's small model often misses (names from other
+    languages, hyphenated names, small towns): two or more words are a person unless a
+    place word or the word before says place; one word is a place after "in", "from"...
+    Scored below NER, so where both speak NER's type wins."""
+    words = list(_NAME_WORD.finditer(text))
+    found: list[Finding] = []
+    i = 0
+    while i < len(words):
+        if not _titled(words[i].group()):
+            i += 1
+            continue
+        j = i + 1  # the run is words[i:j]
+        while j < len(words) and text[words[j - 1].end() : words[j].start()] == " ":
+            word = words[j].group()
+            if _titled(word):
+                j += 1
+            elif (
+                word in _CONNECTORS
+                and j + 1 < len(words)
+                and text[words[j].end() : words[j + 1].start()] == " "
+                and _titled(words[j + 1].group())
+            ):
+                j += 2
+            else:
+                break
+        run = [w.group() for w in words[i:j]]
+        before = words[i - 1].group().lower() if i else ""
+        kind = _run_type(run, before)
+        if kind is not None:
+            why = f"rule: {len(run)} capitalised word(s)"
+            why += f" after {before!r}" if before else ""
+            start, end = words[i].start(), words[j - 1].end()
+            found.append(Finding(kind, start, end, 0.6, "capitalised", why))
+        i = j
+    return found
+
+
+def _run_type(run: list[str], before: str) -> str | None:
+    if any(word in _PLACE_WORDS for word in run) or any(w in ("and", "of") for w in run):
+        return LOCATION
+    if before in _PLACE_CUES:
+        return LOCATION
+    if len(run) >= 2:
+        return PERSON
+    if before in _TOWARDS:
+        return LOCATION
+    return None
 
 
 class NerRecognizer:
@@ -350,8 +398,18 @@ class NerRecognizer:
                 continue
             start, end = ent.start_char, ent.end_char
             start, end = _trim(doc.text, start, end)
-            if end <= start:
+            # An imperative or greeting at the start is not part of a name ("Reimburse Ann").
+            while (space := doc.text.find(" ", start, end)) != -1 and (
+                doc.text[start:space] in _COMMON_CAPS
+            ):
+                start = space + 1
+            if end <= start or doc.text[start:end] in _COMMON_CAPS:
                 continue
+            # One word after "from", "in", "near"...: the small model often calls a town a
+            # person; the word before says place.
+            before = "".join(doc.text[:start].split()[-1:]).lower()
+            if kind == PERSON and " " not in doc.text[start:end] and before in _FROM_PLACE:
+                kind = LOCATION
             found.append(
                 Finding(kind, start, end, 0.85, self.name, f"NER: {self.model} label {ent.label_}")
             )
@@ -396,17 +454,21 @@ class Detector:
 
     def detect(self, text: str) -> list[Finding]:
         found = find_patterns(text, self.region)
-        if self.ner is not None and may_name_someone(text, found):
-            found += [f for f in self.ner.find(text) if not _inside_any(f, found)]
+        if may_name_someone(text, found):
+            named = capitalised_runs(text)
+            if self.ner is not None:
+                named += self.ner.find(text)
+            found += [f for f in named if not _inside_any(f, found)]
         return resolve(found)
 
     def detect_many(self, texts: list[str]) -> list[list[Finding]]:
         """The same as `detect` on each text, with NER batched (for evaluation)."""
         patterns = [find_patterns(text, self.region) for text in texts]
         need = [i for i, text in enumerate(texts) if may_name_someone(text, patterns[i])]
-        if self.ner is not None and need:
-            for i, named in zip(need, self.ner.find_many([texts[i] for i in need]), strict=True):
-                patterns[i] += [f for f in named if not _inside_any(f, patterns[i])]
+        ner = self.ner.find_many([texts[i] for i in need]) if self.ner else [[] for _ in need]
+        for i, named in zip(need, ner, strict=True):
+            found = [*named, *capitalised_runs(texts[i])]
+            patterns[i] += [f for f in found if not _inside_any(f, patterns[i])]
         return [resolve(found) for found in patterns]
 
 
