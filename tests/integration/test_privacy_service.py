@@ -265,3 +265,50 @@ def test_forget_tenant_deletes_its_conversations(
         privacy_pb2.PrivacyServiceForgetSubjectRequest(tenant="initech", subject="x"),
     )
     assert subject.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_the_kernel_redacts_a_chat_and_restores_its_stream(served: Served) -> None:
+    """kernel/privacy.py against the real service: each message redacted in one
+    conversation, the trace evidence holds types and counts only, and a stream cut inside
+    placeholders comes back whole."""
+    from llmos.kernel.privacy import OutputRestorer, redact_request
+    from llmos.v1 import common_pb2, kernel_pb2
+
+    request = kernel_pb2.GenerateRequest(
+        messages=[
+            common_pb2.ChatMessage(role="user", content="I'm Zoë Martin, mail zoe@example.org."),
+            common_pb2.ChatMessage(role="assistant", content=""),
+            common_pb2.ChatMessage(role="user", content="Remind Zoë Martin about Lisbon."),
+        ]
+    )
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{served.port + PRIVACY_OFFSET}") as channel:
+        redaction = await redact_request(
+            channel, request, tenant="acme", conversation="task-1", mode="pseudonymize", timeout=30
+        )
+        contents = [m.content for m in redaction.request.messages]
+        assert contents == [
+            "I'm <PERSON_1>, mail <EMAIL_ADDRESS_1>.",
+            "",
+            "Remind <PERSON_1> about <LOCATION_1>.",
+        ]
+        assert request.messages[0].content.startswith("I'm Zoë")  # the original is untouched
+        evidence = redaction.evidence()
+        assert evidence == {
+            "operator": "pseudonymize",
+            "entities": "EMAIL_ADDRESS:1,LOCATION:1,PERSON:2",
+            "entity_count": "4",
+        }
+        assert "Zoë" not in str(evidence) and redaction.restorable
+
+        restorer = OutputRestorer(channel, tenant="acme", conversation="task-1")
+        pieces = ["Sure, <PER", "SON_1> will", " fly to <LOC", "ATION_1", ">", " soon <"]
+        shown = [await restorer.feed(piece) for piece in pieces]
+        shown.append(await restorer.close())
+        assert "".join(shown) == "Sure, Zoë Martin will fly to Lisbon soon <"
+        assert shown[0] == "Sure, "
+
+        masked = await redact_request(
+            channel, request, tenant="acme", conversation="task-2", mode="mask", timeout=30
+        )
+        assert masked.request.messages[0].content == "I'm **********, mail ***************."
+        assert not masked.restorable
