@@ -55,6 +55,12 @@ def _privacy(settings: Settings) -> Service:
     return PrivacyService(settings)
 
 
+def _safety(settings: Settings) -> Service:
+    from llmos.services.safety.server import SafetyService
+
+    return SafetyService(settings)
+
+
 def _planned(
     kind: common_pb2.ServiceKind.ValueType, proto: str, service_name: str
 ) -> Callable[[Settings], Service]:
@@ -75,7 +81,7 @@ STACK: tuple[ProcessSpec, ...] = (
     ProcessSpec("kernel", 0, _kernel),
     ProcessSpec("hardware", 5, _hardware),
     ProcessSpec("runtime", 1, _runtime),
-    ProcessSpec("safety", 2, _planned(common_pb2.SERVICE_KIND_SAFETY, "safety", "SafetyService")),
+    ProcessSpec("safety", 2, _safety),
     ProcessSpec("privacy", 3, _privacy),
     ProcessSpec(
         "explain", 4, _planned(common_pb2.SERVICE_KIND_EXPLAIN, "explain", "ExplainService")

@@ -24,43 +24,45 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15llmos/v1/safety.proto\x12\x08llmos.v1\"a\n\x19SafetyServiceCheckRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12&\n\tdirection\x18\x02 \x01(\x0e\x32\x13.llmos.v1.Direction\x12\x0e\n\x06tenant\x18\x03 \x01(\t\"O\n\rCategoryScore\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x1d\n\x15moderation_categories\x18\x03 \x03(\t\"R\n\x0eSafetyEvidence\x12\x0f\n\x07rule_id\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x05\x12\x13\n\x0bmodel_score\x18\x04 \x01(\x02\"\xb9\x01\n\rSafetyVerdict\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12&\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x16.llmos.v1.SafetyAction\x12+\n\ncategories\x18\x03 \x03(\x0b\x32\x17.llmos.v1.CategoryScore\x12*\n\x08\x65vidence\x18\x04 \x03(\x0b\x32\x18.llmos.v1.SafetyEvidence\x12\x16\n\x0epolicy_version\x18\x05 \x01(\t\"F\n\x1aSafetyServiceCheckResponse\x12(\n\x07verdict\x18\x01 \x01(\x0b\x32\x17.llmos.v1.SafetyVerdict\"?\n\x1fSafetyServiceCheckStreamRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"L\n SafetyServiceCheckStreamResponse\x12(\n\x07verdict\x18\x01 \x01(\x0b\x32\x17.llmos.v1.SafetyVerdict\"/\n\x1dSafetyServiceGetPolicyRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"[\n\x0c\x43\x61tegoryRule\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12\x11\n\tthreshold\x18\x02 \x01(\x02\x12&\n\x06\x61\x63tion\x18\x03 \x01(\x0e\x32\x16.llmos.v1.SafetyAction\"V\n\x0cSafetyPolicy\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12%\n\x05rules\x18\x03 \x03(\x0b\x32\x16.llmos.v1.CategoryRule\"H\n\x1eSafetyServiceGetPolicyResponse\x12&\n\x06policy\x18\x01 \x01(\x0b\x32\x16.llmos.v1.SafetyPolicy\"G\n\x1dSafetyServiceSetPolicyRequest\x12&\n\x06policy\x18\x01 \x01(\x0b\x32\x16.llmos.v1.SafetyPolicy\"H\n\x1eSafetyServiceSetPolicyResponse\x12&\n\x06policy\x18\x01 \x01(\x0b\x32\x16.llmos.v1.SafetyPolicy*Q\n\tDirection\x12\x19\n\x15\x44IRECTION_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44IRECTION_INPUT\x10\x01\x12\x14\n\x10\x44IRECTION_OUTPUT\x10\x02*w\n\x0cSafetyAction\x12\x1d\n\x19SAFETY_ACTION_UNSPECIFIED\x10\x00\x12\x17\n\x13SAFETY_ACTION_ALLOW\x10\x01\x12\x16\n\x12SAFETY_ACTION_FLAG\x10\x02\x12\x17\n\x13SAFETY_ACTION_BLOCK\x10\x03\x32\x8d\x03\n\rSafetyService\x12R\n\x05\x43heck\x12#.llmos.v1.SafetyServiceCheckRequest\x1a$.llmos.v1.SafetyServiceCheckResponse\x12h\n\x0b\x43heckStream\x12).llmos.v1.SafetyServiceCheckStreamRequest\x1a*.llmos.v1.SafetyServiceCheckStreamResponse(\x01\x30\x01\x12^\n\tGetPolicy\x12\'.llmos.v1.SafetyServiceGetPolicyRequest\x1a(.llmos.v1.SafetyServiceGetPolicyResponse\x12^\n\tSetPolicy\x12\'.llmos.v1.SafetyServiceSetPolicyRequest\x1a(.llmos.v1.SafetyServiceSetPolicyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15llmos/v1/safety.proto\x12\x08llmos.v1\"a\n\x19SafetyServiceCheckRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12&\n\tdirection\x18\x02 \x01(\x0e\x32\x13.llmos.v1.Direction\x12\x0e\n\x06tenant\x18\x03 \x01(\t\"O\n\rCategoryScore\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x1d\n\x15moderation_categories\x18\x03 \x03(\t\"r\n\x0eSafetyEvidence\x12\x0f\n\x07rule_id\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x05\x12\x13\n\x0bmodel_score\x18\x04 \x01(\x02\x12\x10\n\x08\x63\x61tegory\x18\x05 \x01(\t\x12\x0c\n\x04view\x18\x06 \x01(\t\"\xb9\x01\n\rSafetyVerdict\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12&\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x16.llmos.v1.SafetyAction\x12+\n\ncategories\x18\x03 \x03(\x0b\x32\x17.llmos.v1.CategoryScore\x12*\n\x08\x65vidence\x18\x04 \x03(\x0b\x32\x18.llmos.v1.SafetyEvidence\x12\x16\n\x0epolicy_version\x18\x05 \x01(\t\"F\n\x1aSafetyServiceCheckResponse\x12(\n\x07verdict\x18\x01 \x01(\x0b\x32\x17.llmos.v1.SafetyVerdict\"?\n\x1fSafetyServiceCheckStreamRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"c\n SafetyServiceCheckStreamResponse\x12(\n\x07verdict\x18\x01 \x01(\x0b\x32\x17.llmos.v1.SafetyVerdict\x12\x15\n\rchecked_chars\x18\x02 \x01(\x03\"/\n\x1dSafetyServiceGetPolicyRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"[\n\x0c\x43\x61tegoryRule\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12\x11\n\tthreshold\x18\x02 \x01(\x02\x12&\n\x06\x61\x63tion\x18\x03 \x01(\x0e\x32\x16.llmos.v1.SafetyAction\".\n\nDenyPhrase\x12\x0e\n\x06phrase\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x02 \x01(\t\"\x89\x01\n\x0cSafetyPolicy\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12%\n\x05rules\x18\x03 \x03(\x0b\x32\x16.llmos.v1.CategoryRule\x12\"\n\x04\x64\x65ny\x18\x04 \x03(\x0b\x32\x14.llmos.v1.DenyPhrase\x12\r\n\x05\x61llow\x18\x05 \x03(\t\"H\n\x1eSafetyServiceGetPolicyResponse\x12&\n\x06policy\x18\x01 \x01(\x0b\x32\x16.llmos.v1.SafetyPolicy\"G\n\x1dSafetyServiceSetPolicyRequest\x12&\n\x06policy\x18\x01 \x01(\x0b\x32\x16.llmos.v1.SafetyPolicy\"H\n\x1eSafetyServiceSetPolicyResponse\x12&\n\x06policy\x18\x01 \x01(\x0b\x32\x16.llmos.v1.SafetyPolicy*Q\n\tDirection\x12\x19\n\x15\x44IRECTION_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44IRECTION_INPUT\x10\x01\x12\x14\n\x10\x44IRECTION_OUTPUT\x10\x02*w\n\x0cSafetyAction\x12\x1d\n\x19SAFETY_ACTION_UNSPECIFIED\x10\x00\x12\x17\n\x13SAFETY_ACTION_ALLOW\x10\x01\x12\x16\n\x12SAFETY_ACTION_FLAG\x10\x02\x12\x17\n\x13SAFETY_ACTION_BLOCK\x10\x03\x32\x8d\x03\n\rSafetyService\x12R\n\x05\x43heck\x12#.llmos.v1.SafetyServiceCheckRequest\x1a$.llmos.v1.SafetyServiceCheckResponse\x12h\n\x0b\x43heckStream\x12).llmos.v1.SafetyServiceCheckStreamRequest\x1a*.llmos.v1.SafetyServiceCheckStreamResponse(\x01\x30\x01\x12^\n\tGetPolicy\x12\'.llmos.v1.SafetyServiceGetPolicyRequest\x1a(.llmos.v1.SafetyServiceGetPolicyResponse\x12^\n\tSetPolicy\x12\'.llmos.v1.SafetyServiceSetPolicyRequest\x1a(.llmos.v1.SafetyServiceSetPolicyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llmos.v1.safety_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DIRECTION']._serialized_start=1153
-  _globals['_DIRECTION']._serialized_end=1234
-  _globals['_SAFETYACTION']._serialized_start=1236
-  _globals['_SAFETYACTION']._serialized_end=1355
+  _globals['_DIRECTION']._serialized_start=1308
+  _globals['_DIRECTION']._serialized_end=1389
+  _globals['_SAFETYACTION']._serialized_start=1391
+  _globals['_SAFETYACTION']._serialized_end=1510
   _globals['_SAFETYSERVICECHECKREQUEST']._serialized_start=35
   _globals['_SAFETYSERVICECHECKREQUEST']._serialized_end=132
   _globals['_CATEGORYSCORE']._serialized_start=134
   _globals['_CATEGORYSCORE']._serialized_end=213
   _globals['_SAFETYEVIDENCE']._serialized_start=215
-  _globals['_SAFETYEVIDENCE']._serialized_end=297
-  _globals['_SAFETYVERDICT']._serialized_start=300
-  _globals['_SAFETYVERDICT']._serialized_end=485
-  _globals['_SAFETYSERVICECHECKRESPONSE']._serialized_start=487
-  _globals['_SAFETYSERVICECHECKRESPONSE']._serialized_end=557
-  _globals['_SAFETYSERVICECHECKSTREAMREQUEST']._serialized_start=559
-  _globals['_SAFETYSERVICECHECKSTREAMREQUEST']._serialized_end=622
-  _globals['_SAFETYSERVICECHECKSTREAMRESPONSE']._serialized_start=624
-  _globals['_SAFETYSERVICECHECKSTREAMRESPONSE']._serialized_end=700
-  _globals['_SAFETYSERVICEGETPOLICYREQUEST']._serialized_start=702
-  _globals['_SAFETYSERVICEGETPOLICYREQUEST']._serialized_end=749
-  _globals['_CATEGORYRULE']._serialized_start=751
-  _globals['_CATEGORYRULE']._serialized_end=842
-  _globals['_SAFETYPOLICY']._serialized_start=844
-  _globals['_SAFETYPOLICY']._serialized_end=930
-  _globals['_SAFETYSERVICEGETPOLICYRESPONSE']._serialized_start=932
-  _globals['_SAFETYSERVICEGETPOLICYRESPONSE']._serialized_end=1004
-  _globals['_SAFETYSERVICESETPOLICYREQUEST']._serialized_start=1006
-  _globals['_SAFETYSERVICESETPOLICYREQUEST']._serialized_end=1077
-  _globals['_SAFETYSERVICESETPOLICYRESPONSE']._serialized_start=1079
-  _globals['_SAFETYSERVICESETPOLICYRESPONSE']._serialized_end=1151
-  _globals['_SAFETYSERVICE']._serialized_start=1358
-  _globals['_SAFETYSERVICE']._serialized_end=1755
+  _globals['_SAFETYEVIDENCE']._serialized_end=329
+  _globals['_SAFETYVERDICT']._serialized_start=332
+  _globals['_SAFETYVERDICT']._serialized_end=517
+  _globals['_SAFETYSERVICECHECKRESPONSE']._serialized_start=519
+  _globals['_SAFETYSERVICECHECKRESPONSE']._serialized_end=589
+  _globals['_SAFETYSERVICECHECKSTREAMREQUEST']._serialized_start=591
+  _globals['_SAFETYSERVICECHECKSTREAMREQUEST']._serialized_end=654
+  _globals['_SAFETYSERVICECHECKSTREAMRESPONSE']._serialized_start=656
+  _globals['_SAFETYSERVICECHECKSTREAMRESPONSE']._serialized_end=755
+  _globals['_SAFETYSERVICEGETPOLICYREQUEST']._serialized_start=757
+  _globals['_SAFETYSERVICEGETPOLICYREQUEST']._serialized_end=804
+  _globals['_CATEGORYRULE']._serialized_start=806
+  _globals['_CATEGORYRULE']._serialized_end=897
+  _globals['_DENYPHRASE']._serialized_start=899
+  _globals['_DENYPHRASE']._serialized_end=945
+  _globals['_SAFETYPOLICY']._serialized_start=948
+  _globals['_SAFETYPOLICY']._serialized_end=1085
+  _globals['_SAFETYSERVICEGETPOLICYRESPONSE']._serialized_start=1087
+  _globals['_SAFETYSERVICEGETPOLICYRESPONSE']._serialized_end=1159
+  _globals['_SAFETYSERVICESETPOLICYREQUEST']._serialized_start=1161
+  _globals['_SAFETYSERVICESETPOLICYREQUEST']._serialized_end=1232
+  _globals['_SAFETYSERVICESETPOLICYRESPONSE']._serialized_start=1234
+  _globals['_SAFETYSERVICESETPOLICYRESPONSE']._serialized_end=1306
+  _globals['_SAFETYSERVICE']._serialized_start=1513
+  _globals['_SAFETYSERVICE']._serialized_end=1910
 # @@protoc_insertion_point(module_scope)

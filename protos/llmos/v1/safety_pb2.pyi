@@ -117,7 +117,7 @@ Global___CategoryScore: _TypeAlias = CategoryScore  # noqa: Y015
 
 @_typing.final
 class SafetyEvidence(_message.Message):
-    """[#next-free-field: 5]"""
+    """[#next-free-field: 7]"""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -125,10 +125,21 @@ class SafetyEvidence(_message.Message):
     START_FIELD_NUMBER: _builtins.int
     END_FIELD_NUMBER: _builtins.int
     MODEL_SCORE_FIELD_NUMBER: _builtins.int
+    CATEGORY_FIELD_NUMBER: _builtins.int
+    VIEW_FIELD_NUMBER: _builtins.int
     rule_id: _builtins.str
+    """A rule ("injection.ignore_instructions", "deny.tenant.0", "allow.tenant.1") or the
+    classifier ("model.minilm-int8").
+    """
     start: _builtins.int
+    """The span of the checked text it points at, in characters (code points), end exclusive."""
     end: _builtins.int
     model_score: _builtins.float
+    """The score it gives its category (1.0 for deny rules; P(unsafe) for the classifier)."""
+    category: _builtins.str
+    """The category it is evidence for ("" for an allow entry)."""
+    view: _builtins.str
+    """The view of the text it was found in: plain, leet, base64, rot13."""
     def __init__(
         self,
         *,
@@ -136,10 +147,12 @@ class SafetyEvidence(_message.Message):
         start: _builtins.int = ...,
         end: _builtins.int = ...,
         model_score: _builtins.float = ...,
+        category: _builtins.str = ...,
+        view: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "model_score", b"model_score", "rule_id", b"rule_id", "start", b"start"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "end", b"end", "model_score", b"model_score", "rule_id", b"rule_id", "start", b"start", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -230,21 +243,32 @@ Global___SafetyServiceCheckStreamRequest: _TypeAlias = SafetyServiceCheckStreamR
 
 @_typing.final
 class SafetyServiceCheckStreamResponse(_message.Message):
-    """[#next-free-field: 2]"""
+    """One per request message, in order.
+    [#next-free-field: 3]
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     VERDICT_FIELD_NUMBER: _builtins.int
+    CHECKED_CHARS_FIELD_NUMBER: _builtins.int
+    checked_chars: _builtins.int
+    """How many characters of the stream, from its start, have been checked: text up to here
+    may be released to the client. The last response (after the client half-closes) covers
+    the whole stream.
+    """
     @_builtins.property
-    def verdict(self) -> Global___SafetyVerdict: ...
+    def verdict(self) -> Global___SafetyVerdict:
+        """The verdict on the latest window checked (evidence spans count from the stream's start)."""
+
     def __init__(
         self,
         *,
         verdict: Global___SafetyVerdict | None = ...,
+        checked_chars: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["verdict", b"verdict"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["verdict", b"verdict"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checked_chars", b"checked_chars", "verdict", b"verdict"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -299,28 +323,73 @@ class CategoryRule(_message.Message):
 Global___CategoryRule: _TypeAlias = CategoryRule  # noqa: Y015
 
 @_typing.final
+class DenyPhrase(_message.Message):
+    """A tenant's deny-list entry: a phrase, matched on the normalised text as whole words.
+    [#next-free-field: 3]
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PHRASE_FIELD_NUMBER: _builtins.int
+    CATEGORY_FIELD_NUMBER: _builtins.int
+    phrase: _builtins.str
+    category: _builtins.str
+    """The category a match is evidence for."""
+    def __init__(
+        self,
+        *,
+        phrase: _builtins.str = ...,
+        category: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "phrase", b"phrase"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DenyPhrase: _TypeAlias = DenyPhrase  # noqa: Y015
+
+@_typing.final
 class SafetyPolicy(_message.Message):
-    """[#next-free-field: 4]"""
+    """[#next-free-field: 6]"""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     TENANT_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     RULES_FIELD_NUMBER: _builtins.int
+    DENY_FIELD_NUMBER: _builtins.int
+    ALLOW_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     version: _builtins.str
+    """Set by the service ("acme@3"). On SetPolicy, when set, it must be the current version
+    (compare-and-set); empty replaces whatever is there.
+    """
     @_builtins.property
-    def rules(self) -> _containers.RepeatedCompositeFieldContainer[Global___CategoryRule]: ...
+    def rules(self) -> _containers.RepeatedCompositeFieldContainer[Global___CategoryRule]:
+        """Thresholds and actions; a category may have several (flag at 0.4, block at 0.8): the
+        strongest action whose threshold the score reaches wins. Categories left out keep the
+        default policy's rules.
+        """
+
+    @_builtins.property
+    def deny(self) -> _containers.RepeatedCompositeFieldContainer[Global___DenyPhrase]: ...
+    @_builtins.property
+    def allow(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Phrases that let a text through whatever the classifier scores (rules still apply)."""
+
     def __init__(
         self,
         *,
         tenant: _builtins.str = ...,
         version: _builtins.str = ...,
         rules: _abc.Iterable[Global___CategoryRule] | None = ...,
+        deny: _abc.Iterable[Global___DenyPhrase] | None = ...,
+        allow: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["rules", b"rules", "tenant", b"tenant", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow", b"allow", "deny", b"deny", "rules", b"rules", "tenant", b"tenant", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

