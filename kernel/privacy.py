@@ -96,8 +96,10 @@ class OutputRestorer:
     def __init__(self, channel: grpc.aio.Channel, *, tenant: str, conversation: str) -> None:
         stub = privacy_pb2_grpc.PrivacyServiceStub(channel)
         self._call = stub.RestoreStream(metadata=outgoing_metadata(x_llmos_task_id=conversation))
-        self._first = privacy_pb2.PrivacyServiceRestoreStreamRequest(
-            tenant=tenant, conversation_id=conversation
+        self._first: privacy_pb2.PrivacyServiceRestoreStreamRequest | None = (
+            privacy_pb2.PrivacyServiceRestoreStreamRequest(
+                tenant=tenant, conversation_id=conversation
+            )
         )
         self.pieces = 0
 
@@ -125,6 +127,7 @@ class OutputRestorer:
             await self._call.done_writing()
             rest = []
             while (reply := await self._call.read()) is not grpc.aio.EOF:
+                assert isinstance(reply, privacy_pb2.PrivacyServiceRestoreStreamResponse)
                 rest.append(reply.text)
         except grpc.aio.AioRpcError as error:
             raise from_rpc_error(error, "privacy RestoreStream") from error
