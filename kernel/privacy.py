@@ -114,9 +114,9 @@ class OutputRestorer:
         except grpc.aio.AioRpcError as error:
             raise from_rpc_error(error, "privacy RestoreStream") from error
         self.pieces += 1
-        if reply is grpc.aio.EOF:
-            return ""
-        return str(reply.text)
+        if not isinstance(reply, privacy_pb2.PrivacyServiceRestoreStreamResponse):
+            return ""  # EOF: the service ended the stream
+        return reply.text
 
     async def close(self) -> str:
         """The stream ended: what was held back, restored."""
@@ -127,8 +127,8 @@ class OutputRestorer:
             await self._call.done_writing()
             rest = []
             while (reply := await self._call.read()) is not grpc.aio.EOF:
-                assert isinstance(reply, privacy_pb2.PrivacyServiceRestoreStreamResponse)
-                rest.append(reply.text)
+                if isinstance(reply, privacy_pb2.PrivacyServiceRestoreStreamResponse):
+                    rest.append(reply.text)
         except grpc.aio.AioRpcError as error:
             raise from_rpc_error(error, "privacy RestoreStream") from error
         return "".join(rest)
