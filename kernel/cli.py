@@ -381,6 +381,76 @@ async def _trace(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+PLUGIN_STATES = {
+    v: n.removeprefix("PLUGIN_STATE_").lower() for n, v in kernel_pb2.PluginState.items()
+}
+
+
+def _print_plugin(plugin: kernel_pb2.PluginInfo) -> None:
+    """`llmos plugins info`: every field, the manifest as TOML-like lines."""
+    from google.protobuf import json_format
+
+    print(f"plugin {plugin.name} {plugin.version}  [{PLUGIN_STATES.get(plugin.state, '?')}]")
+    for label, value in (
+        ("reason", plugin.reason),
+        ("entry point", plugin.entry_point),
+        ("distribution", plugin.distribution),
+        ("manifest", plugin.manifest_path),
+        ("pid", plugin.pid or ""),
+        ("crashes", plugin.crashes),
+        ("violations", plugin.violations),
+        ("network isolation", plugin.isolation),
+    ):
+        if value != "":
+            print(f"  {label}: {value}")
+    manifest = json_format.MessageToDict(plugin.manifest)
+    if manifest:
+        print(f"  hooks: {', '.join(manifest.get('hooks', [])) or 'none'}")
+        granted = [k for k, v in manifest.get("capabilities", {}).items() if v]
+        print(f"  capabilities: {', '.join(sorted(granted)) or 'none'}")
+        limits = manifest.get("limits", {})
+        timeout, memory = limits.get("timeout_ms", 0), limits.get("memory_mb", 0)
+        print(f"  limits: timeout {timeout:g} ms, memory {memory:g} MB")
+
+
+async def _plugins(settings: Settings, args: argparse.Namespace) -> int:
+    async with open_channel(settings.kernel_target) as channel:
+        stub = kernel_pb2_grpc.KernelServiceStub(channel)
+        try:
+            if args.action == "list":
+                reply = await stub.ListPlugins(kernel_pb2.ListPluginsRequest(), timeout=10)
+                print(f"{'PLUGIN':<20} {'VERSION':<10} {'STATE':<10} REASON")
+                for plugin in reply.plugins:
+                    print(
+                        f"{plugin.name:<20} {plugin.version:<10} "
+                        f"{PLUGIN_STATES.get(plugin.state, '?'):<10} {plugin.reason}"
+                    )
+                return 0
+            if not args.name:
+                print(f"llmos: plugins {args.action} needs a plugin name", file=sys.stderr)
+                return 2
+            if args.action == "info":
+                got = await stub.GetPlugin(kernel_pb2.GetPluginRequest(name=args.name), timeout=10)
+                _print_plugin(got.plugin)
+            elif args.action == "enable":
+                on = await stub.EnablePlugin(
+                    kernel_pb2.EnablePluginRequest(name=args.name), timeout=10
+                )
+                print(f"{on.plugin.name}: {PLUGIN_STATES.get(on.plugin.state, '?')}")
+            else:
+                off = await stub.DisablePlugin(
+                    kernel_pb2.DisablePluginRequest(name=args.name), timeout=30
+                )
+                print(f"{off.plugin.name}: {PLUGIN_STATES.get(off.plugin.state, '?')}")
+        except grpc.aio.AioRpcError as error:
+            return _fail(error)
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    return asyncio.run(_plugins(_settings(args), args))
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     return asyncio.run(_submit(_settings(args), args))
 
@@ -440,6 +510,22 @@ def _add_top(commands: Any) -> None:
     top.add_argument("--once", action="store_true", help="print one frame and exit")
     top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
     top.set_defaults(func=cmd_top)
+
+
+def _add_plugins(commands: Any) -> None:
+    plugins = commands.add_parser(
+        "plugins", help="installed plugins: list, info NAME, enable NAME, disable NAME"
+    )
+    plugins.add_argument("action", choices=["list", "info", "enable", "disable"])
+    plugins.add_argument("name", nargs="?", help="the plugin (not for list)")
+    _common(plugins)
+    plugins.set_defaults(func=cmd_plugins)
+
+
+def _add_operator_views(commands: Any) -> None:
+    """`llmos top` and `llmos plugins`: what runs, and switching plugins on and off."""
+    _add_top(commands)
+    _add_plugins(commands)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -507,7 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(trace)
     trace.set_defaults(func=cmd_trace)
 
-    _add_top(commands)
+    _add_operator_views(commands)
 
     probe = commands.add_parser("probe", help="grpc.health.v1 check, for container health checks")
     probe.add_argument("address")

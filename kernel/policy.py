@@ -24,8 +24,9 @@ docs/operator-guide.md "Tenant policy" repeats for operators:
   makes a stage optional. Mandatory means "always runs", not "fails closed": a tenant's
   policy may make a mandatory stage fail-open, and the trace then says "failed_open".
   Plugins (the plugins work item) will add stages, never remove one.
-- `plugins:before` and `plugins:after` are in the stage list today but have no service
-  until plugins arrive: they are traced "not_available" without any call.
+- `plugins:before` and `plugins:after` call the enabled plugins (kernel/plugins.py); a
+  plugin that crashes, hangs or answers garbage counts as a down service: fail closed
+  unless the stage is in `fail_open`. With no plugin to call they are traced "skipped".
 
 A bad policy stops the kernel at start with BAD_SETTING naming the key
 (`tenants.acme.stages`): a misspelt stage would otherwise be silently skipped. This module
@@ -44,8 +45,6 @@ from llmos.services.errors import InvalidArgument
 BEFORE_MODEL = ("plugins:before", "safety:input", "privacy:redact")
 AFTER_MODEL = ("safety:output", "privacy:restore", "plugins:after")
 STAGES = BEFORE_MODEL + AFTER_MODEL
-# Stages with no service yet: traced "not_available" without a call.
-PLANNED = frozenset({"plugins:before", "plugins:after"})
 SAFETY = ("safety:input", "safety:output")
 # The kernel's own steps: always run, never named in a policy.
 KERNEL_STEPS = ("admit", "runtime:generate", "record")

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from llmos.kernel.plugins import PluginHosts
 from llmos.kernel.policy import Policies
 from llmos.kernel.registry import Registry
 from llmos.kernel.scheduler import DEFAULT_QUEUE_LIMITS, Priority, Scheduler, SchedulerConfig
@@ -24,7 +25,13 @@ from llmos.kernel.store.work_queue import RedisWorkQueue
 from llmos.kernel.tasks import TaskRunner
 from llmos.services.channels import TENANT_KEY, outgoing_metadata
 from llmos.services.config import Settings
-from llmos.services.errors import InvalidArgument, Unavailable, from_rpc_error
+from llmos.services.errors import (
+    InvalidArgument,
+    LlmosError,
+    NotFound,
+    Unavailable,
+    from_rpc_error,
+)
 from llmos.services.rpc_types import Context
 from llmos.services.validation import chat_messages, sampling_from
 from llmos.v1 import common_pb2, kernel_pb2, kernel_pb2_grpc, runtime_pb2, runtime_pb2_grpc
@@ -167,6 +174,72 @@ class KernelServicer(kernel_pb2_grpc.KernelServiceServicer):
     ) -> kernel_pb2.ListServicesResponse:
         return kernel_pb2.ListServicesResponse(services=self.registry.services())
 
+    # -- plugins and tools (kernel/plugins.py) ------------------------------------------
+
+    async def ListPlugins(
+        self, request: kernel_pb2.ListPluginsRequest, context: Context
+    ) -> kernel_pb2.ListPluginsResponse:
+        plugins = self.service.plugins
+        return kernel_pb2.ListPluginsResponse(plugins=[plugins.info(p) for p in plugins.plugins])
+
+    async def GetPlugin(
+        self, request: kernel_pb2.GetPluginRequest, context: Context
+    ) -> kernel_pb2.GetPluginResponse:
+        plugins = self.service.plugins
+        return kernel_pb2.GetPluginResponse(plugin=plugins.info(plugins.find(request.name)))
+
+    async def EnablePlugin(
+        self, request: kernel_pb2.EnablePluginRequest, context: Context
+    ) -> kernel_pb2.EnablePluginResponse:
+        plugins = self.service.plugins
+        return kernel_pb2.EnablePluginResponse(
+            plugin=plugins.info(await plugins.enable(request.name))
+        )
+
+    async def DisablePlugin(
+        self, request: kernel_pb2.DisablePluginRequest, context: Context
+    ) -> kernel_pb2.DisablePluginResponse:
+        plugins = self.service.plugins
+        return kernel_pb2.DisablePluginResponse(
+            plugin=plugins.info(await plugins.disable(request.name))
+        )
+
+    async def ListTools(
+        self, request: kernel_pb2.ListToolsRequest, context: Context
+    ) -> kernel_pb2.ListToolsResponse:
+        return kernel_pb2.ListToolsResponse(tools=self.service.plugins.list_tools())
+
+    async def InvokeTool(
+        self, request: kernel_pb2.InvokeToolRequest, context: Context
+    ) -> kernel_pb2.InvokeToolResponse:
+        """Run a tool; with a task id (of the caller's tenant) the call joins its trace,
+        whether it succeeds or not."""
+        tenant = tenant_of(context)
+        if request.task_id:
+            record = await self.runner.store.get(request.task_id)
+            if record.tenant != tenant:  # another tenant's task: as good as unknown
+                raise NotFound(f"no task {request.task_id}", reason="TASK_NOT_FOUND")
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        try:
+            output, step = await self.service.plugins.invoke_tool(
+                tenant, request.name, request.input, deadline
+            )
+        except LlmosError as error:
+            log.info("tool %s refused for %s: %s", request.name, tenant, error.message)
+            if request.task_id:
+                failed = common_pb2.TraceStep(
+                    stage="tool", service="kernel", decision="refused", reason=error.message
+                )
+                failed.evidence.update({"tool": request.name, "tenant": tenant})
+                failed.started_at.GetCurrentTime()
+                await self.runner.store.add_trace_step(request.task_id, failed.SerializeToString())
+            raise
+        log.info("tool %s invoked by %s", request.name, tenant)
+        if request.task_id:
+            await self.runner.store.add_trace_step(request.task_id, step.SerializeToString())
+        return kernel_pb2.InvokeToolResponse(output=output)
+
 
 class KernelService:
     """The kernel process: ready once its task store is open and recovered."""
@@ -182,6 +255,8 @@ class KernelService:
         self.servicer = KernelServicer(settings, self.registry, self)
         self.store: TaskStore | None = None
         self.runner: TaskRunner | None = None
+        # Reads the plugin list now (manifests only, no plugin code); hosts start in start().
+        self.plugins = PluginHosts(settings, self.registry)
 
     def add_to_server(self, server: grpc.aio.Server) -> list[str]:
         kernel_pb2_grpc.add_KernelServiceServicer_to_server(self.servicer, server)
@@ -229,6 +304,7 @@ class KernelService:
             queue,
             max_local=concurrency + max(1, concurrency // 4),
             policies=self.policies,
+            plugins=self.plugins,
         )
         for policy in self.policies.all():
             if policy.unchecked:
@@ -239,6 +315,7 @@ class KernelService:
                 )
             else:
                 log.info("pipeline policy %s", policy.describe())
+        await self.plugins.start()
         await self.runner.start()
         if queue is not None:
             log.info("sharing work through %s as kernel %s", store.where, queue.kernel_id)
@@ -246,6 +323,7 @@ class KernelService:
     async def stop(self) -> None:
         if self.runner is not None:
             await self.runner.close()
+        await self.plugins.close()
         if self.store is not None:
             await self.store.close()
         await self.registry.close()

@@ -10,8 +10,13 @@ Failure policy, one rule for every stage: a stage whose service is down (no serv
 instance, or UNAVAILABLE / DEADLINE_EXCEEDED) fails closed — the task is refused with
 UNAVAILABLE — unless the policy marks it fail-open, in which case the trace says
 "failed_open". A service that answers UNIMPLEMENTED has not been built yet: the stage is
-"not_available", skipped, and traced as such. The plugin stages have no service until the
-plugins work item lands: traced "not_available" without a call.
+"not_available", skipped, and traced as such.
+
+The plugin stages (`PluginStage`) call the enabled plugins' hosts through the kernel's
+plugin supervisor (kernel/plugins.py), one trace step per plugin called; they may change
+the request (a plugin's new prompt) or refuse it (a plugin's block verdict), so every
+stage returns a `StageResult`: its steps, the request as it leaves the stage, and the error
+that refuses the task, if any (raised after the steps are traced).
 """
 
 from __future__ import annotations
@@ -24,13 +29,14 @@ from typing import Protocol
 
 import grpc
 
-from llmos.kernel.policy import DEFAULT_TIMEOUT_S, PLANNED, TenantPolicy
+from llmos.kernel.policy import DEFAULT_TIMEOUT_S, TenantPolicy
 from llmos.kernel.registry import Registry
 from llmos.services.channels import outgoing_metadata
 from llmos.services.errors import LlmosError, Unavailable
 from llmos.services.timing import duration, now_timestamp, since
 from llmos.v1 import (
     common_pb2,
+    kernel_pb2,
     privacy_pb2,
     privacy_pb2_grpc,
     safety_pb2,
@@ -46,15 +52,36 @@ class StageContext:
     tenant: str
     text: str
     deadline_s: float | None
+    # The request as the stages before left it (the plugin stages read and change it).
+    request: kernel_pb2.GenerateRequest | None = None
+    # The model's whole output, for the stages after the model.
+    output: str | None = None
+    plugins: Plugins | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class StageResult:
+    """What a stage did: its trace steps, the request it passes on (None: unchanged) and
+    the error that refuses the task (raised once the steps are in the trace)."""
+
+    steps: tuple[common_pb2.TraceStep, ...]
+    request: kernel_pb2.GenerateRequest | None = None
+    error: LlmosError | None = None
 
 
 class Stage(Protocol):
-    """A step of the request path the policy chooses: run it, get its trace step."""
+    """A step of the request path the policy chooses: run it, get what it did."""
 
     @property
     def name(self) -> str: ...
 
-    async def run(self, registry: Registry, ctx: StageContext) -> common_pb2.TraceStep: ...
+    async def run(self, registry: Registry, ctx: StageContext) -> StageResult: ...
+
+
+class Plugins(Protocol):
+    """The kernel's plugin supervisor, as the plugin stages use it (kernel/plugins.py)."""
+
+    async def run_stage(self, stage: PluginStage, ctx: StageContext) -> StageResult: ...
 
 
 Call = Callable[[grpc.aio.Channel, StageContext, float | None], Awaitable[object]]
@@ -103,8 +130,11 @@ class ServiceStage:
     fail_open: bool = False
     timeout_s: float = DEFAULT_TIMEOUT_S
 
-    async def run(self, registry: Registry, ctx: StageContext) -> common_pb2.TraceStep:
+    async def run(self, registry: Registry, ctx: StageContext) -> StageResult:
         """Run the stage; raise Unavailable when it must fail closed."""
+        return StageResult((await self._step(registry, ctx),))
+
+    async def _step(self, registry: Registry, ctx: StageContext) -> common_pb2.TraceStep:
         started, clock = now_timestamp(), time.monotonic()
         step = common_pb2.TraceStep(stage=self.name, started_at=started)
         step.evidence["policy"] = self.policy
@@ -144,23 +174,34 @@ class ServiceStage:
 
 
 @dataclasses.dataclass(frozen=True)
-class PlannedStage:
-    """A stage whose service does not exist yet (the plugin stages until the plugins work
-    item): traced "not_available" at once, so the trace shows the full path the policy
-    chose without a call that cannot succeed."""
+class PluginStage:
+    """plugins:before or plugins:after: every enabled plugin implementing `hook`, called
+    through its host with its manifest's timeout. A plugin that fails (crash, hang, a bad
+    answer) refuses the task unless the policy makes the stage fail open."""
 
     name: str
+    hook: str
     policy: str
+    fail_open: bool = False
 
-    async def run(self, registry: Registry, ctx: StageContext) -> common_pb2.TraceStep:
-        return common_pb2.TraceStep(
-            stage=self.name,
-            started_at=now_timestamp(),
-            duration=duration(0.0),
-            decision="not_available",
-            reason="plugins are not built yet; skipped without a call",
-            evidence={"policy": self.policy},
-        )
+    async def run(self, registry: Registry, ctx: StageContext) -> StageResult:
+        if ctx.plugins is None:  # a runner built without plugins (unit tests)
+            return StageResult(
+                (
+                    common_pb2.TraceStep(
+                        stage=self.name,
+                        started_at=now_timestamp(),
+                        duration=duration(0.0),
+                        decision="skipped",
+                        reason="this kernel runs no plugin supervisor",
+                        evidence={"policy": self.policy},
+                    ),
+                )
+            )
+        return await ctx.plugins.run_stage(self, ctx)
+
+
+PLUGIN_HOOKS = {"plugins:before": "llmos_before_request", "plugins:after": "llmos_after_request"}
 
 
 _SERVICES: dict[str, tuple[common_pb2.ServiceKind.ValueType, Call]] = {
@@ -172,8 +213,10 @@ _SERVICES: dict[str, tuple[common_pb2.ServiceKind.ValueType, Call]] = {
 
 
 def _stage(name: str, policy: TenantPolicy) -> Stage:
-    if name in PLANNED:
-        return PlannedStage(name, policy.name)
+    if name in PLUGIN_HOOKS:
+        return PluginStage(
+            name, PLUGIN_HOOKS[name], policy=policy.name, fail_open=name in policy.fail_open
+        )
     kind, call = _SERVICES[name]
     return ServiceStage(
         name,

@@ -42,7 +42,7 @@ from llmos.kernel import metrics as kernel_metrics
 from llmos.kernel.policy import Policies
 from llmos.kernel.registry import Registry
 from llmos.kernel.scheduler import Priority, Scheduler, Ticket
-from llmos.kernel.stages import Stage, StageContext, for_policy
+from llmos.kernel.stages import Plugins, Stage, StageContext, for_policy
 from llmos.kernel.store import TaskRecord, TaskStore
 from llmos.kernel.store.work_queue import RedisWorkQueue, Work
 from llmos.services.channels import outgoing_metadata
@@ -86,11 +86,14 @@ class TaskRunner:
         max_local: int = 64,
         *,
         policies: Policies | None = None,
+        plugins: Plugins | None = None,
     ) -> None:
         """`queue` is the shared work queue when several kernels share the store; then this
         kernel holds at most `max_local` tasks (queued here or running) at a time.
-        `policies` choose each tenant's stages (the built-in default when None)."""
+        `policies` choose each tenant's stages (the built-in default when None);
+        `plugins` runs the plugin stages (kernel/plugins.py; None: they are skipped)."""
         self.policies = Policies() if policies is None else policies
+        self.plugins = plugins
         self.registry = registry
         self.store = store
         self.scheduler = scheduler
@@ -451,10 +454,10 @@ class TaskRunner:
         )
         request = kernel_pb2.GenerateRequest.FromString(record.request)
         try:
-            text = request.prompt or "\n".join(m.content for m in request.messages)
-            await self._stages(before, ticket, text, running.deadline)
+            # plugins:before may change the prompt: the model gets the request as it leaves.
+            request = await self._stages(before, ticket, request, running.deadline)
             output, usage = await self._generate(ticket, request, running)
-            await self._stages(after, ticket, output, running.deadline)
+            await self._stages(after, ticket, request, running.deadline, output)
             await self._transition(
                 ticket.task_id,
                 common_pb2.TASK_STATE_SUCCEEDED,
@@ -512,11 +515,29 @@ class TaskRunner:
         await self._settle(task_id)
 
     async def _stages(
-        self, stages: tuple[Stage, ...], ticket: Ticket, text: str, deadline: float | None
-    ) -> None:
+        self,
+        stages: tuple[Stage, ...],
+        ticket: Ticket,
+        request: kernel_pb2.GenerateRequest,
+        deadline: float | None,
+        output: str | None = None,
+    ) -> kernel_pb2.GenerateRequest:
+        """Run `stages` on the prompt (or on `output`, after the model); trace every step,
+        then raise the error that refuses the task, if a stage returned one. Returns the
+        request as the stages leave it."""
         for stage in stages:
-            context = StageContext(ticket.task_id, ticket.tenant, text, deadline)
-            await self._trace(ticket.task_id, await stage.run(self.registry, context))
+            text = output if output is not None else _prompt_text(request)
+            context = StageContext(
+                ticket.task_id, ticket.tenant, text, deadline, request, output, self.plugins
+            )
+            result = await stage.run(self.registry, context)
+            for step in result.steps:
+                await self._trace(ticket.task_id, step)
+            if result.request is not None:
+                request = result.request
+            if result.error is not None:
+                raise result.error
+        return request
 
     async def _generate(
         self, ticket: Ticket, request: kernel_pb2.GenerateRequest, running: Running
@@ -597,6 +618,11 @@ class TaskRunner:
     async def _trace(self, task_id: str, step: common_pb2.TraceStep) -> None:
         kernel_metrics.stage_ran(step)
         await asyncio.shield(self.store.add_trace_step(task_id, step.SerializeToString()))
+
+
+def _prompt_text(request: kernel_pb2.GenerateRequest) -> str:
+    """The text the input stages check: the prompt, or every chat message's content."""
+    return request.prompt or "\n".join(m.content for m in request.messages)
 
 
 def _to_client(piece: runtime_pb2.RuntimeServiceGenerateResponse) -> kernel_pb2.GenerateResponse:

@@ -149,6 +149,18 @@ class Settings:
     ready_timeout_s: float = 180.0
     # `llmos status`: the kinds of service that must be registered and healthy.
     expected_services: tuple[str, ...] = ("runtime", "safety", "privacy", "explain", "hardware")
+    # Plugins (kernel/plugins.py): which installed plugins (entry-point group `llmos`) load,
+    # by manifest, entry-point or distribution name. `load_plugins` is an allow list ("*":
+    # all; empty: none), `disabled_plugins` a deny list that wins over it.
+    load_plugins: tuple[str, ...] = ("*",)
+    disabled_plugins: tuple[str, ...] = ()
+    # A plugin host that crashes (or hangs past its timeout) this many times within
+    # plugin_crash_window_s is disabled until an operator enables it again.
+    plugin_max_crashes: int = 3
+    plugin_crash_window_s: float = 60.0
+    # Who may invoke which tool: "TENANT:PLUGIN.TOOL" patterns (shell wildcards), e.g.
+    # "acme:faq.search" or "*:faq.*". Empty: no tenant may invoke any tool.
+    tool_grants: tuple[str, ...] = ()
 
     @property
     def kernel_target(self) -> str:

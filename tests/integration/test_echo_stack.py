@@ -85,12 +85,13 @@ def test_the_task_is_stored_and_traced_like_a_model_task(echo_stack: Stack) -> N
     generate_step = trace.steps[stages.index("runtime:generate")]
     assert generate_step.service == "runtime"
     assert generate_step.decision == "completed"
-    # The default policy chose the stages; the planned services answer UNIMPLEMENTED and the
-    # plugin stages have no service yet: all traced "not_available", each naming the policy.
+    # The default policy chose the stages; the planned services answer UNIMPLEMENTED
+    # ("not_available") and no plugin is installed ("skipped"), each naming the policy.
     assert trace.steps[0].evidence["policy"] == "default"
     for step in trace.steps[1:-1]:
         if step.stage != "runtime:generate":
-            assert (step.decision, step.evidence["policy"]) == ("not_available", "default")
+            expected = "skipped" if step.stage.startswith("plugins:") else "not_available"
+            assert (step.decision, step.evidence["policy"]) == (expected, "default")
 
 
 def test_models_and_the_cli_see_the_echo_engine(echo_stack: Stack) -> None:

@@ -113,11 +113,11 @@ def test_a_tenant_under_the_default_policy_is_refused_unavailable(
     task = newest_task(served.stack, tenant)
     assert task.state == common_pb2.TASK_STATE_FAILED
     steps = trace(served.stack, task.task_id)
-    # The plugin stage runs first, traced without a call; safety:input fails closed and
-    # writes no step of its own: record says why.
+    # The plugin stage runs first, skipped with no plugin installed; safety:input fails
+    # closed and writes no step of its own: record says why.
     assert [(s.stage, s.decision) for s in steps] == [
         ("admit", "dispatched"),
-        ("plugins:before", "not_available"),
+        ("plugins:before", "skipped"),
         ("record", "failed"),
     ]
     assert steps[0].evidence["policy"] == "default"

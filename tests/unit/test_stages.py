@@ -11,7 +11,7 @@ import pytest
 
 from llmos.kernel.policy import TenantPolicy
 from llmos.kernel.registry import Registry
-from llmos.kernel.stages import PlannedStage, ServiceStage, StageContext, for_policy
+from llmos.kernel.stages import PluginStage, ServiceStage, StageContext, for_policy
 from llmos.services.errors import Unavailable
 from llmos.v1 import common_pb2, kernel_pb2
 
@@ -55,7 +55,8 @@ def test_the_policy_chooses_the_stages_in_pipeline_order() -> None:
     before, after = for_policy(TenantPolicy("default"))
     assert [s.name for s in before] == ["plugins:before", "safety:input", "privacy:redact"]
     assert [s.name for s in after] == ["safety:output", "privacy:restore", "plugins:after"]
-    assert isinstance(before[0], PlannedStage) and isinstance(after[-1], PlannedStage)
+    assert isinstance(before[0], PluginStage) and isinstance(after[-1], PluginStage)
+    assert (before[0].hook, after[-1].hook) == ("llmos_before_request", "llmos_after_request")
 
     lean = TenantPolicy(
         "tenant:lean",
@@ -75,17 +76,20 @@ def test_the_policy_chooses_the_stages_in_pipeline_order() -> None:
     assert for_policy(lean) is for_policy(lean), "built once per policy"
 
 
-async def test_a_plugin_stage_is_traced_not_available_without_a_call() -> None:
-    step = await PlannedStage("plugins:before", "default").run(Registry(15, 1 << 20), CONTEXT)
+async def test_a_plugin_stage_without_a_plugin_supervisor_is_skipped() -> None:
+    stage = PluginStage("plugins:before", "llmos_before_request", "default")
+    result = await stage.run(Registry(15, 1 << 20), CONTEXT)
 
-    assert (step.stage, step.decision, step.service) == ("plugins:before", "not_available", "")
+    (step,) = result.steps
+    assert (step.stage, step.decision, step.service) == ("plugins:before", "skipped", "")
+    assert (result.request, result.error) == (None, None)
     assert step.HasField("duration")
     assert dict(step.evidence) == {"policy": "default"}
-    assert "plugins" in step.reason
+    assert "plugin" in step.reason
 
 
 async def test_a_service_that_answers_is_allowed_and_the_policy_named() -> None:
-    step = await stage().run(OneInstance(), CONTEXT)  # type: ignore[arg-type]
+    (step,) = (await stage().run(OneInstance(), CONTEXT)).steps  # type: ignore[arg-type]
 
     assert (step.decision, step.service) == ("allow", "safety-1")
     assert step.evidence["policy"] == "tenant:acme"
@@ -93,10 +97,12 @@ async def test_a_service_that_answers_is_allowed_and_the_policy_named() -> None:
 
 async def test_unimplemented_is_not_available_whatever_the_policy() -> None:
     for fail_open in (False, True):
-        step = await stage(fail_open=fail_open, error=grpc.StatusCode.UNIMPLEMENTED).run(
-            OneInstance(),  # type: ignore[arg-type]
-            CONTEXT,
-        )
+        (step,) = (
+            await stage(fail_open=fail_open, error=grpc.StatusCode.UNIMPLEMENTED).run(
+                OneInstance(),  # type: ignore[arg-type]
+                CONTEXT,
+            )
+        ).steps
         assert step.decision == "not_available"
         assert step.evidence["policy"] == "tenant:acme"
 
@@ -111,7 +117,8 @@ async def test_a_down_service_fails_closed_unless_the_policy_says_open(
     assert refused.value.metadata == {"stage": "safety:input", "policy": "tenant:acme"}
     assert "fail closed, policy tenant:acme" in refused.value.message
 
-    step = await stage(fail_open=True, error=error).run(OneInstance(), CONTEXT)  # type: ignore[arg-type]
+    result = await stage(fail_open=True, error=error).run(OneInstance(), CONTEXT)  # type: ignore[arg-type]
+    (step,) = result.steps
     assert step.decision == "failed_open"
     assert step.evidence["policy"] == "tenant:acme"
     assert "policy tenant:acme" in step.reason and error.name in step.reason
@@ -125,6 +132,6 @@ async def test_no_registered_service_is_down_too() -> None:
     assert refused.value.reason == "STAGE_UNAVAILABLE"
     assert "none registered" in refused.value.message
 
-    step = await stage(fail_open=True).run(empty, CONTEXT)
+    (step,) = (await stage(fail_open=True).run(empty, CONTEXT)).steps
     assert (step.decision, step.service) == ("failed_open", "")
     assert "none registered" in step.reason

@@ -23,64 +23,94 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from llmos.v1 import common_pb2 as llmos_dot_v1_dot_common__pb2
+from llmos.v1 import plugin_pb2 as llmos_dot_v1_dot_plugin__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15llmos/v1/kernel.proto\x12\x08llmos.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15llmos/v1/common.proto\"\xab\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\'\n\x08messages\x18\x03 \x03(\x0b\x32\x15.llmos.v1.ChatMessage\x12*\n\x08sampling\x18\x04 \x01(\x0b\x32\x18.llmos.v1.SamplingParams\x12$\n\x08priority\x18\x05 \x01(\x0e\x32\x12.llmos.v1.Priority\"\xa2\x01\n\x10GenerateResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12-\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x16.llmos.v1.FinishReason\x12\x1e\n\x05usage\x18\x05 \x01(\x0b\x32\x0f.llmos.v1.Usage\x12\r\n\x05model\x18\x06 \x01(\t\";\n\rSubmitRequest\x12*\n\x07request\x18\x01 \x01(\x0b\x32\x19.llmos.v1.GenerateRequest\"!\n\x0eSubmitResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\x99\x02\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\"\n\x05state\x18\x03 \x01(\x0e\x32\x13.llmos.v1.TaskState\x12\r\n\x05model\x18\x04 \x01(\t\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\rfinish_reason\x18\x07 \x01(\x0e\x32\x16.llmos.v1.FinishReason\x12\x1e\n\x05usage\x18\x08 \x01(\x0b\x32\x0f.llmos.v1.Usage\x12\r\n\x05\x65rror\x18\t \x01(\t\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"?\n\x0fGetTaskResponse\x12\x1c\n\x04task\x18\x01 \x01(\x0b\x32\x0e.llmos.v1.Task\x12\x0e\n\x06output\x18\x02 \x01(\t\"3\n\x10WatchTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"\x84\x01\n\x11WatchTaskResponse\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\"\n\x05state\x18\x02 \x01(\x0e\x32\x13.llmos.v1.TaskState\x12\x0c\n\x04text\x18\x03 \x01(\t\x12-\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x16.llmos.v1.FinishReason\"m\n\x10ListTasksRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\"\n\x05state\x18\x02 \x01(\x0e\x32\x13.llmos.v1.TaskState\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"K\n\x11ListTasksResponse\x12\x1d\n\x05tasks\x18\x01 \x03(\x0b\x32\x0e.llmos.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"$\n\x11\x43\x61ncelTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"8\n\x12\x43\x61ncelTaskResponse\x12\"\n\x05state\x18\x01 \x01(\x0e\x32\x13.llmos.v1.TaskState\"\"\n\x0fGetTraceRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"G\n\x10GetTraceResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\"\n\x05steps\x18\x02 \x03(\x0b\x32\x13.llmos.v1.TraceStep\"\x13\n\x11ListModelsRequest\"9\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.llmos.v1.ModelInfo\"\x93\x01\n\x16RegisterServiceRequest\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.llmos.v1.ServiceKind\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\x05\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x17\n\x0fmetrics_address\x18\x06 \x01(\t\"0\n\x17RegisterServiceResponse\x12\x15\n\rlease_seconds\x18\x01 \x01(\x05\"(\n\x18\x44\x65registerServiceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1b\n\x19\x44\x65registerServiceResponse\"\x15\n\x13ListServicesRequest\"\xe4\x01\n\x0bServiceInfo\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.llmos.v1.ServiceKind\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\x05\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\'\n\x06health\x18\x06 \x01(\x0e\x32\x17.llmos.v1.ServiceHealth\x12\x31\n\rregistered_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fmetrics_address\x18\x08 \x01(\t\"?\n\x14ListServicesResponse\x12\'\n\x08services\x18\x01 \x03(\x0b\x32\x15.llmos.v1.ServiceInfo2\xb9\x06\n\rKernelService\x12\x43\n\x08Generate\x12\x19.llmos.v1.GenerateRequest\x1a\x1a.llmos.v1.GenerateResponse0\x01\x12;\n\x06Submit\x12\x17.llmos.v1.SubmitRequest\x1a\x18.llmos.v1.SubmitResponse\x12>\n\x07GetTask\x12\x18.llmos.v1.GetTaskRequest\x1a\x19.llmos.v1.GetTaskResponse\x12\x46\n\tWatchTask\x12\x1a.llmos.v1.WatchTaskRequest\x1a\x1b.llmos.v1.WatchTaskResponse0\x01\x12\x44\n\tListTasks\x12\x1a.llmos.v1.ListTasksRequest\x1a\x1b.llmos.v1.ListTasksResponse\x12G\n\nCancelTask\x12\x1b.llmos.v1.CancelTaskRequest\x1a\x1c.llmos.v1.CancelTaskResponse\x12\x41\n\x08GetTrace\x12\x19.llmos.v1.GetTraceRequest\x1a\x1a.llmos.v1.GetTraceResponse\x12G\n\nListModels\x12\x1b.llmos.v1.ListModelsRequest\x1a\x1c.llmos.v1.ListModelsResponse\x12V\n\x0fRegisterService\x12 .llmos.v1.RegisterServiceRequest\x1a!.llmos.v1.RegisterServiceResponse\x12\\\n\x11\x44\x65registerService\x12\".llmos.v1.DeregisterServiceRequest\x1a#.llmos.v1.DeregisterServiceResponse\x12M\n\x0cListServices\x12\x1d.llmos.v1.ListServicesRequest\x1a\x1e.llmos.v1.ListServicesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15llmos/v1/kernel.proto\x12\x08llmos.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x15llmos/v1/common.proto\x1a\x15llmos/v1/plugin.proto\"\xab\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\'\n\x08messages\x18\x03 \x03(\x0b\x32\x15.llmos.v1.ChatMessage\x12*\n\x08sampling\x18\x04 \x01(\x0b\x32\x18.llmos.v1.SamplingParams\x12$\n\x08priority\x18\x05 \x01(\x0e\x32\x12.llmos.v1.Priority\"\xa2\x01\n\x10GenerateResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12-\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x16.llmos.v1.FinishReason\x12\x1e\n\x05usage\x18\x05 \x01(\x0b\x32\x0f.llmos.v1.Usage\x12\r\n\x05model\x18\x06 \x01(\t\";\n\rSubmitRequest\x12*\n\x07request\x18\x01 \x01(\x0b\x32\x19.llmos.v1.GenerateRequest\"!\n\x0eSubmitResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\x99\x02\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\"\n\x05state\x18\x03 \x01(\x0e\x32\x13.llmos.v1.TaskState\x12\r\n\x05model\x18\x04 \x01(\t\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\rfinish_reason\x18\x07 \x01(\x0e\x32\x16.llmos.v1.FinishReason\x12\x1e\n\x05usage\x18\x08 \x01(\x0b\x32\x0f.llmos.v1.Usage\x12\r\n\x05\x65rror\x18\t \x01(\t\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"?\n\x0fGetTaskResponse\x12\x1c\n\x04task\x18\x01 \x01(\x0b\x32\x0e.llmos.v1.Task\x12\x0e\n\x06output\x18\x02 \x01(\t\"3\n\x10WatchTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"\x84\x01\n\x11WatchTaskResponse\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\"\n\x05state\x18\x02 \x01(\x0e\x32\x13.llmos.v1.TaskState\x12\x0c\n\x04text\x18\x03 \x01(\t\x12-\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x16.llmos.v1.FinishReason\"m\n\x10ListTasksRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\"\n\x05state\x18\x02 \x01(\x0e\x32\x13.llmos.v1.TaskState\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"K\n\x11ListTasksResponse\x12\x1d\n\x05tasks\x18\x01 \x03(\x0b\x32\x0e.llmos.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"$\n\x11\x43\x61ncelTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"8\n\x12\x43\x61ncelTaskResponse\x12\"\n\x05state\x18\x01 \x01(\x0e\x32\x13.llmos.v1.TaskState\"\"\n\x0fGetTraceRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"G\n\x10GetTraceResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\"\n\x05steps\x18\x02 \x03(\x0b\x32\x13.llmos.v1.TraceStep\"\x13\n\x11ListModelsRequest\"9\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.llmos.v1.ModelInfo\"\x93\x01\n\x16RegisterServiceRequest\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.llmos.v1.ServiceKind\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\x05\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x17\n\x0fmetrics_address\x18\x06 \x01(\t\"0\n\x17RegisterServiceResponse\x12\x15\n\rlease_seconds\x18\x01 \x01(\x05\"(\n\x18\x44\x65registerServiceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1b\n\x19\x44\x65registerServiceResponse\"\x15\n\x13ListServicesRequest\"\xe4\x01\n\x0bServiceInfo\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.llmos.v1.ServiceKind\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\x05\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\'\n\x06health\x18\x06 \x01(\x0e\x32\x17.llmos.v1.ServiceHealth\x12\x31\n\rregistered_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fmetrics_address\x18\x08 \x01(\t\"?\n\x14ListServicesResponse\x12\'\n\x08services\x18\x01 \x03(\x0b\x32\x15.llmos.v1.ServiceInfo\"\x93\x02\n\nPluginInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.llmos.v1.PluginState\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x13\n\x0b\x65ntry_point\x18\x05 \x01(\t\x12\x14\n\x0c\x64istribution\x18\x06 \x01(\t\x12\x15\n\rmanifest_path\x18\x07 \x01(\t\x12)\n\x08manifest\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0b\n\x03pid\x18\t \x01(\x05\x12\x0f\n\x07\x63rashes\x18\n \x01(\x05\x12\x12\n\nviolations\x18\x0b \x01(\x05\x12\x11\n\tisolation\x18\x0c \x01(\t\"\x14\n\x12ListPluginsRequest\"<\n\x13ListPluginsResponse\x12%\n\x07plugins\x18\x01 \x03(\x0b\x32\x14.llmos.v1.PluginInfo\" \n\x10GetPluginRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"9\n\x11GetPluginResponse\x12$\n\x06plugin\x18\x01 \x01(\x0b\x32\x14.llmos.v1.PluginInfo\"#\n\x13\x45nablePluginRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"<\n\x14\x45nablePluginResponse\x12$\n\x06plugin\x18\x01 \x01(\x0b\x32\x14.llmos.v1.PluginInfo\"$\n\x14\x44isablePluginRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"=\n\x15\x44isablePluginResponse\x12$\n\x06plugin\x18\x01 \x01(\x0b\x32\x14.llmos.v1.PluginInfo\"\x12\n\x10ListToolsRequest\"2\n\x11ListToolsResponse\x12\x1d\n\x05tools\x18\x01 \x03(\x0b\x32\x0e.llmos.v1.Tool\"Z\n\x11InvokeToolRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x05input\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0f\n\x07task_id\x18\x03 \x01(\t\"=\n\x12InvokeToolResponse\x12\'\n\x06output\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct*\xaf\x01\n\x0bPluginState\x12\x1c\n\x18PLUGIN_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15PLUGIN_STATE_STARTING\x10\x01\x12\x18\n\x14PLUGIN_STATE_RUNNING\x10\x02\x12\x19\n\x15PLUGIN_STATE_DISABLED\x10\x03\x12\x18\n\x14PLUGIN_STATE_INVALID\x10\x04\x12\x18\n\x14PLUGIN_STATE_BLOCKED\x10\x05\x32\xfb\t\n\rKernelService\x12\x43\n\x08Generate\x12\x19.llmos.v1.GenerateRequest\x1a\x1a.llmos.v1.GenerateResponse0\x01\x12;\n\x06Submit\x12\x17.llmos.v1.SubmitRequest\x1a\x18.llmos.v1.SubmitResponse\x12>\n\x07GetTask\x12\x18.llmos.v1.GetTaskRequest\x1a\x19.llmos.v1.GetTaskResponse\x12\x46\n\tWatchTask\x12\x1a.llmos.v1.WatchTaskRequest\x1a\x1b.llmos.v1.WatchTaskResponse0\x01\x12\x44\n\tListTasks\x12\x1a.llmos.v1.ListTasksRequest\x1a\x1b.llmos.v1.ListTasksResponse\x12G\n\nCancelTask\x12\x1b.llmos.v1.CancelTaskRequest\x1a\x1c.llmos.v1.CancelTaskResponse\x12\x41\n\x08GetTrace\x12\x19.llmos.v1.GetTraceRequest\x1a\x1a.llmos.v1.GetTraceResponse\x12G\n\nListModels\x12\x1b.llmos.v1.ListModelsRequest\x1a\x1c.llmos.v1.ListModelsResponse\x12V\n\x0fRegisterService\x12 .llmos.v1.RegisterServiceRequest\x1a!.llmos.v1.RegisterServiceResponse\x12\\\n\x11\x44\x65registerService\x12\".llmos.v1.DeregisterServiceRequest\x1a#.llmos.v1.DeregisterServiceResponse\x12M\n\x0cListServices\x12\x1d.llmos.v1.ListServicesRequest\x1a\x1e.llmos.v1.ListServicesResponse\x12J\n\x0bListPlugins\x12\x1c.llmos.v1.ListPluginsRequest\x1a\x1d.llmos.v1.ListPluginsResponse\x12\x44\n\tGetPlugin\x12\x1a.llmos.v1.GetPluginRequest\x1a\x1b.llmos.v1.GetPluginResponse\x12M\n\x0c\x45nablePlugin\x12\x1d.llmos.v1.EnablePluginRequest\x1a\x1e.llmos.v1.EnablePluginResponse\x12P\n\rDisablePlugin\x12\x1e.llmos.v1.DisablePluginRequest\x1a\x1f.llmos.v1.DisablePluginResponse\x12\x44\n\tListTools\x12\x1a.llmos.v1.ListToolsRequest\x1a\x1b.llmos.v1.ListToolsResponse\x12G\n\nInvokeTool\x12\x1b.llmos.v1.InvokeToolRequest\x1a\x1c.llmos.v1.InvokeToolResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llmos.v1.kernel_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GENERATEREQUEST']._serialized_start=92
-  _globals['_GENERATEREQUEST']._serialized_end=263
-  _globals['_GENERATERESPONSE']._serialized_start=266
-  _globals['_GENERATERESPONSE']._serialized_end=428
-  _globals['_SUBMITREQUEST']._serialized_start=430
-  _globals['_SUBMITREQUEST']._serialized_end=489
-  _globals['_SUBMITRESPONSE']._serialized_start=491
-  _globals['_SUBMITRESPONSE']._serialized_end=524
-  _globals['_TASK']._serialized_start=527
-  _globals['_TASK']._serialized_end=808
-  _globals['_GETTASKREQUEST']._serialized_start=810
-  _globals['_GETTASKREQUEST']._serialized_end=843
-  _globals['_GETTASKRESPONSE']._serialized_start=845
-  _globals['_GETTASKRESPONSE']._serialized_end=908
-  _globals['_WATCHTASKREQUEST']._serialized_start=910
-  _globals['_WATCHTASKREQUEST']._serialized_end=961
-  _globals['_WATCHTASKRESPONSE']._serialized_start=964
-  _globals['_WATCHTASKRESPONSE']._serialized_end=1096
-  _globals['_LISTTASKSREQUEST']._serialized_start=1098
-  _globals['_LISTTASKSREQUEST']._serialized_end=1207
-  _globals['_LISTTASKSRESPONSE']._serialized_start=1209
-  _globals['_LISTTASKSRESPONSE']._serialized_end=1284
-  _globals['_CANCELTASKREQUEST']._serialized_start=1286
-  _globals['_CANCELTASKREQUEST']._serialized_end=1322
-  _globals['_CANCELTASKRESPONSE']._serialized_start=1324
-  _globals['_CANCELTASKRESPONSE']._serialized_end=1380
-  _globals['_GETTRACEREQUEST']._serialized_start=1382
-  _globals['_GETTRACEREQUEST']._serialized_end=1416
-  _globals['_GETTRACERESPONSE']._serialized_start=1418
-  _globals['_GETTRACERESPONSE']._serialized_end=1489
-  _globals['_LISTMODELSREQUEST']._serialized_start=1491
-  _globals['_LISTMODELSREQUEST']._serialized_end=1510
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1512
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1569
-  _globals['_REGISTERSERVICEREQUEST']._serialized_start=1572
-  _globals['_REGISTERSERVICEREQUEST']._serialized_end=1719
-  _globals['_REGISTERSERVICERESPONSE']._serialized_start=1721
-  _globals['_REGISTERSERVICERESPONSE']._serialized_end=1769
-  _globals['_DEREGISTERSERVICEREQUEST']._serialized_start=1771
-  _globals['_DEREGISTERSERVICEREQUEST']._serialized_end=1811
-  _globals['_DEREGISTERSERVICERESPONSE']._serialized_start=1813
-  _globals['_DEREGISTERSERVICERESPONSE']._serialized_end=1840
-  _globals['_LISTSERVICESREQUEST']._serialized_start=1842
-  _globals['_LISTSERVICESREQUEST']._serialized_end=1863
-  _globals['_SERVICEINFO']._serialized_start=1866
-  _globals['_SERVICEINFO']._serialized_end=2094
-  _globals['_LISTSERVICESRESPONSE']._serialized_start=2096
-  _globals['_LISTSERVICESRESPONSE']._serialized_end=2159
-  _globals['_KERNELSERVICE']._serialized_start=2162
-  _globals['_KERNELSERVICE']._serialized_end=2987
+  _globals['_PLUGINSTATE']._serialized_start=3097
+  _globals['_PLUGINSTATE']._serialized_end=3272
+  _globals['_GENERATEREQUEST']._serialized_start=145
+  _globals['_GENERATEREQUEST']._serialized_end=316
+  _globals['_GENERATERESPONSE']._serialized_start=319
+  _globals['_GENERATERESPONSE']._serialized_end=481
+  _globals['_SUBMITREQUEST']._serialized_start=483
+  _globals['_SUBMITREQUEST']._serialized_end=542
+  _globals['_SUBMITRESPONSE']._serialized_start=544
+  _globals['_SUBMITRESPONSE']._serialized_end=577
+  _globals['_TASK']._serialized_start=580
+  _globals['_TASK']._serialized_end=861
+  _globals['_GETTASKREQUEST']._serialized_start=863
+  _globals['_GETTASKREQUEST']._serialized_end=896
+  _globals['_GETTASKRESPONSE']._serialized_start=898
+  _globals['_GETTASKRESPONSE']._serialized_end=961
+  _globals['_WATCHTASKREQUEST']._serialized_start=963
+  _globals['_WATCHTASKREQUEST']._serialized_end=1014
+  _globals['_WATCHTASKRESPONSE']._serialized_start=1017
+  _globals['_WATCHTASKRESPONSE']._serialized_end=1149
+  _globals['_LISTTASKSREQUEST']._serialized_start=1151
+  _globals['_LISTTASKSREQUEST']._serialized_end=1260
+  _globals['_LISTTASKSRESPONSE']._serialized_start=1262
+  _globals['_LISTTASKSRESPONSE']._serialized_end=1337
+  _globals['_CANCELTASKREQUEST']._serialized_start=1339
+  _globals['_CANCELTASKREQUEST']._serialized_end=1375
+  _globals['_CANCELTASKRESPONSE']._serialized_start=1377
+  _globals['_CANCELTASKRESPONSE']._serialized_end=1433
+  _globals['_GETTRACEREQUEST']._serialized_start=1435
+  _globals['_GETTRACEREQUEST']._serialized_end=1469
+  _globals['_GETTRACERESPONSE']._serialized_start=1471
+  _globals['_GETTRACERESPONSE']._serialized_end=1542
+  _globals['_LISTMODELSREQUEST']._serialized_start=1544
+  _globals['_LISTMODELSREQUEST']._serialized_end=1563
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1565
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1622
+  _globals['_REGISTERSERVICEREQUEST']._serialized_start=1625
+  _globals['_REGISTERSERVICEREQUEST']._serialized_end=1772
+  _globals['_REGISTERSERVICERESPONSE']._serialized_start=1774
+  _globals['_REGISTERSERVICERESPONSE']._serialized_end=1822
+  _globals['_DEREGISTERSERVICEREQUEST']._serialized_start=1824
+  _globals['_DEREGISTERSERVICEREQUEST']._serialized_end=1864
+  _globals['_DEREGISTERSERVICERESPONSE']._serialized_start=1866
+  _globals['_DEREGISTERSERVICERESPONSE']._serialized_end=1893
+  _globals['_LISTSERVICESREQUEST']._serialized_start=1895
+  _globals['_LISTSERVICESREQUEST']._serialized_end=1916
+  _globals['_SERVICEINFO']._serialized_start=1919
+  _globals['_SERVICEINFO']._serialized_end=2147
+  _globals['_LISTSERVICESRESPONSE']._serialized_start=2149
+  _globals['_LISTSERVICESRESPONSE']._serialized_end=2212
+  _globals['_PLUGININFO']._serialized_start=2215
+  _globals['_PLUGININFO']._serialized_end=2490
+  _globals['_LISTPLUGINSREQUEST']._serialized_start=2492
+  _globals['_LISTPLUGINSREQUEST']._serialized_end=2512
+  _globals['_LISTPLUGINSRESPONSE']._serialized_start=2514
+  _globals['_LISTPLUGINSRESPONSE']._serialized_end=2574
+  _globals['_GETPLUGINREQUEST']._serialized_start=2576
+  _globals['_GETPLUGINREQUEST']._serialized_end=2608
+  _globals['_GETPLUGINRESPONSE']._serialized_start=2610
+  _globals['_GETPLUGINRESPONSE']._serialized_end=2667
+  _globals['_ENABLEPLUGINREQUEST']._serialized_start=2669
+  _globals['_ENABLEPLUGINREQUEST']._serialized_end=2704
+  _globals['_ENABLEPLUGINRESPONSE']._serialized_start=2706
+  _globals['_ENABLEPLUGINRESPONSE']._serialized_end=2766
+  _globals['_DISABLEPLUGINREQUEST']._serialized_start=2768
+  _globals['_DISABLEPLUGINREQUEST']._serialized_end=2804
+  _globals['_DISABLEPLUGINRESPONSE']._serialized_start=2806
+  _globals['_DISABLEPLUGINRESPONSE']._serialized_end=2867
+  _globals['_LISTTOOLSREQUEST']._serialized_start=2869
+  _globals['_LISTTOOLSREQUEST']._serialized_end=2887
+  _globals['_LISTTOOLSRESPONSE']._serialized_start=2889
+  _globals['_LISTTOOLSRESPONSE']._serialized_end=2939
+  _globals['_INVOKETOOLREQUEST']._serialized_start=2941
+  _globals['_INVOKETOOLREQUEST']._serialized_end=3031
+  _globals['_INVOKETOOLRESPONSE']._serialized_start=3033
+  _globals['_INVOKETOOLRESPONSE']._serialized_end=3094
+  _globals['_KERNELSERVICE']._serialized_start=3275
+  _globals['_KERNELSERVICE']._serialized_end=4550
 # @@protoc_insertion_point(module_scope)

@@ -6,9 +6,12 @@ The kernel's public API: the only service clients talk to."""
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from llmos.v1 import common_pb2 as _common_pb2
+from llmos.v1 import plugin_pb2 as _plugin_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -19,6 +22,37 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _PluginState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PluginStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PluginState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PLUGIN_STATE_UNSPECIFIED: _PluginState.ValueType  # 0
+    PLUGIN_STATE_STARTING: _PluginState.ValueType  # 1
+    """Its host is starting (or restarting after a crash, after its backoff)."""
+    PLUGIN_STATE_RUNNING: _PluginState.ValueType  # 2
+    PLUGIN_STATE_DISABLED: _PluginState.ValueType  # 3
+    """Disabled by an operator, or by the kernel after repeated crashes (`reason` says)."""
+    PLUGIN_STATE_INVALID: _PluginState.ValueType  # 4
+    """Its manifest is missing or invalid: never started."""
+    PLUGIN_STATE_BLOCKED: _PluginState.ValueType  # 5
+    """Kept from loading by load_plugins / disabled_plugins."""
+
+class PluginState(_PluginState, metaclass=_PluginStateEnumTypeWrapper): ...
+
+PLUGIN_STATE_UNSPECIFIED: PluginState.ValueType  # 0
+PLUGIN_STATE_STARTING: PluginState.ValueType  # 1
+"""Its host is starting (or restarting after a crash, after its backoff)."""
+PLUGIN_STATE_RUNNING: PluginState.ValueType  # 2
+PLUGIN_STATE_DISABLED: PluginState.ValueType  # 3
+"""Disabled by an operator, or by the kernel after repeated crashes (`reason` says)."""
+PLUGIN_STATE_INVALID: PluginState.ValueType  # 4
+"""Its manifest is missing or invalid: never started."""
+PLUGIN_STATE_BLOCKED: PluginState.ValueType  # 5
+"""Kept from loading by load_plugins / disabled_plugins."""
+Global___PluginState: _TypeAlias = PluginState  # noqa: Y015
 
 @_typing.final
 class GenerateRequest(_message.Message):
@@ -664,3 +698,322 @@ class ListServicesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListServicesResponse: _TypeAlias = ListServicesResponse  # noqa: Y015
+
+@_typing.final
+class PluginInfo(_message.Message):
+    """[#next-free-field: 13]"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    ENTRY_POINT_FIELD_NUMBER: _builtins.int
+    DISTRIBUTION_FIELD_NUMBER: _builtins.int
+    MANIFEST_PATH_FIELD_NUMBER: _builtins.int
+    MANIFEST_FIELD_NUMBER: _builtins.int
+    PID_FIELD_NUMBER: _builtins.int
+    CRASHES_FIELD_NUMBER: _builtins.int
+    VIOLATIONS_FIELD_NUMBER: _builtins.int
+    ISOLATION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    version: _builtins.str
+    state: Global___PluginState.ValueType
+    reason: _builtins.str
+    """Why it is in that state (the manifest error, the last crash, who disabled it)."""
+    entry_point: _builtins.str
+    distribution: _builtins.str
+    manifest_path: _builtins.str
+    pid: _builtins.int
+    crashes: _builtins.int
+    violations: _builtins.int
+    """Results the kernel dropped because the manifest did not allow them."""
+    isolation: _builtins.str
+    """What the host enforced of `network: false` (e.g. "own network namespace")."""
+    @_builtins.property
+    def manifest(self) -> _struct_pb2.Struct:
+        """The validated manifest, in its TOML shape."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version: _builtins.str = ...,
+        state: Global___PluginState.ValueType = ...,
+        reason: _builtins.str = ...,
+        entry_point: _builtins.str = ...,
+        distribution: _builtins.str = ...,
+        manifest_path: _builtins.str = ...,
+        manifest: _struct_pb2.Struct | None = ...,
+        pid: _builtins.int = ...,
+        crashes: _builtins.int = ...,
+        violations: _builtins.int = ...,
+        isolation: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["crashes", b"crashes", "distribution", b"distribution", "entry_point", b"entry_point", "isolation", b"isolation", "manifest", b"manifest", "manifest_path", b"manifest_path", "name", b"name", "pid", b"pid", "reason", b"reason", "state", b"state", "version", b"version", "violations", b"violations"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PluginInfo: _TypeAlias = PluginInfo  # noqa: Y015
+
+@_typing.final
+class ListPluginsRequest(_message.Message):
+    """[#next-free-field: 1]"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPluginsRequest: _TypeAlias = ListPluginsRequest  # noqa: Y015
+
+@_typing.final
+class ListPluginsResponse(_message.Message):
+    """[#next-free-field: 2]"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLUGINS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def plugins(self) -> _containers.RepeatedCompositeFieldContainer[Global___PluginInfo]: ...
+    def __init__(
+        self,
+        *,
+        plugins: _abc.Iterable[Global___PluginInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["plugins", b"plugins"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPluginsResponse: _TypeAlias = ListPluginsResponse  # noqa: Y015
+
+@_typing.final
+class GetPluginRequest(_message.Message):
+    """[#next-free-field: 2]"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPluginRequest: _TypeAlias = GetPluginRequest  # noqa: Y015
+
+@_typing.final
+class GetPluginResponse(_message.Message):
+    """[#next-free-field: 2]"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLUGIN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def plugin(self) -> Global___PluginInfo: ...
+    def __init__(
+        self,
+        *,
+        plugin: Global___PluginInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["plugin", b"plugin"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["plugin", b"plugin"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPluginResponse: _TypeAlias = GetPluginResponse  # noqa: Y015
+
+@_typing.final
+class EnablePluginRequest(_message.Message):
+    """[#next-free-field: 2]"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnablePluginRequest: _TypeAlias = EnablePluginRequest  # noqa: Y015
+
+@_typing.final
+class EnablePluginResponse(_message.Message):
+    """[#next-free-field: 2]"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLUGIN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def plugin(self) -> Global___PluginInfo: ...
+    def __init__(
+        self,
+        *,
+        plugin: Global___PluginInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["plugin", b"plugin"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["plugin", b"plugin"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnablePluginResponse: _TypeAlias = EnablePluginResponse  # noqa: Y015
+
+@_typing.final
+class DisablePluginRequest(_message.Message):
+    """[#next-free-field: 2]"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DisablePluginRequest: _TypeAlias = DisablePluginRequest  # noqa: Y015
+
+@_typing.final
+class DisablePluginResponse(_message.Message):
+    """[#next-free-field: 2]"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLUGIN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def plugin(self) -> Global___PluginInfo: ...
+    def __init__(
+        self,
+        *,
+        plugin: Global___PluginInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["plugin", b"plugin"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["plugin", b"plugin"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DisablePluginResponse: _TypeAlias = DisablePluginResponse  # noqa: Y015
+
+@_typing.final
+class ListToolsRequest(_message.Message):
+    """[#next-free-field: 1]"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListToolsRequest: _TypeAlias = ListToolsRequest  # noqa: Y015
+
+@_typing.final
+class ListToolsResponse(_message.Message):
+    """[#next-free-field: 2]"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOOLS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tools(self) -> _containers.RepeatedCompositeFieldContainer[_plugin_pb2.Tool]: ...
+    def __init__(
+        self,
+        *,
+        tools: _abc.Iterable[_plugin_pb2.Tool] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tools", b"tools"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListToolsResponse: _TypeAlias = ListToolsResponse  # noqa: Y015
+
+@_typing.final
+class InvokeToolRequest(_message.Message):
+    """[#next-free-field: 4]"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    INPUT_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """"<plugin>.<tool>", as ListTools names it."""
+    task_id: _builtins.str
+    """Optional: a task of the caller's tenant whose trace records the call."""
+    @_builtins.property
+    def input(self) -> _struct_pb2.Struct: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        input: _struct_pb2.Struct | None = ...,
+        task_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "name", b"name", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InvokeToolRequest: _TypeAlias = InvokeToolRequest  # noqa: Y015
+
+@_typing.final
+class InvokeToolResponse(_message.Message):
+    """[#next-free-field: 2]"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def output(self) -> _struct_pb2.Struct: ...
+    def __init__(
+        self,
+        *,
+        output: _struct_pb2.Struct | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["output", b"output"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["output", b"output"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InvokeToolResponse: _TypeAlias = InvokeToolResponse  # noqa: Y015

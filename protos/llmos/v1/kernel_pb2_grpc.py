@@ -92,6 +92,36 @@ class KernelServiceStub:
                 request_serializer=llmos_dot_v1_dot_kernel__pb2.ListServicesRequest.SerializeToString,
                 response_deserializer=llmos_dot_v1_dot_kernel__pb2.ListServicesResponse.FromString,
                 _registered_method=True)
+        self.ListPlugins = channel.unary_unary(
+                '/llmos.v1.KernelService/ListPlugins',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.ListPluginsRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.ListPluginsResponse.FromString,
+                _registered_method=True)
+        self.GetPlugin = channel.unary_unary(
+                '/llmos.v1.KernelService/GetPlugin',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.GetPluginRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.GetPluginResponse.FromString,
+                _registered_method=True)
+        self.EnablePlugin = channel.unary_unary(
+                '/llmos.v1.KernelService/EnablePlugin',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.EnablePluginRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.EnablePluginResponse.FromString,
+                _registered_method=True)
+        self.DisablePlugin = channel.unary_unary(
+                '/llmos.v1.KernelService/DisablePlugin',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.DisablePluginRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.DisablePluginResponse.FromString,
+                _registered_method=True)
+        self.ListTools = channel.unary_unary(
+                '/llmos.v1.KernelService/ListTools',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.ListToolsRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.ListToolsResponse.FromString,
+                _registered_method=True)
+        self.InvokeTool = channel.unary_unary(
+                '/llmos.v1.KernelService/InvokeTool',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.InvokeToolRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.InvokeToolResponse.FromString,
+                _registered_method=True)
 
 
 class KernelServiceServicer:
@@ -173,6 +203,47 @@ class KernelServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListPlugins(self, request, context):
+        """Installed plugins, their state and what their manifests grant.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPlugin(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EnablePlugin(self, request, context):
+        """Start a plugin's host and call its hooks again, at once, without a restart.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DisablePlugin(self, request, context):
+        """Stop calling a plugin and stop its host, at once, without a restart.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTools(self, request, context):
+        """The tools the running plugins offer, named "<plugin>.<tool>".
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def InvokeTool(self, request, context):
+        """Runs one tool: the caller's permission and the input's schema are checked first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KernelServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -230,6 +301,36 @@ def add_KernelServiceServicer_to_server(servicer, server):
                     servicer.ListServices,
                     request_deserializer=llmos_dot_v1_dot_kernel__pb2.ListServicesRequest.FromString,
                     response_serializer=llmos_dot_v1_dot_kernel__pb2.ListServicesResponse.SerializeToString,
+            ),
+            'ListPlugins': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPlugins,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.ListPluginsRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.ListPluginsResponse.SerializeToString,
+            ),
+            'GetPlugin': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPlugin,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.GetPluginRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.GetPluginResponse.SerializeToString,
+            ),
+            'EnablePlugin': grpc.unary_unary_rpc_method_handler(
+                    servicer.EnablePlugin,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.EnablePluginRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.EnablePluginResponse.SerializeToString,
+            ),
+            'DisablePlugin': grpc.unary_unary_rpc_method_handler(
+                    servicer.DisablePlugin,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.DisablePluginRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.DisablePluginResponse.SerializeToString,
+            ),
+            'ListTools': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTools,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.ListToolsRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.ListToolsResponse.SerializeToString,
+            ),
+            'InvokeTool': grpc.unary_unary_rpc_method_handler(
+                    servicer.InvokeTool,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.InvokeToolRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.InvokeToolResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -532,6 +633,168 @@ class KernelService:
             '/llmos.v1.KernelService/ListServices',
             llmos_dot_v1_dot_kernel__pb2.ListServicesRequest.SerializeToString,
             llmos_dot_v1_dot_kernel__pb2.ListServicesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPlugins(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.KernelService/ListPlugins',
+            llmos_dot_v1_dot_kernel__pb2.ListPluginsRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.ListPluginsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPlugin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.KernelService/GetPlugin',
+            llmos_dot_v1_dot_kernel__pb2.GetPluginRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.GetPluginResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EnablePlugin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.KernelService/EnablePlugin',
+            llmos_dot_v1_dot_kernel__pb2.EnablePluginRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.EnablePluginResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DisablePlugin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.KernelService/DisablePlugin',
+            llmos_dot_v1_dot_kernel__pb2.DisablePluginRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.DisablePluginResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTools(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.KernelService/ListTools',
+            llmos_dot_v1_dot_kernel__pb2.ListToolsRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.ListToolsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InvokeTool(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.KernelService/InvokeTool',
+            llmos_dot_v1_dot_kernel__pb2.InvokeToolRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.InvokeToolResponse.FromString,
             options,
             channel_credentials,
             insecure,

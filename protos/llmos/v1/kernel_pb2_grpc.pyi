@@ -55,6 +55,17 @@ class KernelServiceStub:
     DeregisterService: _grpc.UnaryUnaryMultiCallable[_kernel_pb2.DeregisterServiceRequest, _kernel_pb2.DeregisterServiceResponse]
     ListServices: _grpc.UnaryUnaryMultiCallable[_kernel_pb2.ListServicesRequest, _kernel_pb2.ListServicesResponse]
     """The registry: every known service with the health the kernel last saw."""
+    ListPlugins: _grpc.UnaryUnaryMultiCallable[_kernel_pb2.ListPluginsRequest, _kernel_pb2.ListPluginsResponse]
+    """Installed plugins, their state and what their manifests grant."""
+    GetPlugin: _grpc.UnaryUnaryMultiCallable[_kernel_pb2.GetPluginRequest, _kernel_pb2.GetPluginResponse]
+    EnablePlugin: _grpc.UnaryUnaryMultiCallable[_kernel_pb2.EnablePluginRequest, _kernel_pb2.EnablePluginResponse]
+    """Start a plugin's host and call its hooks again, at once, without a restart."""
+    DisablePlugin: _grpc.UnaryUnaryMultiCallable[_kernel_pb2.DisablePluginRequest, _kernel_pb2.DisablePluginResponse]
+    """Stop calling a plugin and stop its host, at once, without a restart."""
+    ListTools: _grpc.UnaryUnaryMultiCallable[_kernel_pb2.ListToolsRequest, _kernel_pb2.ListToolsResponse]
+    """The tools the running plugins offer, named "<plugin>.<tool>"."""
+    InvokeTool: _grpc.UnaryUnaryMultiCallable[_kernel_pb2.InvokeToolRequest, _kernel_pb2.InvokeToolResponse]
+    """Runs one tool: the caller's permission and the input's schema are checked first."""
 
 @_typing.type_check_only
 class KernelServiceAsyncStub(KernelServiceStub):
@@ -83,6 +94,17 @@ class KernelServiceAsyncStub(KernelServiceStub):
     DeregisterService: _aio.UnaryUnaryMultiCallable[_kernel_pb2.DeregisterServiceRequest, _kernel_pb2.DeregisterServiceResponse]  # type: ignore[assignment]
     ListServices: _aio.UnaryUnaryMultiCallable[_kernel_pb2.ListServicesRequest, _kernel_pb2.ListServicesResponse]  # type: ignore[assignment]
     """The registry: every known service with the health the kernel last saw."""
+    ListPlugins: _aio.UnaryUnaryMultiCallable[_kernel_pb2.ListPluginsRequest, _kernel_pb2.ListPluginsResponse]  # type: ignore[assignment]
+    """Installed plugins, their state and what their manifests grant."""
+    GetPlugin: _aio.UnaryUnaryMultiCallable[_kernel_pb2.GetPluginRequest, _kernel_pb2.GetPluginResponse]  # type: ignore[assignment]
+    EnablePlugin: _aio.UnaryUnaryMultiCallable[_kernel_pb2.EnablePluginRequest, _kernel_pb2.EnablePluginResponse]  # type: ignore[assignment]
+    """Start a plugin's host and call its hooks again, at once, without a restart."""
+    DisablePlugin: _aio.UnaryUnaryMultiCallable[_kernel_pb2.DisablePluginRequest, _kernel_pb2.DisablePluginResponse]  # type: ignore[assignment]
+    """Stop calling a plugin and stop its host, at once, without a restart."""
+    ListTools: _aio.UnaryUnaryMultiCallable[_kernel_pb2.ListToolsRequest, _kernel_pb2.ListToolsResponse]  # type: ignore[assignment]
+    """The tools the running plugins offer, named "<plugin>.<tool>"."""
+    InvokeTool: _aio.UnaryUnaryMultiCallable[_kernel_pb2.InvokeToolRequest, _kernel_pb2.InvokeToolResponse]  # type: ignore[assignment]
+    """Runs one tool: the caller's permission and the input's schema are checked first."""
 
 class KernelServiceServicer(metaclass=_abc_1.ABCMeta):
     """Schedules work, brokers it to the services through the request pipeline, and keeps
@@ -174,5 +196,52 @@ class KernelServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_kernel_pb2.ListServicesResponse, _abc.Awaitable[_kernel_pb2.ListServicesResponse]]:
         """The registry: every known service with the health the kernel last saw."""
+
+    @_abc_1.abstractmethod
+    def ListPlugins(
+        self,
+        request: _kernel_pb2.ListPluginsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kernel_pb2.ListPluginsResponse, _abc.Awaitable[_kernel_pb2.ListPluginsResponse]]:
+        """Installed plugins, their state and what their manifests grant."""
+
+    @_abc_1.abstractmethod
+    def GetPlugin(
+        self,
+        request: _kernel_pb2.GetPluginRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kernel_pb2.GetPluginResponse, _abc.Awaitable[_kernel_pb2.GetPluginResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def EnablePlugin(
+        self,
+        request: _kernel_pb2.EnablePluginRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kernel_pb2.EnablePluginResponse, _abc.Awaitable[_kernel_pb2.EnablePluginResponse]]:
+        """Start a plugin's host and call its hooks again, at once, without a restart."""
+
+    @_abc_1.abstractmethod
+    def DisablePlugin(
+        self,
+        request: _kernel_pb2.DisablePluginRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kernel_pb2.DisablePluginResponse, _abc.Awaitable[_kernel_pb2.DisablePluginResponse]]:
+        """Stop calling a plugin and stop its host, at once, without a restart."""
+
+    @_abc_1.abstractmethod
+    def ListTools(
+        self,
+        request: _kernel_pb2.ListToolsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kernel_pb2.ListToolsResponse, _abc.Awaitable[_kernel_pb2.ListToolsResponse]]:
+        """The tools the running plugins offer, named "<plugin>.<tool>"."""
+
+    @_abc_1.abstractmethod
+    def InvokeTool(
+        self,
+        request: _kernel_pb2.InvokeToolRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kernel_pb2.InvokeToolResponse, _abc.Awaitable[_kernel_pb2.InvokeToolResponse]]:
+        """Runs one tool: the caller's permission and the input's schema are checked first."""
 
 def add_KernelServiceServicer_to_server(servicer: KernelServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

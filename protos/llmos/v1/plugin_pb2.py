@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15llmos/v1/plugin.proto\x12\x08llmos.v1\x1a\x1cgoogle/protobuf/struct.proto\"%\n#PluginHostServiceGetManifestRequest\"Q\n$PluginHostServiceGetManifestResponse\x12)\n\x08manifest\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\"\\\n PluginHostServiceCallHookRequest\x12\x0c\n\x04hook\x18\x01 \x01(\t\x12*\n\targuments\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"L\n!PluginHostServiceCallHookResponse\x12\'\n\x06result\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\"#\n!PluginHostServiceListToolsRequest\"X\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12-\n\x0cinput_schema\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"C\n\"PluginHostServiceListToolsResponse\x12\x1d\n\x05tools\x18\x01 \x03(\x0b\x32\x0e.llmos.v1.Tool\"Z\n\"PluginHostServiceInvokeToolRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x05input\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"N\n#PluginHostServiceInvokeToolResponse\x12\'\n\x06output\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct2\xb9\x03\n\x11PluginHostService\x12l\n\x0bGetManifest\x12-.llmos.v1.PluginHostServiceGetManifestRequest\x1a..llmos.v1.PluginHostServiceGetManifestResponse\x12\x63\n\x08\x43\x61llHook\x12*.llmos.v1.PluginHostServiceCallHookRequest\x1a+.llmos.v1.PluginHostServiceCallHookResponse\x12\x66\n\tListTools\x12+.llmos.v1.PluginHostServiceListToolsRequest\x1a,.llmos.v1.PluginHostServiceListToolsResponse\x12i\n\nInvokeTool\x12,.llmos.v1.PluginHostServiceInvokeToolRequest\x1a-.llmos.v1.PluginHostServiceInvokeToolResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15llmos/v1/plugin.proto\x12\x08llmos.v1\x1a\x1cgoogle/protobuf/struct.proto\"%\n#PluginHostServiceGetManifestRequest\"d\n$PluginHostServiceGetManifestResponse\x12)\n\x08manifest\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x11\n\tisolation\x18\x02 \x01(\t\"\\\n PluginHostServiceCallHookRequest\x12\x0c\n\x04hook\x18\x01 \x01(\t\x12*\n\targuments\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"L\n!PluginHostServiceCallHookResponse\x12\'\n\x06result\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\"#\n!PluginHostServiceListToolsRequest\"h\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12-\n\x0cinput_schema\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0e\n\x06plugin\x18\x04 \x01(\t\"C\n\"PluginHostServiceListToolsResponse\x12\x1d\n\x05tools\x18\x01 \x03(\x0b\x32\x0e.llmos.v1.Tool\"Z\n\"PluginHostServiceInvokeToolRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x05input\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"N\n#PluginHostServiceInvokeToolResponse\x12\'\n\x06output\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct2\xb9\x03\n\x11PluginHostService\x12l\n\x0bGetManifest\x12-.llmos.v1.PluginHostServiceGetManifestRequest\x1a..llmos.v1.PluginHostServiceGetManifestResponse\x12\x63\n\x08\x43\x61llHook\x12*.llmos.v1.PluginHostServiceCallHookRequest\x1a+.llmos.v1.PluginHostServiceCallHookResponse\x12\x66\n\tListTools\x12+.llmos.v1.PluginHostServiceListToolsRequest\x1a,.llmos.v1.PluginHostServiceListToolsResponse\x12i\n\nInvokeTool\x12,.llmos.v1.PluginHostServiceInvokeToolRequest\x1a-.llmos.v1.PluginHostServiceInvokeToolResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,21 +35,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PLUGINHOSTSERVICEGETMANIFESTREQUEST']._serialized_start=65
   _globals['_PLUGINHOSTSERVICEGETMANIFESTREQUEST']._serialized_end=102
   _globals['_PLUGINHOSTSERVICEGETMANIFESTRESPONSE']._serialized_start=104
-  _globals['_PLUGINHOSTSERVICEGETMANIFESTRESPONSE']._serialized_end=185
-  _globals['_PLUGINHOSTSERVICECALLHOOKREQUEST']._serialized_start=187
-  _globals['_PLUGINHOSTSERVICECALLHOOKREQUEST']._serialized_end=279
-  _globals['_PLUGINHOSTSERVICECALLHOOKRESPONSE']._serialized_start=281
-  _globals['_PLUGINHOSTSERVICECALLHOOKRESPONSE']._serialized_end=357
-  _globals['_PLUGINHOSTSERVICELISTTOOLSREQUEST']._serialized_start=359
-  _globals['_PLUGINHOSTSERVICELISTTOOLSREQUEST']._serialized_end=394
-  _globals['_TOOL']._serialized_start=396
-  _globals['_TOOL']._serialized_end=484
-  _globals['_PLUGINHOSTSERVICELISTTOOLSRESPONSE']._serialized_start=486
-  _globals['_PLUGINHOSTSERVICELISTTOOLSRESPONSE']._serialized_end=553
-  _globals['_PLUGINHOSTSERVICEINVOKETOOLREQUEST']._serialized_start=555
-  _globals['_PLUGINHOSTSERVICEINVOKETOOLREQUEST']._serialized_end=645
-  _globals['_PLUGINHOSTSERVICEINVOKETOOLRESPONSE']._serialized_start=647
-  _globals['_PLUGINHOSTSERVICEINVOKETOOLRESPONSE']._serialized_end=725
-  _globals['_PLUGINHOSTSERVICE']._serialized_start=728
-  _globals['_PLUGINHOSTSERVICE']._serialized_end=1169
+  _globals['_PLUGINHOSTSERVICEGETMANIFESTRESPONSE']._serialized_end=204
+  _globals['_PLUGINHOSTSERVICECALLHOOKREQUEST']._serialized_start=206
+  _globals['_PLUGINHOSTSERVICECALLHOOKREQUEST']._serialized_end=298
+  _globals['_PLUGINHOSTSERVICECALLHOOKRESPONSE']._serialized_start=300
+  _globals['_PLUGINHOSTSERVICECALLHOOKRESPONSE']._serialized_end=376
+  _globals['_PLUGINHOSTSERVICELISTTOOLSREQUEST']._serialized_start=378
+  _globals['_PLUGINHOSTSERVICELISTTOOLSREQUEST']._serialized_end=413
+  _globals['_TOOL']._serialized_start=415
+  _globals['_TOOL']._serialized_end=519
+  _globals['_PLUGINHOSTSERVICELISTTOOLSRESPONSE']._serialized_start=521
+  _globals['_PLUGINHOSTSERVICELISTTOOLSRESPONSE']._serialized_end=588
+  _globals['_PLUGINHOSTSERVICEINVOKETOOLREQUEST']._serialized_start=590
+  _globals['_PLUGINHOSTSERVICEINVOKETOOLREQUEST']._serialized_end=680
+  _globals['_PLUGINHOSTSERVICEINVOKETOOLRESPONSE']._serialized_start=682
+  _globals['_PLUGINHOSTSERVICEINVOKETOOLRESPONSE']._serialized_end=760
+  _globals['_PLUGINHOSTSERVICE']._serialized_start=763
+  _globals['_PLUGINHOSTSERVICE']._serialized_end=1204
 # @@protoc_insertion_point(module_scope)

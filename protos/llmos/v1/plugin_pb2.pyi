@@ -40,21 +40,25 @@ Global___PluginHostServiceGetManifestRequest: _TypeAlias = PluginHostServiceGetM
 
 @_typing.final
 class PluginHostServiceGetManifestResponse(_message.Message):
-    """[#next-free-field: 2]"""
+    """[#next-free-field: 3]"""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     MANIFEST_FIELD_NUMBER: _builtins.int
+    ISOLATION_FIELD_NUMBER: _builtins.int
+    isolation: _builtins.str
+    """What the host enforced of `network: false` ("own network namespace", or why not)."""
     @_builtins.property
     def manifest(self) -> _struct_pb2.Struct: ...
     def __init__(
         self,
         *,
         manifest: _struct_pb2.Struct | None = ...,
+        isolation: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["isolation", b"isolation", "manifest", b"manifest"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -127,15 +131,18 @@ Global___PluginHostServiceListToolsRequest: _TypeAlias = PluginHostServiceListTo
 
 @_typing.final
 class Tool(_message.Message):
-    """[#next-free-field: 4]"""
+    """[#next-free-field: 5]"""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     INPUT_SCHEMA_FIELD_NUMBER: _builtins.int
+    PLUGIN_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     description: _builtins.str
+    plugin: _builtins.str
+    """The plugin offering it; set by the kernel's ListTools (a host leaves it empty)."""
     @_builtins.property
     def input_schema(self) -> _struct_pb2.Struct: ...
     def __init__(
@@ -144,10 +151,11 @@ class Tool(_message.Message):
         name: _builtins.str = ...,
         description: _builtins.str = ...,
         input_schema: _struct_pb2.Struct | None = ...,
+        plugin: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["input_schema", b"input_schema"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "input_schema", b"input_schema", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "input_schema", b"input_schema", "name", b"name", "plugin", b"plugin"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,368 @@
+"""Plugins on real processes: a kernel, the echo runtime and one real plugin host per plugin.
+
+The test plugins (tests/plugins/) are installed into a folder of this module's own with
+`llmos.plugins.testing.install_source` (distribution metadata and entry points, as an
+editable install writes them) and reach the kernel through PYTHONPATH, so nothing is
+installed into the environment. The pipeline policy runs the plugin stages only (safety
+and privacy are not started); the tenant `lenient` makes plugins:before fail open.
+
+Each test enables the plugins it needs and disables the others through the kernel's
+EnablePlugin / DisablePlugin, which also shows that both take effect without a restart.
+The echo runtime streams the prompt back, so the output shows the prompt the model got.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf import json_format, struct_pb2
+from stacktools import Served, Stack
+
+from llmos.plugins.testing import install_source, pythonpath
+from llmos.services.errors import error_info
+from llmos.v1 import common_pb2, kernel_pb2
+
+PLUGINS = Path(__file__).resolve().parents[1] / "plugins"
+NAMES = (
+    "bad-manifest",
+    "blind",
+    "calculator",
+    "crash-hook",
+    "crash-import",
+    "garbage",
+    "hang",
+    "shouter",
+    "sneaky",
+)
+CONFIG = """
+tool_grants = ["default:calculator.*"]
+plugin_max_crashes = 3
+
+[policy]
+stages = ["plugins:before", "plugins:after"]
+mandatory = []
+
+[tenants.lenient]
+fail_open = ["plugins:before"]
+"""
+RUNNING = kernel_pb2.PLUGIN_STATE_RUNNING
+DISABLED = kernel_pb2.PLUGIN_STATE_DISABLED
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    workdir = tmp_path_factory.mktemp("plugins")
+    (workdir / "data").mkdir()
+    (workdir / "data" / "llmos.toml").write_text(CONFIG, encoding="utf-8")
+    installed = [install_source(PLUGINS / name, workdir / "site") for name in NAMES]
+    env = {
+        "LLMOS_RUNTIME_ENGINE": "echo",
+        "LLMOS_METRICS_PORT": "-1",
+        "PYTHONPATH": pythonpath(*installed),
+    }
+    running = Served(workdir, env)
+    try:
+        running.start("kernel")
+        running.start("runtime")
+        running.wait_registered("runtime")
+        yield running
+    finally:
+        running.stop()
+
+
+def kernel(stack: Stack, channel: grpc.Channel) -> object:
+    return stack.kernel(channel)
+
+
+def plugins(stack: Stack) -> dict[str, kernel_pb2.PluginInfo]:
+    with stack.channel() as channel:
+        reply = stack.kernel(channel).ListPlugins(kernel_pb2.ListPluginsRequest(), timeout=10)
+    return {plugin.name: plugin for plugin in reply.plugins}
+
+
+def wait_state(stack: Stack, name: str, state: int, timeout_s: float = 30) -> kernel_pb2.PluginInfo:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        plugin = plugins(stack)[name]
+        if plugin.state == state:
+            return plugin
+        time.sleep(0.1)
+    pytest.fail(f"plugin {name} not {kernel_pb2.PluginState.Name(state)}: {plugins(stack)[name]}")
+
+
+def only(stack: Stack, *names: str) -> None:
+    """Enable exactly `names` among the loadable plugins, at once."""
+    with stack.channel() as channel:
+        kernel = stack.kernel(channel)
+        for name, plugin in plugins(stack).items():
+            if plugin.state == kernel_pb2.PLUGIN_STATE_INVALID:
+                continue
+            if name in names:
+                kernel.EnablePlugin(kernel_pb2.EnablePluginRequest(name=name), timeout=10)
+            elif plugin.state != DISABLED:
+                kernel.DisablePlugin(kernel_pb2.DisablePluginRequest(name=name), timeout=30)
+    for name in names:
+        wait_state(stack, name, RUNNING)
+
+
+def generate(
+    stack: Stack, prompt: str, tenant: str = "default"
+) -> list[kernel_pb2.GenerateResponse]:
+    with stack.channel() as channel:
+        return list(
+            stack.kernel(channel).Generate(
+                kernel_pb2.GenerateRequest(prompt=prompt),
+                timeout=30,
+                metadata=(("x-llmos-tenant", tenant),),
+            )
+        )
+
+
+def trace(stack: Stack, task_id: str) -> list[common_pb2.TraceStep]:
+    with stack.channel() as channel:
+        reply = stack.kernel(channel).GetTrace(
+            kernel_pb2.GetTraceRequest(task_id=task_id), timeout=10
+        )
+    return list(reply.steps)
+
+
+def newest_task(stack: Stack, tenant: str = "default") -> kernel_pb2.Task:
+    with stack.channel() as channel:
+        reply = stack.kernel(channel).ListTasks(
+            kernel_pb2.ListTasksRequest(tenant=tenant, page_size=1), timeout=10
+        )
+    return reply.tasks[0]
+
+
+def plugin_steps(steps: list[common_pb2.TraceStep]) -> list[tuple[str, str, str]]:
+    return [(s.stage, s.service, s.decision) for s in steps if s.stage.startswith("plugins:")]
+
+
+# ---------------------------------------------------------------- discovery and state
+
+
+def test_an_invalid_manifest_is_listed_invalid_naming_the_field(served: Served) -> None:
+    bad = plugins(served.stack)["bad-manifest"]
+
+    assert bad.state == kernel_pb2.PLUGIN_STATE_INVALID
+    assert "'capabilities.modify_prompt'" in bad.reason and "read_prompt" in bad.reason
+    assert bad.manifest_path.endswith("bad-manifest/pyproject.toml")
+    with served.stack.channel() as channel, pytest.raises(grpc.RpcError) as refused:
+        served.stack.kernel(channel).EnablePlugin(
+            kernel_pb2.EnablePluginRequest(name="bad-manifest"), timeout=10
+        )
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_a_plugin_that_crashes_at_import_is_disabled_and_recorded(served: Served) -> None:
+    crashed = wait_state(served.stack, "crash-import", DISABLED)
+
+    assert crashed.crashes == 3
+    assert "disabled after 3 crashes" in crashed.reason
+    assert "crash-import fails at import on purpose" in crashed.reason  # from its log
+    # The kernel stayed up and serves with the other plugins.
+    only(served.stack, "shouter")
+    assert "".join(p.text for p in generate(served.stack, "still up")) == "STILL UP"
+
+
+def test_unknown_plugin_names_are_not_found(served: Served) -> None:
+    with served.stack.channel() as channel, pytest.raises(grpc.RpcError) as refused:
+        served.stack.kernel(channel).GetPlugin(kernel_pb2.GetPluginRequest(name="nope"), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+    info = error_info(refused.value)
+    assert info is not None and info.reason == "PLUGIN_NOT_FOUND"
+
+
+# ---------------------------------------------------------------- capabilities
+
+
+def test_a_plugin_with_modify_prompt_changes_what_the_model_gets(served: Served) -> None:
+    only(served.stack, "shouter")
+    pieces = generate(served.stack, "hello plugins")
+
+    assert "".join(p.text for p in pieces) == "HELLO PLUGINS"
+    steps = trace(served.stack, pieces[0].task_id)
+    assert plugin_steps(steps) == [
+        ("plugins:before", "plugin:shouter", "modified"),
+        ("plugins:after", "", "skipped"),
+    ]
+    before = next(s for s in steps if s.stage == "plugins:before")
+    assert before.evidence["plugin"] == "shouter"
+    assert before.evidence["hook"] == "llmos_before_request"
+
+
+def test_a_prompt_change_without_modify_prompt_is_dropped_and_recorded(served: Served) -> None:
+    only(served.stack, "sneaky")
+    violations = plugins(served.stack)["sneaky"].violations
+    pieces = generate(served.stack, "keep my prompt")
+
+    assert "".join(p.text for p in pieces) == "keep my prompt"
+    (before,) = [s for s in trace(served.stack, pieces[0].task_id) if s.stage == "plugins:before"]
+    assert before.decision == "violation"
+    assert before.evidence["violation"] == "modify_prompt"
+    assert "dropped" in before.reason
+    assert plugins(served.stack)["sneaky"].violations == violations + 1
+
+
+def test_a_plugin_without_read_prompt_is_never_sent_the_prompt(served: Served) -> None:
+    only(served.stack, "blind")  # its hooks raise if they get the prompt or the output
+    pieces = generate(served.stack, "secret words")
+
+    assert "".join(p.text for p in pieces) == "secret words"
+    assert plugin_steps(trace(served.stack, pieces[0].task_id)) == [
+        ("plugins:before", "plugin:blind", "allow"),
+        ("plugins:after", "plugin:blind", "allow"),
+    ]
+    assert plugins(served.stack)["blind"].isolation.startswith("own ")
+
+
+# ---------------------------------------------------------------- failures
+
+
+def test_a_crash_in_a_hook_fails_closed_or_open_by_policy_then_disables(served: Served) -> None:
+    only(served.stack, "crash-hook")
+
+    with pytest.raises(grpc.RpcError) as refused:
+        generate(served.stack, "crash please")
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    info = error_info(refused.value)
+    assert info is not None and info.reason == "PLUGIN_FAILED"
+    assert dict(info.metadata) == {
+        "stage": "plugins:before",
+        "policy": "default",
+        "plugin": "crash-hook",
+    }
+    task = newest_task(served.stack)
+    assert task.state == common_pb2.TASK_STATE_FAILED
+    steps = trace(served.stack, task.task_id)
+    assert plugin_steps(steps) == [("plugins:before", "plugin:crash-hook", "failed")]
+    assert "host is down" in steps[1].reason
+
+    # The lenient tenant's policy lets plugins:before fail open: served, traced so.
+    pieces = generate(served.stack, "served anyway", tenant="lenient")
+    assert "".join(p.text for p in pieces) == "served anyway"
+    assert plugin_steps(trace(served.stack, pieces[0].task_id))[0][2] == "failed_open"
+
+    generate(served.stack, "third crash", tenant="lenient")
+    disabled = wait_state(served.stack, "crash-hook", DISABLED)
+    assert disabled.crashes == 3 and "disabled after 3 crashes" in disabled.reason
+    # Disabled: no longer called, so the default tenant is served again.
+    pieces = generate(served.stack, "after the crashes")
+    assert plugin_steps(trace(served.stack, pieces[0].task_id))[0][2] == "skipped"
+
+
+def test_a_hung_hook_costs_its_timeout_and_no_more(served: Served) -> None:
+    only(served.stack, "hang")  # timeout_ms = 300
+
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as refused:
+        generate(served.stack, "hang please")
+    elapsed = time.monotonic() - started
+
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "timed out after 300 ms" in refused.value.details()
+    assert elapsed < 3.0  # the 300 ms timeout plus a task's own cost, with room for CI
+    steps = trace(served.stack, newest_task(served.stack).task_id)
+    (before,) = [s for s in steps if s.stage == "plugins:before"]
+    assert before.decision == "failed"
+    assert 0.3 <= before.duration.ToTimedelta().total_seconds() < 1.0
+    # The hung host was killed and is restarted: a crash on record.
+    hang = plugins(served.stack)["hang"]
+    assert hang.crashes >= 1
+    only(served.stack)
+
+
+def test_a_garbage_answer_is_refused_naming_the_plugin_and_field(served: Served) -> None:
+    only(served.stack, "garbage")
+
+    with pytest.raises(grpc.RpcError) as refused:
+        generate(served.stack, "garbage please")
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "plugin 'garbage'" in refused.value.details()
+    assert "field 'prompt' must be a string" in refused.value.details()
+    pieces = generate(served.stack, "lenient", tenant="lenient")
+    assert "".join(p.text for p in pieces) == "lenient"
+
+
+# ---------------------------------------------------------------- control
+
+
+def test_disable_and_enable_take_effect_without_a_restart(served: Served) -> None:
+    only(served.stack, "shouter")
+    assert "".join(p.text for p in generate(served.stack, "on")) == "ON"
+
+    off = served.stack.llmos("plugins", "disable", "shouter")
+    assert off.returncode == 0, off.stderr
+    assert "shouter: disabled" in off.stdout
+    assert "".join(p.text for p in generate(served.stack, "off")) == "off"
+
+    on = served.stack.llmos("plugins", "enable", "shouter")
+    assert on.returncode == 0, on.stderr
+    wait_state(served.stack, "shouter", RUNNING)
+    assert "".join(p.text for p in generate(served.stack, "on again")) == "ON AGAIN"
+
+    listed = served.stack.llmos("plugins", "list")
+    assert listed.returncode == 0 and "shouter" in listed.stdout and "invalid" in listed.stdout
+    info = served.stack.llmos("plugins", "info", "shouter")
+    assert "capabilities: modify_prompt, read_prompt" in info.stdout
+    assert "limits: timeout 2000 ms" in info.stdout
+    missing = served.stack.llmos("plugins", "info", "nope")
+    assert missing.returncode == 1 and "PLUGIN_NOT_FOUND" in missing.stderr
+
+
+# ---------------------------------------------------------------- tools
+
+
+def invoke(
+    stack: Stack, name: str, data: dict[str, object], tenant: str = "default", task_id: str = ""
+) -> dict[str, object]:
+    arguments = struct_pb2.Struct()
+    arguments.update(data)
+    with stack.channel() as channel:
+        reply = stack.kernel(channel).InvokeTool(
+            kernel_pb2.InvokeToolRequest(name=name, input=arguments, task_id=task_id),
+            timeout=10,
+            metadata=(("x-llmos-tenant", tenant),),
+        )
+    return json_format.MessageToDict(reply.output)
+
+
+def test_tools_are_listed_checked_and_traced(served: Served) -> None:
+    only(served.stack, "calculator")
+    with served.stack.channel() as channel:
+        tools = served.stack.kernel(channel).ListTools(kernel_pb2.ListToolsRequest(), timeout=10)
+    (tool,) = tools.tools
+    assert (tool.name, tool.plugin) == ("calculator.add", "calculator")
+    assert json_format.MessageToDict(tool.input_schema)["required"] == ["a", "b"]
+
+    task_id = generate(served.stack, "a task")[0].task_id
+    assert invoke(served.stack, "calculator.add", {"a": 2, "b": 3}, task_id=task_id) == {"sum": 5}
+    (step,) = [s for s in trace(served.stack, task_id) if s.stage == "tool"]
+    assert (step.service, step.decision) == ("plugin:calculator", "invoked")
+    assert step.evidence["tool"] == "calculator.add"
+
+    cases = [
+        ("calculator.add", {"a": 2, "b": "x"}, "default", grpc.StatusCode.INVALID_ARGUMENT,
+         "BAD_TOOL_INPUT"),
+        ("calculator.add", {"a": 2}, "default", grpc.StatusCode.INVALID_ARGUMENT,
+         "BAD_TOOL_INPUT"),
+        ("calculator.sub", {}, "default", grpc.StatusCode.NOT_FOUND, "TOOL_NOT_FOUND"),
+        ("calculator", {}, "default", grpc.StatusCode.INVALID_ARGUMENT, "BAD_TOOL_NAME"),
+        ("calculator.add", {"a": 1, "b": 2}, "acme", grpc.StatusCode.PERMISSION_DENIED,
+         "TOOL_NOT_GRANTED"),
+    ]  # fmt: skip
+    for name, data, tenant, code, reason in cases:
+        with pytest.raises(grpc.RpcError) as refused:
+            invoke(served.stack, name, data, tenant=tenant)
+        assert refused.value.code() == code, (name, data)
+        info = error_info(refused.value)
+        assert info is not None and info.reason == reason
+    with pytest.raises(grpc.RpcError) as refused:
+        invoke(served.stack, "calculator.add", {"a": 2, "b": "x"})
+    assert "input.b: 'x' is not of type 'number'" in refused.value.details()
+    # Nothing else was affected.
+    assert invoke(served.stack, "calculator.add", {"a": 1.5, "b": 1}) == {"sum": 2.5}

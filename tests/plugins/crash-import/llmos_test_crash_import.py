@@ -1,0 +1,3 @@
+"""Test plugin: crashes while it is imported."""
+
+raise ImportError("crash-import fails at import on purpose")
