@@ -528,7 +528,7 @@ def _add_operator_views(commands: Any) -> None:
     _add_plugins(commands)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - a few statements a command
     parser = argparse.ArgumentParser(prog="llmos", description="LLM OS command line")
     parser.add_argument("--version", action="version", version=f"llmos {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -594,6 +594,10 @@ def build_parser() -> argparse.ArgumentParser:
     trace.set_defaults(func=cmd_trace)
 
     _add_operator_views(commands)
+
+    from llmos.kernel.privacy_cli import add_commands as add_privacy_commands
+
+    add_privacy_commands(commands, _common, _settings)
 
     probe = commands.add_parser("probe", help="grpc.health.v1 check, for container health checks")
     probe.add_argument("address")

@@ -312,3 +312,41 @@ async def test_the_kernel_redacts_a_chat_and_restores_its_stream(served: Served)
         )
         assert masked.request.messages[0].content == "I'm **********, mail ***************."
         assert not masked.restorable
+
+
+def test_cli_scan_and_eval_go_through_the_running_service(served: Served, tmp_path: Path) -> None:
+    import json
+
+    done = served.stack.llmos("privacy", "scan", "Call Zoë Martin on +1 212-555-0187.")
+    assert done.returncode == 0, done.stderr
+    entities = json.loads(done.stdout)
+    assert [(e["type"], e["start"], e["end"]) for e in entities] == [
+        ("PERSON", 5, 15),
+        ("PHONE_NUMBER", 19, 34),
+    ]
+    assert all(0 < e["score"] <= 1 and e["recognizer"] for e in entities)
+
+    labelled = tmp_path / "set.jsonl"
+
+    def row(text: str, *spans: tuple[str, int, int]) -> dict[str, object]:
+        return {"text": text, "entities": [{"type": t, "start": a, "end": b} for t, a, b in spans]}
+
+    rows = [
+        row("Mail zoe@example.org today.", ("EMAIL_ADDRESS", 5, 20)),
+        row("Omar Haddad lives in Lisbon.", ("PERSON", 0, 11), ("LOCATION", 21, 27)),
+        row("Nothing personal here."),
+    ]
+    labelled.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    done = served.stack.llmos("privacy", "eval", str(labelled), "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["messages"] == 3 and report["labelled"] == 3
+    assert report["entities"]["ALL"]["f2"] == 1.0 and report["leak_rate"] == 0.0
+    assert report["messages_per_s"] > 0
+
+    table = served.stack.llmos("privacy", "eval", str(labelled))
+    assert table.returncode == 0 and "leak rate 0.00%" in table.stdout
+
+    labelled.write_text('{"text": "x", "entities": [{"type": "PERSON", "start": 0, "end": 9}]}\n')
+    bad = served.stack.llmos("privacy", "eval", str(labelled))
+    assert bad.returncode == 2 and "outside the text" in bad.stderr
