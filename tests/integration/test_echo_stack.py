@@ -85,12 +85,12 @@ def test_the_task_is_stored_and_traced_like_a_model_task(echo_stack: Stack) -> N
     generate_step = trace.steps[stages.index("runtime:generate")]
     assert generate_step.service == "runtime"
     assert generate_step.decision == "completed"
-    # The default policy chose the stages; the planned services answer UNIMPLEMENTED
-    # ("not_available") and no plugin is installed ("skipped"), each naming the policy.
+    # The default policy chose the stages; the safety and privacy services answer ("allow")
+    # and no plugin is installed ("skipped"), each naming the policy.
     assert trace.steps[0].evidence["policy"] == "default"
     for step in trace.steps[1:-1]:
         if step.stage != "runtime:generate":
-            expected = "skipped" if step.stage.startswith("plugins:") else "not_available"
+            expected = "skipped" if step.stage.startswith("plugins:") else "allow"
             assert (step.decision, step.evidence["policy"]) == (expected, "default")
 
 
