@@ -8,6 +8,7 @@ name so they never collide with the kernel's public ones.
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from llmos.v1 import common_pb2 as _common_pb2
@@ -64,7 +65,7 @@ Global___RuntimeServiceGenerateRequest: _TypeAlias = RuntimeServiceGenerateReque
 
 @_typing.final
 class RuntimeServiceGenerateResponse(_message.Message):
-    """[#next-free-field: 6]"""
+    """[#next-free-field: 7]"""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -73,6 +74,7 @@ class RuntimeServiceGenerateResponse(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
+    KV_ADMISSION_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     finish_reason: _common_pb2.FinishReason.ValueType
     """Set on the last message only."""
@@ -84,6 +86,12 @@ class RuntimeServiceGenerateResponse(_message.Message):
     def usage(self) -> _common_pb2.Usage:
         """Set on the last message only."""
 
+    @_builtins.property
+    def kv_admission(self) -> Global___KvAdmission:
+        """How the sequence got its KV-cache memory. Set on the last message only, by a runtime
+        with a model (the echo engine has no cache).
+        """
+
     def __init__(
         self,
         *,
@@ -92,14 +100,69 @@ class RuntimeServiceGenerateResponse(_message.Message):
         finish_reason: _common_pb2.FinishReason.ValueType = ...,
         usage: _common_pb2.Usage | None = ...,
         model: _builtins.str = ...,
+        kv_admission: Global___KvAdmission | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["kv_admission", b"kv_admission", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "model", b"model", "text", b"text", "token_ids", b"token_ids", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "kv_admission", b"kv_admission", "model", b"model", "text", b"text", "token_ids", b"token_ids", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RuntimeServiceGenerateResponse: _TypeAlias = RuntimeServiceGenerateResponse  # noqa: Y015
+
+@_typing.final
+class KvAdmission(_message.Message):
+    """The runtime's memory decision for one sequence joining its batch: the KV cache the
+    batch needed with it, and what the runtime held at the hardware service for that
+    model's cache when it was admitted. The kernel copies it into the runtime:generate
+    trace step.
+    [#next-free-field: 6]
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DECISION_FIELD_NUMBER: _builtins.int
+    BATCH_BYTES_FIELD_NUMBER: _builtins.int
+    RESERVED_BYTES_FIELD_NUMBER: _builtins.int
+    MEMORY_WAIT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    decision: _builtins.str
+    """"reserved": the model's KV-cache reservation at the hardware service covered the batch
+    with this sequence; "unreserved": admitted within runtime_kv_budget_mb alone, because
+    no hardware service could be asked (`reason` says why).
+    """
+    batch_bytes: _builtins.int
+    """KV-cache memory the batch needed with this sequence in it: rows x the longest row's
+    prompt + max_tokens, in bytes.
+    """
+    reserved_bytes: _builtins.int
+    """What the runtime held at the hardware service for this model's KV cache when the
+    sequence was admitted; 0 when unreserved.
+    """
+    reason: _builtins.str
+    """The decision in words, for people reading a trace."""
+    @_builtins.property
+    def memory_wait(self) -> _duration_pb2.Duration:
+        """How long the sequence waited, first in line, for memory: for the hardware service to
+        reserve more, or for running sequences to leave room within the reservation.
+        """
+
+    def __init__(
+        self,
+        *,
+        decision: _builtins.str = ...,
+        batch_bytes: _builtins.int = ...,
+        reserved_bytes: _builtins.int = ...,
+        memory_wait: _duration_pb2.Duration | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["memory_wait", b"memory_wait"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_bytes", b"batch_bytes", "decision", b"decision", "memory_wait", b"memory_wait", "reason", b"reason", "reserved_bytes", b"reserved_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KvAdmission: _TypeAlias = KvAdmission  # noqa: Y015
 
 @_typing.final
 class RuntimeServiceScoreRequest(_message.Message):
