@@ -6,7 +6,10 @@ step, to decode together. This cache keeps, per layer, one preallocated tensor
 0 .. length-1. A decoding step writes each row's new key/value at that row's own position
 and attends over the longest row's length, with a mask hiding what a shorter row has not
 written. Rows stay compact (the engine moves the last row into a freed one), and both
-dimensions grow by doubling, so memory follows the work actually in flight.
+dimensions grow by doubling, so memory follows the work actually in flight, but never
+past `limit()` bytes (the engine's KV grant, within its budget: `kv_memory.py`): near the
+limit the cache grows only as far as it allows, and a reallocation frees the old tensors
+layer by layer, so the old and new cache are never both held whole.
 
 It implements the one method transformers' attention layers call, `update`, plus the
 size queries its mask code asks when no explicit mask is passed (a lone sequence: then
@@ -15,9 +18,14 @@ the computation is exactly Hugging Face's own, which keeps greedy decoding ident
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
+
+
+def _unlimited() -> int:
+    return 2**62
 
 
 class SlotKVCache:
@@ -35,6 +43,8 @@ class SlotKVCache:
         self.positions_capacity = 0
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
+        # The most bytes the cache may allocate; read at each growth.
+        self.limit: Callable[[], int] = _unlimited
         # Set by prepare() before each forward pass.
         self._first_row = 0
         self._batch = 0
@@ -54,26 +64,43 @@ class SlotKVCache:
         return self.rows_capacity * self.positions_capacity * self.bytes_per_position
 
     def reserve(self, rows: int, positions: int) -> None:
-        """Make room for `rows` rows of `positions` positions, keeping what is stored."""
+        """Make room for `rows` rows of `positions` positions, keeping what is stored (the
+        first `rows` rows, up to `positions`: the engine asks for at least what it uses)."""
         if rows <= self.rows_capacity and positions <= self.positions_capacity:
             return
-        new_rows = max(rows, self.rows_capacity)
+        new_rows, new_positions = self.shape_for(rows, positions)
+        shape = (new_rows, self.kv_heads, new_positions, self.head_dim)
+        for store in (self.keys, self.values):
+            old_layers: list[torch.Tensor | None] = list(store)
+            store.clear()
+            for layer in range(self.layers):
+                grown = torch.zeros(shape, dtype=self.dtype)
+                if old_layers:  # copy what is kept, then let the old layer go
+                    old = old_layers[layer]
+                    assert old is not None
+                    kept_rows = min(old.shape[0], new_rows)
+                    kept_positions = min(old.shape[2], new_positions)
+                    grown[:kept_rows, :, :kept_positions] = old[:kept_rows, :, :kept_positions]
+                    old_layers[layer] = old = None
+                store.append(grown)
+        self.rows_capacity, self.positions_capacity = new_rows, new_positions
+
+    def shape_for(self, rows: int, positions: int) -> tuple[int, int]:
+        """The (rows, positions) to grow to: each dimension that must grow doubles (rows from
+        4, positions from 64, up to the context), the other stays; then, over `limit()`,
+        fewer spare rows, then fewer spare positions, down to what was asked for."""
+        new_rows = self.rows_capacity
         if rows > self.rows_capacity:
             new_rows = max(rows, 2 * self.rows_capacity, 4)
         new_positions = self.positions_capacity
         if positions > self.positions_capacity:
             new_positions = min(max(positions, 2 * self.positions_capacity, 64), self.max_positions)
-        shape = (new_rows, self.kv_heads, new_positions, self.head_dim)
-        for store in (self.keys, self.values):
-            old_layers = list(store)
-            store.clear()
-            for layer in range(self.layers):
-                grown = torch.zeros(shape, dtype=self.dtype)
-                if old_layers:  # copy the old contents into the corner they occupied
-                    old = old_layers[layer]
-                    grown[: old.shape[0], :, : old.shape[2]] = old
-                store.append(grown)
-        self.rows_capacity, self.positions_capacity = new_rows, new_positions
+        budget = self.limit() // self.bytes_per_position  # positions the limit allows
+        if new_rows * new_positions > budget:
+            new_rows = max(rows, budget // new_positions)
+        if new_rows * new_positions > budget:
+            new_positions = max(positions, budget // new_rows)
+        return new_rows, new_positions
 
     def move_row(self, source: int, target: int, length: int) -> None:
         """Copy the first `length` positions of row `source` into row `target`."""
