@@ -1,4 +1,5 @@
-"""Host memory the runtime reserves through the hardware service before it loads a model.
+"""Host memory the runtime reserves through the hardware service: a model's weights before
+it loads (`HostMemory`), and each model's KV cache before it grows (`KvReservations`).
 
 The estimate is the size of the model's weight files. The hardware service is optional:
 when none is registered with the kernel, or it cannot be reached, the runtime loads anyway;
@@ -10,21 +11,38 @@ A reservation lasts while its model is loaded: the holder is this process ("pid:
 it ends by itself if the runtime dies without releasing it, and a background task renews
 it at a third of its TTL. A hardware service that forgot it (restarted) answers the
 renewal NOT_FOUND, and the runtime reserves again.
+
+The KV cache grows with the batch, so its memory is reserved in steps
+(`runtime_kv_reserve_step_mb`) by `KvReservations`, one per loaded model, on the event
+loop: it reads what the engine's batch thread wants (`kv_memory.KvMemory`), reserves the
+next step *before* raising the engine's grant, and releases a step only after the batch
+thread lowered the grant at a step boundary, once the batch has held less for
+`RELEASE_AFTER_S`. The batch thread never waits on these calls: a newcomer that does not
+fit the grant waits in the queue meanwhile. When the hardware service refuses, the
+newcomer waits while running sequences may leave it room, and is refused
+(RESOURCE_EXHAUSTED naming the memory) when nothing runs. Without a hardware service the
+cache grows within `runtime_kv_budget_mb` alone, logged, and the runtime looks for one
+again every `LOOKUP_S`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import math
 import os
+import time
 from pathlib import Path
 
 import grpc
 
 from llmos.services.channels import open_channel
 from llmos.services.config import Settings
-from llmos.services.errors import from_rpc_error
+from llmos.services.errors import InvalidArgument, ResourceExhausted, from_rpc_error
+from llmos.services.hardware.checks import human_bytes
+from llmos.services.runtime.kv_memory import Demand, KvMemory
 from llmos.services.timing import duration
 from llmos.v1 import common_pb2, hardware_pb2, hardware_pb2_grpc, kernel_pb2, kernel_pb2_grpc
 
@@ -32,6 +50,15 @@ log = logging.getLogger(__name__)
 
 TTL_S = 60.0
 CALL_TIMEOUT_S = 3.0
+# The KV reservations' loop looks at its engine this often, besides being woken by it.
+TICK_S = 0.5
+# A KV step is released once the batch has needed less for this long (a burst that pauses
+# for a moment keeps its memory).
+RELEASE_AFTER_S = 2.0
+# A refused KV step is asked for again at most this often while a sequence waits for it.
+RETRY_S = 1.0
+# An engine without a hardware service looks for one again this often.
+LOOKUP_S = 15.0
 
 
 def weight_bytes(model_dir: Path) -> int:
@@ -49,11 +76,21 @@ class HostMemory:
         self.held: dict[str, tuple[str, str, int]] = {}  # model -> address, id, bytes
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._renewing: asyncio.Task[None] | None = None
+        # The last answer to "which hardware service?", and when it was asked.
+        self._address: str | None = None
+        self._asked_at = -math.inf
 
     def _channel(self, target: str) -> grpc.aio.Channel:
         if target not in self._channels:
             self._channels[target] = open_channel(target, self.settings.max_message_bytes)
         return self._channels[target]
+
+    async def hardware_address(self, max_age_s: float) -> str | None:
+        """`_hardware_address()`, reusing an answer younger than `max_age_s`."""
+        if time.monotonic() - self._asked_at >= max_age_s:
+            self._address = await self._hardware_address()
+            self._asked_at = time.monotonic()
+        return self._address
 
     async def _hardware_address(self) -> str | None:
         """The address of a serving hardware service, as the kernel lists it; None (logged)
@@ -78,7 +115,16 @@ class HostMemory:
                 return str(service.address)
         return None
 
-    async def _reserve(self, address: str, size: int, renew: str = "") -> str:
+    async def release_reservation(self, address: str, reservation: str) -> None:
+        stub = hardware_pb2_grpc.HardwareServiceStub(self._channel(address))
+        await stub.Release(
+            hardware_pb2.HardwareServiceReleaseRequest(
+                reservation_id=reservation, holder=self.holder
+            ),
+            timeout=CALL_TIMEOUT_S,
+        )
+
+    async def reserve_bytes(self, address: str, size: int, renew: str = "") -> str:
         stub = hardware_pb2_grpc.HardwareServiceStub(self._channel(address))
         reply = await stub.Reserve(
             hardware_pb2.HardwareServiceReserveRequest(
@@ -95,7 +141,7 @@ class HostMemory:
     async def reserve(self, model: str, size: int) -> None:
         """Reserve `size` bytes for `model`, or refuse the load when the hardware service
         says they are not free; load without a reservation when there is no one to ask."""
-        address = await self._hardware_address()
+        address = await self.hardware_address(max_age_s=0)
         if address is None:
             log.warning(
                 "loading %s without a host-memory reservation: no hardware service is serving",
@@ -103,7 +149,7 @@ class HostMemory:
             )
             return
         try:
-            reservation = await self._reserve(address, size)
+            reservation = await self.reserve_bytes(address, size)
         except grpc.aio.AioRpcError as error:
             if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 log.warning(
@@ -135,14 +181,8 @@ class HostMemory:
         if held is None:
             return
         address, reservation, _ = held
-        stub = hardware_pb2_grpc.HardwareServiceStub(self._channel(address))
         try:
-            await stub.Release(
-                hardware_pb2.HardwareServiceReleaseRequest(
-                    reservation_id=reservation, holder=self.holder
-                ),
-                timeout=CALL_TIMEOUT_S,
-            )
+            await self.release_reservation(address, reservation)
         except grpc.aio.AioRpcError as error:
             # It ends by itself at its TTL, or when this process does.
             log.warning("releasing %s for %s failed: %s", reservation, model, error.details())
@@ -154,7 +194,7 @@ class HostMemory:
             await asyncio.sleep(TTL_S / 3)
             for model, (address, reservation, size) in list(self.held.items()):
                 try:
-                    renewed = await self._reserve(address, size, renew=reservation)
+                    renewed = await self.reserve_bytes(address, size, renew=reservation)
                 except grpc.aio.AioRpcError as error:
                     if error.code() != grpc.StatusCode.NOT_FOUND:
                         log.warning(
@@ -162,7 +202,7 @@ class HostMemory:
                         )
                         continue
                     try:  # the hardware service forgot it (restarted): reserve again
-                        renewed = await self._reserve(address, size)
+                        renewed = await self.reserve_bytes(address, size)
                     except grpc.aio.AioRpcError as again:
                         log.warning("%s keeps no reservation: %s", model, again.details())
                         self.held.pop(model, None)
@@ -179,3 +219,264 @@ class HostMemory:
             await self.release(model)
         for channel in self._channels.values():
             await channel.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One reservation of KV-cache memory at the hardware service."""
+
+    address: str
+    reservation: str
+    size: int
+
+
+def round_up(size: int, step: int) -> int:
+    return -(-size // step) * step
+
+
+class KvReservations:
+    """Keeps one engine's KV grant backed by reservations at the hardware service, in steps
+    (see the module's docstring). Holds a list of reservations, newest last: growth adds
+    one, shrinking releases the newest ones."""
+
+    def __init__(self, memory: KvMemory, host: HostMemory, step_bytes: int) -> None:
+        if step_bytes < 1:
+            raise InvalidArgument(
+                f"runtime_kv_reserve_step_mb is {step_bytes // 2**20}; it must be at least 1",
+                reason="BAD_SETTING",
+            )
+        self.memory = memory
+        self.host = host
+        self.step_bytes = step_bytes
+        self.steps: list[Step] = []
+        self.address: str | None = None
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._surplus_since: float | None = None
+        self._refused_at = -math.inf
+        self._renewed_at = time.monotonic()
+        self._looked_at = -math.inf
+
+    @property
+    def held(self) -> int:
+        return sum(step.size for step in self.steps)
+
+    @property
+    def model(self) -> str:
+        return self.memory.model
+
+    async def start(self) -> None:
+        """Find the hardware service (the answer the weights' reservation just got, if
+        any) and begin following the engine."""
+        loop = asyncio.get_running_loop()
+
+        def wake() -> None:  # from the batch thread
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nothing to do
+                loop.call_soon_threadsafe(self._wakeup.set)
+
+        self.memory.wake = wake
+        self._looked_at = time.monotonic()
+        address = await self.host.hardware_address(max_age_s=10.0)
+        if address is None:
+            self._unmanaged("no hardware service is serving")
+        else:
+            self._manage(address)
+        self._task = asyncio.create_task(self._follow(), name=f"kv-reservations-{self.model}")
+
+    async def close(self) -> None:
+        """Stop following the engine (closed first) and release every step."""
+        self.memory.wake = lambda: None
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        while self.steps:
+            await self._release(self.steps[-1])
+
+    def _manage(self, address: str) -> None:
+        self.address = address
+        log.info(
+            "the KV cache of %s is reserved at the hardware service %s in steps of %s",
+            self.model,
+            address,
+            human_bytes(self.step_bytes),
+        )
+        self.memory.grant(self.held)
+
+    def _unmanaged(self, why: str) -> None:
+        log.warning(
+            "the KV cache of %s grows without a host-memory reservation: %s; admitting "
+            "within runtime_kv_budget_mb (%s) alone",
+            self.model,
+            why,
+            human_bytes(self.memory.budget_bytes),
+        )
+        self.address = None
+        self.steps.clear()  # unreachable, or gone: they end with their TTL there
+        self.memory.unmanaged(why)
+
+    async def _follow(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), TICK_S)
+            self._wakeup.clear()
+            try:
+                await self._reconcile(self.memory.demand(), time.monotonic())
+            except Exception:  # the next round may succeed; a dead loop never would
+                log.exception("the KV reservations of %s failed a round", self.model)
+
+    async def _reconcile(self, demand: Demand, now: float) -> None:
+        if self.address is None or demand.granted is None:
+            if now - self._looked_at >= LOOKUP_S:
+                self._looked_at = now
+                await self._look_again(demand)
+            return
+        address = self.address
+        # The batch thread lowered the grant: give back what it no longer covers.
+        while self.steps and self.held - self.steps[-1].size >= demand.granted:
+            await self._release(self.steps[-1])
+        if now - self._renewed_at >= TTL_S / 3:
+            self._renewed_at = now
+            await self._renew(address)
+        if demand.need > demand.granted:
+            self._surplus_since = None
+            if now - self._refused_at >= RETRY_S:
+                await self._grow(address, demand, now)
+            return
+        target = self.held
+        for step in reversed(self.steps):  # release newest first, down to what is in use
+            if target - step.size < demand.in_use:
+                break
+            target -= step.size
+        if target >= self.held:
+            self._surplus_since = None
+        elif self._surplus_since is None:
+            self._surplus_since = now
+        elif now - self._surplus_since >= RELEASE_AFTER_S:
+            self._surplus_since = None
+            self.memory.propose_shrink(target)
+
+    async def _grow(self, address: str, demand: Demand, now: float) -> None:
+        """Reserve enough for what waits: every waiting sequence that could join, in steps;
+        else the first in line, in steps; else exactly what it needs."""
+        ceiling = max(self.memory.budget_bytes, demand.need)
+        candidates = (
+            round_up(demand.want, self.step_bytes),
+            round_up(demand.need, self.step_bytes),
+            demand.need,
+        )
+        targets: list[int] = []
+        for candidate in candidates:
+            target = min(candidate, ceiling)
+            if target >= demand.need and target not in targets:
+                targets.append(target)
+        refused: grpc.aio.AioRpcError | None = None
+        for target in targets:
+            size = target - self.held
+            if size <= 0:
+                self.memory.grant(self.held)
+                return
+            try:
+                reservation = await self.host.reserve_bytes(address, size)
+            except grpc.aio.AioRpcError as error:
+                if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    refused = error
+                    continue
+                self._unmanaged(
+                    f"Reserve on hardware at {address} failed with {error.code().name}: "
+                    f"{error.details()}"
+                )
+                return
+            self.steps.append(Step(address, reservation, size))
+            self.memory.grant(self.held)
+            log.info(
+                "reserved %s more host memory for the KV cache of %s (%s), %s in all",
+                human_bytes(size),
+                self.model,
+                reservation,
+                human_bytes(self.held),
+            )
+            return
+        assert refused is not None
+        shortage = from_rpc_error(refused, f"Reserve on hardware at {address}")
+        if not isinstance(shortage, ResourceExhausted):  # the table maps the code to it
+            raise shortage
+        self._refused_at = now
+        log.warning(
+            "the KV cache of %s cannot grow to %s: the hardware service refused: %s",
+            self.model,
+            human_bytes(demand.need),
+            refused.details(),
+        )
+        self.memory.refuse(demand.need, shortage)
+
+    async def _release(self, step: Step) -> None:
+        self.steps.remove(step)
+        try:
+            await self.host.release_reservation(step.address, step.reservation)
+        except grpc.aio.AioRpcError as error:
+            # It ends by itself at its TTL, or when this process does.
+            log.warning(
+                "releasing %s of the KV cache of %s failed: %s",
+                step.reservation,
+                self.model,
+                error.details(),
+            )
+            return
+        log.info(
+            "released %s of host memory from the KV cache of %s (%s), %s left",
+            human_bytes(step.size),
+            self.model,
+            step.reservation,
+            human_bytes(self.held),
+        )
+
+    async def _renew(self, address: str) -> None:
+        """Restart every step's TTL; a step the hardware service forgot (it restarted) is
+        reserved again, and one it will not give back is dropped, the grant with it."""
+        for step in list(self.steps):
+            try:
+                renewed = await self.host.reserve_bytes(
+                    step.address, step.size, renew=step.reservation
+                )
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.NOT_FOUND:
+                    log.warning("renewing %s failed: %s", step.reservation, error.details())
+                    continue
+                try:
+                    renewed = await self.host.reserve_bytes(address, step.size)
+                except grpc.aio.AioRpcError as again:
+                    log.warning(
+                        "the KV cache of %s lost %s of its reservation: %s",
+                        self.model,
+                        human_bytes(step.size),
+                        again.details(),
+                    )
+                    self.steps.remove(step)
+                    self.memory.propose_shrink(self.held)
+                    continue
+            if step in self.steps:
+                self.steps[self.steps.index(step)] = Step(address, renewed, step.size)
+
+    async def _look_again(self, demand: Demand) -> None:
+        """Unmanaged: if a hardware service serves now, reserve what the batch holds and
+        manage the grant from then on; else stay as it is (already logged)."""
+        address = await self.host.hardware_address(max_age_s=0)
+        if address is None:
+            return
+        if demand.in_use:
+            size = round_up(demand.in_use, self.step_bytes)
+            try:
+                reservation = await self.host.reserve_bytes(address, size)
+            except grpc.aio.AioRpcError as error:
+                log.warning(
+                    "the KV cache of %s stays unreserved: Reserve on hardware at %s failed "
+                    "with %s: %s",
+                    self.model,
+                    address,
+                    error.code().name,
+                    error.details(),
+                )
+                return
+            self.steps.append(Step(address, reservation, size))
+        self._manage(address)

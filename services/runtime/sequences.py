@@ -18,7 +18,9 @@ from typing import TypeAlias
 
 import torch
 
+from llmos.services.errors import LlmosError
 from llmos.services.runtime.detokenize import Decode, TextAssembler
+from llmos.services.runtime.kv_memory import Admission
 from llmos.services.validation import Sampling
 from llmos.v1 import common_pb2
 
@@ -36,6 +38,10 @@ class Event:
     completion_tokens: int = 0
     queue_time_s: float = 0.0
     time_to_first_token_s: float = 0.0
+    # The memory decision that let it into the batch (final event; kv_memory.py).
+    kv: Admission | None = None
+    # Why it ended with FINISH_REASON_ERROR without running, when it was refused.
+    error: LlmosError | None = None
 
 
 class SequenceHandle:
@@ -126,6 +132,11 @@ class Running:
         if len(self.generated) >= self.sampling.max_tokens:
             return common_pb2.FINISH_REASON_LENGTH
         return None
+
+    def refuse(self, error: LlmosError) -> None:
+        """End it before it ran, with `error` for the caller (its memory was refused)."""
+        self.final.error = error
+        self.finish(common_pb2.FINISH_REASON_ERROR)
 
     def finish(self, reason: FinishReason) -> None:
         self.finished = True

@@ -44,6 +44,16 @@ def _response(event: Event) -> runtime_pb2.RuntimeServiceGenerateResponse:
                 time_to_first_token=duration(event.time_to_first_token_s),
             )
         )
+    if event.kv is not None:
+        response.kv_admission.CopyFrom(
+            runtime_pb2.KvAdmission(
+                decision=event.kv.decision,
+                batch_bytes=event.kv.batch_bytes,
+                reserved_bytes=event.kv.reserved_bytes,
+                memory_wait=duration(event.kv.memory_wait_s),
+                reason=event.kv.reason,
+            )
+        )
     return response
 
 
@@ -71,7 +81,7 @@ class RuntimeServicer(runtime_pb2_grpc.RuntimeServiceServicer):
             async for event in handle.events():
                 meter.event(event)
                 if event.finish_reason == common_pb2.FINISH_REASON_ERROR:
-                    raise LlmosError(
+                    raise event.error or LlmosError(
                         "decoding failed inside the runtime; see its log", reason="DECODE_FAILED"
                     )
                 response = _response(event)
