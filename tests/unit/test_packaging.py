@@ -55,6 +55,14 @@ def requirements(group: str | None = None) -> list[Requirement]:
 # ---------------------------------------------------------------- packages
 
 
+def _distribution_files(relative: Path) -> list[Path]:
+    """The pyproject.toml files that would make a folder (or one above it, inside the
+    package-dir root) a distribution of its own."""
+    return [
+        Path(*relative.parts[:depth], "pyproject.toml") for depth in range(len(relative.parts) + 1)
+    ]
+
+
 def discovered_packages() -> dict[str, Path]:
     """Every folder with an __init__.py under a package-dir root, by its installed name."""
     mapping: dict[str, str] = pyproject()["tool"]["setuptools"]["package-dir"]
@@ -64,6 +72,10 @@ def discovered_packages() -> dict[str, Path]:
         for init in root.rglob("__init__.py"):
             relative = init.parent.relative_to(root)
             if any(part.startswith((".", "__")) for part in relative.parts):
+                continue
+            # A folder below a pyproject.toml of its own is a separate distribution (the
+            # first-party plugins, the plugin template), not a package of llmos.
+            if any((root / part).is_file() for part in _distribution_files(relative)):
                 continue
             found[".".join([name, *relative.parts])] = init.parent
     return found

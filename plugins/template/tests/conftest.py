@@ -1,0 +1,2 @@
+# The `llmos_plugin` fixture: the plugin in a real plugin host, over gRPC.
+pytest_plugins = ["llmos.plugins.testing"]
