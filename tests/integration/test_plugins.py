@@ -27,6 +27,7 @@ from llmos.services.errors import error_info
 from llmos.v1 import common_pb2, kernel_pb2
 
 PLUGINS = Path(__file__).resolve().parents[1] / "plugins"
+GUARD = PLUGINS.parents[1] / "plugins" / "firstparty" / "llmos-policy-guard"
 NAMES = (
     "bad-manifest",
     "blind",
@@ -59,6 +60,11 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     (workdir / "data").mkdir()
     (workdir / "data" / "llmos.toml").write_text(CONFIG, encoding="utf-8")
     installed = [install_source(PLUGINS / name, workdir / "site") for name in NAMES]
+    installed.append(install_source(GUARD, workdir / "site"))
+    (workdir / "data" / "plugins").mkdir()
+    (workdir / "data" / "plugins" / "policy-guard.toml").write_text(
+        'patterns = ["(?i)wire transfer"]\nreason = "no payments here"\n', encoding="utf-8"
+    )
     env = {
         "LLMOS_RUNTIME_ENGINE": "echo",
         "LLMOS_METRICS_PORT": "-1",
@@ -366,3 +372,27 @@ def test_tools_are_listed_checked_and_traced(served: Served) -> None:
     assert "input.b: 'x' is not of type 'number'" in refused.value.details()
     # Nothing else was affected.
     assert invoke(served.stack, "calculator.add", {"a": 1.5, "b": 1}) == {"sum": 2.5}
+
+
+def test_a_block_verdict_refuses_the_request_and_is_traced(served: Served) -> None:
+    only(served.stack, "policy-guard", "shouter")  # guard runs first (name order)
+
+    with pytest.raises(grpc.RpcError) as refused:
+        generate(served.stack, "make a wire transfer")
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    info = error_info(refused.value)
+    assert info is not None and info.reason == "REFUSED_BY_PLUGIN"
+    assert dict(info.metadata) == {"plugin": "policy-guard", "stage": "plugins:before"}
+    assert "no payments here" in refused.value.details()
+    task = newest_task(served.stack)
+    assert task.state == common_pb2.TASK_STATE_FAILED
+    assert plugin_steps(trace(served.stack, task.task_id)) == [
+        ("plugins:before", "plugin:policy-guard", "block")
+    ]  # shouter was never called
+
+    pieces = generate(served.stack, "hello")
+    assert "".join(p.text for p in pieces) == "HELLO"
+    assert [d for _, _, d in plugin_steps(trace(served.stack, pieces[0].task_id))][:2] == [
+        "allow",
+        "modified",
+    ]
