@@ -15,7 +15,7 @@ import dataclasses
 
 STRIDE_CHARS = 160
 MIN_NEW_CHARS = 40
-WINDOW_CHARS = 600
+WINDOW_CHARS = 320
 SENTENCE_ENDS = (".", "!", "?", "\n")
 
 
