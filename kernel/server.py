@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from llmos.kernel.memory import Headroom
 from llmos.kernel.plugins import PluginHosts
 from llmos.kernel.policy import Policies
 from llmos.kernel.registry import Registry
@@ -252,6 +253,9 @@ class KernelService:
         # silently skipped for every request.
         self.policies = Policies.from_settings(settings)
         self.registry = Registry(settings.lease_s, settings.max_message_bytes)
+        # The host's free memory, followed through the hardware service; new work is
+        # refused below kernel_min_free_mb (kernel/memory.py).
+        self.headroom = Headroom(self.registry, settings.kernel_min_free_mb * 2**20)
         self.servicer = KernelServicer(settings, self.registry, self)
         self.store: TaskStore | None = None
         self.runner: TaskRunner | None = None
@@ -264,6 +268,7 @@ class KernelService:
 
     async def start(self) -> None:
         self.registry.start()
+        self.headroom.start()
         limits = dict(DEFAULT_QUEUE_LIMITS)
         if self.settings.kernel_max_queued > 0:
             limits = dict.fromkeys(Priority, self.settings.kernel_max_queued)
@@ -305,6 +310,7 @@ class KernelService:
             max_local=concurrency + max(1, concurrency // 4),
             policies=self.policies,
             plugins=self.plugins,
+            headroom=self.headroom,
         )
         for policy in self.policies.all():
             if policy.unchecked:
@@ -326,4 +332,5 @@ class KernelService:
         await self.plugins.close()
         if self.store is not None:
             await self.store.close()
+        await self.headroom.close()
         await self.registry.close()

@@ -34,11 +34,12 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 import grpc
 
 from llmos.kernel import metrics as kernel_metrics
+from llmos.kernel.memory import Headroom, kv_evidence
 from llmos.kernel.policy import Policies
 from llmos.kernel.registry import Registry
 from llmos.kernel.scheduler import Priority, Scheduler, Ticket
@@ -72,6 +73,8 @@ class Running:
     request_id: str = ""
     # Another kernel took its queue entry over: stop without writing a state.
     lost: bool = False
+    # The host-memory headroom this kernel saw when it admitted the task (kernel/memory.py).
+    headroom: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 class TaskRunner:
@@ -87,11 +90,14 @@ class TaskRunner:
         *,
         policies: Policies | None = None,
         plugins: Plugins | None = None,
+        headroom: Headroom | None = None,
     ) -> None:
         """`queue` is the shared work queue when several kernels share the store; then this
         kernel holds at most `max_local` tasks (queued here or running) at a time.
         `policies` choose each tenant's stages (the built-in default when None);
-        `plugins` runs the plugin stages (kernel/plugins.py; None: they are skipped)."""
+        `plugins` runs the plugin stages (kernel/plugins.py; None: they are skipped);
+        `headroom` refuses new work when host memory is low (None: never refused)."""
+        self.headroom = Headroom(registry, 0) if headroom is None else headroom
         self.policies = Policies() if policies is None else policies
         self.plugins = plugins
         self.registry = registry
@@ -186,6 +192,7 @@ class TaskRunner:
         """Accept a task: stored QUEUED and admitted to the scheduler (or, with a shared
         queue and unless `streamed`, put on the shared queue), or refused at once."""
         priority = Priority.from_proto(request.priority)
+        self.headroom.check(priority)  # the cached figure: no call to the hardware service
         record = TaskRecord.queued(
             uuid.uuid4().hex,
             tenant=tenant,
@@ -322,7 +329,9 @@ class TaskRunner:
         except LlmosError as error:
             kernel_metrics.admission_refused(priority, error.reason)
             raise
-        self._live[record.task_id] = Running(deadline=deadline, request_id=request_id_var.get())
+        self._live[record.task_id] = Running(
+            deadline=deadline, request_id=request_id_var.get(), headroom=self.headroom.evidence
+        )
 
     async def _settle(self, task_id: str) -> None:
         """The task's final state is stored: with a shared queue, acknowledge its entry."""
@@ -438,6 +447,7 @@ class TaskRunner:
             "priority": ticket.priority.label,
             "ran_as": (effective or ticket.priority).label,
         }
+        evidence.update(running.headroom)
         if self.queue is not None:
             evidence["kernel"] = self.queue.kernel_id
         await self._trace(
@@ -582,6 +592,8 @@ class TaskRunner:
         step.reason = common_pb2.FinishReason.Name(last.finish_reason)
         step.evidence["completion_tokens"] = str(last.usage.completion_tokens)
         step.evidence["prompt_tokens"] = str(last.usage.prompt_tokens)
+        if last.HasField("kv_admission"):  # the runtime's memory decision for the sequence
+            step.evidence.update(kv_evidence(last.kv_admission))
         step.duration.CopyFrom(since(clock))
         await self._trace(ticket.task_id, step)
         return "".join(pieces), last

@@ -109,6 +109,11 @@ class Settings:
     # 0 keeps the scheduler's defaults (256 interactive, 1024 normal, 4096 batch). With the
     # Redis task store it bounds each class's shared stream the same way.
     kernel_max_queued: int = 0
+    # Host memory (MiB) that must stay free for the kernel to accept new work: below it,
+    # Generate and Submit are refused with RESOURCE_EXHAUSTED / HOST_MEMORY_LOW. Free is
+    # the hardware service's available minus reserved host memory, watched every second;
+    # 0 turns the floor off, and without a hardware service nothing is gated.
+    kernel_min_free_mb: int = 0
     # The pipeline policy, read by the kernel only (kernel/policy.py): the `[policy]` table
     # is every tenant's (which service stages run, which fail open, their timeout, which
     # are mandatory); a `[tenants.NAME]` table overrides fields of it for one tenant.
@@ -124,6 +129,9 @@ class Settings:
     runtime_max_batch: int = 32
     # KV-cache memory a runtime's running sequences may reserve, per model (MiB).
     runtime_kv_budget_mb: int = 1024
+    # The KV cache's host memory is reserved at the hardware service in steps of this many
+    # MiB (or less, when that is all that is free), ahead of the batch that needs it.
+    runtime_kv_reserve_step_mb: int = 64
     # The privacy service's keys (services/privacy/keys.py): `privacy_key` is
     # "id:base64[,id:base64]" (the last active), else the key file (JSON, mode 0600; empty
     # means <data_dir>/privacy/keys.json, created with a fresh key on first start).

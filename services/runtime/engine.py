@@ -4,7 +4,10 @@ sequences together, one token per step, and streams each token into asyncio.
 Iteration-level scheduling, as in vLLM: at every step boundary the worker
 1. admits waiting requests, first come first served, while the batch has a free slot and
    the KV budget allows (the cache is rows x the longest row's prompt + max_tokens, so
-   that rectangle is what is budgeted); queued requests whose caller gave up leave first;
+   that rectangle is what is budgeted) and so does the host memory reserved for the cache
+   at the hardware service (`kv_memory.py`: a request waits for the reservation to grow,
+   or is refused when the hardware service refuses and nothing runs); queued requests
+   whose caller gave up leave first;
 2. drops running sequences that were cancelled (client cancel, deadline, kernel) — a
    cancelled request consumes no compute after the step in flight;
 3. prefills the newcomers together (prompts padded to the longest, masked);
@@ -30,6 +33,7 @@ import torch
 
 from llmos.services.errors import InvalidArgument, ResourceExhausted
 from llmos.services.runtime.kv_cache import SlotKVCache
+from llmos.services.runtime.kv_memory import WAIT_POLL_S, KvMemory
 from llmos.services.runtime.metrics import BATCH_SEQUENCES
 from llmos.services.runtime.sampling import next_token
 from llmos.services.runtime.sequences import FinishReason, Running, SequenceHandle
@@ -138,6 +142,12 @@ class Engine:
         )
         self.position_budget = self.limits.kv_budget_bytes // self.cache.bytes_per_position
         self._lock = threading.Condition()
+        # The cache's host-memory grant (kv_memory.py); unmanaged, within the budget alone,
+        # until the shelf's reservations manage it through the hardware service.
+        self.memory = KvMemory(
+            self._lock, self.cache.bytes_per_position, self.limits.kv_budget_bytes, loaded.name
+        )
+        self.cache.limit = self.memory.limit
         self._waiting: collections.deque[SequenceHandle] = collections.deque()
         self._running: list[Running] = []  # index == cache row
         self._reserved = 0  # positions promised to running sequences
@@ -203,11 +213,20 @@ class Engine:
             with self._lock:
                 while not (self._waiting or self._running or self._closing):
                     self.cache.release()  # an idle engine holds no cache memory
+                    self.memory.boundary(0, 0)
                     self._lock.wait()
                 if self._closing:
                     self._abandon_all()
                     return
+                widest = max((r.handle.footprint for r in self._running), default=0)
+                self.memory.boundary(
+                    self.cache.allocated_bytes, len(self._running) * widest, bool(self._waiting)
+                )
                 admitted = self._admit()
+                if not admitted and not self._running:  # the first in line waits for memory
+                    self.cache.release()
+                    self._lock.wait(WAIT_POLL_S)
+                    continue
             try:
                 self._iterate(admitted)
             except Exception:
@@ -231,10 +250,24 @@ class Engine:
             # The cache is a rectangle, rows x the longest row: budget that, not the sum.
             if rows * max(widest, handle.footprint) > self.position_budget:
                 break  # wait for running sequences to finish and free their room
+            if not self.memory.fits(rows * max(widest, handle.footprint)):
+                refusal = self.memory.short(
+                    self._waiting,
+                    rows - 1,
+                    widest,
+                    max_rows=self.limits.max_batch_size,
+                    position_budget=self.position_budget,
+                )
+                if refusal is None:
+                    break  # it waits for the hardware service to reserve more
+                self._running_state(self._waiting.popleft()).refuse(refusal)
+                continue
             widest = max(widest, handle.footprint)
             self._waiting.popleft()
             self._reserved += handle.footprint
-            admitted.append(self._running_state(handle))
+            running = self._running_state(handle)
+            running.final.kv = self.memory.admitted(handle, rows * widest)
+            admitted.append(running)
         return admitted
 
     def _running_state(self, handle: SequenceHandle) -> Running:

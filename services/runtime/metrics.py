@@ -165,6 +165,11 @@ class ShelfCollector(Collector):
             "llmos_runtime_kv_cache_budget_bytes",
             "KV-cache memory the running sequences may reserve (runtime_kv_budget_mb).",
         )
+        granted = gauge(
+            "llmos_runtime_kv_cache_granted_bytes",
+            "Host memory the hardware service holds for the model's KV cache, which the "
+            "cache grows within; no series while no hardware service manages it.",
+        )
         weights = gauge("llmos_runtime_model_weight_bytes", "Memory taken by the model's weights.")
         steps = CounterMetricFamily(
             "llmos_runtime_engine_steps",
@@ -181,9 +186,11 @@ class ShelfCollector(Collector):
             allocated.add_metric(model, stats.kv_allocated_bytes)
             reserved.add_metric(model, stats.reserved_positions * engine.cache.bytes_per_position)
             budget.add_metric(model, engine.limits.kv_budget_bytes)
+            if engine.memory.granted is not None:
+                granted.add_metric(model, engine.memory.granted)
             weights.add_metric(model, engine.loaded.weight_bytes)
             steps.add_metric(model, stats.steps)
-        yield from (running, queued, limit, allocated, reserved, budget, weights, steps)
+        yield from (running, queued, limit, allocated, reserved, budget, granted, weights, steps)
 
 
 SHELF = ShelfCollector()

@@ -6,7 +6,8 @@ Each loaded model has its own `Engine` (its own batch). Loading runs on a worker
 engine (sequences still running end as CANCELLED), drops every reference, collects and
 asks the C allocator to return freed pages (`malloc_trim`), then measures the resident
 memory actually returned. A generative model's host memory is reserved through the
-hardware service before it loads and released when it unloads (`reservations.py`).
+hardware service before it loads and released when it unloads, and its KV cache's in
+steps as its batch grows and shrinks (`reservations.py`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from llmos.services.errors import AlreadyExists, NotFound, Unavailable
 from llmos.services.runtime.embeddings import MINILM, Embedder
 from llmos.services.runtime.engine import Engine, EngineLimits, load_model
 from llmos.services.runtime.models import resolve_model_dir
-from llmos.services.runtime.reservations import HostMemory, weight_bytes
+from llmos.services.runtime.reservations import HostMemory, KvReservations, weight_bytes
 from llmos.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,8 @@ class Shelf:
         self.engines: dict[str, Engine] = {}
         self.embedder: Embedder | None = None
         self.host_memory = HostMemory(settings)
+        # Each generative model's KV-cache reservations, beside its engine.
+        self.kv: dict[str, KvReservations] = {}
         self._loading = asyncio.Lock()
 
     def infos(self) -> list[common_pb2.ModelInfo]:
@@ -140,6 +143,12 @@ class Shelf:
                 await self.host_memory.release(key)
                 raise
             self.engines[key] = Engine(loaded, self.limits())
+            self.kv[key] = KvReservations(
+                self.engines[key].memory,
+                self.host_memory,
+                self.settings.runtime_kv_reserve_step_mb * 2**20,
+            )
+            await self.kv[key].start()
             log.info("%s loaded: %d parameters", key, loaded.parameters)
             return loaded.info()
 
@@ -152,6 +161,7 @@ class Shelf:
         elif key in self.engines:
             engine = self.engines.pop(key)
             await asyncio.to_thread(engine.close)
+            await self.kv.pop(key).close()
             engine.loaded.release()
             engine.cache.release()
             del engine
@@ -170,4 +180,5 @@ class Shelf:
     async def close(self) -> None:
         for key in list(self.engines):
             await asyncio.to_thread(self.engines.pop(key).close)
+            await self.kv.pop(key).close()
         await self.host_memory.close()

@@ -314,6 +314,42 @@ def test_the_kernel_exports_its_scheduler_and_task_families(stack: Stack) -> Non
 
 
 @pytest.mark.model
+def test_the_kernel_series_move_when_work_runs(stack: Stack) -> None:
+    """One Generate through the kernel: counted queued, running and succeeded, one
+    queue wait observed for its class, one duration for each stage it ran; the queue and
+    running gauges back at zero once it is done."""
+    address = metrics_addresses(stack)["kernel"]
+    stack.wait_runtime_idle()
+    before = scrape(address)
+    last = generate(stack, max_tokens=6)
+    assert last.finish_reason
+    after = scrape(address)
+
+    def moved(name: str, **labels: str) -> float:
+        return after.value(name, **labels) - before.value(name, **labels)
+
+    for state in ("queued", "running", "succeeded"):
+        assert moved("llmos_kernel_tasks_total", state=state) == 1, state
+    for state in ("failed", "cancelled", "refused"):
+        assert moved("llmos_kernel_tasks_total", state=state) == 0, state
+    assert moved("llmos_kernel_queue_wait_seconds_count", priority="normal") == 1
+    assert 0 <= moved("llmos_kernel_queue_wait_seconds_sum", priority="normal") < 5
+    assert moved("llmos_kernel_stage_duration_seconds_count", stage="admit") == 1
+    generated = {"stage": "runtime:generate", "decision": "completed"}
+    assert moved("llmos_kernel_stage_duration_seconds_count", **generated) == 1
+    assert 0 < moved("llmos_kernel_stage_duration_seconds_sum", **generated) < 60
+    # Every stage that wrote a step with a duration was observed once.
+    stages = {
+        sample.labels["stage"]
+        for sample in after.samples("llmos_kernel_stage_duration_seconds_count")
+        if moved("llmos_kernel_stage_duration_seconds_count", **sample.labels) == 1
+    }
+    assert {"admit", "safety:input", "privacy:redact", "runtime:generate"} <= stages
+    assert after.value("llmos_kernel_queue_depth", priority="normal") == 0
+    assert after.value("llmos_kernel_running_tasks", service="runtime") == 0
+
+
+@pytest.mark.model
 def test_the_hardware_process_reports_the_host(stack: Stack) -> None:
     import psutil
 
