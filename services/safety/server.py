@@ -1,8 +1,9 @@
 """SafetyService over gRPC: Check, CheckStream, GetPolicy, SetPolicy.
 
-Start-up loads the encoder (exporting the int8 ONNX file into `<data_dir>/safety/` the
-first time) and the trained head shipped in the package (`model/head.npz`, see
-`model/DATA_CARD.md`), and the tenants' policies from `<data_dir>/safety/policies.json`.
+Start-up loads the encoder (exporting the int8 ONNX file into
+`<data_dir>/models/safety-encoder/` the first time), the trained head shipped in the
+package (`model/head.npz`; its data card is `model/card.json` and docs/safety.md), and
+the tenants' policies from `<data_dir>/safety/policies.json`.
 Checks run the judge (judge.py) in a worker thread; policies are read on every check, so a
 SetPolicy applies to the next one. Bad input is refused through the error table
 (checks.py); the handlers are registered with lenient decoding, so even a request that is
@@ -157,8 +158,11 @@ class SafetyService:
     kind = common_pb2.SERVICE_KIND_SAFETY
 
     def __init__(self, settings: Settings) -> None:
-        self.cache = Path(settings.data_dir) / "safety"
-        self.servicer = SafetyServicer(PolicyBook(self.cache / "policies.json"))
+        # The exported encoder sits with the converted models (shared by test stacks, which
+        # link one models folder); the policies are this data directory's own.
+        self.cache = Path(settings.data_dir) / "models" / "safety-encoder"
+        policies = Path(settings.data_dir) / "safety" / "policies.json"
+        self.servicer = SafetyServicer(PolicyBook(policies))
 
     def add_to_server(self, server: grpc.aio.Server) -> list[str]:
         handlers = _handlers(self.servicer)

@@ -160,7 +160,6 @@ def test_bad_input_is_refused_with_a_reason_and_the_stack_keeps_serving(
 @pytest.mark.parametrize(
     ("address_offset", "call"),
     [
-        (2, lambda ch: ch.unary_unary("/llmos.v1.SafetyService/Check")(b"")),
         (3, lambda ch: ch.unary_unary("/llmos.v1.PrivacyService/Detect")(b"")),
         (4, lambda ch: ch.unary_unary("/llmos.v1.ExplainService/Attribute")(b"")),
     ],
