@@ -157,6 +157,9 @@ class KvMemory:
             granted = self.granted
             if waiting:  # it may need the memory at this very boundary: keep it
                 target = None
+            elif self._need:  # what waited for memory left (cancelled): nothing wants more
+                self._blocked, self._need, self._want = None, 0, 0
+                changed = True
             if target is not None and granted is not None and in_use <= target < granted:
                 self.granted = target
                 changed = True

@@ -234,17 +234,23 @@ def round_up(size: int, step: int) -> int:
     return -(-size // step) * step
 
 
+def kv_step_bytes(settings: Settings) -> int:
+    """`runtime_kv_reserve_step_mb` in bytes, checked when the runtime starts."""
+    if settings.runtime_kv_reserve_step_mb < 1:
+        raise InvalidArgument(
+            f"runtime_kv_reserve_step_mb is {settings.runtime_kv_reserve_step_mb}; it must be "
+            "at least 1 (MiB)",
+            reason="BAD_SETTING",
+        )
+    return settings.runtime_kv_reserve_step_mb * 2**20
+
+
 class KvReservations:
     """Keeps one engine's KV grant backed by reservations at the hardware service, in steps
     (see the module's docstring). Holds a list of reservations, newest last: growth adds
     one, shrinking releases the newest ones."""
 
     def __init__(self, memory: KvMemory, host: HostMemory, step_bytes: int) -> None:
-        if step_bytes < 1:
-            raise InvalidArgument(
-                f"runtime_kv_reserve_step_mb is {step_bytes // 2**20}; it must be at least 1",
-                reason="BAD_SETTING",
-            )
         self.memory = memory
         self.host = host
         self.step_bytes = step_bytes

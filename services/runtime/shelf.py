@@ -25,7 +25,12 @@ from llmos.services.errors import AlreadyExists, NotFound, Unavailable
 from llmos.services.runtime.embeddings import MINILM, Embedder
 from llmos.services.runtime.engine import Engine, EngineLimits, load_model
 from llmos.services.runtime.models import resolve_model_dir
-from llmos.services.runtime.reservations import HostMemory, KvReservations, weight_bytes
+from llmos.services.runtime.reservations import (
+    HostMemory,
+    KvReservations,
+    kv_step_bytes,
+    weight_bytes,
+)
 from llmos.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -66,6 +71,7 @@ class Shelf:
         self.host_memory = HostMemory(settings)
         # Each generative model's KV-cache reservations, beside its engine.
         self.kv: dict[str, KvReservations] = {}
+        self.kv_step_bytes = kv_step_bytes(settings)
         self._loading = asyncio.Lock()
 
     def infos(self) -> list[common_pb2.ModelInfo]:
@@ -144,9 +150,7 @@ class Shelf:
                 raise
             self.engines[key] = Engine(loaded, self.limits())
             self.kv[key] = KvReservations(
-                self.engines[key].memory,
-                self.host_memory,
-                self.settings.runtime_kv_reserve_step_mb * 2**20,
+                self.engines[key].memory, self.host_memory, self.kv_step_bytes
             )
             await self.kv[key].start()
             log.info("%s loaded: %d parameters", key, loaded.parameters)

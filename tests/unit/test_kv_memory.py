@@ -114,6 +114,17 @@ def test_a_shrink_applies_at_a_boundary_only_when_the_batch_fits_in_it() -> None
     assert woken == ["wake"]
 
 
+def test_a_waiting_sequence_that_left_wants_nothing_more() -> None:
+    grant, woken = memory()
+    grant.grant(0)
+    assert grant.short([Waiting(100)], 0, 0, max_rows=32, position_budget=10**6) is None
+    assert grant.demand().need > 0
+    woken.clear()
+    grant.boundary(0, 0, waiting=False)  # it was cancelled before it got its memory
+    assert grant.demand().need == grant.demand().want == 0
+    assert woken == ["wake"]
+
+
 def test_no_shrink_while_a_sequence_waits_to_join() -> None:
     grant, _ = memory()
     grant.grant(300_000)
