@@ -40,7 +40,7 @@ import grpc
 
 from llmos.services.channels import open_channel
 from llmos.services.config import Settings
-from llmos.services.errors import InvalidArgument, ResourceExhausted, from_rpc_error
+from llmos.services.errors import InvalidArgument, ResourceExhausted, error_info, from_rpc_error
 from llmos.services.hardware.checks import human_bytes
 from llmos.services.runtime.kv_memory import Demand, KvMemory
 from llmos.services.timing import duration
@@ -262,6 +262,7 @@ class KvReservations:
         self._refused_at = -math.inf
         self._renewed_at = time.monotonic()
         self._looked_at = -math.inf
+        self._unmanaged_why = ""
 
     @property
     def held(self) -> int:
@@ -310,7 +311,12 @@ class KvReservations:
         self.memory.grant(self.held)
 
     def _unmanaged(self, why: str) -> None:
-        log.warning(
+        # The same cause again (a Reserve that keeps failing the same way each time the
+        # runtime looks again) is not worth a warning every LOOKUP_S.
+        level = logging.DEBUG if why == self._unmanaged_why else logging.WARNING
+        self._unmanaged_why = why
+        log.log(
+            level,
             "the KV cache of %s grows without a host-memory reservation: %s; admitting "
             "within runtime_kv_budget_mb (%s) alone",
             self.model,
@@ -320,6 +326,17 @@ class KvReservations:
         self.address = None
         self.steps.clear()  # unreachable, or gone: they end with their TTL there
         self.memory.unmanaged(why)
+
+    def _failed(self, address: str, error: grpc.aio.AioRpcError) -> None:
+        """A Reserve failed otherwise than for memory: go on unreserved. When the hardware
+        service cannot see this process (HOLDER_NOT_RUNNING: another pid namespace, as
+        across containers), looking again would fail the same way: stop looking."""
+        info = error_info(error)
+        if info is not None and info.reason == "HOLDER_NOT_RUNNING":
+            self._looked_at = math.inf
+        self._unmanaged(
+            f"Reserve on hardware at {address} failed with {error.code().name}: {error.details()}"
+        )
 
     async def _follow(self) -> None:
         while True:
@@ -388,10 +405,7 @@ class KvReservations:
                 if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     refused = error
                     continue
-                self._unmanaged(
-                    f"Reserve on hardware at {address} failed with {error.code().name}: "
-                    f"{error.details()}"
-                )
+                self._failed(address, error)
                 return
             self.steps.append(Step(address, reservation, size))
             self.memory.grant(self.held)
@@ -475,14 +489,7 @@ class KvReservations:
             try:
                 reservation = await self.host.reserve_bytes(address, size)
             except grpc.aio.AioRpcError as error:
-                log.warning(
-                    "the KV cache of %s stays unreserved: Reserve on hardware at %s failed "
-                    "with %s: %s",
-                    self.model,
-                    address,
-                    error.code().name,
-                    error.details(),
-                )
+                self._failed(address, error)
                 return
             self.steps.append(Step(address, reservation, size))
         self._manage(address)
