@@ -132,6 +132,10 @@ class Settings:
     # The KV cache's host memory is reserved at the hardware service in steps of this many
     # MiB (or less, when that is all that is free), ahead of the batch that needs it.
     runtime_kv_reserve_step_mb: int = 64
+    # How the runtime holds model weights: "float32" (exactly Hugging Face's outputs) or
+    # "int8" (dynamic int8 Linear layers: 2-3x faster decoding on CPU, not bit-identical;
+    # services/runtime/weights.py).
+    runtime_weights: str = "float32"
     # The privacy service's keys (services/privacy/keys.py): `privacy_key` is
     # "id:base64[,id:base64]" (the last active), else the key file (JSON, mode 0600; empty
     # means <data_dir>/privacy/keys.json, created with a fresh key on first start).

@@ -37,6 +37,7 @@ from llmos.services.runtime.kv_memory import WAIT_POLL_S, KvMemory
 from llmos.services.runtime.metrics import BATCH_SEQUENCES
 from llmos.services.runtime.sampling import next_token
 from llmos.services.runtime.sequences import FinishReason, Running, SequenceHandle
+from llmos.services.runtime.weights import hold_weights, weight_bytes
 from llmos.services.validation import Sampling
 from llmos.v1 import common_pb2
 
@@ -399,8 +400,11 @@ class Engine:
         self._reserved = 0
 
 
-def load_model(name: str, model_dir: str, torch_threads: int = 0) -> LoadedModel:
-    """Load a Hugging Face model directory in float32 (these CPUs have no fast bf16)."""
+def load_model(
+    name: str, model_dir: str, torch_threads: int = 0, weights: str = "float32"
+) -> LoadedModel:
+    """Load a Hugging Face model directory in float32 (these CPUs have no fast bf16), its
+    weights then held as `weights` (services/runtime/weights.py: float32 or int8)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -417,7 +421,7 @@ def load_model(name: str, model_dir: str, torch_threads: int = 0) -> LoadedModel
         eos = tokenizer.eos_token_id
     eos_ids = frozenset([eos] if isinstance(eos, int) else list(eos or []))
     parameters = sum(p.numel() for p in model.parameters())
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    hold_weights(model, weights)
     return LoadedModel(
         name=name,
         model=model,
@@ -425,6 +429,6 @@ def load_model(name: str, model_dir: str, torch_threads: int = 0) -> LoadedModel
         context_length=int(getattr(config, "max_position_embeddings", 2048)),
         eos_token_ids=eos_ids,
         parameters=parameters,
-        weight_bytes=weight_bytes,
+        weight_bytes=weight_bytes(model),
         source=model_dir,
     )

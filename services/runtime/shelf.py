@@ -143,7 +143,11 @@ class Shelf:
             await self.host_memory.reserve(key, await asyncio.to_thread(weight_bytes, model_dir))
             try:
                 loaded = await asyncio.to_thread(
-                    load_model, key, str(model_dir), self.settings.torch_threads
+                    load_model,
+                    key,
+                    str(model_dir),
+                    self.settings.torch_threads,
+                    self.settings.runtime_weights,
                 )
             except BaseException:
                 await self.host_memory.release(key)
