@@ -99,27 +99,31 @@ def test_without_a_hardware_service_the_runtime_loads_anyway_and_logs_it(
     data_dir = stack_data_dir(model_data_dir, tmp_path)
     env = {**os.environ, "LLMOS_LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1"}
     children = []
+
+    def serve(name: str) -> None:
+        with (tmp_path / f"{name}.log").open("wb") as log:
+            children.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "llmos.kernel.cli",
+                        "serve",
+                        name,
+                        "--port",
+                        str(port),
+                        "--data-dir",
+                        str(data_dir),
+                    ],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                )
+            )
+
     try:
         for name in ("kernel", "runtime"):
-            with (tmp_path / f"{name}.log").open("wb") as log:
-                children.append(
-                    subprocess.Popen(
-                        [
-                            sys.executable,
-                            "-m",
-                            "llmos.kernel.cli",
-                            "serve",
-                            name,
-                            "--port",
-                            str(port),
-                            "--data-dir",
-                            str(data_dir),
-                        ],
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        env=env,
-                    )
-                )
+            serve(name)
             time.sleep(1.0)  # the kernel first, as `llmos up` starts them
 
         kernel = Stack(children[0], port, data_dir, tmp_path / "kernel.log")
@@ -138,17 +142,38 @@ def test_without_a_hardware_service_the_runtime_loads_anyway_and_logs_it(
             f"the KV cache of {DEFAULT_MODEL} grows without a host-memory reservation: no "
             "hardware service is serving; admitting within runtime_kv_budget_mb (1.0 GiB) alone",
         ]
+
         # Generate still runs; its last message says the KV cache was not reserved.
-        with grpc.insecure_channel(kernel.services()["runtime"].address) as channel:
-            pieces = list(
-                runtime_pb2_grpc.RuntimeServiceStub(channel).Generate(
-                    runtime_pb2.RuntimeServiceGenerateRequest(prompt="Hi"), timeout=120
+        def kv_admission() -> runtime_pb2.KvAdmission:
+            with grpc.insecure_channel(kernel.services()["runtime"].address) as channel:
+                pieces = list(
+                    runtime_pb2_grpc.RuntimeServiceStub(channel).Generate(
+                        runtime_pb2.RuntimeServiceGenerateRequest(prompt="Hi"), timeout=120
+                    )
                 )
-            )
-        kv = pieces[-1].kv_admission
+            return pieces[-1].kv_admission
+
+        kv = kv_admission()
         assert kv.decision == "unreserved"
         assert kv.reserved_bytes == 0 and kv.batch_bytes > 0
         assert "no hardware service is serving" in kv.reason
+
+        # A hardware service that starts later is found (the runtime looks every 15 s),
+        # and from then on the KV cache is reserved there.
+        serve("hardware")
+        wait_for(
+            lambda: any(
+                line.startswith(f"the KV cache of {DEFAULT_MODEL} is reserved at the hardware")
+                for line in log_lines(
+                    tmp_path / "runtime.log", "llmos.services.runtime.reservations"
+                )
+            ),
+            60,
+            "the runtime finding the hardware service",
+        )
+        kv = kv_admission()
+        assert kv.decision == "reserved"
+        assert kv.reserved_bytes >= kv.batch_bytes > 0
     finally:
         for child in reversed(children):
             child.send_signal(signal.SIGTERM)
