@@ -9,7 +9,9 @@ contract is small and strict:
   `WatchTask` replays the log from any offset, so a client that reconnects resumes exactly
   where it left off.
 - State changes go through `transition`, which allows only the moves in `TRANSITIONS` and
-  writes the new state and its "state" event in one atomic step. Applying the same final
+  writes the new state and its "state" event in one atomic step (with, when the kernel
+  passes them, the text and trace steps the attempt produced since its last write: one
+  round trip where there would be several). Applying the same final
   transition twice is a no-op that returns the stored record (a worker that retries its
   completion, or two deliveries of the same queued message, must not produce two results);
   any other move out of a final state is refused.
@@ -30,6 +32,7 @@ import builtins
 import dataclasses
 import json
 import math
+from collections.abc import Sequence
 from typing import Literal, TypeAlias
 
 from llmos.services.errors import FailedPrecondition, InvalidArgument
@@ -229,6 +232,23 @@ def finish_reason_for(
     return common_pb2.FINISH_REASON_UNSPECIFIED
 
 
+def check_takes_text(task_id: str, state: TaskState) -> None:
+    """Only a RUNNING task produces text: FailedPrecondition(TASK_FINISHED) once it is final,
+    FailedPrecondition(TASK_NOT_RUNNING) in any other state."""
+    if state in FINAL_STATES:
+        raise FailedPrecondition(
+            f"task {task_id} already finished as {state_name(state)}; it takes no more text",
+            reason="TASK_FINISHED",
+            metadata={"task_id": task_id, "state": state_name(state)},
+        )
+    if state != RUNNING:
+        raise FailedPrecondition(
+            f"task {task_id} is {state_name(state)}; only a RUNNING task produces text",
+            reason="TASK_NOT_RUNNING",
+            metadata={"task_id": task_id, "state": state_name(state)},
+        )
+
+
 def check_new_record(record: TaskRecord) -> None:
     """`create` accepts only a freshly queued task: the log must start with QUEUED."""
     if not record.task_id:
@@ -311,11 +331,17 @@ class TaskStore(abc.ABC):
     """
 
     @abc.abstractmethod
-    async def create(self, record: TaskRecord) -> None:
+    async def create(self, record: TaskRecord, *, running: bool = False) -> None:
         """Store a new QUEUED task and its first event (offset 0, state QUEUED).
 
         A task id already stored is AlreadyExists(DUPLICATE_TASK): the kernel mints ids, so
         a duplicate is a bug or a replay, and the stored task must not be overwritten.
+
+        `running` is for a task the kernel starts the moment it accepts it (a free slot and
+        nothing queued ahead): the task is stored as `create` then `transition(RUNNING)`
+        would leave it (events QUEUED at offset 0, RUNNING at offset 1), in one round trip.
+        A backend that cannot write both at once writes them in that order; a crash between
+        the two leaves the task QUEUED, which `recover` runs again like any queued task.
         """
 
     @abc.abstractmethod
@@ -331,6 +357,8 @@ class TaskStore(abc.ABC):
         finish_reason: FinishReason | None = None,
         usage: bytes | None = None,
         error: str | None = None,
+        text: str = "",
+        trace: Sequence[bytes] = (),
     ) -> TaskRecord:
         """Move the task to `to_state` and log a "state" event, atomically; the new record.
 
@@ -339,6 +367,14 @@ class TaskStore(abc.ABC):
         interrupted attempt (`attempts` + 1) and starts `output` afresh. `usage` and `error`
         replace the stored values when given; `error` is also the event's text. Repeating the
         final transition a task already made returns the record unchanged and logs nothing.
+
+        `text` and `trace` let the kernel store what a running task produced since its last
+        write together with the change that ends the attempt, in the same atomic step (one
+        round trip instead of several): `text`, when not empty, is logged as a "text" event
+        just before the "state" event, as `append_text` would (so only a RUNNING task takes
+        it: FailedPrecondition(TASK_NOT_RUNNING) otherwise, and nothing is applied); `trace`
+        steps are appended to the trace, in order, as `add_trace_step` would. A refused
+        transition writes neither, and neither does a repeated final transition.
         """
 
     @abc.abstractmethod

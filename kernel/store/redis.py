@@ -35,7 +35,7 @@ import builtins
 import dataclasses
 import json
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -62,12 +62,12 @@ from llmos.kernel.store.contract import (
     check_max_attempts,
     check_new_record,
     check_page_size,
+    check_takes_text,
     check_transition,
     decode_page_token,
     encode_page_token,
     finish_reason_for,
     recovery_error,
-    state_name,
 )
 from llmos.services.errors import (
     AlreadyExists,
@@ -87,14 +87,23 @@ LIST_CHUNK = 200
 # How many times `transition` re-reads a task that another kernel changed under it.
 MAX_CAS_ROUNDS = 20
 
-# KEYS: task hash, events list, output string, old state index, new state index.
-# ARGV: expected state, event, reset output ("1"/"0"), score, task id, field/value pairs...
-# Returns the event's offset, or -1 when the state is no longer the expected one.
+# KEYS: task hash, events list, output string, old state index, new state index, trace list.
+# ARGV: expected state, event, reset output ("1"/"0"), score, task id, text event ("" for
+# none), text, trace step count n, n trace steps, field/value pairs...
+# The text (the attempt's last output) is logged before the state event, the trace steps
+# after it. Returns the state event's offset, or -1 when the state is no longer the
+# expected one (then nothing is written).
 TRANSITION = """
 if redis.call('HGET', KEYS[1], 'state') ~= ARGV[1] then return -1 end
+if ARGV[6] ~= '' then
+  redis.call('RPUSH', KEYS[2], ARGV[6])
+  redis.call('APPEND', KEYS[3], ARGV[7])
+end
 local offset = redis.call('RPUSH', KEYS[2], ARGV[2]) - 1
 if ARGV[3] == '1' then redis.call('DEL', KEYS[3]) end
-redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+local steps = tonumber(ARGV[8])
+if steps > 0 then redis.call('RPUSH', KEYS[6], unpack(ARGV, 9, 8 + steps)) end
+redis.call('HSET', KEYS[1], unpack(ARGV, 9 + steps))
 if KEYS[4] ~= KEYS[5] then
   redis.call('ZREM', KEYS[4], ARGV[5])
   redis.call('ZADD', KEYS[5], ARGV[4], ARGV[5])
@@ -350,13 +359,22 @@ class RedisTaskStore(TaskStore):
             metadata={"task_id": task_id},
         )
 
-    async def create(self, record: TaskRecord) -> None:
+    async def create(self, record: TaskRecord, *, running: bool = False) -> None:
         keys, args = self.new_task_args(record)
         created = await self.call(
             self._create(keys=keys, args=[*args, *flatten(record_fields(record))])
         )
         if not created:
             raise self.duplicate(record.task_id)
+        if running:  # a second step (see the contract): a crash between leaves it QUEUED
+            await self._apply(
+                record,
+                RUNNING,
+                finish_reason=common_pb2.FINISH_REASON_UNSPECIFIED,
+                usage=None,
+                error=None,
+                interrupted=False,
+            )
 
     async def _read(self, task_id: str) -> TaskRecord:
         async with self.client.pipeline(transaction=True) as pipe:
@@ -378,18 +396,25 @@ class RedisTaskStore(TaskStore):
         finish_reason: FinishReason | None = None,
         usage: bytes | None = None,
         error: str | None = None,
+        text: str = "",
+        trace: Sequence[bytes] = (),
     ) -> TaskRecord:
         for _ in range(MAX_CAS_ROUNDS):
             record = await self._read(task_id)
             if not check_transition(task_id, record.state, to_state):
                 return record
+            reason = finish_reason_for(task_id, to_state, finish_reason)
+            if text:
+                check_takes_text(task_id, record.state)
             applied = await self._apply(
                 record,
                 to_state,
-                finish_reason=finish_reason_for(task_id, to_state, finish_reason),
+                finish_reason=reason,
                 usage=usage,
                 error=error,
                 interrupted=record.state == RUNNING and to_state == QUEUED,
+                text=text,
+                trace=trace,
             )
             if applied is not None:
                 return applied
@@ -407,9 +432,12 @@ class RedisTaskStore(TaskStore):
         usage: bytes | None,
         error: str | None,
         interrupted: bool,
+        text: str = "",
+        trace: Sequence[bytes] = (),
     ) -> TaskRecord | None:
-        """Write a checked transition if the task is still in `record.state`; the new record,
-        or None when another writer moved it first (the caller reads again)."""
+        """Write a checked transition (with the attempt's last `text` and `trace` steps, see
+        `TaskStore.transition`) if the task is still in `record.state`; the new record, or
+        None when another writer moved it first (the caller reads again)."""
         now = self._clock()
         updated = dataclasses.replace(
             record,
@@ -420,7 +448,12 @@ class RedisTaskStore(TaskStore):
             usage=record.usage if usage is None else usage,
             error=error if error is not None else ("" if to_state == SUCCEEDED else record.error),
             attempts=record.attempts + 1 if interrupted else record.attempts,
-            output="" if to_state == QUEUED else record.output,
+            output="" if to_state == QUEUED else record.output + text,
+        )
+        text_event = (
+            encode_event("text", record.state, text, common_pb2.FINISH_REASON_UNSPECIFIED)
+            if text
+            else b""
         )
         task_id = record.task_id
         offset = await self.call(
@@ -431,6 +464,7 @@ class RedisTaskStore(TaskStore):
                     self.keys.output(task_id),
                     self.keys.by_state(record.state),
                     self.keys.by_state(to_state),
+                    self.keys.trace(task_id),
                 ],
                 args=[
                     str(int(record.state)),
@@ -438,6 +472,10 @@ class RedisTaskStore(TaskStore):
                     "1" if to_state == QUEUED else "0",
                     repr(record.created_at),
                     task_id,
+                    text_event,
+                    text.encode(),
+                    str(len(trace)),
+                    *trace,
                     *flatten(record_fields(updated)),
                 ],
             )
@@ -460,19 +498,7 @@ class RedisTaskStore(TaskStore):
         if code == -1:
             raise not_found(task_id)
         if code == -2:
-            state = common_pb2.TaskState.ValueType(int(result[1]))
-            if state in FINAL_STATES:
-                raise FailedPrecondition(
-                    f"task {task_id} already finished as {state_name(state)}; "
-                    "it takes no more text",
-                    reason="TASK_FINISHED",
-                    metadata={"task_id": task_id, "state": state_name(state)},
-                )
-            raise FailedPrecondition(
-                f"task {task_id} is {state_name(state)}; only a RUNNING task produces text",
-                reason="TASK_NOT_RUNNING",
-                metadata={"task_id": task_id, "state": state_name(state)},
-            )
+            check_takes_text(task_id, common_pb2.TaskState.ValueType(int(result[1])))
         return code
 
     async def events(

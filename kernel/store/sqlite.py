@@ -3,22 +3,33 @@
 Why it is built this way:
 
 - **One dedicated thread, one connection.** sqlite3 calls block, so they run off the event
-  loop, all on a single worker thread (a one-thread executor) that owns the only connection.
-  Operations are therefore serialized in submission order: concurrent `append_text` calls
-  cannot race for an offset, no connection pool is needed, and the connection is never
-  touched from two threads (sqlite3's `check_same_thread` stays on as a guard).
-  `asyncio.to_thread` would hop between the default pool's threads and force either a
-  connection per thread (writers then contend for SQLite's file lock) or a lock of our own.
-  One thread is plenty: a small transaction takes tens of microseconds.
-- **Explicit transactions.** The connection is in autocommit mode and every operation runs
-  in its own `BEGIN IMMEDIATE ... COMMIT` (reads in `BEGIN ... COMMIT`), so a state change
-  and its event, or a text event and its offset, are written together or not at all, even
-  if the process is killed mid-write.
-- **WAL mode, synchronous=NORMAL by default.** Readers never block the writer. In WAL mode
-  NORMAL loses nothing when the *process* dies (SIGKILL, a crash): a committed transaction
-  is in the WAL file. Only a power cut or OS crash can lose the last commits (never corrupt
-  the file), the same promise as Redis' `appendfsync everysec`. Pass `synchronous="FULL"`
-  to fsync every commit, at a cost per streamed chunk of text.
+  loop, all on a single writer thread that owns the only connection. Operations are
+  therefore applied in submission order: concurrent `append_text` calls cannot race for an
+  offset, no connection pool is needed, and the connection is never touched from two
+  threads (sqlite3's `check_same_thread` stays on as a guard). `asyncio.to_thread` would hop
+  between the default pool's threads and force either a connection per thread (writers then
+  contend for SQLite's file lock) or a lock of our own.
+- **Group commit.** Every operation is a job on the thread's queue. The thread takes the
+  job at the head and every job queued behind it (up to `MAX_BATCH`) and applies them in
+  one transaction, each job in a savepoint of its own: a job that fails rolls back to its
+  savepoint and only its caller gets the error; the others go on. One `COMMIT` ends the
+  batch, and only then does any caller get its result, all of them in one hop back to the
+  event loop. Under load the kernel makes many small writes at once (each task's state
+  changes, text and trace); one transaction, one WAL append and one thread hop for all of
+  them, instead of one each, is most of what a write costs. An idle store is not slowed
+  down: a lone job is a batch of one, applied at once (nothing waits to fill a batch).
+- **Atomic as the contract demands.** A job is applied wholly or not at all: its savepoint
+  is released only once all of it succeeded. If SQLite gives up the whole transaction (a
+  full disk, an I/O error), or the COMMIT fails, every job of the batch that had succeeded
+  gets that error instead: none of them took effect. A batch that cannot take the write
+  lock (an outside process holds it past the busy timeout) fails its writing jobs with
+  STORE_UNAVAILABLE, and its reads still run: in WAL mode readers never wait for a writer.
+- **WAL mode, synchronous=NORMAL by default.** Durability is the same as with one commit
+  per operation: a caller hears of success only after the COMMIT that holds its change. In
+  WAL mode NORMAL loses nothing when the *process* dies (SIGKILL, a crash): a committed
+  transaction is in the WAL file. Only a power cut or OS crash can lose the last commits
+  (never corrupt the file), the same promise as Redis' `appendfsync everysec`. Pass
+  `synchronous="FULL"` to fsync every commit (every batch).
 - **Output is derived, not rewritten.** `TaskRecord.output` is the concatenation of the
   current attempt's "text" events, read when a record is read. Appending to a column would
   rewrite the whole, growing row for every streamed chunk (quadratic in the output length);
@@ -26,10 +37,11 @@ Why it is built this way:
 - **One kernel per file.** `open` takes an exclusive `flock` on `tasks.sqlite3.lock`: two
   kernels on one embedded store would each `recover` the other's running tasks. The OS
   drops the lock when the holder dies, so a SIGKILLed kernel never blocks its successor.
-  Several kernels are to share work through a Redis backend (planned) instead.
+  Several kernels share work through the Redis backend instead.
 - **Forgetting is real.** `secure_delete` overwrites deleted rows, and `forget_tenant`
   checkpoints and truncates the WAL, so a forgotten tenant's prompts do not linger in free
-  pages or old WAL frames.
+  pages or old WAL frames. It runs alone, outside any batch (a checkpoint cannot run
+  inside a transaction).
 - **Errors in the project's terms.** A failing file (full disk, a lock an outside process
   holds past the busy timeout) is Unavailable(STORE_UNAVAILABLE); any other sqlite3 error is
   LlmosError(STORE_ERROR). No raw sqlite3 exception reaches the kernel.
@@ -44,11 +56,14 @@ import asyncio
 import builtins
 import concurrent.futures
 import contextlib
+import dataclasses
 import fcntl
 import os
+import queue
 import sqlite3
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -70,12 +85,12 @@ from llmos.kernel.store.contract import (
     check_max_attempts,
     check_new_record,
     check_page_size,
+    check_takes_text,
     check_transition,
     decode_page_token,
     encode_page_token,
     finish_reason_for,
     recovery_error,
-    state_name,
 )
 from llmos.services.errors import (
     AlreadyExists,
@@ -92,6 +107,9 @@ FILE_NAME = "tasks.sqlite3"
 LOCK_NAME = "tasks.sqlite3.lock"
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_S = 5.0
+# The most jobs one transaction applies: bounds how long the first caller of a batch waits
+# for the others (a few milliseconds at most) while the queue is long.
+MAX_BATCH = 256
 
 # Version 1. Offsets are per task and consecutive, so events and traces are keyed by
 # (task_id, seq) in WITHOUT ROWID tables: a task's log is one contiguous range of the index.
@@ -289,21 +307,230 @@ def _apply_transition(
     )
 
 
+def _insert_text(conn: sqlite3.Connection, task_id: str, state: TaskState, text: str) -> int:
+    """Log `text` as the task's next event (the caller checked the task runs); its offset."""
+    offset = _next_offset(conn, "events", task_id)
+    _insert_event(
+        conn,
+        task_id,
+        offset,
+        kind="text",
+        state=state,
+        text=text,
+        finish_reason=common_pb2.FINISH_REASON_UNSPECIFIED,
+    )
+    return offset
+
+
+def _insert_steps(conn: sqlite3.Connection, task_id: str, steps: Sequence[bytes]) -> None:
+    """Append serialized trace steps to the task's trace, in order."""
+    if not steps:
+        return
+    first = _next_offset(conn, "traces", task_id)
+    conn.executemany(
+        "INSERT INTO traces (task_id, seq, step) VALUES (?, ?, ?)",
+        [(task_id, first + index, step) for index, step in enumerate(steps)],
+    )
+
+
+# -- the writer thread -------------------------------------------------------------------
+
+
+@dataclasses.dataclass(slots=True)
+class _Job:
+    """One operation waiting for the store's thread, and where its outcome goes.
+
+    `writes` puts it in a savepoint of the batch's write transaction (a read needs none:
+    it changes nothing to undo). `alone` runs it outside any batch, on a connection with no
+    transaction open, after everything queued before it committed; it manages its own
+    transactions (`forget_tenant`, which checkpoints the WAL, and closing). `last` ends the
+    thread once it ran.
+    """
+
+    operation: Callable[[sqlite3.Connection], Any]
+    future: asyncio.Future[Any]
+    writes: bool = True
+    alone: bool = False
+    last: bool = False
+    outcome: Any = None
+    error: BaseException | None = None
+
+    def fail(self, error: BaseException) -> None:
+        self.outcome, self.error = None, error
+
+
+class _Writer:
+    """The store's thread: owns the connection and applies queued jobs in batches (see the
+    module doc, "Group commit")."""
+
+    def __init__(self, conn: sqlite3.Connection, jobs: queue.SimpleQueue[_Job]) -> None:
+        self.conn = conn
+        self.jobs = jobs
+
+    def serve(self) -> None:
+        """Apply batches until a `last` job ran."""
+        while True:
+            batch = self._next_batch()
+            stop = next((i for i, job in enumerate(batch) if job.last), None)
+            if stop is not None:
+                for late in batch[stop + 1 :]:  # never happens: close() is the last submit
+                    late.fail(_closed_error())
+                self._apply(batch[: stop + 1])
+                _deliver(batch)
+                return
+            self._apply(batch)
+            _deliver(batch)
+
+    def _next_batch(self) -> builtins.list[_Job]:
+        """The job at the head of the queue (waiting for one) and those queued behind it."""
+        batch = [self.jobs.get()]
+        while len(batch) < MAX_BATCH:
+            try:
+                batch.append(self.jobs.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _apply(self, batch: builtins.list[_Job]) -> None:
+        """Run `batch` in order: runs of ordinary jobs as one transaction each, `alone`
+        jobs on their own between them."""
+        group: builtins.list[_Job] = []
+        for job in batch:
+            if job.alone:
+                self._transact(group)
+                group = []
+                _attempt(self.conn, job, savepoint=False)
+            else:
+                group.append(job)
+        self._transact(group)
+
+    def _transact(self, group: builtins.list[_Job]) -> None:
+        """Apply `group` in as few transactions as SQLite allows (one, unless it rolls one
+        back on its own)."""
+        while group:
+            group = self._transact_once(group)
+
+    def _transact_once(self, group: builtins.list[_Job]) -> builtins.list[_Job]:
+        """One transaction over `group`; returns the jobs it did not reach because SQLite
+        rolled the whole transaction back (they go into the next one)."""
+        conn = self.conn
+        writes = any(job.writes for job in group)
+        try:
+            conn.execute("BEGIN IMMEDIATE" if writes else "BEGIN")
+        except sqlite3.Error as exc:
+            return _refuse_writes(group, exc, writes)
+        applied: builtins.list[_Job] = []
+        for index, job in enumerate(group):
+            _attempt(conn, job, savepoint=job.writes)
+            if not conn.in_transaction:  # SQLite gave the transaction up (disk full, I/O)
+                for earlier in applied:
+                    earlier.fail(job.error or sqlite3.OperationalError("transaction lost"))
+                return group[index + 1 :]
+            if job.error is None:
+                applied.append(job)
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            _roll_back(conn)
+            for job in applied:  # nothing of the batch was stored
+                job.fail(exc)
+        return []
+
+
+def _attempt(conn: sqlite3.Connection, job: _Job, *, savepoint: bool) -> None:
+    """Run one job; on failure undo exactly its own writes and keep its error."""
+    if savepoint:
+        conn.execute("SAVEPOINT job")
+    try:
+        job.outcome = job.operation(conn)
+    except Exception as exc:  # handed to its caller, whatever it is
+        job.fail(exc)
+        if savepoint and conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK TO job")
+                conn.execute("RELEASE job")
+            except sqlite3.Error:
+                _roll_back(conn)
+        return
+    if savepoint:
+        conn.execute("RELEASE job")
+
+
+def _roll_back(conn: sqlite3.Connection) -> None:
+    """End the open transaction, if SQLite has not already."""
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+
+
+def _refuse_writes(
+    group: builtins.list[_Job], error: sqlite3.Error, writes: bool
+) -> builtins.list[_Job]:
+    """The batch could not begin (the write lock is held elsewhere past the busy timeout):
+    its writes fail with that error; its reads are returned to run in a read transaction,
+    which a held write lock does not block under WAL."""
+    for job in group:
+        if job.writes or not writes:
+            job.fail(error)
+    return [job for job in group if not job.writes] if writes else []
+
+
+def _deliver(batch: builtins.list[_Job]) -> None:
+    """Hand every job's outcome to its caller: one hop to each event loop for the batch."""
+    loops: dict[asyncio.AbstractEventLoop, builtins.list[_Job]] = {}
+    for job in batch:
+        loops.setdefault(job.future.get_loop(), []).append(job)
+    for loop, jobs in loops.items():
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting
+            loop.call_soon_threadsafe(_settle, jobs)
+
+
+def _settle(jobs: builtins.list[_Job]) -> None:
+    """On the event loop: resolve each job's future (one its caller cancelled stays so)."""
+    for job in jobs:
+        if job.future.done():
+            continue
+        if job.error is not None:
+            job.future.set_exception(job.error)
+        else:
+            job.future.set_result(job.outcome)
+
+
+def _closed_error() -> FailedPrecondition:
+    return FailedPrecondition("the task store is closed", reason="STORE_CLOSED")
+
+
+def _serve(
+    path: Path,
+    synchronous: str,
+    jobs: queue.SimpleQueue[_Job],
+    opened: concurrent.futures.Future[int],
+) -> None:
+    """The thread's whole life: open the files, report the lock's fd, serve the queue."""
+    if not opened.set_running_or_notify_cancel():
+        return
+    try:
+        conn, lock_fd = _open_files(path, synchronous)
+    except BaseException as exc:
+        opened.set_exception(exc)
+        return
+    opened.set_result(lock_fd)
+    _Writer(conn, jobs).serve()
+
+
 class SqliteTaskStore(TaskStore):
     """The `TaskStore` contract on one SQLite file; create it with `await SqliteTaskStore.open`."""
 
     def __init__(
         self,
         path: Path,
-        conn: sqlite3.Connection,
-        executor: concurrent.futures.ThreadPoolExecutor,
+        jobs: queue.SimpleQueue[_Job],
         lock_fd: int,
         clock: Callable[[], float],
     ) -> None:
-        """Use `open`: the connection must have been made on the executor's thread."""
+        """Use `open`: the connection lives on the thread that serves `jobs`."""
         self.path = path
-        self._conn = conn
-        self._executor = executor
+        self._jobs = jobs
         self._lock_fd = lock_fd
         self._clock = clock
         self._closed = False
@@ -325,24 +552,38 @@ class SqliteTaskStore(TaskStore):
         if synchronous not in ("NORMAL", "FULL"):
             raise ValueError(f"synchronous must be NORMAL or FULL, not {synchronous!r}")
         path = Path(data_dir) / FILE_NAME
-        executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="llmos-task-store"
-        )
-        try:
-            loop = asyncio.get_running_loop()
-            conn, lock_fd = await loop.run_in_executor(executor, _open_files, path, synchronous)
-        except BaseException:
-            executor.shutdown(wait=False)
-            raise
-        return cls(path, conn, executor, lock_fd, clock)
+        jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        opened: concurrent.futures.Future[int] = concurrent.futures.Future()
+        # A daemon thread: a kernel that exits without closing the store is a crash, which
+        # WAL mode survives; it must not hang the interpreter's exit.
+        threading.Thread(
+            target=_serve,
+            args=(path, synchronous, jobs, opened),
+            name="llmos-task-store",
+            daemon=True,
+        ).start()
+        lock_fd = await asyncio.wrap_future(opened)
+        return cls(path, jobs, lock_fd, clock)
 
-    async def _run(self, operation: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `operation` on the store's thread, after everything submitted before it."""
-        if self._closed:
+    async def _run(self, operation: Callable[[sqlite3.Connection], T], *, writes: bool = True) -> T:
+        """Run `operation` on the store's thread, after everything submitted before it and
+        in the same transaction as whatever else is queued with it (see "Group commit")."""
+        return await self._submit(operation, writes=writes)
+
+    async def _submit(
+        self,
+        operation: Callable[[sqlite3.Connection], T],
+        *,
+        writes: bool = True,
+        alone: bool = False,
+        last: bool = False,
+    ) -> T:
+        if self._closed and not last:
             raise FailedPrecondition(f"the task store {self.path} is closed", reason="STORE_CLOSED")
-        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._jobs.put(_Job(operation, future, writes=writes, alone=alone, last=last))
         try:
-            return await loop.run_in_executor(self._executor, operation, self._conn)
+            return await future
         except sqlite3.OperationalError as exc:
             # A full disk, an unreadable file, a lock held too long by an outside reader:
             # the store cannot serve now, which is what UNAVAILABLE tells a client.
@@ -354,55 +595,64 @@ class SqliteTaskStore(TaskStore):
                 f"the task store {self.path} failed: {exc}", reason="STORE_ERROR"
             ) from exc
 
-    async def create(self, record: TaskRecord) -> None:
+    async def create(self, record: TaskRecord, *, running: bool = False) -> None:
         check_new_record(record)
 
         def operation(conn: sqlite3.Connection) -> None:
-            with _transaction(conn, write=True):
-                try:
-                    conn.execute(
-                        f"INSERT INTO tasks ({TASK_COLUMNS}) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)",
-                        (
-                            record.task_id,
-                            record.tenant,
-                            int(record.state),
-                            record.model,
-                            int(record.priority),
-                            record.request,
-                            record.created_at,
-                            record.updated_at,
-                            None,
-                            int(record.finish_reason),
-                            record.usage,
-                            record.error,
-                            record.attempts,
-                        ),
-                    )
-                except sqlite3.IntegrityError as exc:
-                    raise AlreadyExists(
-                        f"task {record.task_id!r} already exists",
-                        reason="DUPLICATE_TASK",
-                        metadata={"task_id": record.task_id},
-                    ) from exc
-                _insert_event(
+            try:
+                conn.execute(
+                    f"INSERT INTO tasks ({TASK_COLUMNS}) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)",
+                    (
+                        record.task_id,
+                        record.tenant,
+                        int(record.state),
+                        record.model,
+                        int(record.priority),
+                        record.request,
+                        record.created_at,
+                        record.updated_at,
+                        None,
+                        int(record.finish_reason),
+                        record.usage,
+                        record.error,
+                        record.attempts,
+                    ),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise AlreadyExists(
+                    f"task {record.task_id!r} already exists",
+                    reason="DUPLICATE_TASK",
+                    metadata={"task_id": record.task_id},
+                ) from exc
+            _insert_event(
+                conn,
+                record.task_id,
+                0,
+                kind="state",
+                state=record.state,
+                text="",
+                finish_reason=common_pb2.FINISH_REASON_UNSPECIFIED,
+            )
+            if running:  # in the same transaction: both or neither
+                _apply_transition(
                     conn,
-                    record.task_id,
-                    0,
-                    kind="state",
-                    state=record.state,
-                    text="",
+                    _task_row(conn, record.task_id),
+                    RUNNING,
+                    self._clock(),
                     finish_reason=common_pb2.FINISH_REASON_UNSPECIFIED,
+                    usage=None,
+                    error=None,
+                    interrupted=False,
                 )
 
         await self._run(operation)
 
     async def get(self, task_id: str) -> TaskRecord:
         def operation(conn: sqlite3.Connection) -> TaskRecord:
-            with _transaction(conn, write=False):
-                return _read_record(conn, task_id)
+            return _read_record(conn, task_id)
 
-        return await self._run(operation)
+        return await self._run(operation, writes=False)
 
     async def transition(
         self,
@@ -412,63 +662,47 @@ class SqliteTaskStore(TaskStore):
         finish_reason: FinishReason | None = None,
         usage: bytes | None = None,
         error: str | None = None,
+        text: str = "",
+        trace: Sequence[bytes] = (),
     ) -> TaskRecord:
+        steps = tuple(trace)
+
         def operation(conn: sqlite3.Connection) -> TaskRecord:
-            with _transaction(conn, write=True):
-                row = _task_row(conn, task_id)
-                current = common_pb2.TaskState.ValueType(row[2])
-                if not check_transition(task_id, current, to_state):
-                    return _record(row, _output(conn, task_id, row[13]))
-                _apply_transition(
-                    conn,
-                    row,
-                    to_state,
-                    self._clock(),
-                    finish_reason=finish_reason_for(task_id, to_state, finish_reason),
-                    usage=usage,
-                    error=error,
-                    interrupted=current == RUNNING and to_state == QUEUED,
-                )
-                return _read_record(conn, task_id)
+            row = _task_row(conn, task_id)
+            current = common_pb2.TaskState.ValueType(row[2])
+            if not check_transition(task_id, current, to_state):
+                return _record(row, _output(conn, task_id, row[13]))
+            reason = finish_reason_for(task_id, to_state, finish_reason)
+            if text:
+                check_takes_text(task_id, current)
+                _insert_text(conn, task_id, current, text)
+            _apply_transition(
+                conn,
+                row,
+                to_state,
+                self._clock(),
+                finish_reason=reason,
+                usage=usage,
+                error=error,
+                interrupted=current == RUNNING and to_state == QUEUED,
+            )
+            _insert_steps(conn, task_id, steps)
+            return _read_record(conn, task_id)
 
         return await self._run(operation)
 
     async def append_text(self, task_id: str, text: str) -> int:
         def operation(conn: sqlite3.Connection) -> int:
-            with _transaction(conn, write=True):
-                row = conn.execute(
-                    "SELECT state FROM tasks WHERE task_id = ?", (task_id,)
-                ).fetchone()
-                if row is None:
-                    raise _not_found(task_id)
-                state = common_pb2.TaskState.ValueType(row[0])
-                if state in FINAL_STATES:
-                    raise FailedPrecondition(
-                        f"task {task_id} already finished as {state_name(state)}; "
-                        "it takes no more text",
-                        reason="TASK_FINISHED",
-                        metadata={"task_id": task_id, "state": state_name(state)},
-                    )
-                if state != RUNNING:
-                    raise FailedPrecondition(
-                        f"task {task_id} is {state_name(state)}; only a RUNNING task produces text",
-                        reason="TASK_NOT_RUNNING",
-                        metadata={"task_id": task_id, "state": state_name(state)},
-                    )
-                offset = _next_offset(conn, "events", task_id)
-                _insert_event(
-                    conn,
-                    task_id,
-                    offset,
-                    kind="text",
-                    state=state,
-                    text=text,
-                    finish_reason=common_pb2.FINISH_REASON_UNSPECIFIED,
-                )
-                conn.execute(
-                    "UPDATE tasks SET updated_at = ? WHERE task_id = ?", (self._clock(), task_id)
-                )
-                return offset
+            row = conn.execute("SELECT state FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+            if row is None:
+                raise _not_found(task_id)
+            state = common_pb2.TaskState.ValueType(row[0])
+            check_takes_text(task_id, state)
+            offset = _insert_text(conn, task_id, state, text)
+            conn.execute(
+                "UPDATE tasks SET updated_at = ? WHERE task_id = ?", (self._clock(), task_id)
+            )
+            return offset
 
         return await self._run(operation)
 
@@ -478,13 +712,12 @@ class SqliteTaskStore(TaskStore):
         check_event_range(offset, limit)
 
         def operation(conn: sqlite3.Connection) -> builtins.list[TaskEvent]:
-            with _transaction(conn, write=False):
-                _require_task(conn, task_id)
-                rows = conn.execute(
-                    "SELECT seq, kind, state, text, finish_reason FROM events "
-                    "WHERE task_id = ? AND seq >= ? ORDER BY seq LIMIT ?",
-                    (task_id, offset, limit),
-                ).fetchall()
+            _require_task(conn, task_id)
+            rows = conn.execute(
+                "SELECT seq, kind, state, text, finish_reason FROM events "
+                "WHERE task_id = ? AND seq >= ? ORDER BY seq LIMIT ?",
+                (task_id, offset, limit),
+            ).fetchall()
             return [
                 TaskEvent(
                     offset=seq,
@@ -496,29 +729,24 @@ class SqliteTaskStore(TaskStore):
                 for seq, kind, state, text, finish_reason in rows
             ]
 
-        return await self._run(operation)
+        return await self._run(operation, writes=False)
 
     async def add_trace_step(self, task_id: str, step: bytes) -> None:
         def operation(conn: sqlite3.Connection) -> None:
-            with _transaction(conn, write=True):
-                _require_task(conn, task_id)
-                conn.execute(
-                    "INSERT INTO traces (task_id, seq, step) VALUES (?, ?, ?)",
-                    (task_id, _next_offset(conn, "traces", task_id), step),
-                )
+            _require_task(conn, task_id)
+            _insert_steps(conn, task_id, (step,))
 
         await self._run(operation)
 
     async def trace(self, task_id: str) -> builtins.list[bytes]:
         def operation(conn: sqlite3.Connection) -> builtins.list[bytes]:
-            with _transaction(conn, write=False):
-                _require_task(conn, task_id)
-                rows = conn.execute(
-                    "SELECT step FROM traces WHERE task_id = ? ORDER BY seq", (task_id,)
-                ).fetchall()
+            _require_task(conn, task_id)
+            rows = conn.execute(
+                "SELECT step FROM traces WHERE task_id = ? ORDER BY seq", (task_id,)
+            ).fetchall()
             return [bytes(step) for (step,) in rows]
 
-        return await self._run(operation)
+        return await self._run(operation, writes=False)
 
     async def list(
         self,
@@ -547,16 +775,15 @@ class SqliteTaskStore(TaskStore):
         )
 
         def operation(conn: sqlite3.Connection) -> tuple[builtins.list[TaskRecord], str]:
-            with _transaction(conn, write=False):
-                rows = conn.execute(query, (*params, page_size + 1)).fetchall()
-                page = rows[:page_size]
-                outputs = _outputs(conn, page)
+            rows = conn.execute(query, (*params, page_size + 1)).fetchall()
+            page = rows[:page_size]
+            outputs = _outputs(conn, page)
             records = [_record(row, outputs.get(row[0], "")) for row in page]
             more = len(rows) > page_size
             token = encode_page_token(page[-1][6], page[-1][0]) if more else ""
             return records, token
 
-        return await self._run(operation)
+        return await self._run(operation, writes=False)
 
     async def recover(self, requeue_running: bool = True, max_attempts: int = 3) -> RecoveryReport:
         check_max_attempts(max_attempts)
@@ -564,31 +791,29 @@ class SqliteTaskStore(TaskStore):
         def operation(conn: sqlite3.Connection) -> RecoveryReport:
             requeued: builtins.list[str] = []
             failed: builtins.list[str] = []
-            with _transaction(conn, write=True):
-                running = conn.execute(
-                    f"SELECT {TASK_COLUMNS} FROM tasks WHERE state = ? "
-                    "ORDER BY created_at, task_id",
-                    (int(RUNNING),),
-                ).fetchall()
-                now = self._clock()
-                for row in running:
-                    again, reason = recovery_error(row[12] + 1, max_attempts, requeue_running)
-                    to_state = QUEUED if again else FAILED
-                    _apply_transition(
-                        conn,
-                        row,
-                        to_state,
-                        now,
-                        finish_reason=finish_reason_for(row[0], to_state, None),
-                        usage=None,
-                        error=reason,
-                        interrupted=True,
-                    )
-                    (requeued if again else failed).append(row[0])
-                queued = conn.execute(
-                    "SELECT task_id FROM tasks WHERE state = ? ORDER BY created_at, task_id",
-                    (int(QUEUED),),
-                ).fetchall()
+            running = conn.execute(
+                f"SELECT {TASK_COLUMNS} FROM tasks WHERE state = ? ORDER BY created_at, task_id",
+                (int(RUNNING),),
+            ).fetchall()
+            now = self._clock()
+            for row in running:
+                again, reason = recovery_error(row[12] + 1, max_attempts, requeue_running)
+                to_state = QUEUED if again else FAILED
+                _apply_transition(
+                    conn,
+                    row,
+                    to_state,
+                    now,
+                    finish_reason=finish_reason_for(row[0], to_state, None),
+                    usage=None,
+                    error=reason,
+                    interrupted=True,
+                )
+                (requeued if again else failed).append(row[0])
+            queued = conn.execute(
+                "SELECT task_id FROM tasks WHERE state = ? ORDER BY created_at, task_id",
+                (int(QUEUED),),
+            ).fetchall()
             return RecoveryReport(
                 queued=tuple(task_id for (task_id,) in queued),
                 requeued=tuple(requeued),
@@ -612,19 +837,22 @@ class SqliteTaskStore(TaskStore):
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             return int(deleted)
 
-        return await self._run(operation)
+        return await self._submit(operation, alone=True)
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        loop = asyncio.get_running_loop()
         try:
-            # Queued behind every operation already submitted, which therefore complete.
-            await loop.run_in_executor(self._executor, self._conn.close)
+            # Queued behind every operation already submitted, which therefore complete;
+            # the thread ends once it closed the connection.
+            await self._submit(_close_connection, alone=True, last=True)
         finally:
-            self._executor.shutdown(wait=False)
             os.close(self._lock_fd)
+
+
+def _close_connection(conn: sqlite3.Connection) -> None:
+    conn.close()
 
 
 def _outputs(conn: sqlite3.Connection, rows: builtins.list[tuple[Any, ...]]) -> dict[str, str]:

@@ -15,6 +15,7 @@ import signal
 import sqlite3
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -166,6 +167,32 @@ async def test_a_duplicate_id_is_refused_and_the_original_kept(store: TaskStore)
 
     assert caught.value.reason == "DUPLICATE_TASK"
     stored = await store.get("t1")
+    assert kernel_pb2.GenerateRequest.FromString(stored.request).prompt == "original"
+    assert len(await store.events("t1")) == 1
+
+
+async def test_a_task_started_at_once_is_stored_queued_then_running(store: TaskStore) -> None:
+    record = new_task("t1", created_at=time.time())
+
+    await store.create(record, running=True)
+
+    stored = await store.get("t1")
+    assert (stored.state, stored.attempts, stored.finished_at) == (RUNNING, 0, None)
+    assert stored.request == record.request
+    assert stored.updated_at >= record.created_at
+    assert await all_events(store, "t1") == [("state", QUEUED, ""), ("state", RUNNING, "")]
+    assert await store.append_text("t1", "out") == 2
+    assert (await store.list(state=RUNNING))[0] == [await store.get("t1")]
+
+
+async def test_a_duplicate_started_at_once_leaves_the_original_alone(store: TaskStore) -> None:
+    await store.create(new_task("t1", prompt="original"))
+
+    with pytest.raises(AlreadyExists):
+        await store.create(new_task("t1", prompt="impostor"), running=True)
+
+    stored = await store.get("t1")
+    assert stored.state == QUEUED
     assert kernel_pb2.GenerateRequest.FromString(stored.request).prompt == "original"
     assert len(await store.events("t1")) == 1
 
@@ -545,6 +572,80 @@ async def test_a_finished_task_still_takes_trace_steps(store: TaskStore) -> None
     assert await store.trace("t1") == [b"the record stage"]
 
 
+# ---------------------------------------------------------------- text and trace with a transition
+
+
+async def test_a_transition_stores_the_attempts_last_text_and_trace_with_it(
+    store: TaskStore,
+) -> None:
+    await running_task(store, "t1")
+    await store.append_text("t1", "Hel")
+    await store.add_trace_step("t1", b"admit")
+
+    done = await store.transition(
+        "t1",
+        SUCCEEDED,
+        finish_reason=common_pb2.FINISH_REASON_STOP,
+        text="lo",
+        trace=[b"runtime:generate", b"record"],
+    )
+
+    assert (done.state, done.output) == (SUCCEEDED, "Hello")
+    assert await store.get("t1") == done
+    assert await all_events(store, "t1") == [
+        ("state", QUEUED, ""),
+        ("state", RUNNING, ""),
+        ("text", RUNNING, "Hel"),
+        ("text", RUNNING, "lo"),
+        ("state", SUCCEEDED, ""),
+    ]
+    assert await store.trace("t1") == [b"admit", b"runtime:generate", b"record"]
+
+
+async def test_a_transition_without_text_may_still_carry_trace_steps(store: TaskStore) -> None:
+    await store.create(new_task("t1"))
+
+    running = await store.transition("t1", RUNNING, trace=[b"admit"])
+    requeued = await store.transition("t1", QUEUED, error="stopped", text="lost", trace=[b"x"])
+
+    assert running.output == "" and requeued.output == ""
+    assert (requeued.state, requeued.attempts) == (QUEUED, 1)
+    assert await all_events(store, "t1") == [
+        ("state", QUEUED, ""),
+        ("state", RUNNING, ""),
+        ("text", RUNNING, "lost"),
+        ("state", QUEUED, "stopped"),
+    ]
+    assert await store.trace("t1") == [b"admit", b"x"]
+
+
+async def test_only_a_running_task_takes_text_with_a_transition(store: TaskStore) -> None:
+    await store.create(new_task("t1"))
+    before = (await store.get("t1"), await store.events("t1"))
+
+    with pytest.raises(FailedPrecondition) as caught:
+        await store.transition("t1", CANCELLED, text="too early", trace=[b"step"])
+
+    assert caught.value.reason == "TASK_NOT_RUNNING"
+    assert (await store.get("t1"), await store.events("t1")) == before
+    assert await store.trace("t1") == []
+
+
+async def test_a_refused_or_repeated_transition_writes_no_text_or_trace(
+    store: TaskStore,
+) -> None:
+    await finish(store, "t1", SUCCEEDED)
+    before = (await store.get("t1"), await store.events("t1"))
+
+    again = await store.transition("t1", SUCCEEDED, text="late", trace=[b"again"])
+    with pytest.raises(FailedPrecondition):
+        await store.transition("t1", FAILED, text="late", trace=[b"refused"])
+
+    assert again == before[0]
+    assert (await store.get("t1"), await store.events("t1")) == before
+    assert await store.trace("t1") == []
+
+
 # ---------------------------------------------------------------- list
 
 
@@ -868,6 +969,58 @@ async def test_sqlite_recovers_every_task_after_sigkill(tmp_path: Path) -> None:
         assert (await store.get("t0")).attempts == 1
     finally:
         await store.close()
+
+
+async def test_sqlite_applies_calls_queued_together_in_one_transaction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Group commit: calls that queue up while the store's thread is busy are applied in one
+    transaction, and a call that fails there fails alone."""
+    transactions: list[int] = []
+    transact_once = sqlite_store._Writer._transact_once
+
+    def counted(writer: sqlite_store._Writer, group: list[sqlite_store._Job]) -> object:
+        transactions.append(len(group))
+        return transact_once(writer, group)
+
+    monkeypatch.setattr(sqlite_store._Writer, "_transact_once", counted)
+    store = await SqliteTaskStore.open(tmp_path)
+    try:
+        await store.create(new_task("taken"))
+        transactions.clear()
+        busy, release = threading.Event(), threading.Event()
+
+        def hold(_conn: sqlite3.Connection) -> None:
+            busy.set()
+            release.wait(10)
+
+        # Keep the store's thread busy, so that the calls below queue up behind it.
+        holding = asyncio.create_task(store._run(hold))
+        assert await asyncio.to_thread(busy.wait, 10)
+        calls = [store.create(new_task(f"t{index}")) for index in range(20)]
+        calls.insert(7, store.create(new_task("taken", prompt="duplicate")))
+        calls.append(store.get("t3"))
+        pending = asyncio.gather(*calls, return_exceptions=True)
+        await asyncio.sleep(0.05)
+        release.set()
+        outcomes = await pending
+        await holding
+
+        assert transactions == [1, 22], "the queued calls shared one transaction"
+        assert isinstance(outcomes[7], AlreadyExists)
+        assert [o for i, o in enumerate(outcomes[:-1]) if i != 7] == [None] * 20
+        assert isinstance(outcomes[-1], TaskRecord)
+        assert outcomes[-1].task_id == "t3"
+    finally:
+        await store.close()
+    reopened = await SqliteTaskStore.open(tmp_path)
+    try:
+        records, _ = await reopened.list(page_size=100)
+        assert len(records) == 21
+        taken = await reopened.get("taken")
+        assert kernel_pb2.GenerateRequest.FromString(taken.request).prompt == "hello"
+    finally:
+        await reopened.close()
 
 
 async def test_sqlite_allows_one_open_store_per_data_dir(tmp_path: Path) -> None:
