@@ -40,9 +40,10 @@ import grpc
 
 from llmos.kernel import metrics as kernel_metrics
 from llmos.kernel.memory import Headroom, kv_evidence
+from llmos.kernel.pending import PendingWrites
 from llmos.kernel.policy import Policies
 from llmos.kernel.registry import Registry
-from llmos.kernel.scheduler import Priority, Scheduler, Ticket
+from llmos.kernel.scheduler import Dispatch, Priority, Scheduler, Ticket
 from llmos.kernel.stages import Plugins, Stage, StageContext, for_policy
 from llmos.kernel.store import TaskRecord, TaskStore
 from llmos.kernel.store.work_queue import RedisWorkQueue, Work
@@ -73,6 +74,8 @@ class Running:
     request_id: str = ""
     # Another kernel took its queue entry over: stop without writing a state.
     lost: bool = False
+    # Its final record, as this kernel stored it: the end of its stream reads it here.
+    final: TaskRecord | None = None
     # The host-memory headroom this kernel saw when it admitted the task (kernel/memory.py).
     headroom: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
@@ -107,7 +110,11 @@ class TaskRunner:
         self.queue = queue
         self.max_local = max_local
         self._live: dict[str, Running] = {}
+        # Text and trace steps of running tasks, written with their next transition.
+        self._pending: dict[str, PendingWrites] = {}
         self._wakeup = asyncio.Event()
+        # Tickets whose deadline passed while queued, for the dispatch loop to record.
+        self._expired: list[Ticket] = []
         self._room = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._recovery: asyncio.Task[None] | None = None
@@ -206,17 +213,28 @@ class TaskRunner:
             kernel_metrics.task_entered(common_pb2.TASK_STATE_QUEUED)
             return record.task_id
         self._admit(record, deadline)  # refuses before anything is stored
+        # With a free slot and nothing ahead of it the task starts now, and is stored
+        # RUNNING by the same write that stores it: one round trip to the store, not two.
+        at_once = None if self.queue is not None else self._dispatch_ready(held=record.task_id)
         try:
             if self.queue is not None:
                 await self.queue.attach(record)
             else:
-                await self.store.create(record)
+                await self.store.create(record, running=at_once is not None)
         except BaseException:
-            self.scheduler.cancel(record.task_id)
+            if at_once is None:
+                self.scheduler.cancel(record.task_id)
+            else:
+                self.scheduler.release(record.task_id)
+                self._wakeup.set()
             self._live.pop(record.task_id, None)
             raise
         kernel_metrics.task_entered(common_pb2.TASK_STATE_QUEUED)
-        self._wakeup.set()
+        if at_once is not None and at_once.ticket is not None:
+            kernel_metrics.task_entered(common_pb2.TASK_STATE_RUNNING)
+            self._start(at_once.ticket, at_once.effective, started=record)
+        else:
+            self._wakeup.set()
         return record.task_id
 
     async def stream(
@@ -233,7 +251,7 @@ class TaskRunner:
                 yield piece
             if running.error is not None:
                 raise running.error
-            record = await self.store.get(task_id)
+            record = running.final or await self.store.get(task_id)
             if record.state == common_pb2.TASK_STATE_CANCELLED:  # by CancelTask
                 yield kernel_pb2.GenerateResponse(
                     task_id=task_id, finish_reason=common_pb2.FINISH_REASON_CANCELLED
@@ -246,7 +264,8 @@ class TaskRunner:
                     reason="TASK_NOT_COMPLETED",
                 )
         finally:
-            await self.cancel(task_id, quietly=True)
+            if running.final is None:  # left early, or ended by another kernel
+                await self.cancel(task_id, quietly=True)
 
     async def cancel(self, task_id: str, *, quietly: bool = False) -> TaskRecord:
         """Cancel a queued or running task; a finished one is returned as it is."""
@@ -397,20 +416,40 @@ class TaskRunner:
                 with contextlib.suppress(LlmosError):
                     await self.cancel(task_id)
 
-    async def _dispatch_forever(self) -> None:
+    def _dispatch_ready(self, held: str = "") -> Dispatch | None:
+        """Start every ticket the scheduler hands out now, except `held`'s: its dispatch is
+        returned, for the caller to start once the task is stored. Tickets whose deadline
+        passed while queued go to the dispatch loop, which records them FAILED."""
+        mine = None
         while True:
             dispatch = self.scheduler.dispatch(time.monotonic())
-            for expired in dispatch.expired:
+            if dispatch.expired:
+                self._expired.extend(dispatch.expired)
+                self._wakeup.set()
+            if dispatch.ticket is None:
+                return mine
+            if dispatch.ticket.task_id == held:
+                mine = dispatch
+            else:
+                self._start(dispatch.ticket, dispatch.effective)
+
+    def _start(
+        self, ticket: Ticket, effective: Priority | None, started: TaskRecord | None = None
+    ) -> None:
+        """Run a dispatched ticket; `started` is its record when it is stored RUNNING."""
+        kernel_metrics.task_dispatched(ticket.priority, time.monotonic() - ticket.enqueued_at)
+        running = self._live.setdefault(ticket.task_id, Running())
+        running.task = asyncio.create_task(
+            self._run(ticket, effective, started), name=ticket.task_id
+        )
+
+    async def _dispatch_forever(self) -> None:
+        while True:
+            self._dispatch_ready()
+            if self._expired:
+                expired = self._expired.pop(0)
                 await self._end_unrun(expired.task_id, "its deadline passed while it was queued")
                 self._room.set()
-            if dispatch.ticket is not None:
-                kernel_metrics.task_dispatched(
-                    dispatch.ticket.priority, time.monotonic() - dispatch.ticket.enqueued_at
-                )
-                running = self._live.setdefault(dispatch.ticket.task_id, Running())
-                running.task = asyncio.create_task(
-                    self._run(dispatch.ticket, dispatch.effective), name=dispatch.ticket.task_id
-                )
                 continue
             next_deadline = self.scheduler.next_deadline()
             timeout = None if next_deadline is None else max(0.0, next_deadline - time.monotonic())
@@ -428,12 +467,18 @@ class TaskRunner:
 
     # -- running one task -------------------------------------------------------------
 
-    async def _run(self, ticket: Ticket, effective: Priority | None) -> None:
+    async def _run(
+        self, ticket: Ticket, effective: Priority | None, started: TaskRecord | None = None
+    ) -> None:
+        """Run a dispatched task to its end; `started` is its record if it is already
+        stored RUNNING (by `submit`), else this moves it to RUNNING first."""
         task_id_var.set(ticket.task_id)
         running = self._live[ticket.task_id]
         request_id_var.set(running.request_id)
         try:
-            record = await self._transition(ticket.task_id, common_pb2.TASK_STATE_RUNNING)
+            record = started or await self._transition(
+                ticket.task_id, common_pb2.TASK_STATE_RUNNING
+            )
         except LlmosError as error:  # cancelled through another kernel before it started
             log.info("task %s not started: %s", ticket.task_id, error.message)
             self._forget(ticket.task_id, running)
@@ -473,8 +518,8 @@ class TaskRunner:
                 common_pb2.TASK_STATE_SUCCEEDED,
                 finish_reason=usage.finish_reason,
                 usage=usage.usage.SerializeToString(),
+                steps=(_record_step("succeeded"),),
             )
-            await self._record(ticket.task_id, "succeeded")
             await self._settle(ticket.task_id)
         except asyncio.CancelledError:
             if running.lost:  # another kernel runs it now; it writes the outcome
@@ -501,28 +546,47 @@ class TaskRunner:
         """The task no longer occupies this kernel: free its slot and end its stream."""
         self.scheduler.release(task_id)
         self._live.pop(task_id, None)
+        pending = self._pending.pop(task_id, None)
+        if pending is not None:  # its attempt ended without a state written here
+            pending.discard()
         if running.listener is not None:
             running.listener.put_nowait(STREAM_END)
         self._wakeup.set()
         self._room.set()
 
     async def _requeue(self, task_id: str, priority: common_pb2.Priority.ValueType) -> None:
-        with contextlib.suppress(LlmosError):
-            await self._transition(
-                task_id, common_pb2.TASK_STATE_QUEUED, error="the kernel stopped; queued again"
-            )
-        await self._record(task_id, "requeued", "the kernel stopped while it ran")
+        await self._end(
+            task_id,
+            common_pb2.TASK_STATE_QUEUED,
+            "the kernel stopped; queued again",
+            _record_step("requeued", "the kernel stopped while it ran"),
+        )
         if self.queue is not None:
             with contextlib.suppress(LlmosError):  # else taken over once its claim lapses
                 await self.queue.release(task_id, priority)
 
     async def _finish(self, task_id: str, state: common_pb2.TaskState.ValueType, why: str) -> None:
-        with contextlib.suppress(LlmosError):
-            await self._transition(task_id, state, error=why)
-        await self._record(
-            task_id, common_pb2.TaskState.Name(state).removeprefix("TASK_STATE_").lower(), why
-        )
+        outcome = common_pb2.TaskState.Name(state).removeprefix("TASK_STATE_").lower()
+        await self._end(task_id, state, why, _record_step(outcome, why))
         await self._settle(task_id)
+
+    async def _end(
+        self,
+        task_id: str,
+        state: common_pb2.TaskState.ValueType,
+        why: str,
+        record: common_pb2.TraceStep,
+    ) -> None:
+        """Store the last transition this kernel makes for the task (a final state, or a
+        re-queue) with its `record` step. A task that cannot take it (finished or cancelled
+        elsewhere, or forgotten) still gets its trace: the steps are written on their own."""
+        try:
+            await self._transition(task_id, state, error=why, steps=(record,))
+        except LlmosError:
+            pending = self._pending.pop(task_id, None)
+            _, steps = ("", ()) if pending is None else await pending.take()
+            for step in (*steps, record.SerializeToString()):
+                await asyncio.shield(self.store.add_trace_step(task_id, step))
 
     async def _stages(
         self,
@@ -576,7 +640,7 @@ class TaskRunner:
                 last = piece
                 if piece.text:
                     pieces.append(piece.text)
-                    await self.store.append_text(ticket.task_id, piece.text)
+                    self._pending_of(ticket.task_id).add_text(piece.text)
                 if running.listener is not None:
                     running.listener.put_nowait(_to_client(piece))
         except grpc.aio.AioRpcError as error:
@@ -598,18 +662,6 @@ class TaskRunner:
         await self._trace(ticket.task_id, step)
         return "".join(pieces), last
 
-    async def _record(self, task_id: str, outcome: str, why: str = "") -> None:
-        await self._trace(
-            task_id,
-            common_pb2.TraceStep(
-                stage="record",
-                service="kernel",
-                started_at=now_timestamp(),
-                decision=outcome,
-                reason=why,
-            ),
-        )
-
     async def _transition(
         self,
         task_id: str,
@@ -618,23 +670,69 @@ class TaskRunner:
         finish_reason: common_pb2.FinishReason.ValueType | None = None,
         usage: bytes | None = None,
         error: str | None = None,
+        steps: tuple[common_pb2.TraceStep, ...] = (),
     ) -> TaskRecord:
-        """Store a transition, then count the task as entering `state` (a refused
-        transition raises before it is counted)."""
-        record = await self.store.transition(
-            task_id, state, finish_reason=finish_reason, usage=usage, error=error
-        )
+        """Store a transition together with what the task produced since its last write
+        (its pending text and trace steps) and `steps`, in one atomic step: one round trip
+        to the store. Then count the task as entering `state`. A refused transition raises
+        before it is counted, and what was pending stays pending."""
+        pending = self._pending.get(task_id)
+        text, trace = ("", ()) if pending is None else await pending.take()
+        for step in steps:
+            kernel_metrics.stage_ran(step)
+        try:
+            record = await self.store.transition(
+                task_id,
+                state,
+                finish_reason=finish_reason,
+                usage=usage,
+                error=error,
+                text=text,
+                trace=(*trace, *(step.SerializeToString() for step in steps)),
+            )
+        except LlmosError:
+            if pending is not None:
+                pending.restore(text, trace)
+            raise
         kernel_metrics.task_entered(state)
+        if record.finished:
+            self._pending.pop(task_id, None)
+            running = self._live.get(task_id)
+            if running is not None:
+                running.final = record
         return record
 
     async def _trace(self, task_id: str, step: common_pb2.TraceStep) -> None:
+        """Add a step to the task's trace: while it runs here, with its pending writes
+        (so with its next transition, or within `kernel.pending.FLUSH_S`); else at once."""
         kernel_metrics.stage_ran(step)
+        running = self._live.get(task_id)
+        if running is not None and running.final is None:
+            self._pending_of(task_id).add_step(step.SerializeToString())
+            return
         await asyncio.shield(self.store.add_trace_step(task_id, step.SerializeToString()))
+
+    def _pending_of(self, task_id: str) -> PendingWrites:
+        pending = self._pending.get(task_id)
+        if pending is None:
+            pending = self._pending[task_id] = PendingWrites(self.store, task_id)
+        return pending
 
 
 def _prompt_text(request: kernel_pb2.GenerateRequest) -> str:
     """The text the input stages check: the prompt, or every chat message's content."""
     return request.prompt or "\n".join(m.content for m in request.messages)
+
+
+def _record_step(outcome: str, why: str = "") -> common_pb2.TraceStep:
+    """The trace's last step: how the task ended here (succeeded, failed, requeued...)."""
+    return common_pb2.TraceStep(
+        stage="record",
+        service="kernel",
+        started_at=now_timestamp(),
+        decision=outcome,
+        reason=why,
+    )
 
 
 def _to_client(piece: runtime_pb2.RuntimeServiceGenerateResponse) -> kernel_pb2.GenerateResponse:

@@ -9,9 +9,11 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 
 def now_timestamp() -> Timestamp:
-    """The wall-clock time now, for a trace step's start."""
+    """The wall-clock time now, for a trace step's start. From `time.time_ns()`: protobuf's
+    `GetCurrentTime` goes through `datetime` and costs four times as much, several times on
+    every request."""
     stamp = Timestamp()
-    stamp.GetCurrentTime()
+    stamp.FromNanoseconds(time.time_ns())
     return stamp
 
 

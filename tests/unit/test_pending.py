@@ -1,0 +1,144 @@
+"""A running task's pending text and trace steps: written with its next transition, or on
+their own within the flush interval; never lost, never reordered."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from llmos.kernel.pending import PendingWrites
+from llmos.kernel.store import SqliteTaskStore, TaskRecord, TaskStore
+from llmos.services.errors import FailedPrecondition
+from llmos.v1 import common_pb2
+
+RUNNING = common_pb2.TASK_STATE_RUNNING
+SUCCEEDED = common_pb2.TASK_STATE_SUCCEEDED
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[TaskStore]:
+    opened = await SqliteTaskStore.open(tmp_path)
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+async def new_task(store: TaskStore, task_id: str, *, running: bool = True) -> None:
+    record = TaskRecord.queued(
+        task_id,
+        tenant="acme",
+        model="echo",
+        priority=common_pb2.PRIORITY_NORMAL,
+        request=b"",
+        now=1.0,
+    )
+    await store.create(record, running=running)
+
+
+async def texts(store: TaskStore, task_id: str) -> list[str]:
+    return [event.text for event in await store.events(task_id) if event.kind == "text"]
+
+
+async def test_a_transition_takes_everything_pending_in_order(store: TaskStore) -> None:
+    await new_task(store, "t1")
+    pending = PendingWrites(store, "t1", flush_s=60)
+    pending.add_step(b"admit")
+    pending.add_text("Hel")
+    pending.add_text("lo")
+    pending.add_step(b"runtime:generate")
+
+    text, steps = await pending.take()
+
+    assert (text, steps) == ("Hello", (b"admit", b"runtime:generate"))
+    assert await pending.take() == ("", ())
+    assert await texts(store, "t1") == []  # nothing was written on its own
+
+
+async def test_what_waits_is_written_on_its_own_within_the_flush_interval(
+    store: TaskStore,
+) -> None:
+    await new_task(store, "t1")
+    pending = PendingWrites(store, "t1", flush_s=0.01)
+
+    pending.add_text("live ")
+    pending.add_step(b"safety:input")
+    await asyncio.sleep(0.2)
+
+    assert await texts(store, "t1") == ["live "]
+    assert await store.trace("t1") == [b"safety:input"]
+    assert await pending.take() == ("", ())
+
+
+async def test_a_take_waits_for_a_flush_already_writing(
+    store: TaskStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await new_task(store, "t1")
+    writing, release = asyncio.Event(), asyncio.Event()
+    append_text = store.append_text
+
+    async def slow_append(task_id: str, text: str) -> int:
+        writing.set()
+        await release.wait()
+        return await append_text(task_id, text)
+
+    monkeypatch.setattr(store, "append_text", slow_append)
+    pending = PendingWrites(store, "t1", flush_s=0)
+    pending.add_text("first ")
+    await writing.wait()
+    pending.add_text("second")
+
+    taking = asyncio.create_task(pending.take())
+    await asyncio.sleep(0.05)
+    assert not taking.done(), "the transition must come after the flush's text"
+    release.set()
+
+    assert await taking == ("second", ())
+    assert await texts(store, "t1") == ["first "]
+
+
+async def test_a_failed_flush_keeps_the_text_and_stops_the_next_piece(
+    store: TaskStore,
+) -> None:
+    await new_task(store, "t1", running=False)  # QUEUED: the store refuses text
+    pending = PendingWrites(store, "t1", flush_s=0)
+    pending.add_text("kept")
+    await asyncio.sleep(0.1)
+
+    with pytest.raises(FailedPrecondition) as caught:
+        pending.add_text("next")
+
+    assert caught.value.reason == "TASK_NOT_RUNNING"
+    pending.add_text(" and more")  # the error is raised once
+    await store.transition("t1", RUNNING)
+    text, steps = await pending.take()  # whatever the next flush did not write
+    done = await store.transition("t1", SUCCEEDED, text=text, trace=steps)
+    assert done.output == "kept and more"
+
+
+async def test_a_transition_that_failed_gives_back_what_it_took(store: TaskStore) -> None:
+    await new_task(store, "t1")
+    pending = PendingWrites(store, "t1", flush_s=60)
+    pending.add_text("a")
+    pending.add_step(b"one")
+    text, steps = await pending.take()
+    pending.add_text("b")
+    pending.add_step(b"two")
+
+    pending.restore(text, steps)
+
+    assert await pending.take() == ("ab", (b"one", b"two"))
+
+
+async def test_discarded_writes_are_never_flushed(store: TaskStore) -> None:
+    await new_task(store, "t1")
+    pending = PendingWrites(store, "t1", flush_s=0.01)
+    pending.add_text("from an attempt another kernel took over")
+
+    pending.discard()
+    await asyncio.sleep(0.1)
+
+    assert await texts(store, "t1") == []
