@@ -565,12 +565,7 @@ class SqliteTaskStore(TaskStore):
         lock_fd = await asyncio.wrap_future(opened)
         return cls(path, jobs, lock_fd, clock)
 
-    async def _run(self, operation: Callable[[sqlite3.Connection], T], *, writes: bool = True) -> T:
-        """Run `operation` on the store's thread, after everything submitted before it and
-        in the same transaction as whatever else is queued with it (see "Group commit")."""
-        return await self._submit(operation, writes=writes)
-
-    async def _submit(
+    async def _run(
         self,
         operation: Callable[[sqlite3.Connection], T],
         *,
@@ -578,6 +573,9 @@ class SqliteTaskStore(TaskStore):
         alone: bool = False,
         last: bool = False,
     ) -> T:
+        """Run `operation` on the store's thread, after everything submitted before it and
+        in the same transaction as whatever else is queued with it (see "Group commit");
+        `writes`, `alone` and `last` as in `_Job`."""
         if self._closed and not last:
             raise FailedPrecondition(f"the task store {self.path} is closed", reason="STORE_CLOSED")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
@@ -837,7 +835,7 @@ class SqliteTaskStore(TaskStore):
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             return int(deleted)
 
-        return await self._submit(operation, alone=True)
+        return await self._run(operation, alone=True)
 
     async def close(self) -> None:
         if self._closed:
@@ -846,7 +844,7 @@ class SqliteTaskStore(TaskStore):
         try:
             # Queued behind every operation already submitted, which therefore complete;
             # the thread ends once it closed the connection.
-            await self._submit(_close_connection, alone=True, last=True)
+            await self._run(_close_connection, alone=True, last=True)
         finally:
             os.close(self._lock_fd)
 
