@@ -24,6 +24,12 @@ docs/operator-guide.md "Tenant policy" repeats for operators:
   makes a stage optional. Mandatory means "always runs", not "fails closed": a tenant's
   policy may make a mandatory stage fail-open, and the trace then says "failed_open".
   Plugins (the plugins work item) will add stages, never remove one.
+- `privacy` (`off` | `mask` | `pseudonymize`, default `pseudonymize`) is what
+  `privacy:redact` does to the PII it finds before the model sees the prompt:
+  typed placeholders restored in the output on its way to the client (`pseudonymize`),
+  an irreversible mask (`mask`: the client sees the mask wherever the model repeats it),
+  or nothing (`off`: both privacy stages are traced "skipped"). The default protects:
+  PII reaches the model only where a policy says so.
 - `plugins:before` and `plugins:after` call the enabled plugins (kernel/plugins.py); a
   plugin that crashes, hangs or answers garbage counts as a down service: fail closed
   unless the stage is in `fail_open`. With no plugin to call they are traced "skipped".
@@ -52,6 +58,7 @@ KERNEL_STEPS = ("admit", "runtime:generate", "record")
 DEFAULT_MANDATORY = SAFETY
 DEFAULT_TIMEOUT_S = 5.0
 DEFAULT_POLICY = "default"
+DEFAULT_PRIVACY = "pseudonymize"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +72,8 @@ class TenantPolicy:
     stages: tuple[str, ...] = STAGES
     fail_open: frozenset[str] = frozenset()
     timeout_s: float = DEFAULT_TIMEOUT_S
+    # What privacy:redact does with PII: "pseudonymize", "mask" or "off".
+    privacy: str = DEFAULT_PRIVACY
 
     @property
     def before_model(self) -> tuple[str, ...]:
@@ -84,7 +93,10 @@ class TenantPolicy:
         stages = ", ".join(
             f"{name} (fail-open)" if name in self.fail_open else name for name in self.stages
         )
-        return f"{self.name}: {stages or 'no service stages'}; timeout {self.timeout_s:g}s"
+        return (
+            f"{self.name}: {stages or 'no service stages'}; timeout {self.timeout_s:g}s; "
+            f"privacy {self.privacy}"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +168,7 @@ def _policy(name: str, key: str, table: PolicyTable, inherited: TenantPolicy) ->
         stages=stages,
         fail_open=fail_open,
         timeout_s=inherited.timeout_s if table.timeout_s is None else table.timeout_s,
+        privacy=inherited.privacy if table.privacy is None else table.privacy,
     )
 
 

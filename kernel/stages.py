@@ -17,6 +17,15 @@ plugin supervisor (kernel/plugins.py), one trace step per plugin called; they ma
 the request (a plugin's new prompt) or refuse it (a plugin's block verdict), so every
 stage returns a `StageResult`: its steps, the request as it leaves the stage, and the error
 that refuses the task, if any (raised after the steps are traced).
+
+The service stages use their services' answers: `safety:input` puts the verdict and its
+evidence in the trace and, when the verdict blocks, returns the refusal text
+(kernel/safety.py) — the task then ends SUCCEEDED with FINISH_REASON_SAFETY and the runtime
+is never called; `privacy:redact` returns the redacted request (kernel/privacy.py), which
+is what the runtime gets, with entity types and counts (never values) in the trace. The
+stages on the other side of the model, `safety:output` and `privacy:restore`, work on the
+runtime's stream as it flows, so they are not stages here: kernel/output.py runs them
+with the same failure policy, and `for_policy` returns only `plugins:after` after the model.
 """
 
 from __future__ import annotations
@@ -24,24 +33,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Protocol
 
 import grpc
 
+from llmos.kernel import privacy, safety
 from llmos.kernel.policy import DEFAULT_TIMEOUT_S, TenantPolicy
 from llmos.kernel.registry import Registry
-from llmos.services.channels import outgoing_metadata
 from llmos.services.errors import LlmosError, Unavailable
 from llmos.services.timing import duration, now_timestamp, since
-from llmos.v1 import (
-    common_pb2,
-    kernel_pb2,
-    privacy_pb2,
-    privacy_pb2_grpc,
-    safety_pb2,
-    safety_pb2_grpc,
-)
+from llmos.v1 import common_pb2, kernel_pb2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +69,11 @@ class StageResult:
     steps: tuple[common_pb2.TraceStep, ...]
     request: kernel_pb2.GenerateRequest | None = None
     error: LlmosError | None = None
+    # The refusal the client reads instead of the model's output (safety:input blocked):
+    # not an error, the task succeeds with FINISH_REASON_SAFETY.
+    refusal: str | None = None
+    # The request carries pseudonyms: the output must be restored for the client.
+    restore: bool = False
 
 
 class Stage(Protocol):
@@ -84,38 +91,58 @@ class Plugins(Protocol):
     async def run_stage(self, stage: PluginStage, ctx: StageContext) -> StageResult: ...
 
 
-Call = Callable[[grpc.aio.Channel, StageContext, float | None], Awaitable[object]]
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    """What a stage's service said, as its trace step and its `StageResult` record it."""
+
+    decision: str = "allow"
+    reason: str = "checked"
+    evidence: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    request: kernel_pb2.GenerateRequest | None = None
+    refusal: str | None = None
+    restore: bool = False
 
 
-def _safety_check(direction: safety_pb2.Direction.ValueType) -> Call:
-    async def call(channel: grpc.aio.Channel, ctx: StageContext, timeout: float | None) -> object:
-        stub = safety_pb2_grpc.SafetyServiceStub(channel)
-        request = safety_pb2.SafetyServiceCheckRequest(
-            text=ctx.text, direction=direction, tenant=ctx.tenant
+Call = Callable[[grpc.aio.Channel, StageContext, float | None], Awaitable[Answer]]
+
+
+async def _safety_input(
+    channel: grpc.aio.Channel, ctx: StageContext, timeout: float | None
+) -> Answer:
+    """Check the prompt; a blocking verdict refuses the request with its category."""
+    if not ctx.text.strip():  # the service refuses empty text; there is nothing to judge
+        return Answer(reason="nothing to check: the prompt is empty")
+    verdict = await safety.check_input(channel, ctx.text, ctx.tenant, timeout)
+    step = safety.verdict_step("safety:input", "", verdict, "")
+    return Answer(
+        step.decision,
+        step.reason,
+        {key: value for key, value in step.evidence.items() if key != "policy"},
+        refusal=None if verdict.allowed else safety.refusal(verdict),
+    )
+
+
+def _privacy_redact(mode: str) -> Call:
+    """Redact the request with `mode`'s operator; the runtime gets what comes back."""
+
+    async def call(channel: grpc.aio.Channel, ctx: StageContext, timeout: float | None) -> Answer:
+        request = (
+            kernel_pb2.GenerateRequest(prompt=ctx.text) if ctx.request is None else ctx.request
         )
-        return await stub.Check(request, timeout=timeout, metadata=outgoing_metadata())
+        redaction = await privacy.redact_request(
+            channel, request, tenant=ctx.tenant, conversation=ctx.task_id, mode=mode,
+            timeout=timeout,
+        )  # fmt: skip
+        found = sum(redaction.counts.values())
+        return Answer(
+            "redacted" if found else "allow",
+            f"{found} entities replaced before the model ({mode})" if found else "no PII found",
+            redaction.evidence(),
+            request=redaction.request if found else None,
+            restore=redaction.restorable,
+        )
 
     return call
-
-
-async def _privacy_redact(
-    channel: grpc.aio.Channel, ctx: StageContext, timeout: float | None
-) -> object:
-    stub = privacy_pb2_grpc.PrivacyServiceStub(channel)
-    request = privacy_pb2.PrivacyServiceRedactRequest(
-        text=ctx.text, tenant=ctx.tenant, conversation_id=ctx.task_id
-    )
-    return await stub.Redact(request, timeout=timeout, metadata=outgoing_metadata())
-
-
-async def _privacy_restore(
-    channel: grpc.aio.Channel, ctx: StageContext, timeout: float | None
-) -> object:
-    stub = privacy_pb2_grpc.PrivacyServiceStub(channel)
-    request = privacy_pb2.PrivacyServiceRestoreRequest(
-        text=ctx.text, tenant=ctx.tenant, conversation_id=ctx.task_id
-    )
-    return await stub.Restore(request, timeout=timeout, metadata=outgoing_metadata())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,20 +159,19 @@ class ServiceStage:
 
     async def run(self, registry: Registry, ctx: StageContext) -> StageResult:
         """Run the stage; raise Unavailable when it must fail closed."""
-        return StageResult((await self._step(registry, ctx),))
-
-    async def _step(self, registry: Registry, ctx: StageContext) -> common_pb2.TraceStep:
         started, clock = now_timestamp(), time.monotonic()
         step = common_pb2.TraceStep(stage=self.name, started_at=started)
         step.evidence["policy"] = self.policy
+        answer = Answer()
         try:
             entry = registry.pick(self.kind)
             step.service = entry.info.name
             timeout = self.timeout_s
             if ctx.deadline_s is not None:
                 timeout = max(0.001, min(timeout, ctx.deadline_s - time.monotonic()))
-            await self.call(entry.channel, ctx, timeout)
-            step.decision, step.reason = "allow", "checked"
+            answer = await self.call(entry.channel, ctx, timeout)
+            step.decision, step.reason = answer.decision, answer.reason
+            step.evidence.update(answer.evidence)
         except grpc.aio.AioRpcError as error:
             if error.code() == grpc.StatusCode.UNIMPLEMENTED:
                 step.decision = "not_available"
@@ -159,18 +185,50 @@ class ServiceStage:
         except Unavailable as error:
             self._fail(step, error.message)
         step.duration.CopyFrom(since(clock))
-        return step
+        return StageResult(
+            (step,), request=answer.request, refusal=answer.refusal, restore=answer.restore
+        )
 
     def _fail(self, step: common_pb2.TraceStep, why: str) -> None:
-        if not self.fail_open:
-            raise Unavailable(
-                f"{self.name} is required and its service is down ({why}); the request is "
-                f"refused (fail closed, policy {self.policy})",
-                reason="STAGE_UNAVAILABLE",
-                metadata={"stage": self.name, "policy": self.policy},
-            )
-        step.decision = "failed_open"
-        step.reason = f"service down; policy {self.policy} lets this stage fail open: {why}"
+        fail(self.name, self.policy, self.fail_open, step, why)
+
+
+def fail(name: str, policy: str, fail_open: bool, step: common_pb2.TraceStep, why: str) -> None:
+    """A stage's service is down: raise Unavailable (fail closed), or mark `step`
+    "failed_open" when the policy lets the request through without it."""
+    if not fail_open:
+        raise Unavailable(
+            f"{name} is required and its service is down ({why}); the request is "
+            f"refused (fail closed, policy {policy})",
+            reason="STAGE_UNAVAILABLE",
+            metadata={"stage": name, "policy": policy},
+        )
+    step.decision = "failed_open"
+    step.reason = f"service down; policy {policy} lets this stage fail open: {why}"
+
+
+def skipped_step(name: str, policy: str, why: str) -> common_pb2.TraceStep:
+    """The step of a stage the policy runs but which has nothing to do (privacy off)."""
+    return common_pb2.TraceStep(
+        stage=name,
+        started_at=now_timestamp(),
+        duration=duration(0.0),
+        decision="skipped",
+        reason=why,
+        evidence={"policy": policy},
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class SkippedStage:
+    """A stage the policy runs whose work its settings turn off (`privacy = "off"`)."""
+
+    name: str
+    policy: str
+    why: str
+
+    async def run(self, registry: Registry, ctx: StageContext) -> StageResult:
+        return StageResult((skipped_step(self.name, self.policy, self.why),))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,16 +245,7 @@ class PluginStage:
     async def run(self, registry: Registry, ctx: StageContext) -> StageResult:
         if ctx.plugins is None:  # a runner built without plugins (unit tests)
             return StageResult(
-                (
-                    common_pb2.TraceStep(
-                        stage=self.name,
-                        started_at=now_timestamp(),
-                        duration=duration(0.0),
-                        decision="skipped",
-                        reason="this kernel runs no plugin supervisor",
-                        evidence={"policy": self.policy},
-                    ),
-                )
+                (skipped_step(self.name, self.policy, "this kernel runs no plugin supervisor"),)
             )
         return await ctx.plugins.run_stage(self, ctx)
 
@@ -204,12 +253,16 @@ class PluginStage:
 PLUGIN_HOOKS = {"plugins:before": "llmos_before_request", "plugins:after": "llmos_after_request"}
 
 
-_SERVICES: dict[str, tuple[common_pb2.ServiceKind.ValueType, Call]] = {
-    "safety:input": (common_pb2.SERVICE_KIND_SAFETY, _safety_check(safety_pb2.DIRECTION_INPUT)),
-    "privacy:redact": (common_pb2.SERVICE_KIND_PRIVACY, _privacy_redact),
-    "safety:output": (common_pb2.SERVICE_KIND_SAFETY, _safety_check(safety_pb2.DIRECTION_OUTPUT)),
-    "privacy:restore": (common_pb2.SERVICE_KIND_PRIVACY, _privacy_restore),
+# The service each service stage calls; the two after the model run on the stream
+# (kernel/output.py), so only the two before it have a call here.
+KINDS: dict[str, common_pb2.ServiceKind.ValueType] = {
+    "safety:input": common_pb2.SERVICE_KIND_SAFETY,
+    "privacy:redact": common_pb2.SERVICE_KIND_PRIVACY,
+    "safety:output": common_pb2.SERVICE_KIND_SAFETY,
+    "privacy:restore": common_pb2.SERVICE_KIND_PRIVACY,
 }
+ON_STREAM = ("safety:output", "privacy:restore")
+PRIVACY_OFF = 'privacy is off in this policy (privacy = "off"): the model sees the text as sent'
 
 
 def _stage(name: str, policy: TenantPolicy) -> Stage:
@@ -217,10 +270,12 @@ def _stage(name: str, policy: TenantPolicy) -> Stage:
         return PluginStage(
             name, PLUGIN_HOOKS[name], policy=policy.name, fail_open=name in policy.fail_open
         )
-    kind, call = _SERVICES[name]
+    if name == "privacy:redact" and policy.privacy == "off":
+        return SkippedStage(name, policy.name, PRIVACY_OFF)
+    call = _safety_input if name == "safety:input" else _privacy_redact(policy.privacy)
     return ServiceStage(
         name,
-        kind,
+        KINDS[name],
         call,
         policy=policy.name,
         fail_open=name in policy.fail_open,
@@ -234,18 +289,21 @@ def services_required(
     """The service kinds some policy runs a fail-closed stage on: without them serving, a
     task of that policy would be refused, so recovered tasks wait for them."""
     return frozenset(
-        _SERVICES[name][0]
+        KINDS[name]
         for policy in policies
         for name in policy.stages
-        if name in _SERVICES and name not in policy.fail_open
+        if name in KINDS
+        and name not in policy.fail_open
+        and not (name.startswith("privacy:") and policy.privacy == "off")
     )
 
 
 @functools.cache
 def for_policy(policy: TenantPolicy) -> tuple[tuple[Stage, ...], tuple[Stage, ...]]:
     """The stages before and after the model for `policy`, built once per policy (the
-    policies are fixed at start, so the cache holds a handful)."""
+    policies are fixed at start, so the cache holds a handful). The stream's stages
+    (`ON_STREAM`) are left out: kernel/output.py runs them on the runtime's stream."""
     return (
         tuple(_stage(name, policy) for name in policy.before_model),
-        tuple(_stage(name, policy) for name in policy.after_model),
+        tuple(_stage(name, policy) for name in policy.after_model if name not in ON_STREAM),
     )

@@ -40,6 +40,7 @@ import grpc
 
 from llmos.kernel import metrics as kernel_metrics
 from llmos.kernel.memory import Headroom, kv_evidence
+from llmos.kernel.output import OutputPath
 from llmos.kernel.pending import PendingWrites
 from llmos.kernel.policy import Policies
 from llmos.kernel.registry import Registry
@@ -78,6 +79,10 @@ class Running:
     final: TaskRecord | None = None
     # The host-memory headroom this kernel saw when it admitted the task (kernel/memory.py).
     headroom: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    # safety:input's refusal: the runtime is skipped and the client reads this instead.
+    refusal: str | None = None
+    # privacy:redact put placeholders in the request: the output is restored on its way out.
+    restore: bool = False
 
 
 class TaskRunner:
@@ -598,7 +603,9 @@ class TaskRunner:
     ) -> kernel_pb2.GenerateRequest:
         """Run `stages` on the prompt (or on `output`, after the model); trace every step,
         then raise the error that refuses the task, if a stage returned one. Returns the
-        request as the stages leave it."""
+        request as the stages leave it. A refusal (safety:input blocked) ends the stages
+        there and is kept on the task, for `_generate` to answer with."""
+        running = self._live.get(ticket.task_id)
         for stage in stages:
             text = output if output is not None else _prompt_text(request)
             context = StageContext(
@@ -611,12 +618,34 @@ class TaskRunner:
                 request = result.request
             if result.error is not None:
                 raise result.error
+            if running is not None:
+                running.restore = running.restore or result.restore
+                if result.refusal is not None:
+                    running.refusal = result.refusal
+                    break
         return request
 
     async def _generate(
         self, ticket: Ticket, request: kernel_pb2.GenerateRequest, running: Running
     ) -> tuple[str, runtime_pb2.RuntimeServiceGenerateResponse]:
+        """Stream the runtime's output through safety:output and privacy:restore to the
+        client and the task's text; a refused request never reaches the runtime."""
+        pieces: list[str] = []
+        if running.refusal is not None:  # a refusal is the task's output, not an error
+            refused = runtime_pb2.RuntimeServiceGenerateResponse(
+                text=running.refusal, finish_reason=common_pb2.FINISH_REASON_SAFETY
+            )
+            self._release(ticket.task_id, running, pieces, [refused])
+            return running.refusal, refused
         runtime = self.registry.pick(common_pb2.SERVICE_KIND_RUNTIME)
+        output = OutputPath(
+            self.registry,
+            self.policies.for_tenant(ticket.tenant),
+            task_id=ticket.task_id,
+            tenant=ticket.tenant,
+            deadline=running.deadline,
+            restore=running.restore,
+        )
         started, clock = now_timestamp(), time.monotonic()
         timeout = None if running.deadline is None else max(0.001, running.deadline - clock)
         call = runtime_pb2_grpc.RuntimeServiceStub(runtime.channel).Generate(
@@ -630,7 +659,6 @@ class TaskRunner:
             timeout=timeout,
             metadata=outgoing_metadata(x_llmos_task_id=ticket.task_id),
         )
-        pieces: list[str] = []
         last = runtime_pb2.RuntimeServiceGenerateResponse()
         step = common_pb2.TraceStep(
             stage="runtime:generate", service=runtime.info.name, started_at=started
@@ -638,11 +666,11 @@ class TaskRunner:
         try:
             async for piece in call:
                 last = piece
-                if piece.text:
-                    pieces.append(piece.text)
-                    self._pending_of(ticket.task_id).add_text(piece.text)
-                if running.listener is not None:
-                    running.listener.put_nowait(_to_client(piece))
+                self._release(ticket.task_id, running, pieces, await output.feed(piece))
+                if output.blocked:  # safety:output: stop the runtime, end with the refusal
+                    break
+            else:
+                self._release(ticket.task_id, running, pieces, await output.close())
         except grpc.aio.AioRpcError as error:
             step.decision, step.reason = "failed", f"{error.code().name}: {error.details()}"
             step.duration.CopyFrom(since(clock))
@@ -652,15 +680,39 @@ class TaskRunner:
             ) from error
         finally:
             call.cancel()  # a no-op when finished; on cancel it frees the runtime's slot
+            output.cancel()
         step.decision = "completed"
         step.reason = common_pb2.FinishReason.Name(last.finish_reason)
+        if output.blocked:
+            step.decision, step.reason = "stopped", "safety:output blocked the stream"
         step.evidence["completion_tokens"] = str(last.usage.completion_tokens)
         step.evidence["prompt_tokens"] = str(last.usage.prompt_tokens)
         if last.HasField("kv_admission"):  # the runtime's memory decision for the sequence
             step.evidence.update(kv_evidence(last.kv_admission))
         step.duration.CopyFrom(since(clock))
         await self._trace(ticket.task_id, step)
+        for stream_step in output.steps():
+            await self._trace(ticket.task_id, stream_step)
+        if output.blocked:
+            last = output.refused(last)
+            self._release(ticket.task_id, running, pieces, [last])
         return "".join(pieces), last
+
+    def _release(
+        self,
+        task_id: str,
+        running: Running,
+        pieces: list[str],
+        released: list[runtime_pb2.RuntimeServiceGenerateResponse],
+    ) -> None:
+        """What the output path lets through goes to the client and, as the client sees
+        it (restored), to the task's stored text."""
+        for piece in released:
+            if piece.text:
+                pieces.append(piece.text)
+                self._pending_of(task_id).add_text(piece.text)
+            if running.listener is not None:
+                running.listener.put_nowait(_to_client(piece))
 
     async def _transition(
         self,

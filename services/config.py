@@ -60,9 +60,13 @@ class PolicyTable:
     timeout_s: float | None = None
     # Stages no tenant table may leave out. `[policy]` only.
     mandatory: tuple[str, ...] | None = None
+    # What privacy:redact does to PII before the model: "pseudonymize" (typed placeholders,
+    # restored in the output), "mask" (irreversible) or "off" (the model sees it as sent).
+    privacy: str | None = None
 
 
 POLICY_FIELDS = tuple(f.name for f in dataclasses.fields(PolicyTable))
+PRIVACY_MODES = ("off", "mask", "pseudonymize")
 # The tables among the settings; every other setting is a flat key.
 TABLES = ("policy", "tenants")
 
@@ -285,8 +289,20 @@ def _policy_table(key: str, raw: Any, *, tenant: bool) -> PolicyTable:
     fields: dict[str, Any] = {}
     for name, value in raw.items():
         where = f"{key}.{name}"
-        fields[name] = _seconds(where, value) if name == "timeout_s" else _names(where, value)
+        if name == "timeout_s":
+            fields[name] = _seconds(where, value)
+        elif name == "privacy":
+            fields[name] = _privacy_mode(where, value)
+        else:
+            fields[name] = _names(where, value)
     return PolicyTable(**fields)
+
+
+def _privacy_mode(key: str, raw: Any) -> str:
+    """One of PRIVACY_MODES: a misspelt mode must not quietly send PII to the model."""
+    if not isinstance(raw, str) or raw.strip() not in PRIVACY_MODES:
+        raise _bad(key, f"one of {', '.join(PRIVACY_MODES)}", raw)
+    return raw.strip()
 
 
 def _tenant_tables(raw: Any) -> dict[str, PolicyTable]:

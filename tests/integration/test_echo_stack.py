@@ -50,11 +50,13 @@ def generate(stack: Stack, prompt: str) -> list[kernel_pb2.GenerateResponse]:
 
 
 def test_generate_through_the_kernel_streams_the_prompt_back(echo_stack: Stack) -> None:
-    pieces = generate(echo_stack, "hello from the echo runtime")
+    # Through the real safety service (which reads this as benign; "hello from the echo
+    # runtime" it scores as a prompt injection, one of its known false positives).
+    pieces = generate(echo_stack, "the weather is mild today")
 
     assert pieces[0].task_id, "the first message carries the task id"
-    assert "".join(p.text for p in pieces) == "hello from the echo runtime"
-    assert [p.text for p in pieces if p.text] == ["hello ", "from ", "the ", "echo ", "runtime"]
+    assert "".join(p.text for p in pieces) == "the weather is mild today"
+    assert [p.text for p in pieces if p.text] == ["the ", "weather ", "is ", "mild ", "today"]
     assert {p.model for p in pieces} - {""} == {"echo"}
     last = pieces[-1]
     assert last.finish_reason == common_pb2.FINISH_REASON_STOP
@@ -85,13 +87,22 @@ def test_the_task_is_stored_and_traced_like_a_model_task(echo_stack: Stack) -> N
     generate_step = trace.steps[stages.index("runtime:generate")]
     assert generate_step.service == "runtime"
     assert generate_step.decision == "completed"
-    # The default policy chose the stages; the safety and privacy services answer ("allow")
-    # and no plugin is installed ("skipped"), each naming the policy.
+    # The default policy chose the stages; the safety service allows, the privacy service
+    # finds no PII (so there is nothing to restore: "skipped"), and no plugin is installed
+    # ("skipped"), each naming the policy.
     assert trace.steps[0].evidence["policy"] == "default"
+    expected = {
+        "plugins:before": "skipped",
+        "safety:input": "allow",
+        "privacy:redact": "allow",
+        "safety:output": "allow",
+        "privacy:restore": "skipped",
+        "plugins:after": "skipped",
+    }
     for step in trace.steps[1:-1]:
         if step.stage != "runtime:generate":
-            expected = "skipped" if step.stage.startswith("plugins:") else "allow"
-            assert (step.decision, step.evidence["policy"]) == (expected, "default")
+            assert (step.decision, step.evidence["policy"]) == (expected[step.stage], "default")
+    assert trace.steps[stages.index("safety:input")].evidence["safety_policy_version"]
 
 
 def test_models_and_the_cli_see_the_echo_engine(echo_stack: Stack) -> None:

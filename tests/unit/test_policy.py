@@ -185,9 +185,23 @@ def test_policies_describe_one_line_each_default_first(data_dir: Path) -> None:
 
     assert [policy.name for policy in built.all()] == ["default", "tenant:acme", "tenant:zed"]
     assert built.for_tenant("zed").describe() == (
-        "tenant:zed: safety:input, safety:output (fail-open); timeout 5s"
+        "tenant:zed: safety:input, safety:output (fail-open); timeout 5s; privacy pseudonymize"
     )
-    assert TenantPolicy("x", stages=()).describe() == "x: no service stages; timeout 5s"
+    assert TenantPolicy("x", stages=(), privacy="off").describe() == (
+        "x: no service stages; timeout 5s; privacy off"
+    )
+
+
+def test_privacy_defaults_to_pseudonymize_and_a_tenant_table_overrides_it(
+    data_dir: Path,
+) -> None:
+    built = policies(
+        data_dir, '[policy]\nprivacy = "mask"\n[tenants.open]\nprivacy = "off"\n[tenants.b]\n'
+    )
+    assert policies(data_dir, "").default.privacy == "pseudonymize"
+    assert built.default.privacy == "mask"
+    assert built.for_tenant("open").privacy == "off"
+    assert built.for_tenant("b").privacy == "mask"  # inherited from [policy]
 
 
 # Each bad input, and the key its message must name.
@@ -220,6 +234,9 @@ BAD = [
     ("tenants = 5\n", ["'tenants'", "table"]),
     ("[tenants]\nacme = 5\n", ["'tenants.acme'", "table"]),
     ('[tenants.""]\nstages = []\n', ["'tenants'", "empty tenant name"]),
+    # privacy modes
+    ('[tenants.acme]\nprivacy = "redact"\n', ["'tenants.acme.privacy'", "pseudonymize"]),
+    ("[policy]\nprivacy = true\n", ["'policy.privacy'", "one of off, mask"]),
     # mandatory is the operator's, in [policy] only
     ("[tenants.acme]\nmandatory = []\n", ["'tenants.acme.mandatory'", "[policy]"]),
     # a tenant cannot leave a mandatory stage out

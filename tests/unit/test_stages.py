@@ -11,7 +11,15 @@ import pytest
 
 from llmos.kernel.policy import TenantPolicy
 from llmos.kernel.registry import Registry
-from llmos.kernel.stages import PluginStage, ServiceStage, StageContext, for_policy
+from llmos.kernel.stages import (
+    Answer,
+    PluginStage,
+    ServiceStage,
+    SkippedStage,
+    StageContext,
+    for_policy,
+    services_required,
+)
 from llmos.services.errors import Unavailable
 from llmos.v1 import common_pb2, kernel_pb2
 
@@ -39,11 +47,13 @@ def rpc_error(code: grpc.StatusCode) -> grpc.aio.AioRpcError:
     )
 
 
-def stage(*, fail_open: bool = False, error: grpc.StatusCode | None = None) -> ServiceStage:
-    async def call(channel: object, ctx: StageContext, timeout: float | None) -> object:
+def stage(
+    *, fail_open: bool = False, error: grpc.StatusCode | None = None, answer: Answer | None = None
+) -> ServiceStage:
+    async def call(channel: object, ctx: StageContext, timeout: float | None) -> Answer:
         if error is not None:
             raise rpc_error(error)
-        return None
+        return answer or Answer()
 
     return ServiceStage(
         "safety:input", common_pb2.SERVICE_KIND_SAFETY, call, policy="tenant:acme",
@@ -54,7 +64,8 @@ def stage(*, fail_open: bool = False, error: grpc.StatusCode | None = None) -> S
 def test_the_policy_chooses_the_stages_in_pipeline_order() -> None:
     before, after = for_policy(TenantPolicy("default"))
     assert [s.name for s in before] == ["plugins:before", "safety:input", "privacy:redact"]
-    assert [s.name for s in after] == ["safety:output", "privacy:restore", "plugins:after"]
+    # safety:output and privacy:restore run on the runtime's stream (kernel/output.py)
+    assert [s.name for s in after] == ["plugins:after"]
     assert isinstance(before[0], PluginStage) and isinstance(after[-1], PluginStage)
     assert (before[0].hook, after[-1].hook) == ("llmos_before_request", "llmos_after_request")
 
@@ -66,9 +77,9 @@ def test_the_policy_chooses_the_stages_in_pipeline_order() -> None:
     )
     before, after = for_policy(lean)
     assert [s.name for s in before] == ["safety:input"]
-    assert [s.name for s in after] == ["safety:output"]
-    assert isinstance(before[0], ServiceStage) and isinstance(after[0], ServiceStage)
-    assert (before[0].fail_open, after[0].fail_open) == (False, True)
+    assert after == ()
+    assert isinstance(before[0], ServiceStage)
+    assert before[0].fail_open is False
     assert before[0].timeout_s == 0.5
     assert before[0].policy == "tenant:lean"
 
@@ -135,3 +146,30 @@ async def test_no_registered_service_is_down_too() -> None:
     (step,) = (await stage(fail_open=True).run(empty, CONTEXT)).steps
     assert (step.decision, step.service) == ("failed_open", "")
     assert "none registered" in step.reason
+
+
+async def test_an_answer_becomes_the_step_and_the_result() -> None:
+    redacted = kernel_pb2.GenerateRequest(prompt="mail <EMAIL_ADDRESS_1>")
+    answer = Answer(
+        "redacted", "1 entities replaced", {"entities": "EMAIL_ADDRESS:1"}, redacted,
+        refusal="[refused]", restore=True,
+    )  # fmt: skip
+    result = await stage(answer=answer).run(OneInstance(), CONTEXT)  # type: ignore[arg-type]
+
+    (step,) = result.steps
+    assert (step.decision, step.reason) == ("redacted", "1 entities replaced")
+    assert dict(step.evidence) == {"policy": "tenant:acme", "entities": "EMAIL_ADDRESS:1"}
+    assert (result.request, result.refusal, result.restore) == (redacted, "[refused]", True)
+
+
+async def test_privacy_off_skips_redaction_and_needs_no_privacy_service() -> None:
+    off = TenantPolicy("tenant:open", privacy="off")
+    before, _ = for_policy(off)
+    (redact,) = [s for s in before if s.name == "privacy:redact"]
+    assert isinstance(redact, SkippedStage)
+    (step,) = (await redact.run(Registry(15, 1 << 20), CONTEXT)).steps
+    assert (step.decision, dict(step.evidence)) == ("skipped", {"policy": "tenant:open"})
+    assert "privacy is off" in step.reason
+
+    assert common_pb2.SERVICE_KIND_PRIVACY not in services_required([off])
+    assert common_pb2.SERVICE_KIND_PRIVACY in services_required([TenantPolicy("default")])
