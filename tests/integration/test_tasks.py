@@ -70,7 +70,15 @@ def test_submit_returns_at_once_and_the_task_runs_on(stack: Stack) -> None:
     assert time.monotonic() - started < 2, "Submit must not wait for the work"
     done = wait_final(stack, task_id)
     assert done.task.state == common_pb2.TASK_STATE_SUCCEEDED
-    assert "Paris" in done.output
+    # The default policy pseudonymizes PII, and the privacy service counts "France" as a
+    # LOCATION: the model is asked about "<LOCATION_1>", so it cannot answer "Paris".
+    with stack.channel() as channel:
+        trace = stack.kernel(channel).GetTrace(
+            kernel_pb2.GetTraceRequest(task_id=task_id), timeout=10
+        )
+    (redact,) = [step for step in trace.steps if step.stage == "privacy:redact"]
+    assert redact.evidence["entities"] == "LOCATION:1"
+    assert done.output
     assert done.task.usage.completion_tokens > 0
     assert done.task.finish_reason in (
         common_pb2.FINISH_REASON_STOP,
@@ -119,9 +127,9 @@ def test_trace_records_every_stage_in_order(stack: Stack) -> None:
         "record",
     ]
     by_stage = {step.stage: step for step in trace.steps}
-    # The safety service checks the prompt (the verdict's wiring into the task is not built
-    # yet: docs/safety.md).
+    # The safety service checks the prompt and the trace holds its verdict with evidence.
     assert by_stage["safety:input"].decision == "allow"
+    assert by_stage["safety:input"].evidence["verdict"]
     assert by_stage["safety:input"].service == "safety"
     assert by_stage["runtime:generate"].decision == "completed"
     assert int(by_stage["runtime:generate"].evidence["completion_tokens"]) > 0
