@@ -45,7 +45,7 @@ from llmos.kernel.pending import PendingWrites
 from llmos.kernel.policy import Policies
 from llmos.kernel.registry import Registry
 from llmos.kernel.scheduler import Dispatch, Priority, Scheduler, Ticket
-from llmos.kernel.stages import Plugins, Stage, StageContext, for_policy
+from llmos.kernel.stages import Plugins, Stage, StageContext, for_policy, services_required
 from llmos.kernel.store import TaskRecord, TaskStore
 from llmos.kernel.store.work_queue import RedisWorkQueue, Work
 from llmos.services.channels import outgoing_metadata
@@ -151,11 +151,7 @@ class TaskRunner:
     async def _readmit(self, task_ids: tuple[str, ...]) -> None:
         """Admit recovered tasks once the services they need have registered again (after a
         crash they re-register within a lease period); until then they wait, stored QUEUED."""
-        kinds = (
-            common_pb2.SERVICE_KIND_RUNTIME,
-            common_pb2.SERVICE_KIND_SAFETY,
-            common_pb2.SERVICE_KIND_PRIVACY,
-        )
+        kinds = services_required(self.policies.all()) | {common_pb2.SERVICE_KIND_RUNTIME}
         # Polled twice a second, and only while recovering: not worth a notification path.
         while not all(self.registry.serving(kind) for kind in kinds):  # noqa: ASYNC110
             await asyncio.sleep(0.5)
