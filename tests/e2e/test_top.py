@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pty
+import re
 import select
 import signal
 import subprocess
@@ -28,7 +29,9 @@ def test_top_once_prints_one_frame_of_services_tasks_cpu_memory_and_gpus(stack: 
     for name in SERVICES:
         row = next((line for line in frame.splitlines() if f" {name} " in line), "")
         assert str(services[name].pid) in row and "SERVING" in row, (name, frame)
-        assert "MiB" in row, f"{name}'s RSS comes from the hardware service's snapshot"
+        assert re.search(r"\d(\.\d)? [MG]iB", row), (
+            f"{name}'s RSS comes from the hardware service's snapshot"
+        )
     assert "tasks: " in frame and " running, " in frame and " queued" in frame
     assert "CPU " in frame and "cores, load " in frame
     assert "MEM " in frame and " available of " in frame and " reserved" in frame
