@@ -30,6 +30,12 @@ docs/operator-guide.md "Tenant policy" repeats for operators:
   an irreversible mask (`mask`: the client sees the mask wherever the model repeats it),
   or nothing (`off`: both privacy stages are traced "skipped"). The default protects:
   PII reaches the model only where a policy says so.
+- `privacy_entities` names the entity types `privacy:redact` takes out. The default is
+  every type the service detects but LOCATION: a place on its own ("the capital of
+  France", "weather in Boston") is rarely personal and is often the question itself, so
+  hiding it makes the model answer a different question; what makes a place personal -
+  a name, an email, a phone number - is still redacted. A tenant that must hide places
+  lists LOCATION too.
 - `plugins:before` and `plugins:after` call the enabled plugins (kernel/plugins.py); a
   plugin that crashes, hangs or answers garbage counts as a down service: fail closed
   unless the stage is in `fail_open`. With no plugin to call they are traced "skipped".
@@ -44,7 +50,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Mapping
 
-from llmos.services.config import PolicyTable, Settings
+from llmos.services.config import PRIVACY_ENTITY_TYPES, PolicyTable, Settings
 from llmos.services.errors import InvalidArgument
 
 # The service stages, in pipeline order, on either side of runtime:generate.
@@ -59,6 +65,8 @@ DEFAULT_MANDATORY = SAFETY
 DEFAULT_TIMEOUT_S = 5.0
 DEFAULT_POLICY = "default"
 DEFAULT_PRIVACY = "pseudonymize"
+# Every type but LOCATION (the module docstring says why).
+DEFAULT_PRIVACY_ENTITIES = tuple(kind for kind in PRIVACY_ENTITY_TYPES if kind != "LOCATION")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +82,8 @@ class TenantPolicy:
     timeout_s: float = DEFAULT_TIMEOUT_S
     # What privacy:redact does with PII: "pseudonymize", "mask" or "off".
     privacy: str = DEFAULT_PRIVACY
+    # The entity types privacy:redact takes out, in PRIVACY_ENTITY_TYPES order.
+    privacy_entities: tuple[str, ...] = DEFAULT_PRIVACY_ENTITIES
 
     @property
     def before_model(self) -> tuple[str, ...]:
@@ -96,6 +106,7 @@ class TenantPolicy:
         return (
             f"{self.name}: {stages or 'no service stages'}; timeout {self.timeout_s:g}s; "
             f"privacy {self.privacy}"
+            + (f" ({', '.join(self.privacy_entities)})" if self.privacy != "off" else "")
         )
 
 
@@ -169,6 +180,9 @@ def _policy(name: str, key: str, table: PolicyTable, inherited: TenantPolicy) ->
         fail_open=fail_open,
         timeout_s=inherited.timeout_s if table.timeout_s is None else table.timeout_s,
         privacy=inherited.privacy if table.privacy is None else table.privacy,
+        privacy_entities=(
+            inherited.privacy_entities if table.privacy_entities is None else table.privacy_entities
+        ),
     )
 
 

@@ -11,7 +11,8 @@ piece the runtime streams goes in, and what comes back is what the client may se
 placeholder split across pieces (`<PER` + `SON_1>`) is held back by the service until it is
 whole. `close` releases what is held when the runtime's stream ends.
 
-A tenant's privacy mode (kernel/policy.py) picks the operator: "pseudonymize" (reversible,
+A tenant's policy (kernel/policy.py) picks the entity types redacted (by default every
+type but LOCATION) and, by its privacy mode, the operator: "pseudonymize" (reversible,
 restored for the client), "mask" (irreversible: nothing to restore), or "off" (neither
 stage runs).
 """
@@ -62,9 +63,12 @@ async def redact_request(
     tenant: str,
     conversation: str,
     mode: str,
+    entities: tuple[str, ...] = (),
     timeout: float | None,
 ) -> Redaction:
-    """Redact the prompt or every message's content (empty ones are left as they are)."""
+    """Redact the prompt or every message's content (empty ones are left as they are);
+    only the `entities` types (all the service detects when empty). The counts are of
+    what was redacted: the service returns only the findings it replaced."""
     stub = privacy_pb2_grpc.PrivacyServiceStub(channel)
     redacted = kernel_pb2.GenerateRequest()
     redacted.CopyFrom(request)
@@ -75,7 +79,11 @@ async def redact_request(
             return text
         reply = await stub.Redact(
             privacy_pb2.PrivacyServiceRedactRequest(
-                text=text, tenant=tenant, conversation_id=conversation, operator=MODES[mode]
+                text=text,
+                tenant=tenant,
+                conversation_id=conversation,
+                operator=MODES[mode],
+                entity_types=entities,
             ),
             timeout=timeout,
             metadata=outgoing_metadata(x_llmos_task_id=conversation),

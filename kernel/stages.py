@@ -122,8 +122,9 @@ async def _safety_input(
     )
 
 
-def _privacy_redact(mode: str) -> Call:
-    """Redact the request with `mode`'s operator; the runtime gets what comes back."""
+def _privacy_redact(mode: str, entities: tuple[str, ...]) -> Call:
+    """Redact the request's `entities` with `mode`'s operator; the runtime gets what comes
+    back."""
 
     async def call(channel: grpc.aio.Channel, ctx: StageContext, timeout: float | None) -> Answer:
         request = (
@@ -131,7 +132,7 @@ def _privacy_redact(mode: str) -> Call:
         )
         redaction = await privacy.redact_request(
             channel, request, tenant=ctx.tenant, conversation=ctx.task_id, mode=mode,
-            timeout=timeout,
+            entities=entities, timeout=timeout,
         )  # fmt: skip
         found = sum(redaction.counts.values())
         return Answer(
@@ -272,7 +273,11 @@ def _stage(name: str, policy: TenantPolicy) -> Stage:
         )
     if name == "privacy:redact" and policy.privacy == "off":
         return SkippedStage(name, policy.name, PRIVACY_OFF)
-    call = _safety_input if name == "safety:input" else _privacy_redact(policy.privacy)
+    call = (
+        _safety_input
+        if name == "safety:input"
+        else _privacy_redact(policy.privacy, policy.privacy_entities)
+    )
     return ServiceStage(
         name,
         KINDS[name],

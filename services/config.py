@@ -63,10 +63,26 @@ class PolicyTable:
     # What privacy:redact does to PII before the model: "pseudonymize" (typed placeholders,
     # restored in the output), "mask" (irreversible) or "off" (the model sees it as sent).
     privacy: str | None = None
+    # The entity types privacy:redact takes out (PRIVACY_ENTITY_TYPES); the kernel's
+    # default is every type but LOCATION (kernel/policy.py says why).
+    privacy_entities: tuple[str, ...] | None = None
 
 
 POLICY_FIELDS = tuple(f.name for f in dataclasses.fields(PolicyTable))
 PRIVACY_MODES = ("off", "mask", "pseudonymize")
+# The types the privacy service detects (services/privacy/recognizers.py ENTITY_TYPES,
+# which a unit test keeps equal): repeated here because the loader must not import the
+# privacy service and its phone-number and NER dependencies.
+PRIVACY_ENTITY_TYPES = (
+    "EMAIL_ADDRESS",
+    "PHONE_NUMBER",
+    "CREDIT_CARD",
+    "IBAN_CODE",
+    "IP_ADDRESS",
+    "US_SSN",
+    "PERSON",
+    "LOCATION",
+)
 # The tables among the settings; every other setting is a flat key.
 TABLES = ("policy", "tenants")
 
@@ -293,6 +309,8 @@ def _policy_table(key: str, raw: Any, *, tenant: bool) -> PolicyTable:
             fields[name] = _seconds(where, value)
         elif name == "privacy":
             fields[name] = _privacy_mode(where, value)
+        elif name == "privacy_entities":
+            fields[name] = _privacy_entities(where, value)
         else:
             fields[name] = _names(where, value)
     return PolicyTable(**fields)
@@ -303,6 +321,33 @@ def _privacy_mode(key: str, raw: Any) -> str:
     if not isinstance(raw, str) or raw.strip() not in PRIVACY_MODES:
         raise _bad(key, f"one of {', '.join(PRIVACY_MODES)}", raw)
     return raw.strip()
+
+
+def _privacy_entities(key: str, raw: Any) -> tuple[str, ...]:
+    """Known, distinct entity types, at least one: a misspelt type must not quietly let
+    that PII through, and redacting nothing is said with `privacy = "off"`."""
+    expected = f"a list of entity types among {', '.join(PRIVACY_ENTITY_TYPES)}"
+    if isinstance(raw, str):
+        items = [item.strip() for item in raw.split(",") if item.strip()]
+    elif isinstance(raw, list | tuple) and all(isinstance(item, str) for item in raw):
+        items = [item.strip() for item in raw]
+    else:
+        raise _bad(key, expected, raw)
+    unknown = [item for item in items if item not in PRIVACY_ENTITY_TYPES]
+    if unknown:
+        raise InvalidArgument(
+            f"setting {key!r} names unknown entity type {unknown[0]!r}; known: "
+            f"{', '.join(PRIVACY_ENTITY_TYPES)}",
+            reason="BAD_SETTING",
+        )
+    if not items:
+        raise InvalidArgument(
+            f'setting {key!r} is empty; to redact nothing say privacy = "off"',
+            reason="BAD_SETTING",
+        )
+    if len(set(items)) != len(items):
+        raise _bad(key, expected + ", each once", raw)
+    return tuple(kind for kind in PRIVACY_ENTITY_TYPES if kind in items)
 
 
 def _tenant_tables(raw: Any) -> dict[str, PolicyTable]:

@@ -7,6 +7,7 @@ malformed call costs nothing and changes nothing.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 from llmos.services.errors import InvalidArgument
 from llmos.services.privacy.operators import (
@@ -16,6 +17,7 @@ from llmos.services.privacy.operators import (
     PSEUDONYMIZE,
     REPLACE,
 )
+from llmos.services.privacy.recognizers import ENTITY_TYPES
 from llmos.v1 import privacy_pb2
 
 # Far above any chat message (the kernel refuses prompts over 32,000 characters by
@@ -83,3 +85,17 @@ def operator_name(value: int) -> str:
     if name is None:
         raise InvalidArgument(f"unknown redaction operator {value}", reason="BAD_OPERATOR")
     return name
+
+
+def entity_types(requested: Sequence[str]) -> frozenset[str]:
+    """The types a Redact request asks for; empty means every type. An unknown one is
+    refused rather than ignored: a misspelt "EMAIL" would otherwise let addresses through."""
+    unknown = sorted({kind for kind in requested if kind not in ENTITY_TYPES})
+    if unknown:
+        raise InvalidArgument(
+            f"unknown entity type {', '.join(map(repr, unknown))}; known: "
+            f"{', '.join(ENTITY_TYPES)}",
+            reason="UNKNOWN_ENTITY_TYPE",
+            metadata={"entity_type": unknown[0]},
+        )
+    return frozenset(requested or ENTITY_TYPES)

@@ -26,6 +26,7 @@ from llmos.services.privacy.checks import (
     check_conversation,
     check_tenant,
     check_text,
+    entity_types,
     operator_name,
 )
 from llmos.services.privacy.keys import KeyRing, load_keys
@@ -93,7 +94,11 @@ class PrivacyServicer(privacy_pb2_grpc.PrivacyServiceServicer):
         text = check_text(request.text)
         operator = operator_name(request.operator)
         conversation = check_conversation(request.conversation_id, required=False)
-        findings = await self.detect(text)
+        kinds = entity_types(request.entity_types)
+        # Filtered after detection, whose overlap resolution already left one finding per
+        # character: the spans redacted are a subset of non-overlapping ones, so the round
+        # trip stays exact. What is returned is what was redacted (the kernel counts it).
+        findings = [f for f in await self.detect(text) if f.type in kinds]
         redacted = self.redactor.redact(text, findings, operator, tenant, conversation)
         return privacy_pb2.PrivacyServiceRedactResponse(
             text=redacted, entities=[to_entity(f) for f in findings]

@@ -116,6 +116,35 @@ def test_pseudonyms_are_consistent_in_a_conversation_and_restore_exactly(
     )
 
 
+def test_redact_takes_out_only_the_types_asked_for_and_still_round_trips(
+    privacy: privacy_pb2_grpc.PrivacyServiceStub,
+) -> None:
+    """The kernel's default leaves places to the model: with entity_types named, the other
+    findings stay in the text and out of the reply, and the round trip is still exact."""
+    text = "Zoë Martin (zoe@example.org) asks: what is the capital of France?"
+    request = privacy_pb2.PrivacyServiceRedactRequest(
+        text=text, tenant="acme", conversation_id="typed", entity_types=["PERSON", "EMAIL_ADDRESS"]
+    )
+    reply = privacy.Redact(request, timeout=30)
+    assert reply.text == ("<PERSON_1> (<EMAIL_ADDRESS_1>) asks: what is the capital of France?")
+    assert sorted(e.type for e in reply.entities) == ["EMAIL_ADDRESS", "PERSON"]
+    assert restore(privacy, reply.text, conv="typed") == text
+    # Empty means every type, as before.
+    every = redact(privacy, text, conversation="typed-all")
+    assert "<LOCATION_1>" in every.text and "France" not in every.text
+
+    unknown = refused(
+        privacy.Redact,
+        privacy_pb2.PrivacyServiceRedactRequest(
+            text=text, tenant="acme", conversation_id="typed", entity_types=["PERSON", "EMAIL"]
+        ),
+    )
+    info = error_info(unknown)
+    assert unknown.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info is not None and info.reason == "UNKNOWN_ENTITY_TYPE"
+    assert "'EMAIL'" in (unknown.details() or "")
+
+
 def test_mask_replace_and_hash_are_irreversible_and_hash_is_keyed_per_tenant(
     privacy: privacy_pb2_grpc.PrivacyServiceStub,
 ) -> None:

@@ -70,20 +70,26 @@ def test_submit_returns_at_once_and_the_task_runs_on(stack: Stack) -> None:
     assert time.monotonic() - started < 2, "Submit must not wait for the work"
     done = wait_final(stack, task_id)
     assert done.task.state == common_pb2.TASK_STATE_SUCCEEDED
-    # The default policy pseudonymizes PII, and the privacy service counts "France" as a
-    # LOCATION: the model is asked about "<LOCATION_1>", so it cannot answer "Paris".
-    with stack.channel() as channel:
-        trace = stack.kernel(channel).GetTrace(
-            kernel_pb2.GetTraceRequest(task_id=task_id), timeout=10
-        )
-    (redact,) = [step for step in trace.steps if step.stage == "privacy:redact"]
-    assert redact.evidence["entities"] == "LOCATION:1"
-    assert done.output
+    # The default policy leaves places to the model (privacy_entities: every type but
+    # LOCATION), so it is asked about France, not "<LOCATION_1>".
+    assert "Paris" in done.output
     assert done.task.usage.completion_tokens > 0
     assert done.task.finish_reason in (
         common_pb2.FINISH_REASON_STOP,
         common_pb2.FINISH_REASON_LENGTH,
     )
+
+
+def test_the_default_policy_redacts_people_and_emails_but_not_places(stack: Stack) -> None:
+    task_id = submit(stack, "Write to Zoë Martin at zoe@example.org about Paris.")
+    assert wait_final(stack, task_id).task.state == common_pb2.TASK_STATE_SUCCEEDED
+    with stack.channel() as channel:
+        trace = stack.kernel(channel).GetTrace(
+            kernel_pb2.GetTraceRequest(task_id=task_id), timeout=10
+        )
+    (redact,) = [step for step in trace.steps if step.stage == "privacy:redact"]
+    assert redact.decision == "redacted"
+    assert redact.evidence["entities"] == "EMAIL_ADDRESS:1,PERSON:1"  # not LOCATION
 
 
 def test_watch_replays_from_any_offset(stack: Stack) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from llmos.kernel.policy import STAGES, Policies, TenantPolicy
-from llmos.services.config import PolicyTable, Settings, load_settings
+from llmos.services.config import PRIVACY_ENTITY_TYPES, PolicyTable, Settings, load_settings
 from llmos.services.errors import InvalidArgument
 
 
@@ -185,7 +185,8 @@ def test_policies_describe_one_line_each_default_first(data_dir: Path) -> None:
 
     assert [policy.name for policy in built.all()] == ["default", "tenant:acme", "tenant:zed"]
     assert built.for_tenant("zed").describe() == (
-        "tenant:zed: safety:input, safety:output (fail-open); timeout 5s; privacy pseudonymize"
+        "tenant:zed: safety:input, safety:output (fail-open); timeout 5s; privacy pseudonymize "
+        "(EMAIL_ADDRESS, PHONE_NUMBER, CREDIT_CARD, IBAN_CODE, IP_ADDRESS, US_SSN, PERSON)"
     )
     assert TenantPolicy("x", stages=(), privacy="off").describe() == (
         "x: no service stages; timeout 5s; privacy off"
@@ -202,6 +203,30 @@ def test_privacy_defaults_to_pseudonymize_and_a_tenant_table_overrides_it(
     assert built.default.privacy == "mask"
     assert built.for_tenant("open").privacy == "off"
     assert built.for_tenant("b").privacy == "mask"  # inherited from [policy]
+
+
+def test_privacy_entities_default_to_every_type_but_location_and_a_tenant_overrides_them(
+    data_dir: Path,
+) -> None:
+    """A place on its own is the question more often than personal data ("the capital of
+    France"): the default leaves LOCATION to the model and redacts every other type."""
+    default = policies(data_dir, "").default.privacy_entities
+    assert "LOCATION" not in default
+    assert set(default) == set(PRIVACY_ENTITY_TYPES) - {"LOCATION"}
+    built = policies(
+        data_dir,
+        '[policy]\nprivacy_entities = ["PERSON", "EMAIL_ADDRESS"]\n'
+        '[tenants.strict]\nprivacy_entities = "LOCATION, PERSON"\n[tenants.b]\n',
+    )
+    assert built.default.privacy_entities == ("EMAIL_ADDRESS", "PERSON")  # in a fixed order
+    assert built.for_tenant("strict").privacy_entities == ("PERSON", "LOCATION")
+    assert built.for_tenant("b").privacy_entities == ("EMAIL_ADDRESS", "PERSON")  # inherited
+
+
+def test_the_loaders_entity_types_are_the_privacy_services() -> None:
+    from llmos.services.privacy.recognizers import ENTITY_TYPES
+
+    assert set(PRIVACY_ENTITY_TYPES) == set(ENTITY_TYPES)
 
 
 # Each bad input, and the key its message must name.
@@ -237,6 +262,14 @@ BAD = [
     # privacy modes
     ('[tenants.acme]\nprivacy = "redact"\n', ["'tenants.acme.privacy'", "pseudonymize"]),
     ("[policy]\nprivacy = true\n", ["'policy.privacy'", "one of off, mask"]),
+    # privacy entity types
+    (
+        '[tenants.acme]\nprivacy_entities = ["EMAIL"]\n',
+        ["'tenants.acme.privacy_entities'", "'EMAIL'", "EMAIL_ADDRESS"],
+    ),
+    ("[policy]\nprivacy_entities = []\n", ["'policy.privacy_entities'", "off"]),
+    ("[policy]\nprivacy_entities = 3\n", ["'policy.privacy_entities'", "entity types"]),
+    ('[policy]\nprivacy_entities = ["PERSON", "PERSON"]\n', ["'policy.privacy_entities'"]),
     # mandatory is the operator's, in [policy] only
     ("[tenants.acme]\nmandatory = []\n", ["'tenants.acme.mandatory'", "[policy]"]),
     # a tenant cannot leave a mandatory stage out

@@ -131,7 +131,7 @@ Global___PrivacyServiceDetectResponse: _TypeAlias = PrivacyServiceDetectResponse
 
 @_typing.final
 class PrivacyServiceRedactRequest(_message.Message):
-    """[#next-free-field: 5]"""
+    """[#next-free-field: 6]"""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -139,11 +139,20 @@ class PrivacyServiceRedactRequest(_message.Message):
     TENANT_FIELD_NUMBER: _builtins.int
     CONVERSATION_ID_FIELD_NUMBER: _builtins.int
     OPERATOR_FIELD_NUMBER: _builtins.int
+    ENTITY_TYPES_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     tenant: _builtins.str
     conversation_id: _builtins.str
     """Placeholders are consistent within one conversation."""
     operator: Global___RedactionOperator.ValueType
+    @_builtins.property
+    def entity_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The entity types to redact ("PERSON", "EMAIL_ADDRESS"...); empty means every type
+        the service detects. Detection and overlap resolution are unchanged: findings of
+        other types are left in the text and not returned. An unknown type is refused with
+        INVALID_ARGUMENT naming it.
+        """
+
     def __init__(
         self,
         *,
@@ -151,10 +160,11 @@ class PrivacyServiceRedactRequest(_message.Message):
         tenant: _builtins.str = ...,
         conversation_id: _builtins.str = ...,
         operator: Global___RedactionOperator.ValueType = ...,
+        entity_types: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "operator", b"operator", "tenant", b"tenant", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "entity_types", b"entity_types", "operator", b"operator", "tenant", b"tenant", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
