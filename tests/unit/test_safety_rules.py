@@ -104,3 +104,17 @@ def test_stream_windows_check_by_stride_and_sentence_and_at_the_end() -> None:
     assert (offset, windows.checked) == (0, len(text))
     windows.add(" tail")
     assert not windows.due() and windows.due(final=True)
+
+
+def test_the_default_threshold_is_the_one_chosen_on_validation_and_markers_still_block() -> None:
+    """The threshold comes from the training run's validation split (model/card.json); a
+    marker or deny rule scores above it, so the default policy still blocks them."""
+    import json
+    from pathlib import Path
+
+    from llmos.services.safety.policy import DEFAULT_THRESHOLD
+    from llmos.services.safety.rules import DENY_SCORE, MARKER_SCORE
+
+    card = Path(__file__).parents[2] / "services" / "safety" / "model" / "card.json"
+    assert json.loads(card.read_text())["threshold"] == DEFAULT_THRESHOLD
+    assert DEFAULT_THRESHOLD <= MARKER_SCORE <= DENY_SCORE
