@@ -65,14 +65,15 @@ def test_generate_streams_a_real_answer(stack: Stack) -> None:
 def test_chat_messages_keep_the_conversation(stack: Stack) -> None:
     request = kernel_pb2.GenerateRequest(
         messages=[
-            common_pb2.ChatMessage(role="user", content="My name is Ada. Remember it."),
-            common_pb2.ChatMessage(role="assistant", content="Nice to meet you, Ada!"),
-            common_pb2.ChatMessage(role="user", content="What is my name?"),
+            # Not a name: the default privacy policy would hide a name from the model.
+            common_pb2.ChatMessage(role="user", content="Remember the number 42."),
+            common_pb2.ChatMessage(role="assistant", content="Got it: 42."),
+            common_pb2.ChatMessage(role="user", content="What number did I ask you to remember?"),
         ],
         sampling=GREEDY,
     )
     text = "".join(p.text for p in generate(stack, request))
-    assert "Ada" in text
+    assert "42" in text
 
 
 def test_same_seed_same_sample(stack: Stack) -> None:
