@@ -242,8 +242,11 @@ def test_a_killed_kernel_loses_no_accepted_task(stack: Stack) -> None:
     running = submit(stack, "Write a long poem about the sea.", sampling=LONG)
     wait_state(stack, running, common_pb2.TASK_STATE_RUNNING)
     queued = [submit(stack, f"Count to {n}.") for n in (3, 4)]
+    # Every child's command line holds "llmos.kernel.cli"; the kernel's is "serve kernel".
     kernel = next(
-        p for p in psutil.Process(stack.process.pid).children() if "kernel" in " ".join(p.cmdline())
+        p
+        for p in psutil.Process(stack.process.pid).children()
+        if " serve kernel" in " ".join(p.cmdline())
     )
     os.kill(kernel.pid, signal.SIGKILL)
     stack.wait_healthy(60)
