@@ -54,7 +54,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmos.kernel.plugin_rules import AFTER, BEFORE, BadPluginResult, check_result, hook_arguments
 from llmos.kernel.registry import Registry
 from llmos.kernel.stages import PluginStage, StageContext, StageResult
-from llmos.kernel.supervisor import _die_with
 from llmos.plugins.discovery import Discovered, discover
 from llmos.plugins.host import EXIT_BAD_PLUGIN, MODEL_TOKEN_KEY
 from llmos.services.channels import client_options, outgoing_metadata, server_options
@@ -352,6 +351,8 @@ class PluginHosts:
             plugin.found.entry_point,
             "--socket",
             plugin.socket,
+            "--parent-pid",
+            str(os.getpid()),
             "--config",
             str(Path(self.settings.data_dir) / "plugins" / f"{plugin.name}.toml"),
             "--log-level",
@@ -375,7 +376,6 @@ class PluginHosts:
                 stdout=log_file,
                 stderr=asyncio.subprocess.STDOUT,
                 env=env,
-                preexec_fn=_die_with(os.getpid()),
             )
         plugin.channel = _host_channel(plugin.socket, self.settings.max_message_bytes)
         plugin.stub = plugin_pb2_grpc.PluginHostServiceStub(plugin.channel)

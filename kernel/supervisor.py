@@ -48,6 +48,17 @@ def _die_with(parent_pid: int) -> Callable[[], None]:
     return arm
 
 
+def exit_with_parent(parent_pid: int) -> None:
+    """Called by a child itself, first thing after exec: SIGTERM it when `parent_pid` dies.
+
+    The same promise as `_die_with` without running Python between fork and exec. A parent
+    whose gRPC threads are running (the kernel) must spawn with no `preexec_fn`: Python
+    then forks without running any Python code in the child, while with one, gRPC's fork
+    handlers in the child have aborted hosts at start ("epoll_wait error: Bad file
+    descriptor")."""
+    _die_with(parent_pid)()
+
+
 @dataclasses.dataclass(frozen=True)
 class Child:
     """One supervised process."""

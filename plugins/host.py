@@ -49,6 +49,7 @@ import pluggy
 from google.protobuf import json_format, struct_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from llmos.kernel.supervisor import exit_with_parent
 from llmos.plugins import hookspecs
 from llmos.plugins.discovery import by_entry_point, find_manifest
 from llmos.plugins.manifest import Manifest, ManifestError, load_manifest_file
@@ -439,7 +440,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-gateway", default="", help="the kernel's model gateway")
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--log-format", default="auto")
+    parser.add_argument(
+        "--parent-pid", type=int, default=0, help="exit when this process (the kernel) dies"
+    )
     args = parser.parse_args(argv)
+    if args.parent_pid:
+        exit_with_parent(args.parent_pid)
     configure_logging(f"plugin:{args.entry_point}", args.log_level, args.log_format)
     try:
         plugin, isolation = load(args)
