@@ -25,42 +25,17 @@ from typing import Any
 
 import grpc
 
+from llmos.kernel.service_address import serving_address
 from llmos.services.config import Settings
-from llmos.services.errors import NotFound, from_rpc_error
+from llmos.services.errors import from_rpc_error
 from llmos.services.privacy import evaluation
-from llmos.v1 import common_pb2, kernel_pb2, kernel_pb2_grpc, privacy_pb2, privacy_pb2_grpc
+from llmos.v1 import common_pb2, privacy_pb2, privacy_pb2_grpc
 
 CALL_TIMEOUT_S = 30.0
 
 
-def privacy_address(settings: Settings) -> str:
-    """The address of a serving privacy service, as the kernel lists it."""
-    channel = grpc.insecure_channel(settings.kernel_target)
-    try:
-        reply = kernel_pb2_grpc.KernelServiceStub(channel).ListServices(
-            kernel_pb2.ListServicesRequest(), timeout=10
-        )
-    except grpc.RpcError as error:
-        where = f"ListServices on the kernel at {settings.kernel_target}"
-        raise from_rpc_error(error, where) from error  # type: ignore[arg-type]
-    finally:
-        channel.close()
-    serving = [
-        s
-        for s in reply.services
-        if s.kind == common_pb2.SERVICE_KIND_PRIVACY
-        and s.health == common_pb2.SERVICE_HEALTH_SERVING
-    ]
-    if not serving:
-        raise NotFound(
-            f"no privacy service is registered and serving at the kernel {settings.kernel_target}",
-            reason="SERVICE_UNAVAILABLE",
-        )
-    return serving[0].address
-
-
 def _stub(settings: Settings) -> tuple[grpc.Channel, privacy_pb2_grpc.PrivacyServiceStub]:
-    channel = grpc.insecure_channel(privacy_address(settings))
+    channel = grpc.insecure_channel(serving_address(settings, common_pb2.SERVICE_KIND_PRIVACY))
     return channel, privacy_pb2_grpc.PrivacyServiceStub(channel)
 
 

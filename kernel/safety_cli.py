@@ -30,44 +30,19 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
+from llmos.kernel.service_address import serving_address
 from llmos.services.config import Settings
-from llmos.services.errors import InvalidArgument, NotFound, from_rpc_error
+from llmos.services.errors import InvalidArgument, from_rpc_error
 from llmos.services.safety.evaluation import Scored, report
 from llmos.services.safety.policy import ACTION_NAMES
-from llmos.v1 import common_pb2, kernel_pb2, kernel_pb2_grpc, safety_pb2, safety_pb2_grpc
+from llmos.v1 import common_pb2, safety_pb2, safety_pb2_grpc
 
 CALL_TIMEOUT_S = 30.0
 DIRECTIONS = {"input": safety_pb2.DIRECTION_INPUT, "output": safety_pb2.DIRECTION_OUTPUT}
 
 
-def safety_address(settings: Settings) -> str:
-    """The address of a serving safety service, as the kernel lists it."""
-    channel = grpc.insecure_channel(settings.kernel_target)
-    try:
-        reply = kernel_pb2_grpc.KernelServiceStub(channel).ListServices(
-            kernel_pb2.ListServicesRequest(), timeout=10
-        )
-    except grpc.RpcError as error:
-        where = f"ListServices on the kernel at {settings.kernel_target}"
-        raise from_rpc_error(error, where) from error  # type: ignore[arg-type]
-    finally:
-        channel.close()
-    serving = [
-        s
-        for s in reply.services
-        if s.kind == common_pb2.SERVICE_KIND_SAFETY
-        and s.health == common_pb2.SERVICE_HEALTH_SERVING
-    ]
-    if not serving:
-        raise NotFound(
-            f"no safety service is registered and serving at the kernel {settings.kernel_target}",
-            reason="SERVICE_UNAVAILABLE",
-        )
-    return serving[0].address
-
-
 def _stub(settings: Settings) -> tuple[grpc.Channel, safety_pb2_grpc.SafetyServiceStub]:
-    channel = grpc.insecure_channel(safety_address(settings))
+    channel = grpc.insecure_channel(serving_address(settings, common_pb2.SERVICE_KIND_SAFETY))
     return channel, safety_pb2_grpc.SafetyServiceStub(channel)
 
 
