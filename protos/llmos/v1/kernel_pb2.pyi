@@ -1017,3 +1017,95 @@ class InvokeToolResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___InvokeToolResponse: _TypeAlias = InvokeToolResponse  # noqa: Y015
+
+@_typing.final
+class ListPluginCommandsRequest(_message.Message):
+    """plugins: `llmos plugins commands`.
+    [#next-free-field: 1]
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPluginCommandsRequest: _TypeAlias = ListPluginCommandsRequest  # noqa: Y015
+
+@_typing.final
+class ListPluginCommandsResponse(_message.Message):
+    """[#next-free-field: 2]"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMMANDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def commands(self) -> _containers.RepeatedCompositeFieldContainer[_plugin_pb2.PluginCommand]: ...
+    def __init__(
+        self,
+        *,
+        commands: _abc.Iterable[_plugin_pb2.PluginCommand] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commands", b"commands"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPluginCommandsResponse: _TypeAlias = ListPluginCommandsResponse  # noqa: Y015
+
+@_typing.final
+class RunPluginCommandRequest(_message.Message):
+    """plugins: `llmos plugins run PLUGIN COMMAND [ARGS...]`.
+    [#next-free-field: 4]
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLUGIN_FIELD_NUMBER: _builtins.int
+    COMMAND_FIELD_NUMBER: _builtins.int
+    ARGS_FIELD_NUMBER: _builtins.int
+    plugin: _builtins.str
+    command: _builtins.str
+    @_builtins.property
+    def args(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        plugin: _builtins.str = ...,
+        command: _builtins.str = ...,
+        args: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "command", b"command", "plugin", b"plugin"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunPluginCommandRequest: _TypeAlias = RunPluginCommandRequest  # noqa: Y015
+
+@_typing.final
+class RunPluginCommandResponse(_message.Message):
+    """[#next-free-field: 2]"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    output: _builtins.str
+    def __init__(
+        self,
+        *,
+        output: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["output", b"output"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunPluginCommandResponse: _TypeAlias = RunPluginCommandResponse  # noqa: Y015

@@ -122,6 +122,16 @@ class KernelServiceStub:
                 request_serializer=llmos_dot_v1_dot_kernel__pb2.InvokeToolRequest.SerializeToString,
                 response_deserializer=llmos_dot_v1_dot_kernel__pb2.InvokeToolResponse.FromString,
                 _registered_method=True)
+        self.ListPluginCommands = channel.unary_unary(
+                '/llmos.v1.KernelService/ListPluginCommands',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.ListPluginCommandsRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.ListPluginCommandsResponse.FromString,
+                _registered_method=True)
+        self.RunPluginCommand = channel.unary_unary(
+                '/llmos.v1.KernelService/RunPluginCommand',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.RunPluginCommandRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.RunPluginCommandResponse.FromString,
+                _registered_method=True)
 
 
 class KernelServiceServicer:
@@ -244,6 +254,20 @@ class KernelServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListPluginCommands(self, request, context):
+        """plugins: the commands the running plugins registered (llmos_register_commands).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RunPluginCommand(self, request, context):
+        """plugins: runs one plugin command inside that plugin's host.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KernelServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -331,6 +355,16 @@ def add_KernelServiceServicer_to_server(servicer, server):
                     servicer.InvokeTool,
                     request_deserializer=llmos_dot_v1_dot_kernel__pb2.InvokeToolRequest.FromString,
                     response_serializer=llmos_dot_v1_dot_kernel__pb2.InvokeToolResponse.SerializeToString,
+            ),
+            'ListPluginCommands': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPluginCommands,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.ListPluginCommandsRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.ListPluginCommandsResponse.SerializeToString,
+            ),
+            'RunPluginCommand': grpc.unary_unary_rpc_method_handler(
+                    servicer.RunPluginCommand,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.RunPluginCommandRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.RunPluginCommandResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -795,6 +829,60 @@ class KernelService:
             '/llmos.v1.KernelService/InvokeTool',
             llmos_dot_v1_dot_kernel__pb2.InvokeToolRequest.SerializeToString,
             llmos_dot_v1_dot_kernel__pb2.InvokeToolResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPluginCommands(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.KernelService/ListPluginCommands',
+            llmos_dot_v1_dot_kernel__pb2.ListPluginCommandsRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.ListPluginCommandsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunPluginCommand(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.KernelService/RunPluginCommand',
+            llmos_dot_v1_dot_kernel__pb2.RunPluginCommandRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.RunPluginCommandResponse.FromString,
             options,
             channel_credentials,
             insecure,

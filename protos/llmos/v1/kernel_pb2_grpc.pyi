@@ -66,6 +66,10 @@ class KernelServiceStub:
     """The tools the running plugins offer, named "<plugin>.<tool>"."""
     InvokeTool: _grpc.UnaryUnaryMultiCallable[_kernel_pb2.InvokeToolRequest, _kernel_pb2.InvokeToolResponse]
     """Runs one tool: the caller's permission and the input's schema are checked first."""
+    ListPluginCommands: _grpc.UnaryUnaryMultiCallable[_kernel_pb2.ListPluginCommandsRequest, _kernel_pb2.ListPluginCommandsResponse]
+    """plugins: the commands the running plugins registered (llmos_register_commands)."""
+    RunPluginCommand: _grpc.UnaryUnaryMultiCallable[_kernel_pb2.RunPluginCommandRequest, _kernel_pb2.RunPluginCommandResponse]
+    """plugins: runs one plugin command inside that plugin's host."""
 
 @_typing.type_check_only
 class KernelServiceAsyncStub(KernelServiceStub):
@@ -105,6 +109,10 @@ class KernelServiceAsyncStub(KernelServiceStub):
     """The tools the running plugins offer, named "<plugin>.<tool>"."""
     InvokeTool: _aio.UnaryUnaryMultiCallable[_kernel_pb2.InvokeToolRequest, _kernel_pb2.InvokeToolResponse]  # type: ignore[assignment]
     """Runs one tool: the caller's permission and the input's schema are checked first."""
+    ListPluginCommands: _aio.UnaryUnaryMultiCallable[_kernel_pb2.ListPluginCommandsRequest, _kernel_pb2.ListPluginCommandsResponse]  # type: ignore[assignment]
+    """plugins: the commands the running plugins registered (llmos_register_commands)."""
+    RunPluginCommand: _aio.UnaryUnaryMultiCallable[_kernel_pb2.RunPluginCommandRequest, _kernel_pb2.RunPluginCommandResponse]  # type: ignore[assignment]
+    """plugins: runs one plugin command inside that plugin's host."""
 
 class KernelServiceServicer(metaclass=_abc_1.ABCMeta):
     """Schedules work, brokers it to the services through the request pipeline, and keeps
@@ -243,5 +251,21 @@ class KernelServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_kernel_pb2.InvokeToolResponse, _abc.Awaitable[_kernel_pb2.InvokeToolResponse]]:
         """Runs one tool: the caller's permission and the input's schema are checked first."""
+
+    @_abc_1.abstractmethod
+    def ListPluginCommands(
+        self,
+        request: _kernel_pb2.ListPluginCommandsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kernel_pb2.ListPluginCommandsResponse, _abc.Awaitable[_kernel_pb2.ListPluginCommandsResponse]]:
+        """plugins: the commands the running plugins registered (llmos_register_commands)."""
+
+    @_abc_1.abstractmethod
+    def RunPluginCommand(
+        self,
+        request: _kernel_pb2.RunPluginCommandRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kernel_pb2.RunPluginCommandResponse, _abc.Awaitable[_kernel_pb2.RunPluginCommandResponse]]:
+        """plugins: runs one plugin command inside that plugin's host."""
 
 def add_KernelServiceServicer_to_server(servicer: KernelServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15llmos/v1/plugin.proto\x12\x08llmos.v1\x1a\x1cgoogle/protobuf/struct.proto\"%\n#PluginHostServiceGetManifestRequest\"d\n$PluginHostServiceGetManifestResponse\x12)\n\x08manifest\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x11\n\tisolation\x18\x02 \x01(\t\"\\\n PluginHostServiceCallHookRequest\x12\x0c\n\x04hook\x18\x01 \x01(\t\x12*\n\targuments\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"L\n!PluginHostServiceCallHookResponse\x12\'\n\x06result\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\"#\n!PluginHostServiceListToolsRequest\"h\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12-\n\x0cinput_schema\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0e\n\x06plugin\x18\x04 \x01(\t\"C\n\"PluginHostServiceListToolsResponse\x12\x1d\n\x05tools\x18\x01 \x03(\x0b\x32\x0e.llmos.v1.Tool\"Z\n\"PluginHostServiceInvokeToolRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x05input\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"N\n#PluginHostServiceInvokeToolResponse\x12\'\n\x06output\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct2\xb9\x03\n\x11PluginHostService\x12l\n\x0bGetManifest\x12-.llmos.v1.PluginHostServiceGetManifestRequest\x1a..llmos.v1.PluginHostServiceGetManifestResponse\x12\x63\n\x08\x43\x61llHook\x12*.llmos.v1.PluginHostServiceCallHookRequest\x1a+.llmos.v1.PluginHostServiceCallHookResponse\x12\x66\n\tListTools\x12+.llmos.v1.PluginHostServiceListToolsRequest\x1a,.llmos.v1.PluginHostServiceListToolsResponse\x12i\n\nInvokeTool\x12,.llmos.v1.PluginHostServiceInvokeToolRequest\x1a-.llmos.v1.PluginHostServiceInvokeToolResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15llmos/v1/plugin.proto\x12\x08llmos.v1\x1a\x1cgoogle/protobuf/struct.proto\"%\n#PluginHostServiceGetManifestRequest\"d\n$PluginHostServiceGetManifestResponse\x12)\n\x08manifest\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x11\n\tisolation\x18\x02 \x01(\t\"\\\n PluginHostServiceCallHookRequest\x12\x0c\n\x04hook\x18\x01 \x01(\t\x12*\n\targuments\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"L\n!PluginHostServiceCallHookResponse\x12\'\n\x06result\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\"#\n!PluginHostServiceListToolsRequest\"h\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12-\n\x0cinput_schema\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0e\n\x06plugin\x18\x04 \x01(\t\"C\n\"PluginHostServiceListToolsResponse\x12\x1d\n\x05tools\x18\x01 \x03(\x0b\x32\x0e.llmos.v1.Tool\"Z\n\"PluginHostServiceInvokeToolRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x05input\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"N\n#PluginHostServiceInvokeToolResponse\x12\'\n\x06output\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\";\n\rPluginCommand\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04help\x18\x02 \x01(\t\x12\x0e\n\x06plugin\x18\x03 \x01(\t\"&\n$PluginHostServiceListCommandsRequest\"R\n%PluginHostServiceListCommandsResponse\x12)\n\x08\x63ommands\x18\x01 \x03(\x0b\x32\x17.llmos.v1.PluginCommand\"@\n\"PluginHostServiceRunCommandRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x02 \x03(\t\"5\n#PluginHostServiceRunCommandResponse\x12\x0e\n\x06output\x18\x01 \x01(\t2\x95\x05\n\x11PluginHostService\x12l\n\x0bGetManifest\x12-.llmos.v1.PluginHostServiceGetManifestRequest\x1a..llmos.v1.PluginHostServiceGetManifestResponse\x12\x63\n\x08\x43\x61llHook\x12*.llmos.v1.PluginHostServiceCallHookRequest\x1a+.llmos.v1.PluginHostServiceCallHookResponse\x12\x66\n\tListTools\x12+.llmos.v1.PluginHostServiceListToolsRequest\x1a,.llmos.v1.PluginHostServiceListToolsResponse\x12i\n\nInvokeTool\x12,.llmos.v1.PluginHostServiceInvokeToolRequest\x1a-.llmos.v1.PluginHostServiceInvokeToolResponse\x12o\n\x0cListCommands\x12..llmos.v1.PluginHostServiceListCommandsRequest\x1a/.llmos.v1.PluginHostServiceListCommandsResponse\x12i\n\nRunCommand\x12,.llmos.v1.PluginHostServiceRunCommandRequest\x1a-.llmos.v1.PluginHostServiceRunCommandResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -50,6 +50,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PLUGINHOSTSERVICEINVOKETOOLREQUEST']._serialized_end=680
   _globals['_PLUGINHOSTSERVICEINVOKETOOLRESPONSE']._serialized_start=682
   _globals['_PLUGINHOSTSERVICEINVOKETOOLRESPONSE']._serialized_end=760
-  _globals['_PLUGINHOSTSERVICE']._serialized_start=763
-  _globals['_PLUGINHOSTSERVICE']._serialized_end=1204
+  _globals['_PLUGINCOMMAND']._serialized_start=762
+  _globals['_PLUGINCOMMAND']._serialized_end=821
+  _globals['_PLUGINHOSTSERVICELISTCOMMANDSREQUEST']._serialized_start=823
+  _globals['_PLUGINHOSTSERVICELISTCOMMANDSREQUEST']._serialized_end=861
+  _globals['_PLUGINHOSTSERVICELISTCOMMANDSRESPONSE']._serialized_start=863
+  _globals['_PLUGINHOSTSERVICELISTCOMMANDSRESPONSE']._serialized_end=945
+  _globals['_PLUGINHOSTSERVICERUNCOMMANDREQUEST']._serialized_start=947
+  _globals['_PLUGINHOSTSERVICERUNCOMMANDREQUEST']._serialized_end=1011
+  _globals['_PLUGINHOSTSERVICERUNCOMMANDRESPONSE']._serialized_start=1013
+  _globals['_PLUGINHOSTSERVICERUNCOMMANDRESPONSE']._serialized_end=1066
+  _globals['_PLUGINHOSTSERVICE']._serialized_start=1069
+  _globals['_PLUGINHOSTSERVICE']._serialized_end=1730
 # @@protoc_insertion_point(module_scope)

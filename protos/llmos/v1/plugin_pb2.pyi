@@ -229,3 +229,122 @@ class PluginHostServiceInvokeToolResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PluginHostServiceInvokeToolResponse: _TypeAlias = PluginHostServiceInvokeToolResponse  # noqa: Y015
+
+@_typing.final
+class PluginCommand(_message.Message):
+    """A command a plugin offers to the `llmos` command line (`llmos plugins run PLUGIN NAME`).
+    [#next-free-field: 4]
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    HELP_FIELD_NUMBER: _builtins.int
+    PLUGIN_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    help: _builtins.str
+    """One line of help, as the plugin registered it."""
+    plugin: _builtins.str
+    """The plugin offering it; set by the kernel (a host leaves it empty)."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        help: _builtins.str = ...,
+        plugin: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["help", b"help", "name", b"name", "plugin", b"plugin"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PluginCommand: _TypeAlias = PluginCommand  # noqa: Y015
+
+@_typing.final
+class PluginHostServiceListCommandsRequest(_message.Message):
+    """[#next-free-field: 1]"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PluginHostServiceListCommandsRequest: _TypeAlias = PluginHostServiceListCommandsRequest  # noqa: Y015
+
+@_typing.final
+class PluginHostServiceListCommandsResponse(_message.Message):
+    """[#next-free-field: 2]"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMMANDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def commands(self) -> _containers.RepeatedCompositeFieldContainer[Global___PluginCommand]: ...
+    def __init__(
+        self,
+        *,
+        commands: _abc.Iterable[Global___PluginCommand] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commands", b"commands"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PluginHostServiceListCommandsResponse: _TypeAlias = PluginHostServiceListCommandsResponse  # noqa: Y015
+
+@_typing.final
+class PluginHostServiceRunCommandRequest(_message.Message):
+    """[#next-free-field: 3]"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ARGS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    @_builtins.property
+    def args(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The words after the command's name, as typed."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        args: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PluginHostServiceRunCommandRequest: _TypeAlias = PluginHostServiceRunCommandRequest  # noqa: Y015
+
+@_typing.final
+class PluginHostServiceRunCommandResponse(_message.Message):
+    """[#next-free-field: 2]"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    output: _builtins.str
+    """The text the command returned, for the command line to print."""
+    def __init__(
+        self,
+        *,
+        output: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["output", b"output"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PluginHostServiceRunCommandResponse: _TypeAlias = PluginHostServiceRunCommandResponse  # noqa: Y015

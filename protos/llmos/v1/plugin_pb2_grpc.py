@@ -54,6 +54,16 @@ class PluginHostServiceStub:
                 request_serializer=llmos_dot_v1_dot_plugin__pb2.PluginHostServiceInvokeToolRequest.SerializeToString,
                 response_deserializer=llmos_dot_v1_dot_plugin__pb2.PluginHostServiceInvokeToolResponse.FromString,
                 _registered_method=True)
+        self.ListCommands = channel.unary_unary(
+                '/llmos.v1.PluginHostService/ListCommands',
+                request_serializer=llmos_dot_v1_dot_plugin__pb2.PluginHostServiceListCommandsRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_plugin__pb2.PluginHostServiceListCommandsResponse.FromString,
+                _registered_method=True)
+        self.RunCommand = channel.unary_unary(
+                '/llmos.v1.PluginHostService/RunCommand',
+                request_serializer=llmos_dot_v1_dot_plugin__pb2.PluginHostServiceRunCommandRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_plugin__pb2.PluginHostServiceRunCommandResponse.FromString,
+                _registered_method=True)
 
 
 class PluginHostServiceServicer:
@@ -85,6 +95,20 @@ class PluginHostServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListCommands(self, request, context):
+        """The command-line commands the plugin registered (llmos_register_commands).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RunCommand(self, request, context):
+        """Runs one registered command in the host, with the manifest's timeout.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PluginHostServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -107,6 +131,16 @@ def add_PluginHostServiceServicer_to_server(servicer, server):
                     servicer.InvokeTool,
                     request_deserializer=llmos_dot_v1_dot_plugin__pb2.PluginHostServiceInvokeToolRequest.FromString,
                     response_serializer=llmos_dot_v1_dot_plugin__pb2.PluginHostServiceInvokeToolResponse.SerializeToString,
+            ),
+            'ListCommands': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCommands,
+                    request_deserializer=llmos_dot_v1_dot_plugin__pb2.PluginHostServiceListCommandsRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_plugin__pb2.PluginHostServiceListCommandsResponse.SerializeToString,
+            ),
+            'RunCommand': grpc.unary_unary_rpc_method_handler(
+                    servicer.RunCommand,
+                    request_deserializer=llmos_dot_v1_dot_plugin__pb2.PluginHostServiceRunCommandRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_plugin__pb2.PluginHostServiceRunCommandResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -217,6 +251,60 @@ class PluginHostService:
             '/llmos.v1.PluginHostService/InvokeTool',
             llmos_dot_v1_dot_plugin__pb2.PluginHostServiceInvokeToolRequest.SerializeToString,
             llmos_dot_v1_dot_plugin__pb2.PluginHostServiceInvokeToolResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCommands(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.PluginHostService/ListCommands',
+            llmos_dot_v1_dot_plugin__pb2.PluginHostServiceListCommandsRequest.SerializeToString,
+            llmos_dot_v1_dot_plugin__pb2.PluginHostServiceListCommandsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunCommand(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.PluginHostService/RunCommand',
+            llmos_dot_v1_dot_plugin__pb2.PluginHostServiceRunCommandRequest.SerializeToString,
+            llmos_dot_v1_dot_plugin__pb2.PluginHostServiceRunCommandResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,10 @@ class PluginHostServiceStub:
     """Calls one hook with JSON-like arguments."""
     ListTools: _grpc.UnaryUnaryMultiCallable[_plugin_pb2.PluginHostServiceListToolsRequest, _plugin_pb2.PluginHostServiceListToolsResponse]
     InvokeTool: _grpc.UnaryUnaryMultiCallable[_plugin_pb2.PluginHostServiceInvokeToolRequest, _plugin_pb2.PluginHostServiceInvokeToolResponse]
+    ListCommands: _grpc.UnaryUnaryMultiCallable[_plugin_pb2.PluginHostServiceListCommandsRequest, _plugin_pb2.PluginHostServiceListCommandsResponse]
+    """The command-line commands the plugin registered (llmos_register_commands)."""
+    RunCommand: _grpc.UnaryUnaryMultiCallable[_plugin_pb2.PluginHostServiceRunCommandRequest, _plugin_pb2.PluginHostServiceRunCommandResponse]
+    """Runs one registered command in the host, with the manifest's timeout."""
 
 @_typing.type_check_only
 class PluginHostServiceAsyncStub(PluginHostServiceStub):
@@ -49,6 +53,10 @@ class PluginHostServiceAsyncStub(PluginHostServiceStub):
     """Calls one hook with JSON-like arguments."""
     ListTools: _aio.UnaryUnaryMultiCallable[_plugin_pb2.PluginHostServiceListToolsRequest, _plugin_pb2.PluginHostServiceListToolsResponse]  # type: ignore[assignment]
     InvokeTool: _aio.UnaryUnaryMultiCallable[_plugin_pb2.PluginHostServiceInvokeToolRequest, _plugin_pb2.PluginHostServiceInvokeToolResponse]  # type: ignore[assignment]
+    ListCommands: _aio.UnaryUnaryMultiCallable[_plugin_pb2.PluginHostServiceListCommandsRequest, _plugin_pb2.PluginHostServiceListCommandsResponse]  # type: ignore[assignment]
+    """The command-line commands the plugin registered (llmos_register_commands)."""
+    RunCommand: _aio.UnaryUnaryMultiCallable[_plugin_pb2.PluginHostServiceRunCommandRequest, _plugin_pb2.PluginHostServiceRunCommandResponse]  # type: ignore[assignment]
+    """Runs one registered command in the host, with the manifest's timeout."""
 
 class PluginHostServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -80,5 +88,21 @@ class PluginHostServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _plugin_pb2.PluginHostServiceInvokeToolRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_plugin_pb2.PluginHostServiceInvokeToolResponse, _abc.Awaitable[_plugin_pb2.PluginHostServiceInvokeToolResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListCommands(
+        self,
+        request: _plugin_pb2.PluginHostServiceListCommandsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_plugin_pb2.PluginHostServiceListCommandsResponse, _abc.Awaitable[_plugin_pb2.PluginHostServiceListCommandsResponse]]:
+        """The command-line commands the plugin registered (llmos_register_commands)."""
+
+    @_abc_1.abstractmethod
+    def RunCommand(
+        self,
+        request: _plugin_pb2.PluginHostServiceRunCommandRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_plugin_pb2.PluginHostServiceRunCommandResponse, _abc.Awaitable[_plugin_pb2.PluginHostServiceRunCommandResponse]]:
+        """Runs one registered command in the host, with the manifest's timeout."""
 
 def add_PluginHostServiceServicer_to_server(servicer: PluginHostServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
