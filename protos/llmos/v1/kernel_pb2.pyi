@@ -1109,3 +1109,128 @@ class RunPluginCommandResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RunPluginCommandResponse: _TypeAlias = RunPluginCommandResponse  # noqa: Y015
+
+@_typing.final
+class ForgetTenantRequest(_message.Message):
+    """forget: `llmos forget tenant NAME`.
+    [#next-free-field: 2]
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForgetTenantRequest: _TypeAlias = ForgetTenantRequest  # noqa: Y015
+
+@_typing.final
+class ForgetTenantResponse(_message.Message):
+    """forget: what was deleted, and what was done first.
+    [#next-free-field: 5]
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASKS_DELETED_FIELD_NUMBER: _builtins.int
+    TASKS_CANCELLED_FIELD_NUMBER: _builtins.int
+    VAULT_ENTRIES_DELETED_FIELD_NUMBER: _builtins.int
+    NOTES_FIELD_NUMBER: _builtins.int
+    tasks_deleted: _builtins.int
+    tasks_cancelled: _builtins.int
+    """Queued or running tasks cancelled before they were deleted."""
+    vault_entries_deleted: _builtins.int
+    @_builtins.property
+    def notes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What the kernel did beyond deleting, for people (e.g. an AOF rewrite started)."""
+
+    def __init__(
+        self,
+        *,
+        tasks_deleted: _builtins.int = ...,
+        tasks_cancelled: _builtins.int = ...,
+        vault_entries_deleted: _builtins.int = ...,
+        notes: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["notes", b"notes", "tasks_cancelled", b"tasks_cancelled", "tasks_deleted", b"tasks_deleted", "vault_entries_deleted", b"vault_entries_deleted"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForgetTenantResponse: _TypeAlias = ForgetTenantResponse  # noqa: Y015
+
+@_typing.final
+class ForgetSubjectRequest(_message.Message):
+    """forget: `llmos forget subject --tenant T VALUE`.
+    [#next-free-field: 3]
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    subject: _builtins.str
+    """A PII value the subject is known by (email, phone number, name...), as written in
+    prompts; case and runs of spaces do not matter, nor punctuation in phone numbers.
+    """
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        subject: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["subject", b"subject", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForgetSubjectRequest: _TypeAlias = ForgetSubjectRequest  # noqa: Y015
+
+@_typing.final
+class ForgetSubjectResponse(_message.Message):
+    """[#next-free-field: 6]"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASKS_DELETED_FIELD_NUMBER: _builtins.int
+    TASKS_CANCELLED_FIELD_NUMBER: _builtins.int
+    VAULT_ENTRIES_DELETED_FIELD_NUMBER: _builtins.int
+    TASK_IDS_FIELD_NUMBER: _builtins.int
+    NOTES_FIELD_NUMBER: _builtins.int
+    tasks_deleted: _builtins.int
+    tasks_cancelled: _builtins.int
+    vault_entries_deleted: _builtins.int
+    @_builtins.property
+    def task_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The ids of the deleted tasks, for the caller's audit record."""
+
+    @_builtins.property
+    def notes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        tasks_deleted: _builtins.int = ...,
+        tasks_cancelled: _builtins.int = ...,
+        vault_entries_deleted: _builtins.int = ...,
+        task_ids: _abc.Iterable[_builtins.str] | None = ...,
+        notes: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["notes", b"notes", "task_ids", b"task_ids", "tasks_cancelled", b"tasks_cancelled", "tasks_deleted", b"tasks_deleted", "vault_entries_deleted", b"vault_entries_deleted"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForgetSubjectResponse: _TypeAlias = ForgetSubjectResponse  # noqa: Y015

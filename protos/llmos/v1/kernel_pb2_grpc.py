@@ -132,6 +132,16 @@ class KernelServiceStub:
                 request_serializer=llmos_dot_v1_dot_kernel__pb2.RunPluginCommandRequest.SerializeToString,
                 response_deserializer=llmos_dot_v1_dot_kernel__pb2.RunPluginCommandResponse.FromString,
                 _registered_method=True)
+        self.ForgetTenant = channel.unary_unary(
+                '/llmos.v1.KernelService/ForgetTenant',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.ForgetTenantRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.ForgetTenantResponse.FromString,
+                _registered_method=True)
+        self.ForgetSubject = channel.unary_unary(
+                '/llmos.v1.KernelService/ForgetSubject',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.ForgetSubjectRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.ForgetSubjectResponse.FromString,
+                _registered_method=True)
 
 
 class KernelServiceServicer:
@@ -268,6 +278,22 @@ class KernelServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForgetTenant(self, request, context):
+        """forget (retention and forgetting): delete every task of a tenant with its events,
+        traces and vault entries; its running tasks are cancelled first. Admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForgetSubject(self, request, context):
+        """forget: delete every task of a tenant whose prompt held a data subject's PII value
+        (found through a blind index, not plaintext) and its vault conversation. Admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KernelServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -365,6 +391,16 @@ def add_KernelServiceServicer_to_server(servicer, server):
                     servicer.RunPluginCommand,
                     request_deserializer=llmos_dot_v1_dot_kernel__pb2.RunPluginCommandRequest.FromString,
                     response_serializer=llmos_dot_v1_dot_kernel__pb2.RunPluginCommandResponse.SerializeToString,
+            ),
+            'ForgetTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForgetTenant,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.ForgetTenantRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.ForgetTenantResponse.SerializeToString,
+            ),
+            'ForgetSubject': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForgetSubject,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.ForgetSubjectRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.ForgetSubjectResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -883,6 +919,60 @@ class KernelService:
             '/llmos.v1.KernelService/RunPluginCommand',
             llmos_dot_v1_dot_kernel__pb2.RunPluginCommandRequest.SerializeToString,
             llmos_dot_v1_dot_kernel__pb2.RunPluginCommandResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForgetTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.KernelService/ForgetTenant',
+            llmos_dot_v1_dot_kernel__pb2.ForgetTenantRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.ForgetTenantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForgetSubject(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.KernelService/ForgetSubject',
+            llmos_dot_v1_dot_kernel__pb2.ForgetSubjectRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.ForgetSubjectResponse.FromString,
             options,
             channel_credentials,
             insecure,

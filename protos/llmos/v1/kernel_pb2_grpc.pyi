@@ -70,6 +70,14 @@ class KernelServiceStub:
     """plugins: the commands the running plugins registered (llmos_register_commands)."""
     RunPluginCommand: _grpc.UnaryUnaryMultiCallable[_kernel_pb2.RunPluginCommandRequest, _kernel_pb2.RunPluginCommandResponse]
     """plugins: runs one plugin command inside that plugin's host."""
+    ForgetTenant: _grpc.UnaryUnaryMultiCallable[_kernel_pb2.ForgetTenantRequest, _kernel_pb2.ForgetTenantResponse]
+    """forget (retention and forgetting): delete every task of a tenant with its events,
+    traces and vault entries; its running tasks are cancelled first. Admin.
+    """
+    ForgetSubject: _grpc.UnaryUnaryMultiCallable[_kernel_pb2.ForgetSubjectRequest, _kernel_pb2.ForgetSubjectResponse]
+    """forget: delete every task of a tenant whose prompt held a data subject's PII value
+    (found through a blind index, not plaintext) and its vault conversation. Admin.
+    """
 
 @_typing.type_check_only
 class KernelServiceAsyncStub(KernelServiceStub):
@@ -113,6 +121,14 @@ class KernelServiceAsyncStub(KernelServiceStub):
     """plugins: the commands the running plugins registered (llmos_register_commands)."""
     RunPluginCommand: _aio.UnaryUnaryMultiCallable[_kernel_pb2.RunPluginCommandRequest, _kernel_pb2.RunPluginCommandResponse]  # type: ignore[assignment]
     """plugins: runs one plugin command inside that plugin's host."""
+    ForgetTenant: _aio.UnaryUnaryMultiCallable[_kernel_pb2.ForgetTenantRequest, _kernel_pb2.ForgetTenantResponse]  # type: ignore[assignment]
+    """forget (retention and forgetting): delete every task of a tenant with its events,
+    traces and vault entries; its running tasks are cancelled first. Admin.
+    """
+    ForgetSubject: _aio.UnaryUnaryMultiCallable[_kernel_pb2.ForgetSubjectRequest, _kernel_pb2.ForgetSubjectResponse]  # type: ignore[assignment]
+    """forget: delete every task of a tenant whose prompt held a data subject's PII value
+    (found through a blind index, not plaintext) and its vault conversation. Admin.
+    """
 
 class KernelServiceServicer(metaclass=_abc_1.ABCMeta):
     """Schedules work, brokers it to the services through the request pipeline, and keeps
@@ -267,5 +283,25 @@ class KernelServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_kernel_pb2.RunPluginCommandResponse, _abc.Awaitable[_kernel_pb2.RunPluginCommandResponse]]:
         """plugins: runs one plugin command inside that plugin's host."""
+
+    @_abc_1.abstractmethod
+    def ForgetTenant(
+        self,
+        request: _kernel_pb2.ForgetTenantRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kernel_pb2.ForgetTenantResponse, _abc.Awaitable[_kernel_pb2.ForgetTenantResponse]]:
+        """forget (retention and forgetting): delete every task of a tenant with its events,
+        traces and vault entries; its running tasks are cancelled first. Admin.
+        """
+
+    @_abc_1.abstractmethod
+    def ForgetSubject(
+        self,
+        request: _kernel_pb2.ForgetSubjectRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kernel_pb2.ForgetSubjectResponse, _abc.Awaitable[_kernel_pb2.ForgetSubjectResponse]]:
+        """forget: delete every task of a tenant whose prompt held a data subject's PII value
+        (found through a blind index, not plaintext) and its vault conversation. Admin.
+        """
 
 def add_KernelServiceServicer_to_server(servicer: KernelServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

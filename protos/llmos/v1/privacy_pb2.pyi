@@ -172,24 +172,34 @@ Global___PrivacyServiceRedactRequest: _TypeAlias = PrivacyServiceRedactRequest  
 
 @_typing.final
 class PrivacyServiceRedactResponse(_message.Message):
-    """[#next-free-field: 3]"""
+    """[#next-free-field: 4]"""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     TEXT_FIELD_NUMBER: _builtins.int
     ENTITIES_FIELD_NUMBER: _builtins.int
+    SUBJECT_INDEX_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     @_builtins.property
     def entities(self) -> _containers.RepeatedCompositeFieldContainer[Global___Entity]: ...
+    @_builtins.property
+    def subject_index(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """A blind index of the text's data subjects: a keyed HMAC (the tenant's "subject" key
+        under the active key id) of each distinct value detected, of every type, normalized
+        (case, spaces; digits only for phone-like values). The kernel stores them with the
+        task so ForgetSubject finds it later without keeping the value.
+        """
+
     def __init__(
         self,
         *,
         text: _builtins.str = ...,
         entities: _abc.Iterable[Global___Entity] | None = ...,
+        subject_index: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entities", b"entities", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entities", b"entities", "subject_index", b"subject_index", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -318,20 +328,35 @@ Global___PrivacyServiceForgetSubjectRequest: _TypeAlias = PrivacyServiceForgetSu
 
 @_typing.final
 class PrivacyServiceForgetSubjectResponse(_message.Message):
-    """[#next-free-field: 2]"""
+    """[#next-free-field: 4]"""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     DELETED_FIELD_NUMBER: _builtins.int
+    SUBJECT_INDEX_FIELD_NUMBER: _builtins.int
+    CONVERSATION_IDS_FIELD_NUMBER: _builtins.int
     deleted: _builtins.int
+    """Vault entries deleted: every entry of each conversation that held the subject."""
+    @_builtins.property
+    def subject_index(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """The subject's blind-index values under every key of the ring (so data indexed before
+        a key rotation is found too), as Redact returns them.
+        """
+
+    @_builtins.property
+    def conversation_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The conversations deleted (the kernel uses task ids as conversation ids)."""
+
     def __init__(
         self,
         *,
         deleted: _builtins.int = ...,
+        subject_index: _abc.Iterable[_builtins.bytes] | None = ...,
+        conversation_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted", b"deleted"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_ids", b"conversation_ids", "deleted", b"deleted", "subject_index", b"subject_index"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
