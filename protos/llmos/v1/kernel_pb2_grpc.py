@@ -142,6 +142,16 @@ class KernelServiceStub:
                 request_serializer=llmos_dot_v1_dot_kernel__pb2.ForgetSubjectRequest.SerializeToString,
                 response_deserializer=llmos_dot_v1_dot_kernel__pb2.ForgetSubjectResponse.FromString,
                 _registered_method=True)
+        self.Score = channel.unary_unary(
+                '/llmos.v1.KernelService/Score',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.ScoreRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.ScoreResponse.FromString,
+                _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/llmos.v1.KernelService/Embed',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.EmbedResponse.FromString,
+                _registered_method=True)
 
 
 class KernelServiceServicer:
@@ -294,6 +304,21 @@ class KernelServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Score(self, request, context):
+        """runtimeapi: per-token log-probabilities of a continuation after a context.
+        Admitted like Generate (tenant, priority class, bounded queue); not stored as a task.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Embed(self, request, context):
+        """runtimeapi: sentence embeddings (all-MiniLM-L6-v2 by default), admitted like Score.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KernelServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -401,6 +426,16 @@ def add_KernelServiceServicer_to_server(servicer, server):
                     servicer.ForgetSubject,
                     request_deserializer=llmos_dot_v1_dot_kernel__pb2.ForgetSubjectRequest.FromString,
                     response_serializer=llmos_dot_v1_dot_kernel__pb2.ForgetSubjectResponse.SerializeToString,
+            ),
+            'Score': grpc.unary_unary_rpc_method_handler(
+                    servicer.Score,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.ScoreRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.ScoreResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.EmbedRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.EmbedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -973,6 +1008,60 @@ class KernelService:
             '/llmos.v1.KernelService/ForgetSubject',
             llmos_dot_v1_dot_kernel__pb2.ForgetSubjectRequest.SerializeToString,
             llmos_dot_v1_dot_kernel__pb2.ForgetSubjectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Score(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.KernelService/Score',
+            llmos_dot_v1_dot_kernel__pb2.ScoreRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.ScoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.KernelService/Embed',
+            llmos_dot_v1_dot_kernel__pb2.EmbedRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -78,6 +78,12 @@ class KernelServiceStub:
     """forget: delete every task of a tenant whose prompt held a data subject's PII value
     (found through a blind index, not plaintext) and its vault conversation. Admin.
     """
+    Score: _grpc.UnaryUnaryMultiCallable[_kernel_pb2.ScoreRequest, _kernel_pb2.ScoreResponse]
+    """runtimeapi: per-token log-probabilities of a continuation after a context.
+    Admitted like Generate (tenant, priority class, bounded queue); not stored as a task.
+    """
+    Embed: _grpc.UnaryUnaryMultiCallable[_kernel_pb2.EmbedRequest, _kernel_pb2.EmbedResponse]
+    """runtimeapi: sentence embeddings (all-MiniLM-L6-v2 by default), admitted like Score."""
 
 @_typing.type_check_only
 class KernelServiceAsyncStub(KernelServiceStub):
@@ -129,6 +135,12 @@ class KernelServiceAsyncStub(KernelServiceStub):
     """forget: delete every task of a tenant whose prompt held a data subject's PII value
     (found through a blind index, not plaintext) and its vault conversation. Admin.
     """
+    Score: _aio.UnaryUnaryMultiCallable[_kernel_pb2.ScoreRequest, _kernel_pb2.ScoreResponse]  # type: ignore[assignment]
+    """runtimeapi: per-token log-probabilities of a continuation after a context.
+    Admitted like Generate (tenant, priority class, bounded queue); not stored as a task.
+    """
+    Embed: _aio.UnaryUnaryMultiCallable[_kernel_pb2.EmbedRequest, _kernel_pb2.EmbedResponse]  # type: ignore[assignment]
+    """runtimeapi: sentence embeddings (all-MiniLM-L6-v2 by default), admitted like Score."""
 
 class KernelServiceServicer(metaclass=_abc_1.ABCMeta):
     """Schedules work, brokers it to the services through the request pipeline, and keeps
@@ -303,5 +315,23 @@ class KernelServiceServicer(metaclass=_abc_1.ABCMeta):
         """forget: delete every task of a tenant whose prompt held a data subject's PII value
         (found through a blind index, not plaintext) and its vault conversation. Admin.
         """
+
+    @_abc_1.abstractmethod
+    def Score(
+        self,
+        request: _kernel_pb2.ScoreRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kernel_pb2.ScoreResponse, _abc.Awaitable[_kernel_pb2.ScoreResponse]]:
+        """runtimeapi: per-token log-probabilities of a continuation after a context.
+        Admitted like Generate (tenant, priority class, bounded queue); not stored as a task.
+        """
+
+    @_abc_1.abstractmethod
+    def Embed(
+        self,
+        request: _kernel_pb2.EmbedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kernel_pb2.EmbedResponse, _abc.Awaitable[_kernel_pb2.EmbedResponse]]:
+        """runtimeapi: sentence embeddings (all-MiniLM-L6-v2 by default), admitted like Score."""
 
 def add_KernelServiceServicer_to_server(servicer: KernelServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

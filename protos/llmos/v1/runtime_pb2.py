@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from llmos.v1 import common_pb2 as llmos_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16llmos/v1/runtime.proto\x12\x08llmos.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x15llmos/v1/common.proto\"\xa4\x01\n\x1dRuntimeServiceGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\'\n\x08messages\x18\x03 \x03(\x0b\x32\x15.llmos.v1.ChatMessage\x12*\n\x08sampling\x18\x04 \x01(\x0b\x32\x18.llmos.v1.SamplingParams\x12\x0f\n\x07task_id\x18\x05 \x01(\t\"\xcc\x01\n\x1eRuntimeServiceGenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12-\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x16.llmos.v1.FinishReason\x12\x1e\n\x05usage\x18\x04 \x01(\x0b\x32\x0f.llmos.v1.Usage\x12\r\n\x05model\x18\x05 \x01(\t\x12+\n\x0ckv_admission\x18\x06 \x01(\x0b\x32\x15.llmos.v1.KvAdmission\"\x8c\x01\n\x0bKvAdmission\x12\x10\n\x08\x64\x65\x63ision\x18\x01 \x01(\t\x12\x13\n\x0b\x62\x61tch_bytes\x18\x02 \x01(\x03\x12\x16\n\x0ereserved_bytes\x18\x03 \x01(\x03\x12.\n\x0bmemory_wait\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06reason\x18\x05 \x01(\t\"R\n\x1aRuntimeServiceScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontext\x18\x02 \x01(\t\x12\x14\n\x0c\x63ontinuation\x18\x03 \x01(\t\"@\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"E\n\x1bRuntimeServiceScoreResponse\x12&\n\x06tokens\x18\x01 \x03(\x0b\x32\x16.llmos.v1.TokenLogprob\";\n\x1aRuntimeServiceEmbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"F\n\x1bRuntimeServiceEmbedResponse\x12\'\n\nembeddings\x18\x01 \x03(\x0b\x32\x13.llmos.v1.Embedding\"!\n\x1fRuntimeServiceListModelsRequest\"G\n RuntimeServiceListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.llmos.v1.ModelInfo\".\n\x1eRuntimeServiceLoadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"E\n\x1fRuntimeServiceLoadModelResponse\x12\"\n\x05model\x18\x01 \x01(\x0b\x32\x13.llmos.v1.ModelInfo\"0\n RuntimeServiceUnloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"8\n!RuntimeServiceUnloadModelResponse\x12\x13\n\x0b\x66reed_bytes\x18\x01 \x01(\x03\x32\xcc\x04\n\x0eRuntimeService\x12_\n\x08Generate\x12\'.llmos.v1.RuntimeServiceGenerateRequest\x1a(.llmos.v1.RuntimeServiceGenerateResponse0\x01\x12T\n\x05Score\x12$.llmos.v1.RuntimeServiceScoreRequest\x1a%.llmos.v1.RuntimeServiceScoreResponse\x12T\n\x05\x45mbed\x12$.llmos.v1.RuntimeServiceEmbedRequest\x1a%.llmos.v1.RuntimeServiceEmbedResponse\x12\x63\n\nListModels\x12).llmos.v1.RuntimeServiceListModelsRequest\x1a*.llmos.v1.RuntimeServiceListModelsResponse\x12`\n\tLoadModel\x12(.llmos.v1.RuntimeServiceLoadModelRequest\x1a).llmos.v1.RuntimeServiceLoadModelResponse\x12\x66\n\x0bUnloadModel\x12*.llmos.v1.RuntimeServiceUnloadModelRequest\x1a+.llmos.v1.RuntimeServiceUnloadModelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16llmos/v1/runtime.proto\x12\x08llmos.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x15llmos/v1/common.proto\"\xca\x01\n\x1dRuntimeServiceGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\'\n\x08messages\x18\x03 \x03(\x0b\x32\x15.llmos.v1.ChatMessage\x12*\n\x08sampling\x18\x04 \x01(\x0b\x32\x18.llmos.v1.SamplingParams\x12\x0f\n\x07task_id\x18\x05 \x01(\t\x12$\n\x08priority\x18\x06 \x01(\x0e\x32\x12.llmos.v1.Priority\"\xcc\x01\n\x1eRuntimeServiceGenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12-\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x16.llmos.v1.FinishReason\x12\x1e\n\x05usage\x18\x04 \x01(\x0b\x32\x0f.llmos.v1.Usage\x12\r\n\x05model\x18\x05 \x01(\t\x12+\n\x0ckv_admission\x18\x06 \x01(\x0b\x32\x15.llmos.v1.KvAdmission\"\x8c\x01\n\x0bKvAdmission\x12\x10\n\x08\x64\x65\x63ision\x18\x01 \x01(\t\x12\x13\n\x0b\x62\x61tch_bytes\x18\x02 \x01(\x03\x12\x16\n\x0ereserved_bytes\x18\x03 \x01(\x03\x12.\n\x0bmemory_wait\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06reason\x18\x05 \x01(\t\"R\n\x1aRuntimeServiceScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontext\x18\x02 \x01(\t\x12\x14\n\x0c\x63ontinuation\x18\x03 \x01(\t\"@\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"E\n\x1bRuntimeServiceScoreResponse\x12&\n\x06tokens\x18\x01 \x03(\x0b\x32\x16.llmos.v1.TokenLogprob\";\n\x1aRuntimeServiceEmbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"F\n\x1bRuntimeServiceEmbedResponse\x12\'\n\nembeddings\x18\x01 \x03(\x0b\x32\x13.llmos.v1.Embedding\"!\n\x1fRuntimeServiceListModelsRequest\"G\n RuntimeServiceListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.llmos.v1.ModelInfo\".\n\x1eRuntimeServiceLoadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"E\n\x1fRuntimeServiceLoadModelResponse\x12\"\n\x05model\x18\x01 \x01(\x0b\x32\x13.llmos.v1.ModelInfo\"0\n RuntimeServiceUnloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"8\n!RuntimeServiceUnloadModelResponse\x12\x13\n\x0b\x66reed_bytes\x18\x01 \x01(\x03\x32\xcc\x04\n\x0eRuntimeService\x12_\n\x08Generate\x12\'.llmos.v1.RuntimeServiceGenerateRequest\x1a(.llmos.v1.RuntimeServiceGenerateResponse0\x01\x12T\n\x05Score\x12$.llmos.v1.RuntimeServiceScoreRequest\x1a%.llmos.v1.RuntimeServiceScoreResponse\x12T\n\x05\x45mbed\x12$.llmos.v1.RuntimeServiceEmbedRequest\x1a%.llmos.v1.RuntimeServiceEmbedResponse\x12\x63\n\nListModels\x12).llmos.v1.RuntimeServiceListModelsRequest\x1a*.llmos.v1.RuntimeServiceListModelsResponse\x12`\n\tLoadModel\x12(.llmos.v1.RuntimeServiceLoadModelRequest\x1a).llmos.v1.RuntimeServiceLoadModelResponse\x12\x66\n\x0bUnloadModel\x12*.llmos.v1.RuntimeServiceUnloadModelRequest\x1a+.llmos.v1.RuntimeServiceUnloadModelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,35 +34,35 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llmos.v1.runtime_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RUNTIMESERVICEGENERATEREQUEST']._serialized_start=92
-  _globals['_RUNTIMESERVICEGENERATEREQUEST']._serialized_end=256
-  _globals['_RUNTIMESERVICEGENERATERESPONSE']._serialized_start=259
-  _globals['_RUNTIMESERVICEGENERATERESPONSE']._serialized_end=463
-  _globals['_KVADMISSION']._serialized_start=466
-  _globals['_KVADMISSION']._serialized_end=606
-  _globals['_RUNTIMESERVICESCOREREQUEST']._serialized_start=608
-  _globals['_RUNTIMESERVICESCOREREQUEST']._serialized_end=690
-  _globals['_TOKENLOGPROB']._serialized_start=692
-  _globals['_TOKENLOGPROB']._serialized_end=756
-  _globals['_RUNTIMESERVICESCORERESPONSE']._serialized_start=758
-  _globals['_RUNTIMESERVICESCORERESPONSE']._serialized_end=827
-  _globals['_RUNTIMESERVICEEMBEDREQUEST']._serialized_start=829
-  _globals['_RUNTIMESERVICEEMBEDREQUEST']._serialized_end=888
-  _globals['_EMBEDDING']._serialized_start=890
-  _globals['_EMBEDDING']._serialized_end=917
-  _globals['_RUNTIMESERVICEEMBEDRESPONSE']._serialized_start=919
-  _globals['_RUNTIMESERVICEEMBEDRESPONSE']._serialized_end=989
-  _globals['_RUNTIMESERVICELISTMODELSREQUEST']._serialized_start=991
-  _globals['_RUNTIMESERVICELISTMODELSREQUEST']._serialized_end=1024
-  _globals['_RUNTIMESERVICELISTMODELSRESPONSE']._serialized_start=1026
-  _globals['_RUNTIMESERVICELISTMODELSRESPONSE']._serialized_end=1097
-  _globals['_RUNTIMESERVICELOADMODELREQUEST']._serialized_start=1099
-  _globals['_RUNTIMESERVICELOADMODELREQUEST']._serialized_end=1145
-  _globals['_RUNTIMESERVICELOADMODELRESPONSE']._serialized_start=1147
-  _globals['_RUNTIMESERVICELOADMODELRESPONSE']._serialized_end=1216
-  _globals['_RUNTIMESERVICEUNLOADMODELREQUEST']._serialized_start=1218
-  _globals['_RUNTIMESERVICEUNLOADMODELREQUEST']._serialized_end=1266
-  _globals['_RUNTIMESERVICEUNLOADMODELRESPONSE']._serialized_start=1268
-  _globals['_RUNTIMESERVICEUNLOADMODELRESPONSE']._serialized_end=1324
-  _globals['_RUNTIMESERVICE']._serialized_start=1327
-  _globals['_RUNTIMESERVICE']._serialized_end=1915
+  _globals['_RUNTIMESERVICEGENERATEREQUEST']._serialized_end=294
+  _globals['_RUNTIMESERVICEGENERATERESPONSE']._serialized_start=297
+  _globals['_RUNTIMESERVICEGENERATERESPONSE']._serialized_end=501
+  _globals['_KVADMISSION']._serialized_start=504
+  _globals['_KVADMISSION']._serialized_end=644
+  _globals['_RUNTIMESERVICESCOREREQUEST']._serialized_start=646
+  _globals['_RUNTIMESERVICESCOREREQUEST']._serialized_end=728
+  _globals['_TOKENLOGPROB']._serialized_start=730
+  _globals['_TOKENLOGPROB']._serialized_end=794
+  _globals['_RUNTIMESERVICESCORERESPONSE']._serialized_start=796
+  _globals['_RUNTIMESERVICESCORERESPONSE']._serialized_end=865
+  _globals['_RUNTIMESERVICEEMBEDREQUEST']._serialized_start=867
+  _globals['_RUNTIMESERVICEEMBEDREQUEST']._serialized_end=926
+  _globals['_EMBEDDING']._serialized_start=928
+  _globals['_EMBEDDING']._serialized_end=955
+  _globals['_RUNTIMESERVICEEMBEDRESPONSE']._serialized_start=957
+  _globals['_RUNTIMESERVICEEMBEDRESPONSE']._serialized_end=1027
+  _globals['_RUNTIMESERVICELISTMODELSREQUEST']._serialized_start=1029
+  _globals['_RUNTIMESERVICELISTMODELSREQUEST']._serialized_end=1062
+  _globals['_RUNTIMESERVICELISTMODELSRESPONSE']._serialized_start=1064
+  _globals['_RUNTIMESERVICELISTMODELSRESPONSE']._serialized_end=1135
+  _globals['_RUNTIMESERVICELOADMODELREQUEST']._serialized_start=1137
+  _globals['_RUNTIMESERVICELOADMODELREQUEST']._serialized_end=1183
+  _globals['_RUNTIMESERVICELOADMODELRESPONSE']._serialized_start=1185
+  _globals['_RUNTIMESERVICELOADMODELRESPONSE']._serialized_end=1254
+  _globals['_RUNTIMESERVICEUNLOADMODELREQUEST']._serialized_start=1256
+  _globals['_RUNTIMESERVICEUNLOADMODELREQUEST']._serialized_end=1304
+  _globals['_RUNTIMESERVICEUNLOADMODELRESPONSE']._serialized_start=1306
+  _globals['_RUNTIMESERVICEUNLOADMODELRESPONSE']._serialized_end=1362
+  _globals['_RUNTIMESERVICE']._serialized_start=1365
+  _globals['_RUNTIMESERVICE']._serialized_end=1953
 # @@protoc_insertion_point(module_scope)

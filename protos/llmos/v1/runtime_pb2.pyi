@@ -25,7 +25,7 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class RuntimeServiceGenerateRequest(_message.Message):
-    """[#next-free-field: 6]"""
+    """[#next-free-field: 7]"""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -34,6 +34,7 @@ class RuntimeServiceGenerateRequest(_message.Message):
     MESSAGES_FIELD_NUMBER: _builtins.int
     SAMPLING_FIELD_NUMBER: _builtins.int
     TASK_ID_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Empty selects the default model."""
     prompt: _builtins.str
@@ -42,6 +43,11 @@ class RuntimeServiceGenerateRequest(_message.Message):
     """
     task_id: _builtins.str
     """Kernel task id, for logs."""
+    priority: _common_pb2.Priority.ValueType
+    """Scheduling class in the runtime's waiting queue (the class the kernel dispatched the
+    task at); unspecified means normal. When the batch is full, the next free slot goes to
+    the lowest class waiting, a class rising one level per runtime_aging_s waited.
+    """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]: ...
     @_builtins.property
@@ -54,10 +60,11 @@ class RuntimeServiceGenerateRequest(_message.Message):
         messages: _abc.Iterable[_common_pb2.ChatMessage] | None = ...,
         sampling: _common_pb2.SamplingParams | None = ...,
         task_id: _builtins.str = ...,
+        priority: _common_pb2.Priority.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages", "model", b"model", "prompt", b"prompt", "sampling", b"sampling", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages", "model", b"model", "priority", b"priority", "prompt", b"prompt", "sampling", b"sampling", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
