@@ -1353,3 +1353,135 @@ class EmbedResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EmbedResponse: _TypeAlias = EmbedResponse  # noqa: Y015
+
+@_typing.final
+class RotateKeysRequest(_message.Message):
+    """[#next-free-field: 1]"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateKeysRequest: _TypeAlias = RotateKeysRequest  # noqa: Y015
+
+@_typing.final
+class RotateKeysResponse(_message.Message):
+    """[#next-free-field: 3]"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    """The new active key's id."""
+    source: _builtins.str
+    """Where the keys live (the key file's path)."""
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        source: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateKeysResponse: _TypeAlias = RotateKeysResponse  # noqa: Y015
+
+@_typing.final
+class GetKeyStatusRequest(_message.Message):
+    """[#next-free-field: 1]"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetKeyStatusRequest: _TypeAlias = GetKeyStatusRequest  # noqa: Y015
+
+@_typing.final
+class KeyUsage(_message.Message):
+    """[#next-free-field: 5]"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    ACTIVE_FIELD_NUMBER: _builtins.int
+    CONFIGURED_FIELD_NUMBER: _builtins.int
+    TASK_STORE_VALUES_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    active: _builtins.bool
+    configured: _builtins.bool
+    """False for a key id the store names but the key ring lacks: those values cannot be read."""
+    task_store_values: _builtins.int
+    """Task-store values (prompts, output chunks, errors, trace steps) sealed under it."""
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        active: _builtins.bool = ...,
+        configured: _builtins.bool = ...,
+        task_store_values: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "configured", b"configured", "key_id", b"key_id", "task_store_values", b"task_store_values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KeyUsage: _TypeAlias = KeyUsage  # noqa: Y015
+
+@_typing.final
+class GetKeyStatusResponse(_message.Message):
+    """[#next-free-field: 7]"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTIVE_KEY_ID_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    KEYS_FIELD_NUMBER: _builtins.int
+    REWRAPPED_FIELD_NUMBER: _builtins.int
+    REWRAP_FAILED_FIELD_NUMBER: _builtins.int
+    REWRAPPING_FIELD_NUMBER: _builtins.int
+    active_key_id: _builtins.str
+    source: _builtins.str
+    rewrapped: _builtins.int
+    """The background re-wrapping: values moved to the active key since the kernel started,
+    values it could not open (missing key or altered), and whether a pass is under way.
+    """
+    rewrap_failed: _builtins.int
+    rewrapping: _builtins.bool
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___KeyUsage]: ...
+    def __init__(
+        self,
+        *,
+        active_key_id: _builtins.str = ...,
+        source: _builtins.str = ...,
+        keys: _abc.Iterable[Global___KeyUsage] | None = ...,
+        rewrapped: _builtins.int = ...,
+        rewrap_failed: _builtins.int = ...,
+        rewrapping: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_key_id", b"active_key_id", "keys", b"keys", "rewrap_failed", b"rewrap_failed", "rewrapped", b"rewrapped", "rewrapping", b"rewrapping", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetKeyStatusResponse: _TypeAlias = GetKeyStatusResponse  # noqa: Y015

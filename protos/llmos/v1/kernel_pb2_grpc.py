@@ -152,6 +152,16 @@ class KernelServiceStub:
                 request_serializer=llmos_dot_v1_dot_kernel__pb2.EmbedRequest.SerializeToString,
                 response_deserializer=llmos_dot_v1_dot_kernel__pb2.EmbedResponse.FromString,
                 _registered_method=True)
+        self.RotateKeys = channel.unary_unary(
+                '/llmos.v1.KernelService/RotateKeys',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.RotateKeysRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.RotateKeysResponse.FromString,
+                _registered_method=True)
+        self.GetKeyStatus = channel.unary_unary(
+                '/llmos.v1.KernelService/GetKeyStatus',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.GetKeyStatusRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.GetKeyStatusResponse.FromString,
+                _registered_method=True)
 
 
 class KernelServiceServicer:
@@ -319,6 +329,21 @@ class KernelServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RotateKeys(self, request, context):
+        """atrest (encryption at rest): adds a fresh key to the key file and makes it active at once;
+        older data still opens and is moved to the new key in the background.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetKeyStatus(self, request, context):
+        """atrest: the configured keys and how many task-store values each still seals.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KernelServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -436,6 +461,16 @@ def add_KernelServiceServicer_to_server(servicer, server):
                     servicer.Embed,
                     request_deserializer=llmos_dot_v1_dot_kernel__pb2.EmbedRequest.FromString,
                     response_serializer=llmos_dot_v1_dot_kernel__pb2.EmbedResponse.SerializeToString,
+            ),
+            'RotateKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateKeys,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.RotateKeysRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.RotateKeysResponse.SerializeToString,
+            ),
+            'GetKeyStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetKeyStatus,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.GetKeyStatusRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.GetKeyStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1062,6 +1097,60 @@ class KernelService:
             '/llmos.v1.KernelService/Embed',
             llmos_dot_v1_dot_kernel__pb2.EmbedRequest.SerializeToString,
             llmos_dot_v1_dot_kernel__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.KernelService/RotateKeys',
+            llmos_dot_v1_dot_kernel__pb2.RotateKeysRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.RotateKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetKeyStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.KernelService/GetKeyStatus',
+            llmos_dot_v1_dot_kernel__pb2.GetKeyStatusRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.GetKeyStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -84,6 +84,12 @@ class KernelServiceStub:
     """
     Embed: _grpc.UnaryUnaryMultiCallable[_kernel_pb2.EmbedRequest, _kernel_pb2.EmbedResponse]
     """runtimeapi: sentence embeddings (all-MiniLM-L6-v2 by default), admitted like Score."""
+    RotateKeys: _grpc.UnaryUnaryMultiCallable[_kernel_pb2.RotateKeysRequest, _kernel_pb2.RotateKeysResponse]
+    """atrest (encryption at rest): adds a fresh key to the key file and makes it active at once;
+    older data still opens and is moved to the new key in the background.
+    """
+    GetKeyStatus: _grpc.UnaryUnaryMultiCallable[_kernel_pb2.GetKeyStatusRequest, _kernel_pb2.GetKeyStatusResponse]
+    """atrest: the configured keys and how many task-store values each still seals."""
 
 @_typing.type_check_only
 class KernelServiceAsyncStub(KernelServiceStub):
@@ -141,6 +147,12 @@ class KernelServiceAsyncStub(KernelServiceStub):
     """
     Embed: _aio.UnaryUnaryMultiCallable[_kernel_pb2.EmbedRequest, _kernel_pb2.EmbedResponse]  # type: ignore[assignment]
     """runtimeapi: sentence embeddings (all-MiniLM-L6-v2 by default), admitted like Score."""
+    RotateKeys: _aio.UnaryUnaryMultiCallable[_kernel_pb2.RotateKeysRequest, _kernel_pb2.RotateKeysResponse]  # type: ignore[assignment]
+    """atrest (encryption at rest): adds a fresh key to the key file and makes it active at once;
+    older data still opens and is moved to the new key in the background.
+    """
+    GetKeyStatus: _aio.UnaryUnaryMultiCallable[_kernel_pb2.GetKeyStatusRequest, _kernel_pb2.GetKeyStatusResponse]  # type: ignore[assignment]
+    """atrest: the configured keys and how many task-store values each still seals."""
 
 class KernelServiceServicer(metaclass=_abc_1.ABCMeta):
     """Schedules work, brokers it to the services through the request pipeline, and keeps
@@ -333,5 +345,23 @@ class KernelServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_kernel_pb2.EmbedResponse, _abc.Awaitable[_kernel_pb2.EmbedResponse]]:
         """runtimeapi: sentence embeddings (all-MiniLM-L6-v2 by default), admitted like Score."""
+
+    @_abc_1.abstractmethod
+    def RotateKeys(
+        self,
+        request: _kernel_pb2.RotateKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kernel_pb2.RotateKeysResponse, _abc.Awaitable[_kernel_pb2.RotateKeysResponse]]:
+        """atrest (encryption at rest): adds a fresh key to the key file and makes it active at once;
+        older data still opens and is moved to the new key in the background.
+        """
+
+    @_abc_1.abstractmethod
+    def GetKeyStatus(
+        self,
+        request: _kernel_pb2.GetKeyStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kernel_pb2.GetKeyStatusResponse, _abc.Awaitable[_kernel_pb2.GetKeyStatusResponse]]:
+        """atrest: the configured keys and how many task-store values each still seals."""
 
 def add_KernelServiceServicer_to_server(servicer: KernelServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
