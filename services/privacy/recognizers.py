@@ -370,9 +370,15 @@ def _run_type(run: list[str], before: str) -> str | None:
     return None
 
 
+# Every pipe of en_core_web_sm but the NER. The shared `tok2vec` goes too: the small
+# model's NER embeds its own Tok2Vec (it does not listen to the shared one), so its entities
+# are the same without it (tests/unit/test_privacy_ner.py) and a message costs about 40%
+# less; the tagger, parser, lemmatizer and sentence splitter find no entity.
+_NOT_FOR_NER = ["tok2vec", "tagger", "parser", "attribute_ruler", "lemmatizer", "senter"]
+
+
 class NerRecognizer:
-    """spaCy's small English model, tokenizer and NER only (the tagger, parser and
-    lemmatizer cost time and find no entity)."""
+    """spaCy's small English model, tokenizer and NER only."""
 
     name = "spacy_ner"
 
@@ -380,9 +386,11 @@ class NerRecognizer:
         import spacy
 
         self.model = model
-        self._nlp: Any = spacy.load(
-            model, exclude=["tagger", "parser", "attribute_ruler", "lemmatizer", "senter"]
-        )
+        self._nlp: Any = spacy.load(model, exclude=_NOT_FOR_NER)
+        ner = self._nlp.get_pipe("ner").model
+        listens = ner.has_ref("tok2vec") and "listener" in ner.get_ref("tok2vec").name
+        if listens:  # a model whose NER needs the shared tok2vec: keep it
+            self._nlp = spacy.load(model, exclude=_NOT_FOR_NER[1:])
 
     def find(self, text: str) -> list[Finding]:
         return self._findings(self._nlp(text))
