@@ -1,8 +1,8 @@
 """PrivacyService over gRPC: Detect, Redact, Restore, RestoreStream, ForgetTenant.
 
-Detection runs on one worker thread (spaCy's NER is CPU-bound; one thread keeps the event
-loop free for health checks and the vault's short statements, and spaCy is not shared
-between threads). Keys are loaded and the model is warmed before the process reports
+Detection runs on one worker thread in micro-batches (batching.py): concurrent Detect and
+Redact calls share one `nlp.pipe` call, which costs much less a message than one call each.
+Keys are loaded and the model is warmed before the process reports
 SERVING, so the first request pays no loading cost. ForgetSubject is not built yet: the
 vault does not know which subject a value belongs to (UNIMPLEMENTED says so).
 """
@@ -10,7 +10,6 @@ vault does not know which subject a value belongs to (UNIMPLEMENTED says so).
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import dataclasses
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,6 +21,7 @@ from google.protobuf.message import DecodeError
 
 from llmos.services.config import Settings
 from llmos.services.errors import FailedPrecondition, InvalidArgument, Unimplemented
+from llmos.services.privacy.batching import DetectBatcher
 from llmos.services.privacy.checks import (
     check_conversation,
     check_tenant,
@@ -63,14 +63,13 @@ class PrivacyServicer(privacy_pb2_grpc.PrivacyServiceServicer):
         self.keys = keys
         self.vault = vault
         self.redactor = Redactor(keys, vault)
-        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="detect")
+        self.batcher = DetectBatcher(detector.detect_many)
 
     def close(self) -> None:
-        self._worker.shutdown(wait=False, cancel_futures=True)
+        self.batcher.close()
 
     async def detect(self, text: str) -> list[Finding]:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._worker, self.detector.detect, text)
+        return await self.batcher.detect(text)
 
     def restore_text(self, text: str, tenant: str, conversation: str) -> tuple[str, int]:
         pseudonyms = self.vault.values(tenant, conversation) if conversation else {}

@@ -8,6 +8,7 @@ the vault's raw bytes.
 
 from __future__ import annotations
 
+import json
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from llmos.services.errors import error_info
 from llmos.v1 import privacy_pb2, privacy_pb2_grpc
 
 PRIVACY_OFFSET = 3
+DATA = Path(__file__).resolve().parents[2] / "bench/data"
 TEXT = (
     "Hi, I'm Zoë Martin 🙂, write to zoe.martin@example.org or call +1 212-555-0187. "
     "My card 4111 1111 1111 1111, IBAN DE89 3704 0044 0532 0130 00, SSN 219-09-9999."
@@ -114,6 +116,47 @@ def test_pseudonyms_are_consistent_in_a_conversation_and_restore_exactly(
     assert restore(privacy, answer, conv="conv-a") == (
         "Tell Omar Haddad that Zoë Martin paid with 4111 1111 1111 1111; <PERSON_9> is unknown."
     )
+
+
+def test_concurrent_calls_share_batches_and_each_gets_its_own_answer(
+    privacy: privacy_pb2_grpc.PrivacyServiceStub,
+) -> None:
+    """The service detects concurrent calls in micro-batches (services/privacy/batching.py):
+    64 calls in flight at once get what each gets alone, and concurrent pseudonymizing
+    Redacts each restore to their own text."""
+    rows = (DATA / "privacy-test.jsonl").read_text(encoding="utf-8").splitlines()
+    texts = list(dict.fromkeys(json.loads(row)["text"] for row in rows))[:64]
+
+    def entities(reply: privacy_pb2.PrivacyServiceDetectResponse) -> list[tuple[str, int, int]]:
+        return [(e.type, e.start, e.end) for e in reply.entities]
+
+    alone = [
+        entities(privacy.Detect(privacy_pb2.PrivacyServiceDetectRequest(text=t), timeout=30))
+        for t in texts
+    ]
+    assert sum(map(len, alone)) > len(texts) // 2  # the texts hold PII to find
+    calls = [
+        privacy.Detect.future(privacy_pb2.PrivacyServiceDetectRequest(text=t), timeout=60)
+        for t in texts
+    ]
+    assert [entities(call.result()) for call in calls] == alone
+
+    redactions = [
+        privacy.Redact.future(
+            privacy_pb2.PrivacyServiceRedactRequest(
+                text=t,
+                tenant="acme",
+                conversation_id=f"batch-{i}",
+                operator=privacy_pb2.REDACTION_OPERATOR_PSEUDONYMIZE,
+            ),
+            timeout=60,
+        )
+        for i, t in enumerate(texts)
+    ]
+    redacted = [call.result() for call in redactions]
+    assert [[(e.type, e.start, e.end) for e in r.entities] for r in redacted] == alone
+    for i, (text, reply) in enumerate(zip(texts, redacted, strict=True)):
+        assert restore(privacy, reply.text, conv=f"batch-{i}") == text
 
 
 def test_redact_takes_out_only_the_types_asked_for_and_still_round_trips(
