@@ -23,11 +23,12 @@ from typing import Generic, TypeVar
 import grpc
 from google.protobuf import json_format
 
+from llmos.kernel.registry import Registry
 from llmos.services.channels import outgoing_metadata
 from llmos.services.errors import from_rpc_error
 from llmos.services.safety.policy import ACTION_NAMES
 from llmos.services.safety.taxonomy import label
-from llmos.v1 import common_pb2, safety_pb2, safety_pb2_grpc
+from llmos.v1 import common_pb2, kernel_pb2, safety_pb2, safety_pb2_grpc
 
 Piece = TypeVar("Piece")
 
@@ -146,3 +147,36 @@ class OutputGuard(Generic[Piece]):
         while self._held and self._held[0].end <= reply.checked_chars:
             released.append(self._held.popleft().piece)
         return released
+
+
+async def relay_policy(
+    registry: Registry,
+    request: kernel_pb2.GetSafetyPolicyRequest | kernel_pb2.SetSafetyPolicyRequest,
+    timeout: float | None,
+) -> safety_pb2.SafetyPolicy:
+    """KernelService.GetSafetyPolicy / SetSafetyPolicy: the call passed on to a serving
+    safety service, so the admin API is the kernel's like the rest of the clients' API.
+    The service's refusals (unknown tenant or category, a stale version) come back with
+    their status and reason; no safety service serving is UNAVAILABLE."""
+    safety = registry.pick(common_pb2.SERVICE_KIND_SAFETY)
+    stub = safety_pb2_grpc.SafetyServiceStub(safety.channel)
+    try:
+        if isinstance(request, kernel_pb2.SetSafetyPolicyRequest):
+            set_reply = await stub.SetPolicy(
+                safety_pb2.SafetyServiceSetPolicyRequest(policy=request.policy),
+                timeout=timeout,
+                metadata=outgoing_metadata(),
+            )
+            return set_reply.policy
+        get_reply = await stub.GetPolicy(
+            safety_pb2.SafetyServiceGetPolicyRequest(tenant=request.tenant),
+            timeout=timeout,
+            metadata=outgoing_metadata(),
+        )
+        return get_reply.policy
+    except grpc.aio.AioRpcError as error:
+        verb = (
+            "SetPolicy" if isinstance(request, kernel_pb2.SetSafetyPolicyRequest) else "GetPolicy"
+        )
+        where = f"{verb} on {safety.info.name} at {safety.info.address}"
+        raise from_rpc_error(error, where) from error

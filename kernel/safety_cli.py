@@ -1,9 +1,10 @@
 """`llmos safety check TEXT`, `llmos safety eval FILE.jsonl` and `llmos policy get|set`: the
 running safety service, from the command line.
 
-Like `llmos privacy ...` (kernel/privacy_cli.py), each asks the kernel which safety service
-serves (ListServices) and calls it directly over gRPC: the kernel relays no SafetyService
-call, and the admin API for policies is the service's own GetPolicy / SetPolicy.
+`check` and `eval`, like `llmos privacy ...` (kernel/privacy_cli.py), ask the kernel which
+safety service serves (ListServices) and call it directly over gRPC. `policy get|set` go
+through the kernel's admin API (KernelService.GetSafetyPolicy / SetSafetyPolicy), which
+relays them to the safety service's GetPolicy / SetPolicy (kernel/safety.py).
 
 - `check` prints the verdict as one JSON object: allowed, action, categories (with scores and
   OpenAI moderation names), evidence (rule ids, spans, the text they point at), the policy
@@ -35,7 +36,7 @@ from llmos.services.config import Settings
 from llmos.services.errors import InvalidArgument, from_rpc_error
 from llmos.services.safety.evaluation import Scored, report
 from llmos.services.safety.policy import ACTION_NAMES
-from llmos.v1 import common_pb2, safety_pb2, safety_pb2_grpc
+from llmos.v1 import common_pb2, kernel_pb2, kernel_pb2_grpc, safety_pb2, safety_pb2_grpc
 
 CALL_TIMEOUT_S = 30.0
 DIRECTIONS = {"input": safety_pb2.DIRECTION_INPUT, "output": safety_pb2.DIRECTION_OUTPUT}
@@ -165,31 +166,40 @@ def print_report(figures: dict[str, Any]) -> None:
     )
 
 
+def _kernel(settings: Settings) -> tuple[grpc.Channel, kernel_pb2_grpc.KernelServiceStub]:
+    channel = grpc.insecure_channel(settings.kernel_target)
+    return channel, kernel_pb2_grpc.KernelServiceStub(channel)
+
+
 def get_policy(settings: Settings, tenant: str) -> dict[str, Any]:
-    channel, stub = _stub(settings)
+    """Through the kernel (KernelService.GetSafetyPolicy, relayed to the safety service)."""
+    channel, stub = _kernel(settings)
     with channel:
         try:
-            reply = stub.GetPolicy(
-                safety_pb2.SafetyServiceGetPolicyRequest(tenant=tenant), timeout=CALL_TIMEOUT_S
+            reply = stub.GetSafetyPolicy(
+                kernel_pb2.GetSafetyPolicyRequest(tenant=tenant), timeout=CALL_TIMEOUT_S
             )
         except grpc.RpcError as error:
-            raise from_rpc_error(error, "safety GetPolicy") from error  # type: ignore[arg-type]
+            where = f"GetSafetyPolicy on the kernel at {settings.kernel_target}"
+            raise from_rpc_error(error, where) from error  # type: ignore[arg-type]
     return json_format.MessageToDict(reply.policy, preserving_proto_field_name=True)
 
 
 def set_policy(settings: Settings, path: Path) -> dict[str, Any]:
+    """Through the kernel (KernelService.SetSafetyPolicy, relayed to the safety service)."""
     try:
         policy = json_format.Parse(path.read_text(encoding="utf-8"), safety_pb2.SafetyPolicy())
     except json_format.ParseError as error:
         raise InvalidArgument(f"{path}: not a SafetyPolicy as JSON: {error}") from error
-    channel, stub = _stub(settings)
+    channel, stub = _kernel(settings)
     with channel:
         try:
-            reply = stub.SetPolicy(
-                safety_pb2.SafetyServiceSetPolicyRequest(policy=policy), timeout=CALL_TIMEOUT_S
+            reply = stub.SetSafetyPolicy(
+                kernel_pb2.SetSafetyPolicyRequest(policy=policy), timeout=CALL_TIMEOUT_S
             )
         except grpc.RpcError as error:
-            raise from_rpc_error(error, "safety SetPolicy") from error  # type: ignore[arg-type]
+            where = f"SetSafetyPolicy on the kernel at {settings.kernel_target}"
+            raise from_rpc_error(error, where) from error  # type: ignore[arg-type]
     return json_format.MessageToDict(reply.policy, preserving_proto_field_name=True)
 
 

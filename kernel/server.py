@@ -19,6 +19,7 @@ from llmos.kernel.memory import Headroom
 from llmos.kernel.plugins import PluginHosts
 from llmos.kernel.policy import Policies
 from llmos.kernel.registry import Registry
+from llmos.kernel.safety import relay_policy
 from llmos.kernel.scheduler import DEFAULT_QUEUE_LIMITS, Priority, Scheduler, SchedulerConfig
 from llmos.kernel.store import SqliteTaskStore, TaskRecord, TaskStore
 from llmos.kernel.store.redis import RedisTaskStore
@@ -240,6 +241,21 @@ class KernelServicer(kernel_pb2_grpc.KernelServiceServicer):
         if request.task_id:
             await self.runner.store.add_trace_step(request.task_id, step.SerializeToString())
         return kernel_pb2.InvokeToolResponse(output=output)
+
+    # -- safety admin, relayed to the safety service (kernel/safety.py) ------------------
+
+    async def GetSafetyPolicy(
+        self, request: kernel_pb2.GetSafetyPolicyRequest, context: Context
+    ) -> kernel_pb2.GetSafetyPolicyResponse:
+        policy = await relay_policy(self.registry, request, context.time_remaining())
+        return kernel_pb2.GetSafetyPolicyResponse(policy=policy)
+
+    async def SetSafetyPolicy(
+        self, request: kernel_pb2.SetSafetyPolicyRequest, context: Context
+    ) -> kernel_pb2.SetSafetyPolicyResponse:
+        policy = await relay_policy(self.registry, request, context.time_remaining())
+        log.info("safety policy %s set through the kernel", policy.version)
+        return kernel_pb2.SetSafetyPolicyResponse(policy=policy)
 
 
 class KernelService:

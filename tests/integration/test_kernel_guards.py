@@ -20,12 +20,14 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 from stacktools import Stack, free_port_block, stop_stack
 
 from llmos.kernel.stack import STACK
+from llmos.services.errors import error_info
 from llmos.services.safety.stream import WINDOW_CHARS
-from llmos.v1 import common_pb2, kernel_pb2
+from llmos.v1 import common_pb2, kernel_pb2, safety_pb2
 
 POLICY = """
 [policy]
@@ -239,3 +241,71 @@ def test_cli_safety_check_eval_and_policy_go_through_the_running_service(
 
     bad = stack.llmos("safety", "eval", str(policy))
     assert bad.returncode == 2 and "needs a string 'text'" in bad.stderr
+
+
+def test_the_kernel_relays_safety_policy_get_and_set_with_the_services_errors(
+    stack: Stack,
+) -> None:
+    rule = safety_pb2.CategoryRule(
+        category="S9", threshold=0.2, action=safety_pb2.SAFETY_ACTION_FLAG
+    )
+    with stack.channel() as channel:
+        kernel = stack.kernel(channel)
+        stored = kernel.SetSafetyPolicy(
+            kernel_pb2.SetSafetyPolicyRequest(
+                policy=safety_pb2.SafetyPolicy(tenant="relayed", rules=[rule])
+            ),
+            timeout=30,
+        ).policy
+        assert stored.version == "relayed@1"
+        fetched = kernel.GetSafetyPolicy(
+            kernel_pb2.GetSafetyPolicyRequest(tenant="relayed"), timeout=30
+        ).policy
+        assert fetched.version == "relayed@1" and fetched.rules[0].threshold == pytest.approx(0.2)
+        refusals = [
+            (
+                lambda: kernel.GetSafetyPolicy(
+                    kernel_pb2.GetSafetyPolicyRequest(tenant="nobody"), timeout=30
+                ),
+                grpc.StatusCode.NOT_FOUND,
+                "UNKNOWN_TENANT",
+            ),
+            (
+                lambda: kernel.SetSafetyPolicy(
+                    kernel_pb2.SetSafetyPolicyRequest(
+                        policy=safety_pb2.SafetyPolicy(
+                            tenant="relayed",
+                            rules=[
+                                safety_pb2.CategoryRule(
+                                    category="S99",
+                                    threshold=0.5,
+                                    action=safety_pb2.SAFETY_ACTION_BLOCK,
+                                )
+                            ],
+                        )
+                    ),
+                    timeout=30,
+                ),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "UNKNOWN_CATEGORY",
+            ),
+            (
+                lambda: kernel.SetSafetyPolicy(
+                    kernel_pb2.SetSafetyPolicyRequest(
+                        policy=safety_pb2.SafetyPolicy(tenant="relayed", version="relayed@0")
+                    ),
+                    timeout=30,
+                ),
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "POLICY_VERSION_MISMATCH",
+            ),
+        ]
+        for call, code, reason in refusals:
+            with pytest.raises(grpc.RpcError) as refused:
+                call()
+            assert refused.value.code() == code  # type: ignore[attr-defined]
+            info = error_info(refused.value)
+            assert info is not None and info.reason == reason, info
+    # The change is live for the next check, without a restart.
+    flagged = json.loads(stack.llmos("safety", "check", HARMFUL, "--tenant", "relayed").stdout)
+    assert flagged["action"] == "flag"

@@ -13,6 +13,7 @@ from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from llmos.v1 import common_pb2 as _common_pb2
 from llmos.v1 import plugin_pb2 as _plugin_pb2
 from llmos.v1 import runtime_pb2 as _runtime_pb2
+from llmos.v1 import safety_pb2 as _safety_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -1485,3 +1486,95 @@ class GetKeyStatusResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetKeyStatusResponse: _TypeAlias = GetKeyStatusResponse  # noqa: Y015
+
+@_typing.final
+class GetSafetyPolicyRequest(_message.Message):
+    """[#next-free-field: 2]"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    """"default" (or empty) for the default policy."""
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSafetyPolicyRequest: _TypeAlias = GetSafetyPolicyRequest  # noqa: Y015
+
+@_typing.final
+class GetSafetyPolicyResponse(_message.Message):
+    """[#next-free-field: 2]"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def policy(self) -> _safety_pb2.SafetyPolicy: ...
+    def __init__(
+        self,
+        *,
+        policy: _safety_pb2.SafetyPolicy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSafetyPolicyResponse: _TypeAlias = GetSafetyPolicyResponse  # noqa: Y015
+
+@_typing.final
+class SetSafetyPolicyRequest(_message.Message):
+    """[#next-free-field: 2]"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def policy(self) -> _safety_pb2.SafetyPolicy:
+        """Its version, when set, must be the current one (compare-and-set)."""
+
+    def __init__(
+        self,
+        *,
+        policy: _safety_pb2.SafetyPolicy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetSafetyPolicyRequest: _TypeAlias = SetSafetyPolicyRequest  # noqa: Y015
+
+@_typing.final
+class SetSafetyPolicyResponse(_message.Message):
+    """[#next-free-field: 2]"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def policy(self) -> _safety_pb2.SafetyPolicy:
+        """As stored, with its new version ("tenant@N")."""
+
+    def __init__(
+        self,
+        *,
+        policy: _safety_pb2.SafetyPolicy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetSafetyPolicyResponse: _TypeAlias = SetSafetyPolicyResponse  # noqa: Y015

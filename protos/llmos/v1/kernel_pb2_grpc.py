@@ -162,6 +162,16 @@ class KernelServiceStub:
                 request_serializer=llmos_dot_v1_dot_kernel__pb2.GetKeyStatusRequest.SerializeToString,
                 response_deserializer=llmos_dot_v1_dot_kernel__pb2.GetKeyStatusResponse.FromString,
                 _registered_method=True)
+        self.GetSafetyPolicy = channel.unary_unary(
+                '/llmos.v1.KernelService/GetSafetyPolicy',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.GetSafetyPolicyRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.GetSafetyPolicyResponse.FromString,
+                _registered_method=True)
+        self.SetSafetyPolicy = channel.unary_unary(
+                '/llmos.v1.KernelService/SetSafetyPolicy',
+                request_serializer=llmos_dot_v1_dot_kernel__pb2.SetSafetyPolicyRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_kernel__pb2.SetSafetyPolicyResponse.FromString,
+                _registered_method=True)
 
 
 class KernelServiceServicer:
@@ -344,6 +354,21 @@ class KernelServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetSafetyPolicy(self, request, context):
+        """Safety admin, relayed to the safety service: a tenant's policy (thresholds and an
+        action per category, deny and allow phrases), versioned; SetSafetyPolicy applies from
+        the next check, without a restart. The service's own answers and errors come back.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetSafetyPolicy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KernelServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -471,6 +496,16 @@ def add_KernelServiceServicer_to_server(servicer, server):
                     servicer.GetKeyStatus,
                     request_deserializer=llmos_dot_v1_dot_kernel__pb2.GetKeyStatusRequest.FromString,
                     response_serializer=llmos_dot_v1_dot_kernel__pb2.GetKeyStatusResponse.SerializeToString,
+            ),
+            'GetSafetyPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSafetyPolicy,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.GetSafetyPolicyRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.GetSafetyPolicyResponse.SerializeToString,
+            ),
+            'SetSafetyPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetSafetyPolicy,
+                    request_deserializer=llmos_dot_v1_dot_kernel__pb2.SetSafetyPolicyRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_kernel__pb2.SetSafetyPolicyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1151,6 +1186,60 @@ class KernelService:
             '/llmos.v1.KernelService/GetKeyStatus',
             llmos_dot_v1_dot_kernel__pb2.GetKeyStatusRequest.SerializeToString,
             llmos_dot_v1_dot_kernel__pb2.GetKeyStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSafetyPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.KernelService/GetSafetyPolicy',
+            llmos_dot_v1_dot_kernel__pb2.GetSafetyPolicyRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.GetSafetyPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetSafetyPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.KernelService/SetSafetyPolicy',
+            llmos_dot_v1_dot_kernel__pb2.SetSafetyPolicyRequest.SerializeToString,
+            llmos_dot_v1_dot_kernel__pb2.SetSafetyPolicyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -90,6 +90,12 @@ class KernelServiceStub:
     """
     GetKeyStatus: _grpc.UnaryUnaryMultiCallable[_kernel_pb2.GetKeyStatusRequest, _kernel_pb2.GetKeyStatusResponse]
     """atrest: the configured keys and how many task-store values each still seals."""
+    GetSafetyPolicy: _grpc.UnaryUnaryMultiCallable[_kernel_pb2.GetSafetyPolicyRequest, _kernel_pb2.GetSafetyPolicyResponse]
+    """Safety admin, relayed to the safety service: a tenant's policy (thresholds and an
+    action per category, deny and allow phrases), versioned; SetSafetyPolicy applies from
+    the next check, without a restart. The service's own answers and errors come back.
+    """
+    SetSafetyPolicy: _grpc.UnaryUnaryMultiCallable[_kernel_pb2.SetSafetyPolicyRequest, _kernel_pb2.SetSafetyPolicyResponse]
 
 @_typing.type_check_only
 class KernelServiceAsyncStub(KernelServiceStub):
@@ -153,6 +159,12 @@ class KernelServiceAsyncStub(KernelServiceStub):
     """
     GetKeyStatus: _aio.UnaryUnaryMultiCallable[_kernel_pb2.GetKeyStatusRequest, _kernel_pb2.GetKeyStatusResponse]  # type: ignore[assignment]
     """atrest: the configured keys and how many task-store values each still seals."""
+    GetSafetyPolicy: _aio.UnaryUnaryMultiCallable[_kernel_pb2.GetSafetyPolicyRequest, _kernel_pb2.GetSafetyPolicyResponse]  # type: ignore[assignment]
+    """Safety admin, relayed to the safety service: a tenant's policy (thresholds and an
+    action per category, deny and allow phrases), versioned; SetSafetyPolicy applies from
+    the next check, without a restart. The service's own answers and errors come back.
+    """
+    SetSafetyPolicy: _aio.UnaryUnaryMultiCallable[_kernel_pb2.SetSafetyPolicyRequest, _kernel_pb2.SetSafetyPolicyResponse]  # type: ignore[assignment]
 
 class KernelServiceServicer(metaclass=_abc_1.ABCMeta):
     """Schedules work, brokers it to the services through the request pipeline, and keeps
@@ -363,5 +375,23 @@ class KernelServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_kernel_pb2.GetKeyStatusResponse, _abc.Awaitable[_kernel_pb2.GetKeyStatusResponse]]:
         """atrest: the configured keys and how many task-store values each still seals."""
+
+    @_abc_1.abstractmethod
+    def GetSafetyPolicy(
+        self,
+        request: _kernel_pb2.GetSafetyPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kernel_pb2.GetSafetyPolicyResponse, _abc.Awaitable[_kernel_pb2.GetSafetyPolicyResponse]]:
+        """Safety admin, relayed to the safety service: a tenant's policy (thresholds and an
+        action per category, deny and allow phrases), versioned; SetSafetyPolicy applies from
+        the next check, without a restart. The service's own answers and errors come back.
+        """
+
+    @_abc_1.abstractmethod
+    def SetSafetyPolicy(
+        self,
+        request: _kernel_pb2.SetSafetyPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kernel_pb2.SetSafetyPolicyResponse, _abc.Awaitable[_kernel_pb2.SetSafetyPolicyResponse]]: ...
 
 def add_KernelServiceServicer_to_server(servicer: KernelServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
