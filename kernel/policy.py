@@ -36,6 +36,10 @@ docs/operator-guide.md "Tenant policy" repeats for operators:
   hiding it makes the model answer a different question; what makes a place personal -
   a name, an email, a phone number - is still redacted. A tenant that must hide places
   lists LOCATION too.
+- `retention` is how long the tenant's finished tasks (with their events, traces and
+  subject index) are kept, counted from when each was created; 0, the default, keeps
+  them. The kernel's sweeper (kernel/retention.py) deletes the expired ones; a queued or
+  running task is never expired, however old.
 - `plugins:before` and `plugins:after` call the enabled plugins (kernel/plugins.py); a
   plugin that crashes, hangs or answers garbage counts as a down service: fail closed
   unless the stage is in `fail_open`. With no plugin to call they are traced "skipped".
@@ -84,6 +88,8 @@ class TenantPolicy:
     privacy: str = DEFAULT_PRIVACY
     # The entity types privacy:redact takes out, in PRIVACY_ENTITY_TYPES order.
     privacy_entities: tuple[str, ...] = DEFAULT_PRIVACY_ENTITIES
+    # Seconds the tenant's finished tasks are kept after they were created; 0: forever.
+    retention_s: float = 0.0
 
     @property
     def before_model(self) -> tuple[str, ...]:
@@ -107,6 +113,7 @@ class TenantPolicy:
             f"{self.name}: {stages or 'no service stages'}; timeout {self.timeout_s:g}s; "
             f"privacy {self.privacy}"
             + (f" ({', '.join(self.privacy_entities)})" if self.privacy != "off" else "")
+            + (f"; tasks kept {self.retention_s:g}s" if self.retention_s else "")
         )
 
 
@@ -183,6 +190,7 @@ def _policy(name: str, key: str, table: PolicyTable, inherited: TenantPolicy) ->
         privacy_entities=(
             inherited.privacy_entities if table.privacy_entities is None else table.privacy_entities
         ),
+        retention_s=inherited.retention_s if table.retention is None else table.retention,
     )
 
 

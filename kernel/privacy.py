@@ -4,7 +4,8 @@ restore the runtime's stream before the client does.
 `redact_request` sends the prompt, or each message's content, to PrivacyService.Redact with
 the task id as the conversation, so one task's placeholders are consistent across its
 messages and the restore finds them. It returns the request the runtime should get and the
-evidence for the trace: the operator and the count of each entity type, never a value.
+evidence for the trace: the operator and the count of each entity type, never a value,
+and the blind index of the prompt's data subjects for the task store.
 
 `OutputRestorer` keeps one PrivacyService.RestoreStream call open for a task's output: each
 piece the runtime streams goes in, and what comes back is what the client may see; a
@@ -41,6 +42,9 @@ class Redaction:
     request: kernel_pb2.GenerateRequest
     counts: dict[str, int]
     mode: str
+    # The blind index of the prompt's data subjects (keyed HMACs from the service, never
+    # values), stored with the task so ForgetSubject finds it (kernel/forget.py).
+    subjects: tuple[bytes, ...] = ()
 
     @property
     def restorable(self) -> bool:
@@ -73,6 +77,7 @@ async def redact_request(
     redacted = kernel_pb2.GenerateRequest()
     redacted.CopyFrom(request)
     counts: collections.Counter[str] = collections.Counter()
+    subjects: dict[bytes, None] = {}
 
     async def redact(text: str) -> str:
         if not text:
@@ -89,13 +94,14 @@ async def redact_request(
             metadata=outgoing_metadata(x_llmos_task_id=conversation),
         )
         counts.update(entity.type for entity in reply.entities)
+        subjects.update(dict.fromkeys(reply.subject_index))
         return reply.text
 
     if redacted.prompt:
         redacted.prompt = await redact(redacted.prompt)
     for message in redacted.messages:  # in order: placeholders number as the user wrote
         message.content = await redact(message.content)
-    return Redaction(redacted, dict(counts), mode)
+    return Redaction(redacted, dict(counts), mode, tuple(subjects))
 
 
 class OutputRestorer:

@@ -15,10 +15,12 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from llmos.kernel.forget import Forgetter
 from llmos.kernel.memory import Headroom
 from llmos.kernel.plugins import PluginHosts
 from llmos.kernel.policy import Policies
 from llmos.kernel.registry import Registry
+from llmos.kernel.retention import RetentionSweeper
 from llmos.kernel.safety import relay_policy
 from llmos.kernel.scheduler import DEFAULT_QUEUE_LIMITS, Priority, Scheduler, SchedulerConfig
 from llmos.kernel.store import SqliteTaskStore, TaskRecord, TaskStore
@@ -257,6 +259,19 @@ class KernelServicer(kernel_pb2_grpc.KernelServiceServicer):
         log.info("safety policy %s set through the kernel", policy.version)
         return kernel_pb2.SetSafetyPolicyResponse(policy=policy)
 
+    # -- forget (kernel/forget.py): admin ---------------------------------------------
+
+    async def ForgetTenant(
+        self, request: kernel_pb2.ForgetTenantRequest, context: Context
+    ) -> kernel_pb2.ForgetTenantResponse:
+        return await Forgetter(self.runner, self.registry).forget_tenant(request.tenant)
+
+    async def ForgetSubject(
+        self, request: kernel_pb2.ForgetSubjectRequest, context: Context
+    ) -> kernel_pb2.ForgetSubjectResponse:
+        forgetter = Forgetter(self.runner, self.registry)
+        return await forgetter.forget_subject(request.tenant, request.subject)
+
 
 class KernelService:
     """The kernel process: ready once its task store is open and recovered."""
@@ -275,6 +290,7 @@ class KernelService:
         self.servicer = KernelServicer(settings, self.registry, self)
         self.store: TaskStore | None = None
         self.runner: TaskRunner | None = None
+        self.retention: RetentionSweeper | None = None
         # Reads the plugin list now (manifests only, no plugin code); hosts start in start().
         self.plugins = PluginHosts(settings, self.registry)
 
@@ -339,10 +355,19 @@ class KernelService:
                 log.info("pipeline policy %s", policy.describe())
         await self.plugins.start()
         await self.runner.start()
+        self.retention = RetentionSweeper(
+            self.store,
+            self.policies,
+            interval_s=self.settings.kernel_retention_sweep_s,
+            batch=self.settings.kernel_retention_batch,
+        )
+        self.retention.start()
         if queue is not None:
             log.info("sharing work through %s as kernel %s", store.where, queue.kernel_id)
 
     async def stop(self) -> None:
+        if self.retention is not None:
+            await self.retention.close()
         if self.runner is not None:
             await self.runner.close()
         await self.plugins.close()

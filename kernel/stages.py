@@ -74,6 +74,8 @@ class StageResult:
     refusal: str | None = None
     # The request carries pseudonyms: the output must be restored for the client.
     restore: bool = False
+    # The blind index of the prompt's data subjects, for the task store (privacy:redact).
+    subjects: tuple[bytes, ...] = ()
 
 
 class Stage(Protocol):
@@ -101,6 +103,7 @@ class Answer:
     request: kernel_pb2.GenerateRequest | None = None
     refusal: str | None = None
     restore: bool = False
+    subjects: tuple[bytes, ...] = ()
 
 
 Call = Callable[[grpc.aio.Channel, StageContext, float | None], Awaitable[Answer]]
@@ -141,6 +144,7 @@ def _privacy_redact(mode: str, entities: tuple[str, ...]) -> Call:
             redaction.evidence(),
             request=redaction.request if found else None,
             restore=redaction.restorable,
+            subjects=redaction.subjects,
         )
 
     return call
@@ -187,7 +191,11 @@ class ServiceStage:
             self._fail(step, error.message)
         step.duration.CopyFrom(since(clock))
         return StageResult(
-            (step,), request=answer.request, refusal=answer.refusal, restore=answer.restore
+            (step,),
+            request=answer.request,
+            refusal=answer.refusal,
+            restore=answer.restore,
+            subjects=answer.subjects,
         )
 
     def _fail(self, step: common_pb2.TraceStep, why: str) -> None:

@@ -610,6 +610,8 @@ class TaskRunner:
             result = await stage.run(self.registry, context)
             for step in result.steps:
                 await self._trace(ticket.task_id, step)
+            if result.subjects:  # before the task can end: ForgetSubject must find it
+                await self.store.add_subjects(ticket.task_id, result.subjects)
             if result.request is not None:
                 request = result.request
             if result.error is not None:

@@ -66,6 +66,10 @@ class PolicyTable:
     # The entity types privacy:redact takes out (PRIVACY_ENTITY_TYPES); the kernel's
     # default is every type but LOCATION (kernel/policy.py says why).
     privacy_entities: tuple[str, ...] | None = None
+    # How long the tenant's finished tasks are kept, in seconds after they were created;
+    # 0 keeps them forever (the kernel's default). Written "30d", "12h", "90m", "45s", a
+    # number of seconds, or "keep" (kernel/retention.py).
+    retention: float | None = None
 
 
 POLICY_FIELDS = tuple(f.name for f in dataclasses.fields(PolicyTable))
@@ -181,6 +185,10 @@ class Settings:
     ready_timeout_s: float = 180.0
     # `llmos status`: the kinds of service that must be registered and healthy.
     expected_services: tuple[str, ...] = ("runtime", "safety", "privacy", "explain", "hardware")
+    # Retention (kernel/retention.py): how often the kernel deletes finished tasks past
+    # their tenant's `retention`, and the most it examines per sweep (bounded work).
+    kernel_retention_sweep_s: float = 60.0
+    kernel_retention_batch: int = 500
     # Plugins (kernel/plugins.py): which installed plugins (entry-point group `llmos`) load,
     # by manifest, entry-point or distribution name. `load_plugins` is an allow list ("*":
     # all; empty: none), `disabled_plugins` a deny list that wins over it.
@@ -311,9 +319,40 @@ def _policy_table(key: str, raw: Any, *, tenant: bool) -> PolicyTable:
             fields[name] = _privacy_mode(where, value)
         elif name == "privacy_entities":
             fields[name] = _privacy_entities(where, value)
+        elif name == "retention":
+            fields[name] = _retention(where, value)
         else:
             fields[name] = _names(where, value)
     return PolicyTable(**fields)
+
+
+RETENTION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+RETENTION_KEEP = ("keep", "forever")
+
+
+def _retention(key: str, raw: Any) -> float:
+    """Seconds to keep finished tasks (0: forever), from "30d", "12h", "90m", "45s", "1w",
+    a number of seconds, or "keep"."""
+    expected = 'a duration like "30d", "12h", "90m" or "45s", a number of seconds, or "keep"'
+    if isinstance(raw, bool):
+        raise _bad(key, expected, raw)
+    if isinstance(raw, str):
+        text = raw.strip().lower()
+        if text in RETENTION_KEEP:
+            return 0.0
+        unit = RETENTION_UNITS.get(text[-1:])
+        number = text[:-1] if unit is not None else text
+        try:
+            value = float(number) * (unit or 1)
+        except ValueError as exc:
+            raise _bad(key, expected, raw) from exc
+    elif isinstance(raw, int | float):
+        value = float(raw)
+    else:
+        raise _bad(key, expected, raw)
+    if not (value >= 0 and math.isfinite(value)):
+        raise _bad(key, expected + " (not negative)", raw)
+    return value
 
 
 def _privacy_mode(key: str, raw: Any) -> str:

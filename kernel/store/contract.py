@@ -32,7 +32,7 @@ import builtins
 import dataclasses
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Literal, TypeAlias
 
 from llmos.services.errors import FailedPrecondition, InvalidArgument
@@ -171,6 +171,31 @@ class RecoveryReport:
     queued: tuple[str, ...] = ()
     requeued: tuple[str, ...] = ()
     failed: tuple[str, ...] = ()
+
+
+# The most tasks one `expire` call examines (and so deletes): bounds a sweep's work.
+MAX_EXPIRE_BATCH = 1000
+
+
+@dataclasses.dataclass(frozen=True)
+class Expiry:
+    """What one `expire` call did, and where the next should go on.
+
+    `deleted` are the task ids deleted. `resume_after` is the (created_at, task_id) of the
+    last task examined when the call stopped at its `limit` (there may be more to expire
+    after it), None when it reached the end of what was old enough: the next sweep then
+    starts from the oldest again.
+    """
+
+    deleted: tuple[str, ...] = ()
+    resume_after: tuple[float, str] | None = None
+
+
+def check_expire_limit(limit: int) -> None:
+    if not 1 <= limit <= MAX_EXPIRE_BATCH:
+        raise InvalidArgument(
+            f"limit must be between 1 and {MAX_EXPIRE_BATCH}, got {limit}", reason="BAD_LIMIT"
+        )
 
 
 def check_transition(task_id: str, current: TaskState, to_state: TaskState) -> bool:
@@ -427,7 +452,56 @@ class TaskStore(abc.ABC):
 
     @abc.abstractmethod
     async def forget_tenant(self, tenant: str) -> int:
-        """Delete every task of `tenant` with its events and trace; the number of tasks."""
+        """Delete every task of `tenant` with its events, trace and subject index; the
+        number of tasks. Like `delete`, whatever state the tasks are in, and leaves no
+        bytes of them in the backend's live files (see `delete`)."""
+
+    # -- retention and forgetting (docs/privacy.md "Retention and forgetting") -----------
+
+    @abc.abstractmethod
+    async def add_subjects(self, task_id: str, tokens: Sequence[bytes]) -> None:
+        """Record the blind index of the task's data subjects (PrivacyService.Redact's
+        `subject_index`: keyed HMACs, never values), for `find_subject`. Adding a token
+        twice is a no-op. NotFound(TASK_NOT_FOUND) for an unknown task, so an index never
+        outlives (or is written after) the deletion of its task."""
+
+    @abc.abstractmethod
+    async def find_subject(self, tenant: str, tokens: Sequence[bytes]) -> builtins.list[str]:
+        """The ids of `tenant`'s tasks indexed under any of `tokens`, sorted."""
+
+    @abc.abstractmethod
+    async def delete(self, task_ids: Sequence[str]) -> int:
+        """Delete these tasks, whatever their state, with their events, traces and subject
+        index; the number that existed. Unknown ids are skipped. The caller stops a task
+        before deleting it (a running task's later writes then fail with NotFound and
+        create nothing). What is deleted is gone from the backend's live files too: SQLite
+        overwrites the freed pages (secure_delete) and truncates the WAL; Redis deletes
+        the keys, index entries and queue-stream entries that named the tasks (its
+        append-only file keeps history until rewritten: `scrub`)."""
+
+    @abc.abstractmethod
+    async def expire(
+        self,
+        created_before: float,
+        *,
+        tenant: str | None = None,
+        keep: Collection[str] = (),
+        after: tuple[float, str] | None = None,
+        limit: int = MAX_EXPIRE_BATCH,
+    ) -> Expiry:
+        """Delete finished tasks created before `created_before`, oldest first, as `delete`
+        does: those of `tenant`, or, when it is None, of every tenant not in `keep`.
+
+        QUEUED and RUNNING tasks are never expired, however old: a task is deleted only
+        once final. Bounded work: at most `limit` tasks are examined, starting after the
+        position `after` (a previous call's `resume_after`, or None for the oldest).
+        """
+
+    @abc.abstractmethod
+    async def scrub(self) -> builtins.list[str]:
+        """After a forget: make what was deleted unrecoverable from the backend's own files
+        where it can, and say what was done or what still holds history, for the operator
+        (SQLite: nothing left to do; Redis: an append-only-file rewrite started)."""
 
     @abc.abstractmethod
     async def close(self) -> None:

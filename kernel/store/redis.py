@@ -35,7 +35,7 @@ import builtins
 import dataclasses
 import json
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -48,10 +48,12 @@ from llmos.kernel.store.contract import (
     FAILED,
     FINAL_STATES,
     MAX_EVENTS_PER_READ,
+    MAX_EXPIRE_BATCH,
     QUEUED,
     RUNNING,
     SUCCEEDED,
     EventKind,
+    Expiry,
     FinishReason,
     RecoveryReport,
     TaskEvent,
@@ -59,6 +61,7 @@ from llmos.kernel.store.contract import (
     TaskState,
     TaskStore,
     check_event_range,
+    check_expire_limit,
     check_max_attempts,
     check_new_record,
     check_page_size,
@@ -130,6 +133,49 @@ redis.call('RPUSH', KEYS[2], ARGV[1])
 return 1
 """
 
+# KEYS: task hash, its subjects set. ARGV: prefix, task id, hex tokens... Returns 0 when
+# there is no such task (then nothing is written: no index outlives its task).
+ADD_SUBJECTS = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+for i = 3, #ARGV do
+  redis.call('SADD', KEYS[2], ARGV[i])
+  redis.call('SADD', ARGV[1] .. 'subject:' .. ARGV[i], ARGV[2])
+end
+return 1
+"""
+
+# ARGV: prefix, state count n, the n states, task ids... Deletes each task's keys, its
+# entries in every index and its subject index, atomically; returns how many existed.
+# Key names are built here from the prefix (this backend is for one Redis, not a cluster):
+# the subject sets to clean are known only once the task's own set is read.
+DELETE_TASKS = """
+local prefix = ARGV[1]
+local n = tonumber(ARGV[2])
+local deleted = 0
+for i = 3 + n, #ARGV do
+  local id = ARGV[i]
+  local task = prefix .. 'task:' .. id
+  local tenant = redis.call('HGET', task, 'tenant')
+  if tenant then
+    deleted = deleted + 1
+    redis.call('ZREM', prefix .. 'idx:tenant:' .. tenant, id)
+  end
+  redis.call('ZREM', prefix .. 'idx:all', id)
+  for s = 3, 2 + n do redis.call('ZREM', prefix .. 'idx:state:' .. ARGV[s], id) end
+  local subjects = prefix .. 'subjects:' .. id
+  for _, token in ipairs(redis.call('SMEMBERS', subjects)) do
+    redis.call('SREM', prefix .. 'subject:' .. token, id)
+  end
+  redis.call('DEL', task, prefix .. 'events:' .. id, prefix .. 'output:' .. id,
+    prefix .. 'trace:' .. id, subjects)
+end
+return deleted
+"""
+# How many task ids one DELETE_TASKS call takes (a script blocks the server while it runs).
+DELETE_CHUNK = 100
+# Stream entries read per XRANGE while looking for a forgotten task's queue entries.
+STREAM_CHUNK = 1000
+
 
 @dataclasses.dataclass(frozen=True)
 class Keys:
@@ -157,6 +203,14 @@ class Keys:
 
     def by_state(self, state: int) -> str:
         return f"{self.prefix}idx:state:{int(state)}"
+
+    def subjects(self, task_id: str) -> str:
+        """The blind-index tokens (hex) of the task's data subjects."""
+        return f"{self.prefix}subjects:{task_id}"
+
+    def subject(self, token: bytes) -> str:
+        """The tasks indexed under one blind-index token."""
+        return f"{self.prefix}subject:{token.hex()}"
 
     def per_task(self, task_id: str) -> tuple[str, str, str, str]:
         return (self.task(task_id), self.events(task_id), self.output(task_id), self.trace(task_id))
@@ -291,6 +345,8 @@ class RedisTaskStore(TaskStore):
         self._add_trace = client.register_script(ADD_TRACE)
         self._create = client.register_script(new_task_script(enqueue=False))
         self.create_and_enqueue = client.register_script(new_task_script(enqueue=True))
+        self._add_subjects = client.register_script(ADD_SUBJECTS)
+        self._delete_tasks = client.register_script(DELETE_TASKS)
 
     @classmethod
     async def open(
@@ -627,15 +683,139 @@ class RedisTaskStore(TaskStore):
     async def forget_tenant(self, tenant: str) -> int:
         index = self.keys.by_tenant(tenant)
         members = [m.decode() for m in await self.call(self.client.zrange(index, 0, -1))]
-        async with self.client.pipeline(transaction=True) as pipe:
-            for task_id in members:
-                pipe.delete(*self.keys.per_task(task_id))
-                pipe.zrem(self.keys.all_tasks(), task_id)
-                for state in common_pb2.TaskState.values():
-                    pipe.zrem(self.keys.by_state(state), task_id)
-            pipe.delete(index)
-            await self.call(pipe.execute())
-        return len(members)
+        deleted = await self.delete(members)
+        await self.call(self.client.delete(index))  # emptied by now; an index left stale
+        return deleted
+
+    async def add_subjects(self, task_id: str, tokens: Sequence[bytes]) -> None:
+        added = await self.call(
+            self._add_subjects(
+                keys=[self.keys.task(task_id), self.keys.subjects(task_id)],
+                args=[self.keys.prefix, task_id, *(bytes(t).hex() for t in tokens)],
+            )
+        )
+        if not added:
+            raise not_found(task_id)
+
+    async def find_subject(self, tenant: str, tokens: Sequence[bytes]) -> builtins.list[str]:
+        if not tokens:
+            return []
+        found = await self.call(
+            self.client.sunion([self.keys.subject(bytes(token)) for token in tokens])
+        )
+        candidates = sorted(member.decode() for member in found)
+        return await self._of_tenant(candidates, tenant) if candidates else []
+
+    async def delete(self, task_ids: Sequence[str]) -> int:
+        ids = list(dict.fromkeys(task_ids))
+        if not ids:
+            return 0
+        states = [str(int(state)) for state in common_pb2.TaskState.values()]
+        deleted = 0
+        for start in range(0, len(ids), DELETE_CHUNK):
+            chunk = ids[start : start + DELETE_CHUNK]
+            deleted += int(
+                await self.call(
+                    self._delete_tasks(args=[self.keys.prefix, str(len(states)), *states, *chunk])
+                )
+            )
+        await self._purge_streams(set(ids))
+        return deleted
+
+    async def _purge_streams(self, task_ids: set[str]) -> None:
+        """Remove the queue-stream entries naming these tasks (a queued task's entry holds
+        its record, prompt included; the dead-letter stream names its id): acknowledged in
+        the consumer group, then deleted."""
+        async for raw in self.client.scan_iter(match=f"{self.keys.prefix}*", _type="STREAM"):
+            stream = raw.decode()
+            grouped = stream.startswith(f"{self.keys.prefix}queue:") and not stream.endswith(
+                ":dead"
+            )
+            doomed: builtins.list[bytes] = []
+            start = "-"
+            while True:
+                entries = await self.call(self.client.xrange(stream, start, "+", STREAM_CHUNK))
+                for entry_id, fields in entries:
+                    if fields.get(b"task_id", b"").decode() in task_ids:
+                        doomed.append(entry_id)
+                if len(entries) < STREAM_CHUNK:
+                    break
+                start = "(" + entries[-1][0].decode()
+            if not doomed:
+                continue
+            async with self.client.pipeline(transaction=True) as pipe:
+                if grouped:
+                    pipe.xack(stream, "kernels", *doomed)
+                pipe.xdel(stream, *doomed)
+                await self.call(pipe.execute())
+
+    async def expire(
+        self,
+        created_before: float,
+        *,
+        tenant: str | None = None,
+        keep: Collection[str] = (),
+        after: tuple[float, str] | None = None,
+        limit: int = MAX_EXPIRE_BATCH,
+    ) -> Expiry:
+        check_expire_limit(limit)
+        index = self.keys.all_tasks() if tenant is None else self.keys.by_tenant(tenant)
+        floor: float | str = "-inf" if after is None else after[0]
+        examined: builtins.list[tuple[str, float]] = []
+        skip = 0
+        while len(examined) < limit:
+            chunk = await self.call(
+                self.client.zrangebyscore(
+                    index, floor, f"({created_before!r}", start=skip, num=limit, withscores=True
+                )
+            )
+            skip += len(chunk)
+            examined.extend(
+                (member.decode(), float(score))
+                for member, score in chunk
+                if after is None or (float(score), member.decode()) > after
+            )
+            if len(chunk) < limit:
+                break
+        examined = examined[:limit]
+        kept = frozenset(keep)
+        async with self.client.pipeline(transaction=False) as pipe:
+            for task_id, _ in examined:
+                pipe.hmget(self.keys.task(task_id), ["state", "tenant"])
+            replies = await self.call(pipe.execute())
+        final = {str(int(state)).encode() for state in FINAL_STATES}
+        doomed = [
+            task_id
+            for (task_id, _), (state, owner) in zip(examined, replies, strict=True)
+            if state in final and (tenant is not None or (owner or b"").decode() not in kept)
+        ]
+        if doomed:
+            await self.delete(doomed)
+        last = examined[-1] if len(examined) == limit else None
+        return Expiry(tuple(doomed), None if last is None else (last[1], last[0]))
+
+    async def scrub(self) -> builtins.list[str]:
+        """Start an append-only-file rewrite when the server keeps one: until it is
+        rewritten the AOF still holds every command that wrote the forgotten data, and the
+        rewrite keeps only what is live. (RDB snapshots and replicas' files are the
+        operator's: docs/privacy.md.)"""
+        try:
+            config = await self.call(self.client.config_get("appendonly"))
+        except LlmosError as error:  # CONFIG renamed or refused (a managed Redis)
+            return [f"could not ask {self.where} whether it keeps an AOF: {error.message}"]
+        if str(config.get("appendonly", "no")).lower() != "yes":
+            return [f"{self.where} keeps no append-only file: nothing to rewrite"]
+        try:
+            await self.call(self.client.bgrewriteaof())
+        except LlmosError as error:  # one is already running: it may predate the deletion
+            return [
+                f"could not start an AOF rewrite on {self.where}: {error.message}; run "
+                "BGREWRITEAOF once the current one ends"
+            ]
+        return [
+            f"started an AOF rewrite on {self.where}: the forgotten data leaves the "
+            "append-only file when it completes"
+        ]
 
     async def close(self) -> None:
         if self._closed:

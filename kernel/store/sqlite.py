@@ -38,10 +38,10 @@ Why it is built this way:
   kernels on one embedded store would each `recover` the other's running tasks. The OS
   drops the lock when the holder dies, so a SIGKILLed kernel never blocks its successor.
   Several kernels share work through the Redis backend instead.
-- **Forgetting is real.** `secure_delete` overwrites deleted rows, and `forget_tenant`
-  checkpoints and truncates the WAL, so a forgotten tenant's prompts do not linger in free
-  pages or old WAL frames. It runs alone, outside any batch (a checkpoint cannot run
-  inside a transaction).
+- **Forgetting is real.** `secure_delete` overwrites deleted rows, and every deletion
+  (`forget_tenant`, `delete`, `expire`) checkpoints and truncates the WAL, so a forgotten
+  tenant's prompts do not linger in free pages or old WAL frames. They run alone, outside
+  any batch (a checkpoint cannot run inside a transaction).
 - **Errors in the project's terms.** A failing file (full disk, a lock an outside process
   holds past the busy timeout) is Unavailable(STORE_UNAVAILABLE); any other sqlite3 error is
   LlmosError(STORE_ERROR). No raw sqlite3 exception reaches the kernel.
@@ -63,7 +63,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -72,9 +72,11 @@ from llmos.kernel.store.contract import (
     FAILED,
     FINAL_STATES,
     MAX_EVENTS_PER_READ,
+    MAX_EXPIRE_BATCH,
     QUEUED,
     RUNNING,
     SUCCEEDED,
+    Expiry,
     FinishReason,
     RecoveryReport,
     TaskEvent,
@@ -82,6 +84,7 @@ from llmos.kernel.store.contract import (
     TaskState,
     TaskStore,
     check_event_range,
+    check_expire_limit,
     check_max_attempts,
     check_new_record,
     check_page_size,
@@ -105,7 +108,7 @@ T = TypeVar("T")
 
 FILE_NAME = "tasks.sqlite3"
 LOCK_NAME = "tasks.sqlite3.lock"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_S = 5.0
 # The most jobs one transaction applies: bounds how long the first caller of a batch waits
 # for the others (a few milliseconds at most) while the queue is long.
@@ -158,7 +161,22 @@ SCHEMA_V1 = (
     """,
 )
 # Upgrades from each older version to the next, applied in order inside one transaction.
-MIGRATIONS: dict[int, tuple[str, ...]] = {}
+# 1 -> 2: the blind index of each task's data subjects (keyed HMACs, never values), for
+# ForgetSubject; keyed by token for the lookup, indexed by task for the deletion.
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        """
+        CREATE TABLE subjects (
+            token   BLOB NOT NULL,
+            task_id TEXT NOT NULL,
+            PRIMARY KEY (token, task_id)
+        ) WITHOUT ROWID
+        """,
+        "CREATE INDEX subjects_by_task ON subjects (task_id)",
+    ),
+}
+# Tables keyed by task id besides `tasks`: what deleting a task deletes.
+PER_TASK_TABLES = ("events", "traces", "subjects")
 
 TASK_COLUMNS = (
     "task_id, tenant, state, model, priority, request, created_at, updated_at, finished_at, "
@@ -823,19 +841,99 @@ class SqliteTaskStore(TaskStore):
     async def forget_tenant(self, tenant: str) -> int:
         def operation(conn: sqlite3.Connection) -> int:
             with _transaction(conn, write=True):
-                for table in ("events", "traces"):
+                for table in PER_TASK_TABLES:
                     conn.execute(
                         f"DELETE FROM {table} WHERE task_id IN "
                         "(SELECT task_id FROM tasks WHERE tenant = ?)",
                         (tenant,),
                     )
                 deleted = conn.execute("DELETE FROM tasks WHERE tenant = ?", (tenant,)).rowcount
-            # Copy the WAL into the main file (whose freed pages secure_delete zeroed) and
-            # empty it, so the old frames holding the forgotten rows are gone too.
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            _scrub_wal(conn)
             return int(deleted)
 
         return await self._run(operation, alone=True)
+
+    async def add_subjects(self, task_id: str, tokens: Sequence[bytes]) -> None:
+        rows = [(bytes(token), task_id) for token in tokens]
+
+        def operation(conn: sqlite3.Connection) -> None:
+            _require_task(conn, task_id)
+            conn.executemany("INSERT OR IGNORE INTO subjects (token, task_id) VALUES (?, ?)", rows)
+
+        await self._run(operation)
+
+    async def find_subject(self, tenant: str, tokens: Sequence[bytes]) -> builtins.list[str]:
+        wanted = [bytes(token) for token in tokens]
+        if not wanted:
+            return []
+        marks = ", ".join("?" for _ in wanted)
+
+        def operation(conn: sqlite3.Connection) -> builtins.list[str]:
+            rows = conn.execute(
+                "SELECT DISTINCT s.task_id FROM subjects AS s JOIN tasks AS t "
+                f"ON t.task_id = s.task_id WHERE t.tenant = ? AND s.token IN ({marks}) "
+                "ORDER BY s.task_id",
+                (tenant, *wanted),
+            ).fetchall()
+            return [str(task_id) for (task_id,) in rows]
+
+        return await self._run(operation, writes=False)
+
+    async def delete(self, task_ids: Sequence[str]) -> int:
+        ids = list(dict.fromkeys(task_ids))
+        if not ids:
+            return 0
+
+        def operation(conn: sqlite3.Connection) -> int:
+            with _transaction(conn, write=True):
+                deleted = _delete_tasks(conn, ids)
+            _scrub_wal(conn)
+            return deleted
+
+        return await self._run(operation, alone=True)
+
+    async def expire(
+        self,
+        created_before: float,
+        *,
+        tenant: str | None = None,
+        keep: Collection[str] = (),
+        after: tuple[float, str] | None = None,
+        limit: int = MAX_EXPIRE_BATCH,
+    ) -> Expiry:
+        check_expire_limit(limit)
+        clauses = ["created_at < ?"]
+        params: builtins.list[Any] = [created_before]
+        if tenant is not None:  # the tenant index, else the creation-time index
+            clauses.append("tenant = ?")
+            params.append(tenant)
+        if after is not None:
+            clauses.append("(created_at, task_id) > (?, ?)")
+            params.extend(after)
+        query = (
+            f"SELECT task_id, tenant, state, created_at FROM tasks WHERE {' AND '.join(clauses)} "
+            "ORDER BY created_at, task_id LIMIT ?"
+        )
+        kept = frozenset(keep)
+
+        def operation(conn: sqlite3.Connection) -> Expiry:
+            rows = conn.execute(query, (*params, limit)).fetchall()
+            doomed = [
+                str(task_id)
+                for task_id, owner, state, _ in rows
+                if state in FINAL_STATES and (tenant is not None or owner not in kept)
+            ]
+            if doomed:
+                with _transaction(conn, write=True):
+                    _delete_tasks(conn, doomed)
+                _scrub_wal(conn)
+            last = (float(rows[-1][3]), str(rows[-1][0])) if len(rows) == limit else None
+            return Expiry(tuple(doomed), last)
+
+        return await self._run(operation, alone=True)
+
+    async def scrub(self) -> builtins.list[str]:
+        return []  # every deletion already scrubbed the freed pages and the WAL
 
     async def close(self) -> None:
         if self._closed:
@@ -847,6 +945,24 @@ class SqliteTaskStore(TaskStore):
             await self._run(_close_connection, alone=True, last=True)
         finally:
             os.close(self._lock_fd)
+
+
+def _delete_tasks(conn: sqlite3.Connection, task_ids: builtins.list[str]) -> int:
+    """Delete the tasks and every row keyed by them (the caller holds the transaction)."""
+    deleted = 0
+    for start in range(0, len(task_ids), 500):  # under SQLite's bound-parameter limit
+        chunk = task_ids[start : start + 500]
+        marks = ", ".join("?" for _ in chunk)
+        for table in PER_TASK_TABLES:
+            conn.execute(f"DELETE FROM {table} WHERE task_id IN ({marks})", chunk)
+        deleted += conn.execute(f"DELETE FROM tasks WHERE task_id IN ({marks})", chunk).rowcount
+    return int(deleted)
+
+
+def _scrub_wal(conn: sqlite3.Connection) -> None:
+    """Copy the WAL into the main file (whose freed pages secure_delete zeroed) and empty
+    it, so the old frames holding deleted rows are gone too. Needs no open transaction."""
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
 def _close_connection(conn: sqlite3.Connection) -> None:

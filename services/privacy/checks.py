@@ -77,6 +77,27 @@ def check_conversation(conversation: str, *, required: bool) -> str:
     return conversation
 
 
+MAX_SUBJECT_CHARS = 1_000
+
+
+def check_subject(subject: str) -> str:
+    """A ForgetSubject value: not blank (it would match nothing, or, worse, everything a
+    careless normal form made blank), and no longer than any PII value is."""
+    if not subject.strip():
+        raise InvalidArgument(
+            "subject is empty: give the PII value the data subject is known by (an email "
+            "address, a phone number, a name...)",
+            reason="EMPTY_SUBJECT",
+        )
+    if len(subject) > MAX_SUBJECT_CHARS:
+        raise InvalidArgument(
+            f"subject has {len(subject):,} characters; a PII value has at most "
+            f"{MAX_SUBJECT_CHARS:,}",
+            reason="SUBJECT_TOO_LONG",
+        )
+    return subject
+
+
 def operator_name(value: int) -> str:
     """The operator; UNSPECIFIED means pseudonymize, the reversible default."""
     if value == privacy_pb2.REDACTION_OPERATOR_UNSPECIFIED:

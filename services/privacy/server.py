@@ -1,10 +1,13 @@
-"""PrivacyService over gRPC: Detect, Redact, Restore, RestoreStream, ForgetTenant.
+"""PrivacyService over gRPC: Detect, Redact, Restore, RestoreStream, ForgetSubject,
+ForgetTenant.
 
 Detection runs on one worker thread in micro-batches (batching.py): concurrent Detect and
 Redact calls share one `nlp.pipe` call, which costs much less a message than one call each.
-Keys are loaded and the model is warmed before the process reports
-SERVING, so the first request pays no loading cost. ForgetSubject is not built yet: the
-vault does not know which subject a value belongs to (UNIMPLEMENTED says so).
+Keys are loaded and the model is warmed before the process reports SERVING, so the first
+request pays no loading cost. Redact returns the blind index of the text's data subjects
+(subjects.py) for the kernel to store with the task; ForgetSubject deletes the vault
+conversations that held a subject and returns its index under every key, for the kernel to
+delete the tasks (docs/privacy.md "Retention and forgetting").
 """
 
 from __future__ import annotations
@@ -20,10 +23,11 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from llmos.services.config import Settings
-from llmos.services.errors import FailedPrecondition, InvalidArgument, Unimplemented
+from llmos.services.errors import FailedPrecondition, InvalidArgument
 from llmos.services.privacy.batching import DetectBatcher
 from llmos.services.privacy.checks import (
     check_conversation,
+    check_subject,
     check_tenant,
     check_text,
     entity_types,
@@ -37,6 +41,7 @@ from llmos.services.privacy.operators import (
     unseal,
 )
 from llmos.services.privacy.recognizers import Detector, Finding, NerRecognizer
+from llmos.services.privacy.subjects import index_values, lookup_tokens
 from llmos.services.privacy.vault import VAULT_FILE, Vault
 from llmos.services.rpc_types import Context
 from llmos.v1 import common_pb2, privacy_pb2, privacy_pb2_grpc
@@ -97,10 +102,14 @@ class PrivacyServicer(privacy_pb2_grpc.PrivacyServiceServicer):
         # Filtered after detection, whose overlap resolution already left one finding per
         # character: the spans redacted are a subset of non-overlapping ones, so the round
         # trip stays exact. What is returned is what was redacted (the kernel counts it).
-        findings = [f for f in await self.detect(text) if f.type in kinds]
+        detected = await self.detect(text)
+        findings = [f for f in detected if f.type in kinds]
         redacted = self.redactor.redact(text, findings, operator, tenant, conversation)
+        # Every detected value is indexed, redacted or not: a subject is forgotten from
+        # tasks whose policy let some of their PII through to the model too.
+        index = index_values(self.keys, tenant, (text[f.start : f.end] for f in detected))
         return privacy_pb2.PrivacyServiceRedactResponse(
-            text=redacted, entities=[to_entity(f) for f in findings]
+            text=redacted, entities=[to_entity(f) for f in findings], subject_index=index
         )
 
     async def Restore(
@@ -145,10 +154,22 @@ class PrivacyServicer(privacy_pb2_grpc.PrivacyServiceServicer):
     async def ForgetSubject(
         self, request: privacy_pb2.PrivacyServiceForgetSubjectRequest, context: Context
     ) -> privacy_pb2.PrivacyServiceForgetSubjectResponse:
-        raise Unimplemented(
-            "PrivacyService.ForgetSubject is not built yet: the vault does not record which "
-            "subject a value belongs to (planned with retention and forgetting)",
-            reason="NOT_BUILT_YET",
+        """Delete the tenant's conversations that held the subject; answer its blind index
+        under every key, for the kernel to find the tasks. An unknown subject or tenant
+        deletes nothing and is not an error (forgetting twice must succeed twice)."""
+        tenant = check_tenant(request.tenant)
+        subject = check_subject(request.subject)
+        tokens = lookup_tokens(self.keys, tenant, subject)
+        also = [check_conversation(c, required=True) for c in request.conversation_ids]
+        deleted, conversations = self.vault.forget_subject(tenant, tokens, subject, also)
+        log.info(
+            "forgot a subject of tenant %s: %d vault entries in %d conversations deleted",
+            tenant,
+            deleted,
+            len(conversations),
+        )
+        return privacy_pb2.PrivacyServiceForgetSubjectResponse(
+            deleted=deleted, subject_index=tokens, conversation_ids=conversations
         )
 
     async def ForgetTenant(

@@ -6,8 +6,11 @@ that first redacted in it; its entries hold the placeholder (`<PERSON_1>`), the 
 value sealed with AES-GCM under the tenant's vault key (its id stored beside it; the tenant,
 conversation and placeholder bound in as associated data, so a row copied to another
 conversation or tenant does not open), and a keyed HMAC of the value, so the same value
-gets the same placeholder again without the vault storing it in the clear. The file never
-holds a value or a key in plain text; the keys come from the key ring (keys.py).
+gets the same placeholder again without the vault storing it in the clear. The `subjects`
+table is the blind index of each conversation's data subjects (subjects.py), so
+`forget_subject` finds every conversation that held a value without opening any entry.
+The file never holds a value or a key in plain text; the keys come from the key ring
+(keys.py).
 
 Calls are synchronous and short (one indexed statement each); the service runs them from
 its event loop.
@@ -20,6 +23,7 @@ import hmac
 import secrets
 import sqlite3
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -27,6 +31,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from llmos.services.errors import LlmosError, NotFound, PermissionDenied
 from llmos.services.privacy.keys import KeyRing
+from llmos.services.privacy.subjects import index_values, normal_forms
 
 VAULT_FILE = Path("privacy") / "vault.sqlite3"
 NONCE_BYTES = 12
@@ -47,6 +52,12 @@ CREATE TABLE IF NOT EXISTS entries (
     PRIMARY KEY (conversation, placeholder)
 );
 CREATE INDEX IF NOT EXISTS entries_lookup ON entries (conversation, lookup);
+CREATE TABLE IF NOT EXISTS subjects (
+    token BLOB NOT NULL,
+    conversation TEXT NOT NULL,
+    PRIMARY KEY (token, conversation)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS subjects_by_conversation ON subjects (conversation);
 """
 
 
@@ -124,6 +135,10 @@ class Vault:
             "INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?)",
             (conversation, placeholder, kind, self._lookup(tenant, kind, value), key_id, sealed),
         )
+        self._db.executemany(
+            "INSERT OR IGNORE INTO subjects VALUES (?, ?)",
+            [(token, conversation) for token in index_values(self.keys, tenant, [value])],
+        )
 
     def values(self, tenant: str, conversation: str) -> dict[str, str]:
         """Every placeholder of the conversation and its value, opened."""
@@ -153,14 +168,84 @@ class Vault:
         """Delete every conversation of `tenant` and its entries; the count of entries."""
         with self._db:
             self._db.execute("BEGIN")
-            cursor = self._db.execute(
+            deleted = self._db.execute(
                 "DELETE FROM entries WHERE conversation IN "
+                "(SELECT conversation FROM conversations WHERE tenant = ?)",
+                (tenant,),
+            ).rowcount
+            self._db.execute(
+                "DELETE FROM subjects WHERE conversation IN "
                 "(SELECT conversation FROM conversations WHERE tenant = ?)",
                 (tenant,),
             )
             self._db.execute("DELETE FROM conversations WHERE tenant = ?", (tenant,))
+        self._scrub()
+        return int(deleted)
+
+    def forget_subject(
+        self, tenant: str, tokens: list[bytes], value: str, also: Sequence[str] = ()
+    ) -> tuple[int, list[str]]:
+        """Delete every conversation of `tenant` that held the subject (`tokens`: its blind
+        index under every key; `value`: for conversations written before the index
+        existed), and those of `also` that are the tenant's; the count of entries deleted
+        and the conversations, sorted.
+
+        The whole conversation goes, not only the subject's entries: the other values of a
+        conversation about a person are as much about them, and a half-emptied vault would
+        restore a forgotten task's output with holes in it."""
+        marks = ", ".join("?" for _ in tokens)
+        found = {
+            str(row[0])
+            for row in self._db.execute(
+                "SELECT DISTINCT s.conversation FROM subjects AS s JOIN conversations AS c "
+                f"ON c.conversation = s.conversation WHERE c.tenant = ? AND s.token IN ({marks})",
+                (tenant, *tokens),
+            )
+        }
+        found.update(self._unindexed_holding(tenant, value))
+        for conversation in also:
+            row = self._db.execute(
+                "SELECT tenant FROM conversations WHERE conversation = ?", (conversation,)
+            ).fetchone()
+            if row is not None and row[0] == tenant:
+                found.add(conversation)
+        conversations = sorted(found)
+        deleted = 0
+        with self._db:
+            self._db.execute("BEGIN")
+            for conversation in conversations:
+                cursor = self._db.execute(
+                    "DELETE FROM entries WHERE conversation = ?", (conversation,)
+                )
+                deleted += int(cursor.rowcount)
+                self._db.execute("DELETE FROM subjects WHERE conversation = ?", (conversation,))
+                self._db.execute(
+                    "DELETE FROM conversations WHERE conversation = ?", (conversation,)
+                )
+        if conversations:
+            self._scrub()
+        return deleted, conversations
+
+    def _unindexed_holding(self, tenant: str, value: str) -> list[str]:
+        """The tenant's conversations with no blind index (written by an older vault) whose
+        values, opened, hold `value` in one of its normal forms."""
+        wanted = set(normal_forms(value))
+        rows = self._db.execute(
+            "SELECT conversation FROM conversations AS c WHERE tenant = ? AND NOT EXISTS "
+            "(SELECT 1 FROM subjects AS s WHERE s.conversation = c.conversation)",
+            (tenant,),
+        ).fetchall()
+        holding = []
+        for (conversation,) in rows:
+            values = self.values(tenant, str(conversation)).values()
+            if any(wanted.intersection(normal_forms(v)) for v in values):
+                holding.append(str(conversation))
+        return holding
+
+    def _scrub(self) -> None:
+        """Copy the WAL into the main file (whose freed pages secure_delete zeroed) and
+        truncate it, so the old frames holding deleted rows are gone too."""
         self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        return int(cursor.rowcount)
 
 
 def _aad(tenant: str, conversation: str, placeholder: str) -> bytes:

@@ -1043,8 +1043,28 @@ async def test_sqlite_uses_wal_and_records_its_schema_version(tmp_path: Path) ->
     assert store.path == tmp_path / "tasks.sqlite3"
     with sqlite3.connect(store.path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,), (2,)]
     conn.close()
+
+
+async def test_sqlite_upgrades_a_version_1_file_keeping_its_tasks(tmp_path: Path) -> None:
+    with sqlite3.connect(tmp_path / "tasks.sqlite3") as conn:
+        conn.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at REAL)")
+        for statement in sqlite_store.SCHEMA_V1:
+            conn.execute(statement)
+        conn.execute("INSERT INTO schema_version VALUES (1, 0)")
+        conn.execute(
+            f"INSERT INTO tasks ({sqlite_store.TASK_COLUMNS}) "
+            "VALUES ('old', 'acme', ?, 'echo', 1, x'', 1, 1, NULL, 0, x'', '', 0, 0)",
+            (int(QUEUED),),
+        )
+    store = await SqliteTaskStore.open(tmp_path)
+    try:
+        assert (await store.get("old")).tenant == "acme"
+        await store.add_subjects("old", [b"alice"])
+        assert await store.find_subject("acme", [b"alice"]) == ["old"]
+    finally:
+        await store.close()
 
 
 async def test_sqlite_refuses_a_file_from_a_newer_schema(tmp_path: Path) -> None:
@@ -1083,3 +1103,127 @@ async def test_sqlite_reports_a_file_it_cannot_write_as_unavailable(
     finally:
         outsider.close()
         await store.close()
+
+
+# ---------------------------------------------------------------- retention and forgetting
+
+
+async def finished_task(
+    store: TaskStore,
+    task_id: str,
+    *,
+    tenant: str = "acme",
+    created_at: float = 1_000.0,
+    state: common_pb2.TaskState.ValueType = SUCCEEDED,
+) -> None:
+    await running_task(store, task_id, tenant=tenant, created_at=created_at)
+    await store.transition(task_id, state, text="out", trace=[b"step"])
+
+
+async def test_find_subject_returns_the_tenants_tasks_indexed_under_any_token(
+    store: TaskStore,
+) -> None:
+    await running_task(store, "t1", tenant="a")
+    await running_task(store, "t2", tenant="a")
+    await running_task(store, "t3", tenant="b")
+    await store.add_subjects("t1", [b"alice", b"phone"])
+    await store.add_subjects("t1", [b"alice"])  # a repeat is a no-op
+    await store.add_subjects("t2", [b"phone"])
+    await store.add_subjects("t3", [b"alice"])
+
+    assert await store.find_subject("a", [b"alice"]) == ["t1"]
+    assert await store.find_subject("a", [b"phone", b"alice"]) == ["t1", "t2"]
+    assert await store.find_subject("b", [b"alice", b"phone"]) == ["t3"]
+    assert await store.find_subject("a", [b"nobody"]) == []
+    assert await store.find_subject("a", []) == []
+    with pytest.raises(NotFound):
+        await store.add_subjects("missing", [b"alice"])
+
+
+async def test_delete_removes_tasks_in_any_state_with_their_log_trace_and_index(
+    store: TaskStore,
+) -> None:
+    await finished_task(store, "done")
+    await running_task(store, "live")
+    await store.add_subjects("done", [b"alice"])
+    await store.add_subjects("live", [b"alice"])
+    await running_task(store, "kept")
+    await store.add_subjects("kept", [b"alice"])
+
+    assert await store.delete(["done", "live", "missing", "done"]) == 2
+
+    for task_id in ("done", "live"):
+        for operation in ("get", "events", "trace"):
+            with pytest.raises(NotFound):
+                await OPERATIONS_ON_ONE_TASK[operation](store, task_id)
+        with pytest.raises(NotFound):  # a late write of a stopped task creates nothing
+            await store.append_text(task_id, "late")
+        with pytest.raises(NotFound):
+            await store.add_trace_step(task_id, b"late")
+    assert await store.find_subject("acme", [b"alice"]) == ["kept"]
+    assert [r.task_id for r in (await store.list())[0]] == ["kept"]
+    assert await store.delete([]) == 0
+
+
+async def test_forget_tenant_also_drops_its_subject_index(store: TaskStore) -> None:
+    await finished_task(store, "a1", tenant="a")
+    await store.add_subjects("a1", [b"alice"])
+
+    assert await store.forget_tenant("a") == 1
+
+    await store.create(new_task("a1", tenant="a"))  # the same id, a new task: not indexed
+    assert await store.find_subject("a", [b"alice"]) == []
+
+
+async def test_expire_deletes_only_final_tasks_created_before_the_cutoff(
+    store: TaskStore,
+) -> None:
+    await finished_task(store, "old-ok", created_at=100.0)
+    await finished_task(store, "old-failed", created_at=101.0, state=FAILED)
+    await running_task(store, "old-running", created_at=102.0)
+    await store.create(new_task("old-queued", created_at=103.0))
+    await finished_task(store, "new-ok", created_at=500.0)
+    await finished_task(store, "other-old", tenant="other", created_at=100.0)
+
+    expiry = await store.expire(200.0, tenant="acme")
+
+    assert sorted(expiry.deleted) == ["old-failed", "old-ok"]
+    assert expiry.resume_after is None
+    remaining = sorted(r.task_id for r in (await store.list(page_size=100))[0])
+    assert remaining == ["new-ok", "old-queued", "old-running", "other-old"]
+    with pytest.raises(NotFound):
+        await store.trace("old-ok")
+
+
+async def test_expire_over_every_tenant_spares_those_kept(store: TaskStore) -> None:
+    await finished_task(store, "a", tenant="a", created_at=100.0)
+    await finished_task(store, "b", tenant="b", created_at=100.0)
+    await finished_task(store, "c", tenant="c", created_at=100.0)
+
+    expiry = await store.expire(200.0, keep={"b"})
+
+    assert sorted(expiry.deleted) == ["a", "c"]
+    assert [r.task_id for r in (await store.list())[0]] == ["b"]
+
+
+async def test_expire_examines_at_most_limit_tasks_and_resumes_after_them(
+    store: TaskStore,
+) -> None:
+    for n in range(5):
+        await finished_task(store, f"t{n}", tenant="keep" if n < 2 else "acme", created_at=n)
+
+    first = await store.expire(100.0, keep={"keep"}, limit=3)
+    assert first.deleted == ("t2",)  # t0 and t1 examined and kept
+    assert first.resume_after == (2.0, "t2")
+    second = await store.expire(100.0, keep={"keep"}, after=first.resume_after, limit=3)
+    assert sorted(second.deleted) == ["t3", "t4"]
+    assert second.resume_after is None
+    assert sorted(r.task_id for r in (await store.list())[0]) == ["t0", "t1"]
+    with pytest.raises(InvalidArgument):
+        await store.expire(100.0, limit=0)
+
+
+async def test_scrub_answers_notes_for_the_operator(store: TaskStore) -> None:
+    notes = await store.scrub()
+
+    assert all(isinstance(note, str) and note for note in notes)

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16llmos/v1/privacy.proto\x12\x08llmos.v1\";\n\x1bPrivacyServiceDetectRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\"j\n\x06\x45ntity\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x05\x12\r\n\x05score\x18\x04 \x01(\x02\x12\x12\n\nrecognizer\x18\x05 \x01(\t\x12\x13\n\x0b\x65xplanation\x18\x06 \x01(\t\"B\n\x1cPrivacyServiceDetectResponse\x12\"\n\x08\x65ntities\x18\x01 \x03(\x0b\x32\x10.llmos.v1.Entity\"\x99\x01\n\x1bPrivacyServiceRedactRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x03 \x01(\t\x12-\n\x08operator\x18\x04 \x01(\x0e\x32\x1b.llmos.v1.RedactionOperator\x12\x14\n\x0c\x65ntity_types\x18\x05 \x03(\t\"g\n\x1cPrivacyServiceRedactResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\"\n\x08\x65ntities\x18\x02 \x03(\x0b\x32\x10.llmos.v1.Entity\x12\x15\n\rsubject_index\x18\x03 \x03(\x0c\"U\n\x1cPrivacyServiceRestoreRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x03 \x01(\t\"-\n\x1dPrivacyServiceRestoreResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"[\n\"PrivacyServiceRestoreStreamRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\"3\n#PrivacyServiceRestoreStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"E\n\"PrivacyServiceForgetSubjectRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07subject\x18\x02 \x01(\t\"g\n#PrivacyServiceForgetSubjectResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x03\x12\x15\n\rsubject_index\x18\x02 \x03(\x0c\x12\x18\n\x10\x63onversation_ids\x18\x03 \x03(\t\"3\n!PrivacyServiceForgetTenantRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"5\n\"PrivacyServiceForgetTenantResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x03*\xd6\x01\n\x11RedactionOperator\x12\"\n\x1eREDACTION_OPERATOR_UNSPECIFIED\x10\x00\x12\x1b\n\x17REDACTION_OPERATOR_MASK\x10\x01\x12\x1e\n\x1aREDACTION_OPERATOR_REPLACE\x10\x02\x12\x1b\n\x17REDACTION_OPERATOR_HASH\x10\x03\x12\x1e\n\x1aREDACTION_OPERATOR_ENCRYPT\x10\x04\x12#\n\x1fREDACTION_OPERATOR_PSEUDONYMIZE\x10\x05\x32\xe9\x04\n\x0ePrivacyService\x12W\n\x06\x44\x65tect\x12%.llmos.v1.PrivacyServiceDetectRequest\x1a&.llmos.v1.PrivacyServiceDetectResponse\x12W\n\x06Redact\x12%.llmos.v1.PrivacyServiceRedactRequest\x1a&.llmos.v1.PrivacyServiceRedactResponse\x12Z\n\x07Restore\x12&.llmos.v1.PrivacyServiceRestoreRequest\x1a\'.llmos.v1.PrivacyServiceRestoreResponse\x12p\n\rRestoreStream\x12,.llmos.v1.PrivacyServiceRestoreStreamRequest\x1a-.llmos.v1.PrivacyServiceRestoreStreamResponse(\x01\x30\x01\x12l\n\rForgetSubject\x12,.llmos.v1.PrivacyServiceForgetSubjectRequest\x1a-.llmos.v1.PrivacyServiceForgetSubjectResponse\x12i\n\x0c\x46orgetTenant\x12+.llmos.v1.PrivacyServiceForgetTenantRequest\x1a,.llmos.v1.PrivacyServiceForgetTenantResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16llmos/v1/privacy.proto\x12\x08llmos.v1\";\n\x1bPrivacyServiceDetectRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\"j\n\x06\x45ntity\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x05\x12\r\n\x05score\x18\x04 \x01(\x02\x12\x12\n\nrecognizer\x18\x05 \x01(\t\x12\x13\n\x0b\x65xplanation\x18\x06 \x01(\t\"B\n\x1cPrivacyServiceDetectResponse\x12\"\n\x08\x65ntities\x18\x01 \x03(\x0b\x32\x10.llmos.v1.Entity\"\x99\x01\n\x1bPrivacyServiceRedactRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x03 \x01(\t\x12-\n\x08operator\x18\x04 \x01(\x0e\x32\x1b.llmos.v1.RedactionOperator\x12\x14\n\x0c\x65ntity_types\x18\x05 \x03(\t\"g\n\x1cPrivacyServiceRedactResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\"\n\x08\x65ntities\x18\x02 \x03(\x0b\x32\x10.llmos.v1.Entity\x12\x15\n\rsubject_index\x18\x03 \x03(\x0c\"U\n\x1cPrivacyServiceRestoreRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x03 \x01(\t\"-\n\x1dPrivacyServiceRestoreResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"[\n\"PrivacyServiceRestoreStreamRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\"3\n#PrivacyServiceRestoreStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"_\n\"PrivacyServiceForgetSubjectRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x18\n\x10\x63onversation_ids\x18\x03 \x03(\t\"g\n#PrivacyServiceForgetSubjectResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x03\x12\x15\n\rsubject_index\x18\x02 \x03(\x0c\x12\x18\n\x10\x63onversation_ids\x18\x03 \x03(\t\"3\n!PrivacyServiceForgetTenantRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"5\n\"PrivacyServiceForgetTenantResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x03*\xd6\x01\n\x11RedactionOperator\x12\"\n\x1eREDACTION_OPERATOR_UNSPECIFIED\x10\x00\x12\x1b\n\x17REDACTION_OPERATOR_MASK\x10\x01\x12\x1e\n\x1aREDACTION_OPERATOR_REPLACE\x10\x02\x12\x1b\n\x17REDACTION_OPERATOR_HASH\x10\x03\x12\x1e\n\x1aREDACTION_OPERATOR_ENCRYPT\x10\x04\x12#\n\x1fREDACTION_OPERATOR_PSEUDONYMIZE\x10\x05\x32\xe9\x04\n\x0ePrivacyService\x12W\n\x06\x44\x65tect\x12%.llmos.v1.PrivacyServiceDetectRequest\x1a&.llmos.v1.PrivacyServiceDetectResponse\x12W\n\x06Redact\x12%.llmos.v1.PrivacyServiceRedactRequest\x1a&.llmos.v1.PrivacyServiceRedactResponse\x12Z\n\x07Restore\x12&.llmos.v1.PrivacyServiceRestoreRequest\x1a\'.llmos.v1.PrivacyServiceRestoreResponse\x12p\n\rRestoreStream\x12,.llmos.v1.PrivacyServiceRestoreStreamRequest\x1a-.llmos.v1.PrivacyServiceRestoreStreamResponse(\x01\x30\x01\x12l\n\rForgetSubject\x12,.llmos.v1.PrivacyServiceForgetSubjectRequest\x1a-.llmos.v1.PrivacyServiceForgetSubjectResponse\x12i\n\x0c\x46orgetTenant\x12+.llmos.v1.PrivacyServiceForgetTenantRequest\x1a,.llmos.v1.PrivacyServiceForgetTenantResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llmos.v1.privacy_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REDACTIONOPERATOR']._serialized_start=1099
-  _globals['_REDACTIONOPERATOR']._serialized_end=1313
+  _globals['_REDACTIONOPERATOR']._serialized_start=1125
+  _globals['_REDACTIONOPERATOR']._serialized_end=1339
   _globals['_PRIVACYSERVICEDETECTREQUEST']._serialized_start=36
   _globals['_PRIVACYSERVICEDETECTREQUEST']._serialized_end=95
   _globals['_ENTITY']._serialized_start=97
@@ -52,13 +52,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PRIVACYSERVICERESTORESTREAMRESPONSE']._serialized_start=761
   _globals['_PRIVACYSERVICERESTORESTREAMRESPONSE']._serialized_end=812
   _globals['_PRIVACYSERVICEFORGETSUBJECTREQUEST']._serialized_start=814
-  _globals['_PRIVACYSERVICEFORGETSUBJECTREQUEST']._serialized_end=883
-  _globals['_PRIVACYSERVICEFORGETSUBJECTRESPONSE']._serialized_start=885
-  _globals['_PRIVACYSERVICEFORGETSUBJECTRESPONSE']._serialized_end=988
-  _globals['_PRIVACYSERVICEFORGETTENANTREQUEST']._serialized_start=990
-  _globals['_PRIVACYSERVICEFORGETTENANTREQUEST']._serialized_end=1041
-  _globals['_PRIVACYSERVICEFORGETTENANTRESPONSE']._serialized_start=1043
-  _globals['_PRIVACYSERVICEFORGETTENANTRESPONSE']._serialized_end=1096
-  _globals['_PRIVACYSERVICE']._serialized_start=1316
-  _globals['_PRIVACYSERVICE']._serialized_end=1933
+  _globals['_PRIVACYSERVICEFORGETSUBJECTREQUEST']._serialized_end=909
+  _globals['_PRIVACYSERVICEFORGETSUBJECTRESPONSE']._serialized_start=911
+  _globals['_PRIVACYSERVICEFORGETSUBJECTRESPONSE']._serialized_end=1014
+  _globals['_PRIVACYSERVICEFORGETTENANTREQUEST']._serialized_start=1016
+  _globals['_PRIVACYSERVICEFORGETTENANTREQUEST']._serialized_end=1067
+  _globals['_PRIVACYSERVICEFORGETTENANTRESPONSE']._serialized_start=1069
+  _globals['_PRIVACYSERVICEFORGETTENANTRESPONSE']._serialized_end=1122
+  _globals['_PRIVACYSERVICE']._serialized_start=1342
+  _globals['_PRIVACYSERVICE']._serialized_end=1959
 # @@protoc_insertion_point(module_scope)

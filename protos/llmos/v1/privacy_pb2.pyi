@@ -304,23 +304,34 @@ Global___PrivacyServiceRestoreStreamResponse: _TypeAlias = PrivacyServiceRestore
 
 @_typing.final
 class PrivacyServiceForgetSubjectRequest(_message.Message):
-    """[#next-free-field: 3]"""
+    """[#next-free-field: 4]"""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     TENANT_FIELD_NUMBER: _builtins.int
     SUBJECT_FIELD_NUMBER: _builtins.int
+    CONVERSATION_IDS_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     subject: _builtins.str
+    """The PII value the subject is known by; required."""
+    @_builtins.property
+    def conversation_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Conversations of the tenant to delete as well, whatever they hold: the kernel passes
+        the tasks it found through its own index (a subject's value may not have been
+        redacted, so not be in the vault, while the task's other values are). Ids of other
+        tenants' conversations are ignored.
+        """
+
     def __init__(
         self,
         *,
         tenant: _builtins.str = ...,
         subject: _builtins.str = ...,
+        conversation_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["subject", b"subject", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_ids", b"conversation_ids", "subject", b"subject", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
