@@ -13,6 +13,7 @@ delete the tasks (docs/privacy.md "Retention and forgetting").
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -41,6 +42,7 @@ from llmos.services.privacy.operators import (
     unseal,
 )
 from llmos.services.privacy.recognizers import Detector, Finding, NerRecognizer
+from llmos.services.privacy.retention import sweep_forever, vault_scopes
 from llmos.services.privacy.subjects import index_values, lookup_tokens
 from llmos.services.privacy.vault import VAULT_FILE, Vault
 from llmos.services.rpc_types import Context
@@ -189,6 +191,7 @@ class PrivacyService:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._servicer: PrivacyServicer | None = None
+        self._sweeper: asyncio.Task[None] | None = None
         self._proxy = _Deferred(self)
 
     def add_to_server(self, server: grpc.aio.Server) -> list[str]:
@@ -208,6 +211,8 @@ class PrivacyService:
         detector = Detector(ner)
         await asyncio.to_thread(detector.detect, "Warm up: Jane Doe lives in Boston.")
         self._servicer = PrivacyServicer(detector, keys, vault)
+        if vault_scopes(settings) and settings.kernel_retention_sweep_s > 0:
+            self._sweeper = asyncio.create_task(sweep_forever(vault, settings), name="retention")
         log.info(
             "privacy ready: model %s, keys from %s (active %s), vault %s",
             ner.model,
@@ -217,6 +222,10 @@ class PrivacyService:
         )
 
     async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
         if self._servicer is not None:
             self._servicer.close()
             self._servicer.vault.close()

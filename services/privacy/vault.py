@@ -23,7 +23,7 @@ import hmac
 import secrets
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -210,6 +210,38 @@ class Vault:
             if row is not None and row[0] == tenant:
                 found.add(conversation)
         conversations = sorted(found)
+        return (self._delete(conversations) if conversations else 0), conversations
+
+    def expire(
+        self,
+        created_before: float,
+        *,
+        tenant: str | None = None,
+        keep: Collection[str] = (),
+        limit: int = 500,
+    ) -> int:
+        """Delete up to `limit` conversations begun before `created_before`, oldest first:
+        `tenant`'s, or (None) every tenant's but those in `keep`; the number deleted. The
+        vault's half of retention (retention.py)."""
+        kept = list(keep)
+        if tenant is not None:
+            where, params = "tenant = ?", [tenant]
+        else:
+            where = f"tenant NOT IN ({', '.join('?' for _ in kept)})"
+            params = kept
+        rows = self._db.execute(
+            f"SELECT conversation FROM conversations WHERE {where} AND created_at < ? "
+            "ORDER BY created_at LIMIT ?",
+            (*params, created_before, limit),
+        ).fetchall()
+        conversations = [str(row[0]) for row in rows]
+        if conversations:
+            self._delete(conversations)
+        return len(conversations)
+
+    def _delete(self, conversations: Sequence[str]) -> int:
+        """Delete the conversations with their entries and index, then scrub; the count of
+        entries deleted."""
         deleted = 0
         with self._db:
             self._db.execute("BEGIN")
@@ -222,9 +254,8 @@ class Vault:
                 self._db.execute(
                     "DELETE FROM conversations WHERE conversation = ?", (conversation,)
                 )
-        if conversations:
-            self._scrub()
-        return deleted, conversations
+        self._scrub()
+        return deleted
 
     def _unindexed_holding(self, tenant: str, value: str) -> list[str]:
         """The tenant's conversations with no blind index (written by an older vault) whose
