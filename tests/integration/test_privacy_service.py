@@ -332,11 +332,51 @@ def test_forget_tenant_deletes_its_conversations(
         ),
     )
     assert gone.code() == grpc.StatusCode.NOT_FOUND
-    subject = refused(
-        privacy.ForgetSubject,
-        privacy_pb2.PrivacyServiceForgetSubjectRequest(tenant="initech", subject="x"),
+
+
+def test_forget_subject_deletes_the_conversations_that_held_it(
+    privacy: privacy_pb2_grpc.PrivacyServiceStub,
+) -> None:
+    held = redact(
+        privacy, "Write to zoe.subject@example.com today", tenant="hooli", conversation="held"
     )
-    assert subject.code() == grpc.StatusCode.UNIMPLEMENTED
+    redact(privacy, "Write to max.other@example.com today", tenant="hooli", conversation="other")
+    redact(privacy, "Write to zoe.subject@example.com", tenant="initech", conversation="theirs")
+    assert held.subject_index  # the blind index the kernel stores with the task
+    assert all(b"zoe" not in token for token in held.subject_index)
+
+    reply = privacy.ForgetSubject(
+        privacy_pb2.PrivacyServiceForgetSubjectRequest(
+            tenant="hooli", subject=" ZOE.subject@Example.com", conversation_ids=["theirs"]
+        ),
+        timeout=30,
+    )
+
+    assert (reply.deleted, list(reply.conversation_ids)) == (1, ["held"])
+    assert set(held.subject_index) <= set(reply.subject_index)
+    gone = refused(
+        privacy.Restore,
+        privacy_pb2.PrivacyServiceRestoreRequest(
+            text="<EMAIL_ADDRESS_1>", tenant="hooli", conversation_id="held"
+        ),
+    )
+    assert gone.code() == grpc.StatusCode.NOT_FOUND
+    # Another conversation of the tenant, and another tenant's (named, but not theirs), stay.
+    assert restore(privacy, "<EMAIL_ADDRESS_1>", "hooli", "other") == "max.other@example.com"
+    assert restore(privacy, "<EMAIL_ADDRESS_1>", "initech", "theirs") == "zoe.subject@example.com"
+    again = privacy.ForgetSubject(
+        privacy_pb2.PrivacyServiceForgetSubjectRequest(
+            tenant="hooli", subject="zoe.subject@example.com"
+        ),
+        timeout=30,
+    )
+    assert (again.deleted, list(again.conversation_ids)) == (0, [])
+    empty = refused(
+        privacy.ForgetSubject,
+        privacy_pb2.PrivacyServiceForgetSubjectRequest(tenant="hooli", subject="  "),
+    )
+    assert empty.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "subject is empty" in (empty.details() or "")
 
 
 async def test_the_kernel_redacts_a_chat_and_restores_its_stream(served: Served) -> None:

@@ -162,11 +162,6 @@ def test_bad_input_is_refused_with_a_reason_and_the_stack_keeps_serving(
     ("address_offset", "call", "says"),
     [
         (
-            3,
-            lambda ch: ch.unary_unary("/llmos.v1.PrivacyService/ForgetSubject")(b""),
-            "ForgetSubject is not built yet",
-        ),
-        (
             4,
             lambda ch: ch.unary_unary("/llmos.v1.ExplainService/Attribute")(b""),
             "not implemented yet",
