@@ -27,7 +27,8 @@ from collections.abc import Callable
 
 from llmos.kernel.policy import Policies
 from llmos.kernel.store import TaskStore
-from llmos.services.errors import LlmosError
+from llmos.kernel.store.contract import MAX_EXPIRE_BATCH
+from llmos.services.errors import InvalidArgument, LlmosError
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,12 @@ class RetentionSweeper:
         batch: int = 500,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        if not 1 <= batch <= MAX_EXPIRE_BATCH:
+            raise InvalidArgument(
+                f"setting 'kernel_retention_batch' must be between 1 and {MAX_EXPIRE_BATCH}, "
+                f"got {batch}",
+                reason="BAD_SETTING",
+            )
         self.store = store
         self.scopes = scopes(policies)
         self.interval_s = interval_s

@@ -91,3 +91,12 @@ def test_without_a_default_retention_only_the_tenants_that_set_one_are_swept() -
     found = scopes(policies({}, {"short": {"retention": "10s"}, "other": {}}))
 
     assert found == (Scope("short", 10),)
+
+
+def test_a_batch_outside_what_the_store_takes_is_refused_at_start() -> None:
+    from llmos.kernel.retention import RetentionSweeper
+
+    for batch in (0, 1001):
+        with pytest.raises(InvalidArgument) as caught:
+            RetentionSweeper(None, policies({}), batch=batch)  # type: ignore[arg-type]
+        assert "kernel_retention_batch" in caught.value.message
