@@ -43,6 +43,7 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
+from llmos.kernel.scheduler import Priority
 from llmos.kernel.store.contract import (
     DEFAULT_PAGE_SIZE,
     FAILED,
@@ -710,6 +711,13 @@ class RedisTaskStore(TaskStore):
         ids = list(dict.fromkeys(task_ids))
         if not ids:
             return 0
+        deleted = await self._delete_keys(ids)
+        await self._purge_streams(set(ids))
+        return deleted
+
+    async def _delete_keys(self, ids: builtins.list[str]) -> int:
+        """Delete the tasks' keys, index entries and subject index (not their queue-stream
+        entries: `delete` does that too)."""
         states = [str(int(state)) for state in common_pb2.TaskState.values()]
         deleted = 0
         for start in range(0, len(ids), DELETE_CHUNK):
@@ -719,18 +727,18 @@ class RedisTaskStore(TaskStore):
                     self._delete_tasks(args=[self.keys.prefix, str(len(states)), *states, *chunk])
                 )
             )
-        await self._purge_streams(set(ids))
         return deleted
 
     async def _purge_streams(self, task_ids: set[str]) -> None:
         """Remove the queue-stream entries naming these tasks (a queued task's entry holds
         its record, prompt included; the dead-letter stream names its id): acknowledged in
         the consumer group, then deleted."""
-        async for raw in self.client.scan_iter(match=f"{self.keys.prefix}*", _type="STREAM"):
-            stream = raw.decode()
-            grouped = stream.startswith(f"{self.keys.prefix}queue:") and not stream.endswith(
-                ":dead"
-            )
+        prefix = self.keys.prefix
+        grouped_streams = [f"{prefix}queue:{priority.label}" for priority in Priority]
+        attached = await self.call(self.client.smembers(f"{prefix}attached"))
+        others = [f"{prefix}queue:dead", *(raw.decode() for raw in attached)]
+        for stream in [*grouped_streams, *others]:
+            grouped = stream in grouped_streams
             doomed: builtins.list[bytes] = []
             start = "-"
             while True:
@@ -789,8 +797,8 @@ class RedisTaskStore(TaskStore):
             for (task_id, _), (state, owner) in zip(examined, replies, strict=True)
             if state in final and (tenant is not None or (owner or b"").decode() not in kept)
         ]
-        if doomed:
-            await self.delete(doomed)
+        if doomed:  # final tasks: their queue entries were removed when they ended
+            await self._delete_keys(doomed)
         last = examined[-1] if len(examined) == limit else None
         return Expiry(tuple(doomed), None if last is None else (last[1], last[0]))
 
