@@ -5,8 +5,9 @@ call than one call each (the model's matrix products get wider, the per-call ove
 paid once). Under load the service has several requests waiting anyway, so the batcher
 takes every request that arrived while the worker thread was busy and detects them in one
 `Detector.detect_many` call: a lone request goes through at once, with no wait added, and
-batches form only when requests queue. An optional window (`window_s`, bounded) waits a
-little longer for company after the first request of a batch arrives.
+batches form only when requests queue. No window waits for company: measured with 2, 4
+and 16 callers in flight, batches already held as many texts as there were callers, and a
+window of 0.3 or 1 ms added latency without adding throughput.
 
 Each caller gets its own findings (a batch's results are handed back by position), and a
 caller that gives up (deadline, cancellation) does not disturb the others.
@@ -27,8 +28,6 @@ DetectMany = Callable[[list[str]], Sequence[list[Finding]]]
 # More than this waits for the next batch: a batch's latency grows with its size, and a
 # batch of 32 short messages already has most of the gain.
 MAX_BATCH = 32
-# The most a first request may wait for others to join its batch.
-MAX_WINDOW_S = 0.002
 
 
 class DetectBatcher:
@@ -41,15 +40,11 @@ class DetectBatcher:
         detect_many: DetectMany,
         *,
         max_batch: int = MAX_BATCH,
-        window_s: float = 0.0,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, not {max_batch}")
-        if not 0.0 <= window_s <= MAX_WINDOW_S:
-            raise ValueError(f"window_s must be between 0 and {MAX_WINDOW_S}, not {window_s}")
         self._detect_many = detect_many
         self.max_batch = max_batch
-        self.window_s = window_s
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="detect")
         self._waiting: list[tuple[str, asyncio.Future[list[Finding]]]] = []
         self._drainer: asyncio.Task[None] | None = None
@@ -70,8 +65,6 @@ class DetectBatcher:
         loop = asyncio.get_running_loop()
         try:
             while self._waiting:
-                if self.window_s and len(self._waiting) < self.max_batch:
-                    await asyncio.sleep(self.window_s)
                 batch = self._waiting[: self.max_batch]
                 del self._waiting[: self.max_batch]
                 batch = [(text, future) for text, future in batch if not future.done()]

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from llmos.services.privacy.batching import MAX_WINDOW_S, DetectBatcher
+from llmos.services.privacy.batching import DetectBatcher
 from llmos.services.privacy.recognizers import Finding
 
 
@@ -95,19 +95,6 @@ async def test_a_failed_batch_fails_its_callers_and_the_next_batch_still_runs() 
     assert after[0].explanation == "later"
 
 
-async def test_a_window_gathers_requests_that_arrive_just_after_the_first() -> None:
-    recording = Recording()
-    batcher = DetectBatcher(recording, max_batch=8, window_s=MAX_WINDOW_S)
-    first = asyncio.ensure_future(batcher.detect("first"))
-    await asyncio.sleep(0)  # the drainer starts and waits out the window
-    second = asyncio.ensure_future(batcher.detect("second"))
-    await asyncio.gather(first, second)
-    batcher.close()
-    assert recording.batches == [["first", "second"]]
-
-
 def test_bounds_are_checked() -> None:
     with pytest.raises(ValueError, match="max_batch"):
         DetectBatcher(Recording(), max_batch=0)
-    with pytest.raises(ValueError, match="window_s"):
-        DetectBatcher(Recording(), window_s=MAX_WINDOW_S * 2)
