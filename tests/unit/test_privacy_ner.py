@@ -27,7 +27,8 @@ def texts() -> list[str]:
         "angela merkel visited paris",
         "",
     ]
-    return [json.loads(line)["text"] for line in lines if line.strip()] + extra
+    # Every third message of both splits (every template, 430 messages) keeps this quick.
+    return [json.loads(line)["text"] for line in lines[::3] if line.strip()] + extra
 
 
 @pytest.fixture(scope="module")
