@@ -236,11 +236,12 @@ class Forgetter:
 
 
 def _after(error: LlmosError, done: str) -> LlmosError:
-    """`error`, its message saying that forgetting needs the privacy service and what was
-    done before it failed."""
-    error.message = (
+    """A new error of `error`'s kind and reason whose message also says that forgetting
+    needs the privacy service and what was done before it failed. New, not `error` changed:
+    raising an error from itself would make its cause chain a loop."""
+    return type(error)(
         f"{error.message}; forgetting needs the privacy service (its vault, and the key of a "
-        f"subject's index): {done}"
+        f"subject's index): {done}",
+        reason=error.reason,
+        metadata=error.metadata,
     )
-    error.args = (error.message,)
-    return error

@@ -349,3 +349,37 @@ def restore(served: Served, task_id: str, tenant: str) -> privacy_pb2.PrivacySer
             ),
             timeout=10,
         )
+
+
+def test_without_the_privacy_service_forgetting_fails_saying_what_it_did(
+    stack: tuple[Served, str],
+) -> None:
+    """Last in this module: it stops the privacy service."""
+    served, _ = stack
+    kept = submit(served, SUBJECT_PROMPT, "unlucky")
+    wait_finished(served, kept)
+    privacy = served.children["privacy"]
+    privacy.send_signal(signal.SIGTERM)  # a planned stop: it deregisters
+    privacy.wait(timeout=60)
+    deadline = time.monotonic() + 30
+    while "privacy" in served.stack.services():
+        if time.monotonic() > deadline:
+            pytest.fail("the privacy service is still registered 30s after it stopped")
+        time.sleep(0.2)
+
+    with served.stack.channel() as channel:
+        kernel = served.stack.kernel(channel)
+        for call in (
+            lambda: kernel.ForgetTenant(
+                kernel_pb2.ForgetTenantRequest(tenant="unlucky"), timeout=30
+            ),
+            lambda: kernel.ForgetSubject(
+                kernel_pb2.ForgetSubjectRequest(tenant="unlucky", subject=EMAIL), timeout=30
+            ),
+        ):
+            with pytest.raises(grpc.RpcError) as caught:
+                call()
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "forgetting needs the privacy service" in (caught.value.details() or "")
+            assert "nothing was deleted" in (caught.value.details() or "")
+    assert get(served, kept).output == SUBJECT_PROMPT  # nothing was deleted, as it says
