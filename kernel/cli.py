@@ -607,6 +607,10 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - a few statemen
 
     add_forget_commands(commands, _common, _settings)
 
+    from llmos.kernel.model_cli import add_commands as add_model_commands
+
+    add_model_commands(commands, _common, _settings)
+
     probe = commands.add_parser("probe", help="grpc.health.v1 check, for container health checks")
     probe.add_argument("address")
     probe.add_argument("--service", default="")

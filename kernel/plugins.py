@@ -51,6 +51,7 @@ import jsonschema
 from google.protobuf import json_format, struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from llmos.kernel.model_calls import forward_embed
 from llmos.kernel.plugin_rules import AFTER, BEFORE, BadPluginResult, check_result, hook_arguments
 from llmos.kernel.registry import Registry
 from llmos.kernel.stages import PluginStage, StageContext, StageResult
@@ -178,17 +179,9 @@ class ModelGateway(runtime_pb2_grpc.RuntimeServiceServicer):
                 reason="CAPABILITY_MISSING",
                 metadata={"capability": "call_model"},
             )
-        runtime = self.hosts.registry.pick(common_pb2.SERVICE_KIND_RUNTIME)
-        stub = runtime_pb2_grpc.RuntimeServiceStub(runtime.channel)
-        try:
-            reply: runtime_pb2.RuntimeServiceEmbedResponse = await stub.Embed(
-                request, timeout=context.time_remaining(), metadata=outgoing_metadata()
-            )
-        except grpc.aio.AioRpcError as error:
-            raise from_rpc_error(
-                error, f"Embed for plugin {plugin.name} on {runtime.info.name}"
-            ) from error
-        return reply
+        return await forward_embed(
+            self.hosts.registry, request, context.time_remaining(), f"plugin {plugin.name}"
+        )
 
 
 class PluginHosts:

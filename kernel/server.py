@@ -17,6 +17,7 @@ import grpc
 
 from llmos.kernel.forget import Forgetter
 from llmos.kernel.memory import Headroom
+from llmos.kernel.model_calls import MODEL_CALLS, ModelCalls
 from llmos.kernel.plugins import PluginHosts
 from llmos.kernel.policy import Policies
 from llmos.kernel.registry import Registry
@@ -173,6 +174,22 @@ class KernelServicer(kernel_pb2_grpc.KernelServiceServicer):
         await self.registry.deregister(request.name)
         return kernel_pb2.DeregisterServiceResponse()
 
+    # -- runtimeapi: Score and Embed (kernel/model_calls.py) ------------------------------
+
+    async def Score(
+        self, request: kernel_pb2.ScoreRequest, context: Context
+    ) -> kernel_pb2.ScoreResponse:
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        return await self.service.model_calls.score(request, tenant_of(context), deadline)
+
+    async def Embed(
+        self, request: kernel_pb2.EmbedRequest, context: Context
+    ) -> kernel_pb2.EmbedResponse:
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        return await self.service.model_calls.embed(request, tenant_of(context), deadline)
+
     async def ListServices(
         self, request: kernel_pb2.ListServicesRequest, context: Context
     ) -> kernel_pb2.ListServicesResponse:
@@ -273,6 +290,13 @@ class KernelServicer(kernel_pb2_grpc.KernelServiceServicer):
         return await forgetter.forget_subject(request.tenant, request.subject)
 
 
+def _queue_limits(settings: Settings) -> dict[Priority, int]:
+    """Tickets queued per priority class before refusing: kernel_max_queued, or defaults."""
+    if settings.kernel_max_queued > 0:
+        return dict.fromkeys(Priority, settings.kernel_max_queued)
+    return dict(DEFAULT_QUEUE_LIMITS)
+
+
 class KernelService:
     """The kernel process: ready once its task store is open and recovered."""
 
@@ -288,6 +312,16 @@ class KernelService:
         # refused below kernel_min_free_mb (kernel/memory.py).
         self.headroom = Headroom(self.registry, settings.kernel_min_free_mb * 2**20)
         self.servicer = KernelServicer(settings, self.registry, self)
+        # Score and Embed: admitted by their own scheduler, at most this many at a time.
+        self.model_calls = ModelCalls(
+            self.registry,
+            self.headroom,
+            SchedulerConfig(
+                aging_s=settings.kernel_aging_s,
+                service_limits={MODEL_CALLS: settings.kernel_model_call_concurrency},
+                queue_limits=_queue_limits(settings),
+            ),
+        )
         self.store: TaskStore | None = None
         self.runner: TaskRunner | None = None
         self.retention: RetentionSweeper | None = None
@@ -301,9 +335,7 @@ class KernelService:
     async def start(self) -> None:
         self.registry.start()
         self.headroom.start()
-        limits = dict(DEFAULT_QUEUE_LIMITS)
-        if self.settings.kernel_max_queued > 0:
-            limits = dict.fromkeys(Priority, self.settings.kernel_max_queued)
+        limits = _queue_limits(self.settings)
         queue: RedisWorkQueue | None = None
         if self.settings.task_store == "redis":
             store = await RedisTaskStore.open(

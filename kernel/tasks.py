@@ -512,6 +512,8 @@ class TaskRunner:
         try:
             # plugins:before may change the prompt: the model gets the request as it leaves.
             request = await self._stages(before, ticket, request, running.deadline)
+            # The runtime's queue orders by the class the task was dispatched at.
+            request.priority = common_pb2.Priority.ValueType(int(effective or ticket.priority))
             output, usage = await self._generate(ticket, request, running)
             await self._stages(after, ticket, request, running.deadline, output)
             await self._transition(
@@ -653,6 +655,7 @@ class TaskRunner:
                 messages=request.messages,
                 sampling=request.sampling,
                 task_id=ticket.task_id,
+                priority=request.priority,
             ),
             timeout=timeout,
             metadata=outgoing_metadata(x_llmos_task_id=ticket.task_id),

@@ -117,6 +117,9 @@ class Settings:
     # class and tenant), and seconds a queued task waits before rising one priority class.
     kernel_runtime_concurrency: int = 64
     kernel_aging_s: float = 5.0
+    # Score and Embed calls the kernel has at the runtimes at once (the rest queue by
+    # priority class and tenant, bounded like tasks: kernel_max_queued).
+    kernel_model_call_concurrency: int = 8
     # Where the kernel keeps tasks: "sqlite" (embedded, one kernel, under data_dir) or
     # "redis" (shared by several kernels; see docs/operator-guide.md "Several kernels").
     task_store: str = "sqlite"
@@ -151,6 +154,13 @@ class Settings:
     runtime_max_queued: int = 64
     # Sequences a runtime decodes together in one step (its continuous batch).
     runtime_max_batch: int = 32
+    # When the batch is full, the next free place goes to the waiting request of the
+    # highest priority class (the kernel's); a waiting request rises one class per this
+    # many seconds, so batch work never starves.
+    runtime_aging_s: float = 5.0
+    # Generated tokens a stream may hold unread (its reader is slow) before its sequence
+    # leaves the batch until the reader has taken half of them (flow control).
+    runtime_stream_buffer: int = 64
     # KV-cache memory a runtime's running sequences may reserve, per model (MiB).
     runtime_kv_budget_mb: int = 1024
     # The KV cache's host memory is reserved at the hardware service in steps of this many

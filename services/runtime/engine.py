@@ -2,7 +2,9 @@
 sequences together, one token per step, and streams each token into asyncio.
 
 Iteration-level scheduling, as in vLLM: at every step boundary the worker
-1. admits waiting requests, first come first served, while the batch has a free slot and
+1. admits waiting requests, by priority class with aging (`admission.py`: the class the
+   kernel dispatched them at, rising one level per `aging_s` waited; then arrival), while
+   the batch has a free slot and
    the KV budget allows (the cache is rows x the longest row's prompt + max_tokens, so
    that rectangle is what is budgeted) and so does the host memory reserved for the cache
    at the hardware service (`kv_memory.py`: a request waits for the reservation to grow,
@@ -15,6 +17,17 @@ Iteration-level scheduling, as in vLLM: at every step boundary the worker
    (`SlotKVCache`), and samples each row with its own parameters;
 5. removes finished sequences at once, freeing their slot and reservation.
 The waiting queue is bounded: a full queue refuses at once with RESOURCE_EXHAUSTED.
+A running sequence is never preempted for a higher class: it keeps its place until it
+finishes (docs/architecture.md says why).
+
+Flow control: a sequence whose reader has not taken `stream_buffer` of its events is
+*parked*: it leaves the batch (freeing its row, its KV cache and its reservation, so the
+others decode on at full speed), keeps its decoding state (tokens so far, sampler, text
+assembler), and waits, buffering nothing more. Once its reader has taken half of the
+buffer it joins the waiting queue again, with its first arrival time (so aging puts it
+ahead), and its prefill recomputes the prompt plus the tokens generated so far, as vLLM's
+recompute preemption does. A parked sequence whose caller cancels (or whose deadline
+passes) ends at once. So a stream buffers at most `stream_buffer` events in the runtime.
 
 A lone sequence runs without any mask, exactly as Hugging Face's own forward pass does,
 so greedy decoding of a request alone reproduces `generate()` token for token.
@@ -22,16 +35,17 @@ so greedy decoding of a request alone reproduces `generate()` token for token.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from llmos.services.errors import InvalidArgument, ResourceExhausted
+from llmos.services.runtime.admission import NORMAL, WaitingQueue
 from llmos.services.runtime.kv_cache import SlotKVCache
 from llmos.services.runtime.kv_memory import WAIT_POLL_S, KvMemory
 from llmos.services.runtime.metrics import BATCH_SEQUENCES
@@ -106,9 +120,24 @@ class EngineLimits:
     # newcomers start streaming sooner (measured: TTFT p50 0.87 s -> 0.65 s at 16 arrivals)
     # for the same total work.
     max_prefill_tokens: int = 256
+    # Seconds a waiting sequence waits before rising one priority class (admission.py).
+    aging_s: float = 5.0
+    # Events a stream may hold unread before its sequence is parked (flow control).
+    stream_buffer: int = 64
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_queued", "kv_budget_bytes", "max_prefill_tokens"):
+        if not self.aging_s > 0:
+            raise InvalidArgument(
+                f"the runtime's aging_s is {self.aging_s}; it must be above 0",
+                reason="BAD_SETTING",
+            )
+        for name in (
+            "max_batch_size",
+            "max_queued",
+            "kv_budget_bytes",
+            "max_prefill_tokens",
+            "stream_buffer",
+        ):
             if getattr(self, name) < 1:
                 raise InvalidArgument(
                     f"the runtime's {name} is {getattr(self, name)}; it must be at least 1",
@@ -125,6 +154,8 @@ class EngineStats:
     reserved_positions: int
     kv_allocated_bytes: int
     steps: int
+    # Sequences out of the batch until their slow reader catches up (flow control).
+    parked: int = 0
 
 
 class Engine:
@@ -149,7 +180,8 @@ class Engine:
             self._lock, self.cache.bytes_per_position, self.limits.kv_budget_bytes, loaded.name
         )
         self.cache.limit = self.memory.limit
-        self._waiting: collections.deque[SequenceHandle] = collections.deque()
+        self._waiting: WaitingQueue[SequenceHandle] = WaitingQueue(self.limits.aging_s)
+        self._parked: dict[SequenceHandle, Running] = {}
         self._running: list[Running] = []  # index == cache row
         self._reserved = 0  # positions promised to running sequences
         self._steps = 0
@@ -161,9 +193,14 @@ class Engine:
 
     # -- the caller's side ------------------------------------------------------------
 
-    def submit(self, prompt_ids: list[int], sampling: Sampling) -> SequenceHandle:
-        """Queue a sequence; refuse at once what can never fit or when the queue is full."""
-        handle = SequenceHandle(prompt_ids, sampling)
+    def submit(
+        self, prompt_ids: list[int], sampling: Sampling, priority: int = NORMAL
+    ) -> SequenceHandle:
+        """Queue a sequence in `priority`'s class; refuse at once what can never fit or when
+        the queue is full."""
+        handle = SequenceHandle(prompt_ids, sampling, priority)
+        handle.waker = self._wake
+        handle.low_water = self.limits.stream_buffer // 2
         if handle.footprint > self.loaded.context_length:
             raise InvalidArgument(
                 f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({sampling.max_tokens}) "
@@ -198,6 +235,7 @@ class Engine:
                 reserved_positions=self._reserved,
                 kv_allocated_bytes=self.cache.allocated_bytes,
                 steps=self._steps,
+                parked=len(self._parked),
             )
 
     def close(self) -> None:
@@ -241,8 +279,10 @@ class Engine:
                     self._reserved = 0
 
     def _admit(self) -> list[Running]:
-        """Move waiting sequences into the batch while slots and the KV budget allow (FIFO)."""
+        """Move waiting sequences into the batch, by priority with aging, while slots and
+        the KV budget allow."""
         self._purge_cancelled_waiting()
+        self._waiting.order(time.monotonic())
         admitted: list[Running] = []
         widest = max((r.handle.footprint for r in self._running), default=0)
         while self._waiting and len(self._running) + len(admitted) < self.limits.max_batch_size:
@@ -272,7 +312,13 @@ class Engine:
         return admitted
 
     def _running_state(self, handle: SequenceHandle) -> Running:
-        return Running(handle, self.loaded.decode, self.loaded.eos_token_ids)
+        """A new sequence's state, or a parked one's, to be prefilled with what it has."""
+        running = handle.resume
+        if running is None:
+            return Running(handle, self.loaded.decode, self.loaded.eos_token_ids)
+        handle.resume = None
+        running.length = len(running.prefill_ids)
+        return running
 
     def _purge_cancelled_waiting(self) -> None:
         """End queued requests whose caller gave up; they free their queue place at once."""
@@ -298,11 +344,10 @@ class Engine:
     def _prefill_chunks(self, admitted: list[Running]) -> list[list[Running]]:
         chunks: list[list[Running]] = []
         for running in admitted:
-            size = len(running.handle.prompt_ids)
+            size = len(running.prefill_ids)
             if (
                 chunks
-                and (len(chunks[-1]) + 1)
-                * max(size, *(len(r.handle.prompt_ids) for r in chunks[-1]))
+                and (len(chunks[-1]) + 1) * max(size, *(len(r.prefill_ids) for r in chunks[-1]))
                 <= self.limits.max_prefill_tokens
             ):
                 chunks[-1].append(running)
@@ -313,13 +358,12 @@ class Engine:
     def _prefill(self, chunk: list[Running]) -> None:
         """Run the prompts of newcomers (padded to the longest) and take their first token."""
         first_row = len(self._running)
-        lengths = [len(r.handle.prompt_ids) for r in chunk]
+        prompts = [r.prefill_ids for r in chunk]
+        lengths = [len(ids) for ids in prompts]
         longest = max(lengths)
         self.cache.reserve(first_row + len(chunk), max(longest, self._longest_running() + 1))
         positions = torch.arange(longest).expand(len(chunk), longest)
-        inputs = torch.tensor(
-            [r.handle.prompt_ids + [0] * (longest - len(r.handle.prompt_ids)) for r in chunk]
-        )
+        inputs = torch.tensor([ids + [0] * (longest - len(ids)) for ids in prompts])
         mask = None
         if len(chunk) > 1:  # causal, and nothing past each prompt's own end
             causal = torch.ones(longest, longest, dtype=torch.bool).tril()
@@ -366,18 +410,28 @@ class Engine:
         return hidden
 
     def _sample_and_emit(self, rows: list[int], logits: torch.Tensor) -> None:
-        finished: list[tuple[int, FinishReason]] = []
+        leaving: list[tuple[int, FinishReason | None]] = []  # None: parked
         for index, row in enumerate(rows):
             running = self._running[row]
             token = next_token(logits[index], running.seen(), running.sampling, running.generator)
             reason = running.accept(token)
             if reason is not None:
-                finished.append((row, reason))
-        for row, reason in sorted(finished, reverse=True):
-            self._remove(row, reason)
+                leaving.append((row, reason))
+            elif running.handle.backlog >= self.limits.stream_buffer:
+                leaving.append((row, None))  # its reader is behind
+        for row, finish in sorted(leaving, key=lambda entry: entry[0], reverse=True):
+            if finish is None:
+                self._park(row)
+            else:
+                self._remove(row, finish)
 
     def _remove(self, row: int, reason: FinishReason) -> None:
-        """End the sequence in `row` and keep rows compact by moving the last one in."""
+        """End the sequence in `row`."""
+        self._leave(row).finish(reason)
+
+    def _leave(self, row: int) -> Running:
+        """Take the sequence in `row` out of the batch, freeing its reservation; keep rows
+        compact by moving the last one in."""
         with self._lock:
             running = self._running[row]
             last = self._running.pop()
@@ -385,7 +439,34 @@ class Engine:
                 self.cache.move_row(len(self._running), row, last.length)
                 self._running[row] = last
             self._reserved -= running.handle.footprint
-        running.finish(reason)
+        return running
+
+    def _park(self, row: int) -> None:
+        """Take the sequence in `row` out of the batch until its reader catches up."""
+        with self._lock:
+            running = self._leave(row)
+            handle = running.handle
+            handle.resume = running
+            handle.parked = True
+            self._parked[handle] = running
+        # The reader may have caught up (or left) before `parked` was set: look again.
+        if handle.backlog <= handle.low_water or handle.cancelled:
+            self._wake(handle)
+
+    def _wake(self, handle: SequenceHandle) -> None:
+        """A parked sequence's reader caught up (back to the waiting queue) or its caller
+        left (it ends now). Called from the event loop by the handle, or by `_park`."""
+        with self._lock:
+            running = self._parked.pop(handle, None)
+            if running is None:
+                return
+            handle.parked = False
+            if handle.cancelled:
+                handle.resume = None
+                running.finish(common_pb2.FINISH_REASON_CANCELLED)
+                return
+            self._waiting.append(handle)
+            self._lock.notify()
 
     def _longest_running(self) -> int:
         return max((r.length for r in self._running), default=0)
@@ -395,8 +476,11 @@ class Engine:
             running.finish(common_pb2.FINISH_REASON_CANCELLED)
         for handle in self._waiting:
             self._running_state(handle).finish(common_pb2.FINISH_REASON_CANCELLED)
+        for parked in self._parked.values():
+            parked.finish(common_pb2.FINISH_REASON_CANCELLED)
         self._running.clear()
         self._waiting.clear()
+        self._parked.clear()
         self._reserved = 0
 
 

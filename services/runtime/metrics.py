@@ -149,6 +149,11 @@ class ShelfCollector(Collector):
             "llmos_runtime_queued_sequences",
             "Requests waiting for a place in the batch (bounded by runtime_max_queued).",
         )
+        parked = gauge(
+            "llmos_runtime_parked_sequences",
+            "Sequences out of the batch until their slow reader catches up (flow control; "
+            "runtime_stream_buffer).",
+        )
         limit = gauge(
             "llmos_runtime_batch_limit_sequences",
             "The most sequences decoded together (runtime_max_batch).",
@@ -182,6 +187,7 @@ class ShelfCollector(Collector):
             stats = engine.stats()
             running.add_metric(model, stats.running)
             queued.add_metric(model, stats.waiting)
+            parked.add_metric(model, stats.parked)
             limit.add_metric(model, engine.limits.max_batch_size)
             allocated.add_metric(model, stats.kv_allocated_bytes)
             reserved.add_metric(model, stats.reserved_positions * engine.cache.bytes_per_position)
@@ -190,7 +196,18 @@ class ShelfCollector(Collector):
                 granted.add_metric(model, engine.memory.granted)
             weights.add_metric(model, engine.loaded.weight_bytes)
             steps.add_metric(model, stats.steps)
-        yield from (running, queued, limit, allocated, reserved, budget, granted, weights, steps)
+        yield from (
+            running,
+            queued,
+            parked,
+            limit,
+            allocated,
+            reserved,
+            budget,
+            granted,
+            weights,
+            steps,
+        )
 
 
 SHELF = ShelfCollector()

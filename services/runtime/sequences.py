@@ -4,6 +4,14 @@ decoding state the engine keeps while it runs.
 Ownership: `Engine.submit` hands the caller a `SequenceHandle`; the caller must `cancel()`
 it when it stops listening (the gRPC handler does so in a `finally`). The engine ends
 every sequence with exactly one final event (one with a finish reason), whatever happened.
+
+Flow control: a handle counts the events the engine emitted and the caller took; their
+difference is the stream's backlog, the events buffered for a reader that has not taken
+them (the gRPC handler takes the next only once the transport accepted the previous one,
+so a slow reader shows here). The engine parks a sequence whose backlog reaches its
+`stream_buffer` (it leaves the batch, see engine.py) and the caller's side wakes it when
+the reader has taken half of it, or cancels. Each counter is written by one thread only
+(emitted by the engine's, taken by the event loop's), so no lock is needed to read both.
 """
 
 from __future__ import annotations
@@ -13,12 +21,13 @@ import dataclasses
 import os
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TypeAlias
 
 import torch
 
 from llmos.services.errors import LlmosError
+from llmos.services.runtime.admission import NORMAL
 from llmos.services.runtime.detokenize import Decode, TextAssembler
 from llmos.services.runtime.kv_memory import Admission
 from llmos.services.validation import Sampling
@@ -47,13 +56,29 @@ class Event:
 class SequenceHandle:
     """The caller's side of one queued or running sequence."""
 
-    def __init__(self, prompt_ids: list[int], sampling: Sampling) -> None:
+    def __init__(self, prompt_ids: list[int], sampling: Sampling, priority: int = NORMAL) -> None:
         self.prompt_ids = prompt_ids
         self.sampling = sampling
+        # Class in the engine's waiting queue (admission.py): 1 interactive .. 3 batch.
+        self.priority = priority
         self.arrived = time.monotonic()
         self._loop = asyncio.get_running_loop()
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self._cancelled = threading.Event()
+        # Flow control (see the module's docstring).
+        self.emitted = 0
+        self.taken = 0
+        self.parked = False  # set and cleared under the engine's lock
+        # The decoding state of a parked sequence, kept for its return to the batch.
+        self.resume: Running | None = None
+        # The engine's wake-up for a parked sequence: called when it drained or cancelled.
+        self.waker: Callable[[SequenceHandle], None] | None = None
+        self.low_water = 0
+
+    @property
+    def backlog(self) -> int:
+        """Events emitted that the caller has not taken yet."""
+        return self.emitted - self.taken
 
     @property
     def footprint(self) -> int:
@@ -61,8 +86,11 @@ class SequenceHandle:
         return len(self.prompt_ids) + self.sampling.max_tokens
 
     def cancel(self) -> None:
-        """Ask the engine to drop this sequence before its next decoding step."""
+        """Ask the engine to drop this sequence before its next decoding step (a parked one
+        at once)."""
         self._cancelled.set()
+        if self.parked and self.waker is not None:
+            self.waker(self)
 
     @property
     def cancelled(self) -> bool:
@@ -70,12 +98,17 @@ class SequenceHandle:
 
     def emit(self, event: Event) -> None:
         """Called from the engine's thread."""
+        self.emitted += 1
         self._loop.call_soon_threadsafe(self._events.put_nowait, event)
 
     async def events(self) -> AsyncIterator[Event]:
-        """The stream of events, ending after the final one."""
+        """The stream of events, ending after the final one. A parked sequence is woken
+        once its backlog is down to `low_water`."""
         while True:
             event = await self._events.get()
+            self.taken += 1
+            if self.parked and self.backlog <= self.low_water and self.waker is not None:
+                self.waker(self)
             yield event
             if event.finish_reason is not None:
                 return
@@ -91,7 +124,7 @@ class Running:
         self.sampling = handle.sampling
         self.eos_token_ids = eos_token_ids
         self.started = time.monotonic()
-        self.length = len(handle.prompt_ids)  # positions written to the cache
+        self.length = len(handle.prompt_ids)  # positions written to the cache (or to be)
         self.last_token = handle.prompt_ids[-1]
         self.generated: list[int] = []
         self.finished = False
@@ -111,6 +144,12 @@ class Running:
         if seed is None:
             seed = int.from_bytes(os.urandom(8))
         return torch.Generator().manual_seed(seed % (2**63))
+
+    @property
+    def prefill_ids(self) -> list[int]:
+        """What a prefill feeds: the prompt, and for a sequence back from being parked (its
+        cache was freed) every token generated so far, recomputed."""
+        return self.handle.prompt_ids + self.generated
 
     def seen(self) -> torch.Tensor:
         """Prompt and generated ids, for the repetition penalty (empty when it is off)."""

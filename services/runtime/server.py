@@ -19,6 +19,7 @@ from llmos.services.config import Settings
 from llmos.services.errors import InvalidArgument, LlmosError
 from llmos.services.logs import task_id_var
 from llmos.services.rpc_types import Context
+from llmos.services.runtime.admission import priority_class
 from llmos.services.runtime.metrics import StreamMeter, watch_shelf
 from llmos.services.runtime.scoring import score
 from llmos.services.runtime.sequences import Event
@@ -73,8 +74,9 @@ class RuntimeServicer(runtime_pb2_grpc.RuntimeServiceServicer):
         engine = self.shelf.engine(request.model)
         turns = chat_messages(request.prompt, request.messages, self.settings.max_prompt_chars)
         sampling = sampling_from(request.sampling, self.settings.default_max_tokens)
+        priority = priority_class(request.priority)
         prompt_ids = engine.loaded.encode_chat(turns)
-        handle = engine.submit(prompt_ids, sampling)
+        handle = engine.submit(prompt_ids, sampling, priority)
         meter = StreamMeter(engine.loaded.name, handle.arrived, len(prompt_ids))
         try:
             first = True

@@ -105,6 +105,8 @@ class Shelf:
             max_batch_size=self.settings.runtime_max_batch,
             max_queued=self.settings.runtime_max_queued,
             kv_budget_bytes=self.settings.runtime_kv_budget_mb * 1024 * 1024,
+            aging_s=self.settings.runtime_aging_s,
+            stream_buffer=self.settings.runtime_stream_buffer,
         )
 
     def engine(self, name: str) -> Engine:
