@@ -134,7 +134,7 @@ async def test_an_interactive_request_takes_the_next_place_ahead_of_earlier_batc
                 if name not in order:  # the first message: it has its place in the batch
                     order.append(name)
 
-        blocker = stub.Generate(request(COUNTING, 400, common_pb2.PRIORITY_BATCH), timeout=300)
+        blocker = stub.Generate(request(COUNTING, 400, common_pb2.PRIORITY_BATCH), timeout=800)
         blocking = asyncio.create_task(run("blocker", blocker))
         await until(lambda: order == ["blocker"], "the blocker started")
         queued: list[asyncio.Task[None]] = []
@@ -146,7 +146,7 @@ async def test_an_interactive_request_takes_the_next_place_ahead_of_earlier_batc
                 ("interactive", common_pb2.PRIORITY_INTERACTIVE),
             ]
         ):
-            call = stub.Generate(request("Say hi.", 2, priority), timeout=300)
+            call = stub.Generate(request("Say hi.", 2, priority), timeout=800)
             queued.append(asyncio.create_task(run(name, call)))
             await until(
                 lambda n=index + 1: runtime.metric("llmos_runtime_queued_sequences") == n,
@@ -175,17 +175,17 @@ async def test_an_unknown_priority_is_refused(runtime: Runtime) -> None:
 async def test_a_slow_reader_is_parked_while_another_stream_runs_and_resumes_exactly(
     runtime: Runtime,
 ) -> None:
-    slow_request = request(COUNTING, 40)
+    slow_request = request(COUNTING, 16)
     async with (
         grpc.aio.insecure_channel(runtime.address) as channel,
         grpc.aio.insecure_channel(runtime.address, options=SLOW_READER) as slow_channel,
     ):
         stub = runtime_pb2_grpc.RuntimeServiceStub(channel)
-        alone = [p async for p in stub.Generate(slow_request, timeout=300)]
+        alone = [p async for p in stub.Generate(slow_request, timeout=800)]
         expected = [t for p in alone for t in p.token_ids]
-        assert len(expected) == 40  # long enough to be parked on the way
+        assert len(expected) == 16  # long enough to be parked on the way
 
-        slow = runtime_pb2_grpc.RuntimeServiceStub(slow_channel).Generate(slow_request, timeout=300)
+        slow = runtime_pb2_grpc.RuntimeServiceStub(slow_channel).Generate(slow_request, timeout=800)
         first = await slow.read()  # then it stops reading
         assert isinstance(first, runtime_pb2.RuntimeServiceGenerateResponse)
         await until(
@@ -195,9 +195,9 @@ async def test_a_slow_reader_is_parked_while_another_stream_runs_and_resumes_exa
         assert runtime.metric("llmos_runtime_running_sequences") == 0  # out of the batch
 
         # Another stream takes the one place and runs to its end meanwhile.
-        fast = [p async for p in stub.Generate(request(COUNTING, 24), timeout=300)]
+        fast = [p async for p in stub.Generate(request(COUNTING, 8), timeout=800)]
         assert fast[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
-        assert sum(len(p.token_ids) for p in fast) == 24
+        assert sum(len(p.token_ids) for p in fast) == 8
         assert runtime.metric("llmos_runtime_parked_sequences") == 1
         # Parked, it costs no compute: the batch loop is idle.
         steps = runtime.metric("llmos_runtime_engine_steps_total")
@@ -209,7 +209,7 @@ async def test_a_slow_reader_is_parked_while_another_stream_runs_and_resumes_exa
         tokens = list(first.token_ids) + [t for p in rest for t in p.token_ids]
         assert tokens == expected
         assert rest[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
-        assert rest[-1].usage.completion_tokens == 40
+        assert rest[-1].usage.completion_tokens == 16
         assert runtime.metric("llmos_runtime_parked_sequences") == 0
 
 
@@ -237,7 +237,7 @@ async def test_a_reader_that_never_reads_ends_at_its_deadline_and_frees_everythi
     assert runtime.metric("llmos_runtime_queued_sequences") == 0
     async with grpc.aio.insecure_channel(runtime.address) as channel:
         stub = runtime_pb2_grpc.RuntimeServiceStub(channel)
-        after = [p async for p in stub.Generate(request("Say hi.", 4), timeout=300)]
+        after = [p async for p in stub.Generate(request("Say hi.", 4), timeout=800)]
     assert after[-1].finish_reason in (
         common_pb2.FINISH_REASON_STOP,
         common_pb2.FINISH_REASON_LENGTH,
