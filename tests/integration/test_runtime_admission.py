@@ -217,8 +217,10 @@ async def test_a_reader_that_never_reads_ends_at_its_deadline_and_frees_everythi
     runtime: Runtime,
 ) -> None:
     async with grpc.aio.insecure_channel(runtime.address, options=SLOW_READER) as slow_channel:
+        # Long enough to reach its first tokens and be parked on a loaded machine.
+        deadline = time.monotonic() + 150
         slow = runtime_pb2_grpc.RuntimeServiceStub(slow_channel).Generate(
-            request(COUNTING, 200), timeout=5
+            request(COUNTING, 200), timeout=150
         )
         await slow.read()
         await until(
@@ -226,7 +228,7 @@ async def test_a_reader_that_never_reads_ends_at_its_deadline_and_frees_everythi
             "the silent reader's sequence was parked",
         )
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await asyncio.sleep(6)  # past its deadline, reading nothing
+            await asyncio.sleep(deadline - time.monotonic() + 1)  # reading nothing
             await read_rest(slow)
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     await until(
