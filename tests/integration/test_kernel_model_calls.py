@@ -187,3 +187,25 @@ def test_a_full_queue_refuses_at_once_with_a_retry_after_hint(blocked: Kernel) -
                 timeout=1,
             )
         assert queued.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+@pytest.mark.model
+def test_generate_tasks_of_every_class_reach_the_runtime_with_it(with_model: Kernel) -> None:
+    """The kernel sends the class it dispatched a task at; the runtime accepts each."""
+    with grpc.insecure_channel(with_model.address) as channel:
+        stub = kernel_pb2_grpc.KernelServiceStub(channel)
+        for priority in (
+            common_pb2.PRIORITY_INTERACTIVE,
+            common_pb2.PRIORITY_NORMAL,
+            common_pb2.PRIORITY_BATCH,
+        ):
+            request = kernel_pb2.GenerateRequest(
+                prompt="Say hi.",
+                sampling=common_pb2.SamplingParams(temperature=0.0, max_tokens=2),
+                priority=priority,
+            )
+            last = list(stub.Generate(request, timeout=300))[-1]
+            assert last.finish_reason in (
+                common_pb2.FINISH_REASON_STOP,
+                common_pb2.FINISH_REASON_LENGTH,
+            )
