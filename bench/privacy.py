@@ -53,8 +53,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmos.services.errors import LlmosError
+from llmos.services.keyring import KeyRing
 from llmos.services.privacy import evaluation
-from llmos.services.privacy.keys import KeyRing
 from llmos.services.privacy.operators import ENCRYPT, PSEUDONYMIZE, TOKEN, Redactor, restore, unseal
 from llmos.services.privacy.recognizers import SPACY_MODEL, Detector, NerRecognizer
 from llmos.services.privacy.vault import Vault

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from llmos.kernel.store import SqliteTaskStore, TaskRecord, TaskStore
 from llmos.kernel.store.redis import RedisTaskStore
+from llmos.services.keyring import KeyRing
 from llmos.v1 import common_pb2, kernel_pb2
 
 REDIS_URL = os.environ.get("LLMOS_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
@@ -111,14 +112,14 @@ async def main() -> None:
     }
     with tempfile.TemporaryDirectory() as tmp:
         print("sqlite...", file=sys.stderr)
-        store: TaskStore = await SqliteTaskStore.open(Path(tmp))
+        store: TaskStore = await SqliteTaskStore.open(Path(tmp), keys=KeyRing.generate())
         try:
             results["sqlite"] = await measure(store, args.tasks, args.batch, args.tenant_tasks)
         finally:
             await store.close()
     print("redis...", file=sys.stderr)
     prefix = f"llmos-bench-retention-{os.getpid()}:"
-    store = await RedisTaskStore.open(REDIS_URL, prefix=prefix)
+    store = await RedisTaskStore.open(REDIS_URL, prefix=prefix, keys=KeyRing.generate())
     try:
         results["redis"] = await measure(store, args.tasks, args.batch, args.tenant_tasks)
     finally:

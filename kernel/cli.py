@@ -606,6 +606,9 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - a few statemen
     from llmos.kernel.forget_cli import add_commands as add_forget_commands
 
     add_forget_commands(commands, _common, _settings)
+    from llmos.kernel.keys_cli import add_commands as add_keys_commands
+
+    add_keys_commands(commands, _common, _settings)
 
     from llmos.kernel.model_cli import add_commands as add_model_commands
 

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from llmos.kernel import key_rotation
 from llmos.kernel.forget import Forgetter
 from llmos.kernel.memory import Headroom
 from llmos.kernel.model_calls import MODEL_CALLS, ModelCalls
@@ -37,6 +38,7 @@ from llmos.services.errors import (
     Unavailable,
     from_rpc_error,
 )
+from llmos.services.keyring import load_keys
 from llmos.services.rpc_types import Context
 from llmos.services.validation import chat_messages, sampling_from
 from llmos.v1 import common_pb2, kernel_pb2, kernel_pb2_grpc, runtime_pb2, runtime_pb2_grpc
@@ -289,6 +291,18 @@ class KernelServicer(kernel_pb2_grpc.KernelServiceServicer):
         forgetter = Forgetter(self.runner, self.registry)
         return await forgetter.forget_subject(request.tenant, request.subject)
 
+    async def RotateKeys(
+        self, request: kernel_pb2.RotateKeysRequest, context: Context
+    ) -> kernel_pb2.RotateKeysResponse:
+        return await key_rotation.rotate(self.service.keys)
+
+    async def GetKeyStatus(
+        self, request: kernel_pb2.GetKeyStatusRequest, context: Context
+    ) -> kernel_pb2.GetKeyStatusResponse:
+        return await key_rotation.status(
+            self.service.keys, self.runner.store, self.service.rewrapper
+        )
+
 
 def _queue_limits(settings: Settings) -> dict[Priority, int]:
     """Tickets queued per priority class before refusing: kernel_max_queued, or defaults."""
@@ -325,6 +339,10 @@ class KernelService:
         self.store: TaskStore | None = None
         self.runner: TaskRunner | None = None
         self.retention: RetentionSweeper | None = None
+        # The at-rest keys (services/keyring.py), shared with the privacy service; loaded
+        # here so a key file others can read stops the kernel before it serves.
+        self.keys = load_keys(settings.privacy_key, settings.privacy_key_file, settings.data_dir)
+        self.rewrapper: key_rotation.Rewrapper | None = None
         # Reads the plugin list now (manifests only, no plugin code); hosts start in start().
         self.plugins = PluginHosts(settings, self.registry)
 
@@ -339,7 +357,7 @@ class KernelService:
         queue: RedisWorkQueue | None = None
         if self.settings.task_store == "redis":
             store = await RedisTaskStore.open(
-                self.settings.redis_url, prefix=self.settings.redis_prefix
+                self.settings.redis_url, prefix=self.settings.redis_prefix, keys=self.keys
             )
             queue = RedisWorkQueue(
                 store,
@@ -349,7 +367,7 @@ class KernelService:
             )
             self.store = store
         elif self.settings.task_store == "sqlite":
-            self.store = await SqliteTaskStore.open(self.settings.data_dir)
+            self.store = await SqliteTaskStore.open(self.settings.data_dir, keys=self.keys)
         else:
             raise InvalidArgument(
                 f'task_store is {self.settings.task_store!r}; use "sqlite" (one kernel, '
@@ -394,12 +412,19 @@ class KernelService:
             batch=self.settings.kernel_retention_batch,
         )
         self.retention.start()
+        self.rewrapper = key_rotation.Rewrapper(
+            self.store, self.keys, self.settings.key_rewrap_rate
+        )
+        self.rewrapper.start()
+        log.info("task store sealed with key %s (%s)", self.keys.active, self.keys.source)
         if queue is not None:
             log.info("sharing work through %s as kernel %s", store.where, queue.kernel_id)
 
     async def stop(self) -> None:
         if self.retention is not None:
             await self.retention.close()
+        if self.rewrapper is not None:
+            await self.rewrapper.close()
         if self.runner is not None:
             await self.runner.close()
         await self.plugins.close()

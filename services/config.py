@@ -170,11 +170,16 @@ class Settings:
     # "int8" (dynamic int8 Linear layers: 2-3x faster decoding on CPU, not bit-identical;
     # services/runtime/weights.py).
     runtime_weights: str = "float32"
-    # The privacy service's keys (services/privacy/keys.py): `privacy_key` is
-    # "id:base64[,id:base64]" (the last active), else the key file (JSON, mode 0600; empty
-    # means <data_dir>/privacy/keys.json, created with a fresh key on first start).
+    # The at-rest keys of the kernel's task store and the privacy service's vault and
+    # operators (services/keyring.py): `privacy_key` is "id:base64[,id:base64]" (the last
+    # active), else the key file (JSON, mode 0600; empty means <data_dir>/privacy/keys.json,
+    # created with a fresh key on first start; move it out of the data directory).
     privacy_key: str = ""
     privacy_key_file: str = ""
+    # Stored values per second the kernel (and vault entries the privacy service) move onto
+    # a new key after `llmos keys rotate`; 0 leaves re-wrapping off until a restart with a
+    # rate (e.g. to run it off-peak).
+    key_rewrap_rate: int = 1000
     # Compute threads the runtime may use; 0 lets torch decide.
     torch_threads: int = 0
     log_level: str = "info"

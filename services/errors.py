@@ -78,6 +78,12 @@ class DeadlineExceeded(LlmosError):
     default_reason = "DEADLINE_EXCEEDED"
 
 
+class DataLoss(LlmosError):
+    """Stored data that cannot be trusted: a sealed value that does not authenticate."""
+
+    default_reason = "DATA_LOSS"
+
+
 class Unimplemented(LlmosError):
     default_reason = "UNIMPLEMENTED"
 
@@ -93,6 +99,7 @@ STATUS_BY_ERROR: dict[type[LlmosError], grpc.StatusCode] = {
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
+    DataLoss: grpc.StatusCode.DATA_LOSS,
 }
 
 ERROR_BY_STATUS: dict[grpc.StatusCode, type[LlmosError]] = {

@@ -2,8 +2,9 @@
 
 `start_kernel` runs `llmos serve kernel` with the Redis store and its own echo runtime
 (`llmos serve runtime`, registered with it); kernels given the same key prefix share tasks
-and the work queue. Safety and privacy are not started, so the kernels run a default
-pipeline policy with no service stages (`[policy] stages` and `mandatory` empty).
+and the work queue (and the at-rest key file `<workdir>/keys.json`, which they must share).
+Safety and privacy are not started, so the kernels run a default pipeline policy with no
+service stages (`[policy] stages` and `mandatory` empty).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pytest
 from redistools import REDIS_URL
 from stacktools import free_port_block
 
+from llmos.services.keyring import KeyRing, write_file
 from llmos.v1 import common_pb2, kernel_pb2, kernel_pb2_grpc
 
 CLAIM_IDLE_S = 1.5
@@ -69,10 +71,21 @@ class Kernel:
 
 
 def start_kernel(
-    workdir: Path, name: str, prefix: str, redis_url: str = REDIS_URL, store: str = "redis"
+    workdir: Path,
+    name: str,
+    prefix: str,
+    redis_url: str = REDIS_URL,
+    store: str = "redis",
+    *,
+    env: dict[str, str] | None = None,
 ) -> Kernel:
     """A kernel with the `store` task store ("redis", or "sqlite" under workdir/name) and
-    its echo runtime, once the runtime has registered."""
+    its echo runtime, once the runtime has registered; `env` adds or overrides settings."""
+    extra = env or {}
+    # Kernels sharing a store must share its at-rest keys: one key file per work directory.
+    key_file = workdir / "keys.json"
+    if not key_file.exists():
+        write_file(key_file, KeyRing.generate())
     port = free_port_block(2)
     env = {
         **os.environ,
@@ -88,6 +101,8 @@ def start_kernel(
         "LLMOS_METRICS_PORT": "-1",
         "LLMOS_LOG_FORMAT": "json",
         "PYTHONUNBUFFERED": "1",
+        "LLMOS_PRIVACY_KEY_FILE": str(key_file),
+        **extra,
     }
     data_dir = workdir / name
     data_dir.mkdir()

@@ -198,6 +198,17 @@ def check_expire_limit(limit: int) -> None:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class RewrapReport:
+    """One `rewrap` step: values looked at, moved to the active key, that could not be
+    opened (left as they are), and where the next step goes on ("" once a pass is done)."""
+
+    scanned: int
+    rewrapped: int
+    failed: int
+    cursor: str
+
+
 def check_transition(task_id: str, current: TaskState, to_state: TaskState) -> bool:
     """Whether `current -> to_state` should be applied (True) or is an idempotent repeat.
 
@@ -502,6 +513,23 @@ class TaskStore(abc.ABC):
         """After a forget: make what was deleted unrecoverable from the backend's own files
         where it can, and say what was done or what still holds history, for the operator
         (SQLite: nothing left to do; Redis: an append-only-file rewrite started)."""
+
+    @abc.abstractmethod
+    async def rewrap(self, cursor: str = "", limit: int = 200) -> RewrapReport:
+        """Move up to `limit` sealed values onto the key ring's active key (key rotation).
+
+        Looks at about `limit` stored values from `cursor` ("" starts a pass), so one call is
+        a bounded piece of work (SQLite: at most `limit`; Redis: the values of about
+        `limit / 4` tasks, a SCAN step); the report's cursor continues the pass. Only the
+        wrapped data key of each value is rewritten (services/keyring.py). A value that does
+        not open (its key is missing, it was altered) is counted in `failed` and left as is.
+        Values being written meanwhile are sealed with the active key already.
+        """
+
+    @abc.abstractmethod
+    async def key_usage(self) -> dict[str, int]:
+        """How many stored sealed values name each key id ("?" for one that is not an
+        envelope): what `llmos keys status` shows. Reads the whole store."""
 
     @abc.abstractmethod
     async def close(self) -> None:

@@ -24,6 +24,13 @@ Why it is built this way:
   share a server. Keys are not hash-tagged: this backend wants one Redis (with a replica),
   not Redis Cluster.
 
+- **Sealed at rest.** A task's request and error (hash fields), every event's text, the
+  output string and the trace steps are stored sealed (kernel/store/sealing.py): the server
+  and its AOF/RDB files hold ciphertext. An event is its JSON header, a NUL, and its sealed
+  text; the output string is a run of frames (4-byte big-endian length, sealed chunk), one
+  per `APPEND`. `rewrap` walks the tasks with SCAN and rewrites values only if they are
+  still what it read (a server-side compare-and-set), so it never races a running task.
+
 Durability is the server's: the project's Redis configuration (deploy/redis/redis.conf)
 turns on the append-only file with `appendfsync everysec`, the same promise as the SQLite
 backend's synchronous=NORMAL.
@@ -34,6 +41,7 @@ from __future__ import annotations
 import builtins
 import dataclasses
 import json
+import struct
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from typing import Any
@@ -57,6 +65,7 @@ from llmos.kernel.store.contract import (
     Expiry,
     FinishReason,
     RecoveryReport,
+    RewrapReport,
     TaskEvent,
     TaskRecord,
     TaskState,
@@ -73,13 +82,16 @@ from llmos.kernel.store.contract import (
     finish_reason_for,
     recovery_error,
 )
+from llmos.kernel.store.sealing import ERROR, EVENT, OUTPUT, REQUEST, TRACE, Sealer, usage_key
 from llmos.services.errors import (
     AlreadyExists,
     FailedPrecondition,
+    InvalidArgument,
     LlmosError,
     NotFound,
     Unavailable,
 )
+from llmos.services.keyring import KeyRing
 from llmos.v1 import common_pb2
 
 # Retries of a command that failed on a broken connection: ~0.05 s doubling to 1 s, 15 tries,
@@ -178,6 +190,35 @@ DELETE_CHUNK = 100
 STREAM_CHUNK = 1000
 
 
+# Compare-and-set of re-wrapped values. KEYS: one key per change. ARGV: per change, its kind
+# ("h" hash field, "l" list element, "s" string), field name or list index, the value read,
+# the value to write. A value that changed since it was read is left alone. Returns a 1
+# (written) or 0 (left alone) per change.
+REWRAP = """
+local done = {}
+for i = 1, #KEYS do
+  done[i] = 0
+  local kind, where, old, new = ARGV[4*i-3], ARGV[4*i-2], ARGV[4*i-1], ARGV[4*i]
+  if kind == 'h' then
+    if redis.call('HGET', KEYS[i], where) == old then
+      redis.call('HSET', KEYS[i], where, new)
+      done[i] = 1
+    end
+  elseif kind == 'l' then
+    if redis.call('LINDEX', KEYS[i], tonumber(where)) == old then
+      redis.call('LSET', KEYS[i], tonumber(where), new)
+      done[i] = 1
+    end
+  elseif redis.call('GET', KEYS[i]) == old then
+    redis.call('SET', KEYS[i], new, 'KEEPTTL')
+    done[i] = 1
+  end
+end
+return done
+"""
+FRAME = struct.Struct(">I")
+
+
 @dataclasses.dataclass(frozen=True)
 class Keys:
     """Every key this backend uses, under one prefix."""
@@ -250,60 +291,94 @@ redis.call('ZADD', KEYS[5], ARGV[2], ARGV[3])
 
 
 def encode_event(
-    kind: EventKind, state: TaskState, text: str, finish_reason: FinishReason
+    sealer: Sealer,
+    task_id: str,
+    kind: EventKind,
+    state: TaskState,
+    *,
+    text: str,
+    finish_reason: FinishReason,
 ) -> bytes:
-    return json.dumps([kind, int(state), int(finish_reason), text], separators=(",", ":")).encode()
+    """An event as stored: its JSON header, a NUL, its sealed text."""
+    header = json.dumps([kind, int(state), int(finish_reason)], separators=(",", ":")).encode()
+    return header + b"\x00" + sealer.seal_text(task_id, EVENT, text)
 
 
-def decode_event(offset: int, raw: bytes) -> TaskEvent:
-    kind, state, finish_reason, text = json.loads(raw)
+def split_event(raw: bytes) -> tuple[bytes, bytes]:
+    """(header, sealed text) of a stored event."""
+    header, _, sealed = bytes(raw).partition(b"\x00")
+    return header, sealed
+
+
+def decode_event(sealer: Sealer, task_id: str, offset: int, raw: bytes) -> TaskEvent:
+    header, sealed = split_event(raw)
+    kind, state, finish_reason = json.loads(header)
     return TaskEvent(
         offset=offset,
         kind="text" if kind == "text" else "state",
         state=common_pb2.TaskState.ValueType(state),
-        text=text,
+        text=sealer.open_text(task_id, EVENT, sealed),
         finish_reason=common_pb2.FinishReason.ValueType(finish_reason),
     )
 
 
-def record_fields(record: TaskRecord) -> dict[str, bytes | str]:
-    """The hash fields of a record (output lives in its own key)."""
+def output_frame(sealer: Sealer, task_id: str, text: str) -> bytes:
+    """One `APPEND` to the output string: the chunk sealed, behind its length."""
+    sealed = sealer.seal_text(task_id, OUTPUT, text)
+    return FRAME.pack(len(sealed)) + sealed if sealed else b""
+
+
+def output_frames(raw: bytes | None) -> builtins.list[bytes]:
+    """The sealed chunks of an output string, in order."""
+    data, frames, at = bytes(raw or b""), [], 0
+    while at + FRAME.size <= len(data):
+        (size,) = FRAME.unpack_from(data, at)
+        frames.append(data[at + FRAME.size : at + FRAME.size + size])
+        at += FRAME.size + size
+    if at != len(data):
+        frames.append(data[at:])  # a torn frame: opening it fails, as it should
+    return frames
+
+
+def record_fields(sealer: Sealer, record: TaskRecord) -> dict[str, bytes | str]:
+    """The hash fields of a record, sealed (output lives in its own key)."""
     return {
         "task_id": record.task_id,
         "tenant": record.tenant,
         "state": str(int(record.state)),
         "model": record.model,
         "priority": str(int(record.priority)),
-        "request": record.request,
+        "request": sealer.seal(record.task_id, REQUEST, record.request),
         "created_at": repr(record.created_at),
         "updated_at": repr(record.updated_at),
         "finished_at": "" if record.finished_at is None else repr(record.finished_at),
         "finish_reason": str(int(record.finish_reason)),
         "usage": record.usage,
-        "error": record.error,
+        "error": sealer.seal_text(record.task_id, ERROR, record.error),
         "attempts": str(record.attempts),
     }
 
 
-def parse_record(raw: Mapping[bytes, bytes], output: bytes | None) -> TaskRecord:
+def parse_record(sealer: Sealer, raw: Mapping[bytes, bytes], output: bytes | None) -> TaskRecord:
     def text(name: str) -> str:
         return raw[name.encode()].decode()
 
     finished = text("finished_at")
+    task_id = text("task_id")
     return TaskRecord(
-        task_id=text("task_id"),
+        task_id=task_id,
         tenant=text("tenant"),
         state=common_pb2.TaskState.ValueType(int(text("state"))),
         model=text("model"),
         priority=common_pb2.Priority.ValueType(int(text("priority"))),
-        request=raw[b"request"],
+        request=sealer.open(task_id, REQUEST, raw[b"request"]),
         created_at=float(text("created_at")),
         updated_at=float(text("updated_at")),
         finished_at=float(finished) if finished else None,
         finish_reason=common_pb2.FinishReason.ValueType(int(text("finish_reason"))),
         usage=raw[b"usage"],
-        output=(output or b"").decode(),
-        error=text("error"),
+        output="".join(sealer.open_text(task_id, OUTPUT, frame) for frame in output_frames(output)),
+        error=sealer.open_text(task_id, ERROR, raw[b"error"]),
         attempts=int(text("attempts")),
     )
 
@@ -334,9 +409,17 @@ def connect(url: str) -> aioredis.Redis:
 class RedisTaskStore(TaskStore):
     """The `TaskStore` contract on a Redis server; create it with `await RedisTaskStore.open`."""
 
-    def __init__(self, client: aioredis.Redis, url: str, prefix: str, clock: Callable[[], float]):
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        url: str,
+        prefix: str,
+        clock: Callable[[], float],
+        keys: KeyRing,
+    ):
         """Use `open`, which checks the server is reachable."""
         self.client = client
+        self.sealer = Sealer(keys)
         self.url = url
         self.keys = Keys(prefix)
         self._clock = clock
@@ -348,18 +431,25 @@ class RedisTaskStore(TaskStore):
         self.create_and_enqueue = client.register_script(new_task_script(enqueue=True))
         self._add_subjects = client.register_script(ADD_SUBJECTS)
         self._delete_tasks = client.register_script(DELETE_TASKS)
+        self._rewrap = client.register_script(REWRAP)
 
     @classmethod
     async def open(
-        cls, url: str, *, prefix: str = "llmos:", clock: Callable[[], float] | None = None
+        cls,
+        url: str,
+        *,
+        keys: KeyRing,
+        prefix: str = "llmos:",
+        clock: Callable[[], float] | None = None,
     ) -> RedisTaskStore:
-        """Connect to `url` (redis://host:port/db) and check it answers.
+        """Connect to `url` (redis://host:port/db) and check it answers; `keys` seal and
+        open the text fields (kernel/store/sealing.py).
 
         Unavailable(STORE_UNAVAILABLE) when it does not, naming the address, so a kernel
         configured for Redis refuses to start rather than accept tasks it cannot keep.
         """
         client = connect(url)
-        store = cls(client, url, prefix, clock or time.time)
+        store = cls(client, url, prefix, clock or time.time, keys)
         try:
             await store.call(client.ping())
         except BaseException:
@@ -406,8 +496,19 @@ class RedisTaskStore(TaskStore):
             self.keys.by_tenant(record.tenant),
             self.keys.by_state(record.state),
         ]
-        event = encode_event("state", record.state, "", common_pb2.FINISH_REASON_UNSPECIFIED)
+        event = encode_event(
+            self.sealer,
+            record.task_id,
+            "state",
+            record.state,
+            text="",
+            finish_reason=common_pb2.FINISH_REASON_UNSPECIFIED,
+        )
         return keys, [event, repr(record.created_at), record.task_id]
+
+    def record_fields(self, record: TaskRecord) -> dict[str, bytes | str]:
+        """The hash fields of a new record, sealed."""
+        return record_fields(self.sealer, record)
 
     def duplicate(self, task_id: str) -> AlreadyExists:
         return AlreadyExists(
@@ -419,7 +520,7 @@ class RedisTaskStore(TaskStore):
     async def create(self, record: TaskRecord, *, running: bool = False) -> None:
         keys, args = self.new_task_args(record)
         created = await self.call(
-            self._create(keys=keys, args=[*args, *flatten(record_fields(record))])
+            self._create(keys=keys, args=[*args, *flatten(self.record_fields(record))])
         )
         if not created:
             raise self.duplicate(record.task_id)
@@ -440,7 +541,7 @@ class RedisTaskStore(TaskStore):
             raw, output = await self.call(pipe.execute())
         if not raw:
             raise not_found(task_id)
-        return parse_record(raw, output)
+        return parse_record(self.sealer, raw, output)
 
     async def get(self, task_id: str) -> TaskRecord:
         return await self._read(task_id)
@@ -507,12 +608,31 @@ class RedisTaskStore(TaskStore):
             attempts=record.attempts + 1 if interrupted else record.attempts,
             output="" if to_state == QUEUED else record.output + text,
         )
+        task_id = record.task_id
+        sealer = self.sealer
         text_event = (
-            encode_event("text", record.state, text, common_pb2.FINISH_REASON_UNSPECIFIED)
+            encode_event(
+                sealer,
+                task_id,
+                "text",
+                record.state,
+                text=text,
+                finish_reason=common_pb2.FINISH_REASON_UNSPECIFIED,
+            )
             if text
             else b""
         )
-        task_id = record.task_id
+        # Only what changed is written: the request stays as it was sealed.
+        fields: dict[str, bytes | str] = {
+            "state": str(int(updated.state)),
+            "updated_at": repr(updated.updated_at),
+            "finished_at": "" if updated.finished_at is None else repr(updated.finished_at),
+            "finish_reason": str(int(updated.finish_reason)),
+            "usage": updated.usage,
+            "attempts": str(updated.attempts),
+        }
+        if updated.error != record.error:
+            fields["error"] = sealer.seal_text(task_id, ERROR, updated.error)
         offset = await self.call(
             self._transition(
                 keys=[
@@ -525,22 +645,36 @@ class RedisTaskStore(TaskStore):
                 ],
                 args=[
                     str(int(record.state)),
-                    encode_event("state", to_state, error or "", finish_reason),
+                    encode_event(
+                        sealer,
+                        task_id,
+                        "state",
+                        to_state,
+                        text=error or "",
+                        finish_reason=finish_reason,
+                    ),
                     "1" if to_state == QUEUED else "0",
                     repr(record.created_at),
                     task_id,
                     text_event,
-                    text.encode(),
+                    output_frame(sealer, task_id, text),
                     str(len(trace)),
-                    *trace,
-                    *flatten(record_fields(updated)),
+                    *(sealer.seal(task_id, TRACE, step) for step in trace),
+                    *flatten(fields),
                 ],
             )
         )
         return None if int(offset) < 0 else updated
 
     async def append_text(self, task_id: str, text: str) -> int:
-        event = encode_event("text", RUNNING, text, common_pb2.FINISH_REASON_UNSPECIFIED)
+        event = encode_event(
+            self.sealer,
+            task_id,
+            "text",
+            RUNNING,
+            text=text,
+            finish_reason=common_pb2.FINISH_REASON_UNSPECIFIED,
+        )
         result = await self.call(
             self._append_text(
                 keys=[
@@ -548,7 +682,12 @@ class RedisTaskStore(TaskStore):
                     self.keys.events(task_id),
                     self.keys.output(task_id),
                 ],
-                args=[event, text.encode(), repr(self._clock()), str(int(RUNNING))],
+                args=[
+                    event,
+                    output_frame(self.sealer, task_id, text),
+                    repr(self._clock()),
+                    str(int(RUNNING)),
+                ],
             )
         )
         code = int(result[0])
@@ -568,11 +707,14 @@ class RedisTaskStore(TaskStore):
             exists, raws = await self.call(pipe.execute())
         if not exists:
             raise not_found(task_id)
-        return [decode_event(offset + i, raw) for i, raw in enumerate(raws)]
+        return [decode_event(self.sealer, task_id, offset + i, raw) for i, raw in enumerate(raws)]
 
     async def add_trace_step(self, task_id: str, step: bytes) -> None:
         added = await self.call(
-            self._add_trace(keys=[self.keys.task(task_id), self.keys.trace(task_id)], args=[step])
+            self._add_trace(
+                keys=[self.keys.task(task_id), self.keys.trace(task_id)],
+                args=[self.sealer.seal(task_id, TRACE, step)],
+            )
         )
         if not added:
             raise not_found(task_id)
@@ -584,7 +726,7 @@ class RedisTaskStore(TaskStore):
             exists, steps = await self.call(pipe.execute())
         if not exists:
             raise not_found(task_id)
-        return [bytes(step) for step in steps]
+        return [self.sealer.open(task_id, TRACE, step) for step in steps]
 
     async def list(
         self,
@@ -642,7 +784,7 @@ class RedisTaskStore(TaskStore):
                 pipe.get(self.keys.output(task_id))
             replies = await self.call(pipe.execute())
         return [
-            parse_record(raw, output)
+            parse_record(self.sealer, raw, output)
             for raw, output in zip(replies[0::2], replies[1::2], strict=True)
             if raw  # forgotten between the index read and now
         ]
@@ -824,6 +966,122 @@ class RedisTaskStore(TaskStore):
             f"started an AOF rewrite on {self.where}: the forgotten data leaves the "
             "append-only file when it completes"
         ]
+
+    async def _sealed_values(
+        self, task_ids: builtins.list[str]
+    ) -> builtins.list[tuple[str, builtins.list[tuple[str, str, str, str, bytes]]]]:
+        """Every sealed value of each task: (task id, [(key, kind, where, field, raw)]),
+        kind and where as the REWRAP script takes them; an event's raw value is the whole
+        stored event and an output's the whole string."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            for task_id in task_ids:
+                pipe.hmget(self.keys.task(task_id), ["request", "error"])
+                pipe.lrange(self.keys.events(task_id), 0, -1)
+                pipe.lrange(self.keys.trace(task_id), 0, -1)
+                pipe.get(self.keys.output(task_id))
+            replies = await self.call(pipe.execute())
+        found = []
+        for number, task_id in enumerate(task_ids):
+            (request, error), events, steps, output = replies[4 * number : 4 * number + 4]
+            task = self.keys.task(task_id)
+            values: builtins.list[tuple[str, str, str, str, bytes]] = [
+                (task, "h", "request", REQUEST, request or b""),
+                (task, "h", "error", ERROR, error or b""),
+            ]
+            values += [
+                (self.keys.events(task_id), "l", str(i), EVENT, raw) for i, raw in enumerate(events)
+            ]
+            values += [
+                (self.keys.trace(task_id), "l", str(i), TRACE, raw) for i, raw in enumerate(steps)
+            ]
+            if output:
+                values.append((self.keys.output(task_id), "s", "", OUTPUT, output))
+            found.append((task_id, values))
+        return found
+
+    async def _task_ids(self, cursor: int, count: int) -> tuple[int, builtins.list[str]]:
+        pattern = self.keys.task("*")
+        next_cursor, names = await self.call(
+            self.client.scan(cursor=cursor, match=pattern, count=count)
+        )
+        start = len(self.keys.task(""))
+        return int(next_cursor), [bytes(name)[start:].decode() for name in names]
+
+    async def rewrap(self, cursor: str = "", limit: int = 200) -> RewrapReport:
+        try:
+            position = int(cursor or "0")
+        except ValueError as exc:
+            raise InvalidArgument(
+                'rewrap cursor is not one this store returned; pass "" to start a pass',
+                reason="BAD_CURSOR",
+            ) from exc
+        position, task_ids = await self._task_ids(position, max(1, limit // 4))
+        scanned = rewrapped = failed = 0
+        keys: builtins.list[str] = []
+        args: builtins.list[bytes | str] = []
+        envelopes: builtins.list[int] = []  # how many envelopes each change moves
+        for task_id, values in await self._sealed_values(task_ids):
+            for key, kind, where, field, raw in values:
+                scanned += 1
+                try:
+                    fresh = self._rewrapped(task_id, field, raw)
+                except LlmosError:
+                    failed += 1
+                    continue
+                if fresh is not None:
+                    keys.append(key)
+                    args += [kind, where, raw, fresh]
+                    envelopes.append(len(output_frames(raw)) if field == OUTPUT else 1)
+        if keys:
+            written = await self.call(self._rewrap(keys=keys, args=args))
+            rewrapped = sum(n for n, done in zip(envelopes, written, strict=True) if int(done))
+        return RewrapReport(
+            scanned=scanned,
+            rewrapped=rewrapped,
+            failed=failed,
+            cursor="" if position == 0 else str(position),
+        )
+
+    def _rewrapped(self, task_id: str, field: str, raw: bytes) -> bytes | None:
+        """`raw` (a stored value in its stored shape) with its envelopes under the active
+        key, or None when there is nothing to change."""
+        sealer = self.sealer
+        if field == EVENT:
+            header, sealed = split_event(raw)
+            fresh = sealer.rewrap(task_id, EVENT, sealed)
+            return None if fresh is None else header + b"\x00" + fresh
+        if field == OUTPUT:
+            frames = output_frames(raw)
+            fresh_frames = [sealer.rewrap(task_id, OUTPUT, frame) for frame in frames]
+            if all(frame is None for frame in fresh_frames):
+                return None
+            return b"".join(
+                FRAME.pack(len(new)) + new
+                for new in (
+                    f if f is not None else o for f, o in zip(fresh_frames, frames, strict=True)
+                )
+            )
+        return sealer.rewrap(task_id, field, raw)
+
+    async def key_usage(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        cursor = 0
+        while True:
+            cursor, task_ids = await self._task_ids(cursor, 500)
+            for _, values in await self._sealed_values(task_ids):
+                for _, _, _, field, raw in values:
+                    if field == EVENT:
+                        sealed_values = [split_event(raw)[1]]
+                    elif field == OUTPUT:
+                        sealed_values = output_frames(raw)
+                    else:
+                        sealed_values = [raw]
+                    for sealed in sealed_values:
+                        label = usage_key(sealed)
+                        if label is not None:
+                            counts[label] = counts.get(label, 0) + 1
+            if cursor == 0:
+                return counts
 
     async def close(self) -> None:
         if self._closed:

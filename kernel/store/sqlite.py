@@ -42,6 +42,11 @@ Why it is built this way:
   (`forget_tenant`, `delete`, `expire`) checkpoints and truncates the WAL, so a forgotten
   tenant's prompts do not linger in free pages or old WAL frames. They run alone, outside
   any batch (a checkpoint cannot run inside a transaction).
+- **Sealed at rest.** Prompts, outputs, error texts and trace steps are stored sealed
+  (kernel/store/sealing.py): the file and its WAL hold ciphertext and key ids, never the
+  text. Sealing and opening run on the store's thread, off the event loop. Schema version 3
+  means "sealed"; opening an older file seals its rows once, in the upgrade transaction.
+  `rewrap` and `key_usage` serve key rotation (a bounded batch per call).
 - **Errors in the project's terms.** A failing file (full disk, a lock an outside process
   holds past the busy timeout) is Unavailable(STORE_UNAVAILABLE); any other sqlite3 error is
   LlmosError(STORE_ERROR). No raw sqlite3 exception reaches the kernel.
@@ -58,6 +63,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import fcntl
+import json
 import os
 import queue
 import sqlite3
@@ -79,6 +85,7 @@ from llmos.kernel.store.contract import (
     Expiry,
     FinishReason,
     RecoveryReport,
+    RewrapReport,
     TaskEvent,
     TaskRecord,
     TaskState,
@@ -95,20 +102,23 @@ from llmos.kernel.store.contract import (
     finish_reason_for,
     recovery_error,
 )
+from llmos.kernel.store.sealing import ERROR, EVENT, REQUEST, TRACE, Sealer
 from llmos.services.errors import (
     AlreadyExists,
     FailedPrecondition,
+    InvalidArgument,
     LlmosError,
     NotFound,
     Unavailable,
 )
+from llmos.services.keyring import KeyRing
 from llmos.v1 import common_pb2
 
 T = TypeVar("T")
 
 FILE_NAME = "tasks.sqlite3"
 LOCK_NAME = "tasks.sqlite3.lock"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT_S = 5.0
 # The most jobs one transaction applies: bounds how long the first caller of a batch waits
 # for the others (a few milliseconds at most) while the queue is long.
@@ -174,9 +184,19 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         """,
         "CREATE INDEX subjects_by_task ON subjects (task_id)",
     ),
+    # 2 -> 3 seals the text columns (`_seal_rows`); the schema itself is unchanged.
+    2: (),
 }
 # Tables keyed by task id besides `tasks`: what deleting a task deletes.
 PER_TASK_TABLES = ("events", "traces", "subjects")
+# The sealed columns, for sealing, counting and re-wrapping: (table, column, sealing field,
+# key columns). A task's events all use the "event" field, its trace steps "trace".
+SEALED_COLUMNS: tuple[tuple[str, str, str, str], ...] = (
+    ("tasks", "request", REQUEST, "task_id, 0"),
+    ("tasks", "error", ERROR, "task_id, 0"),
+    ("events", "text", EVENT, "task_id, seq"),
+    ("traces", "step", TRACE, "task_id, seq"),
+)
 
 TASK_COLUMNS = (
     "task_id, tenant, state, model, priority, request, created_at, updated_at, finished_at, "
@@ -221,36 +241,36 @@ def _require_task(conn: sqlite3.Connection, task_id: str) -> None:
         raise _not_found(task_id)
 
 
-def _output(conn: sqlite3.Connection, task_id: str, attempt_offset: int) -> str:
+def _output(conn: sqlite3.Connection, sealer: Sealer, task_id: str, attempt_offset: int) -> str:
     rows = conn.execute(
         "SELECT text FROM events WHERE task_id = ? AND seq >= ? AND kind = 'text' ORDER BY seq",
         (task_id, attempt_offset),
     )
-    return "".join(text for (text,) in rows)
+    return "".join(sealer.open_text(task_id, EVENT, text) for (text,) in rows)
 
 
-def _record(row: tuple[Any, ...], output: str) -> TaskRecord:
+def _record(sealer: Sealer, row: tuple[Any, ...], output: str) -> TaskRecord:
     return TaskRecord(
         task_id=row[0],
         tenant=row[1],
         state=common_pb2.TaskState.ValueType(row[2]),
         model=row[3],
         priority=common_pb2.Priority.ValueType(row[4]),
-        request=bytes(row[5]),
+        request=sealer.open(row[0], REQUEST, row[5]),
         created_at=row[6],
         updated_at=row[7],
         finished_at=row[8],
         finish_reason=common_pb2.FinishReason.ValueType(row[9]),
         usage=bytes(row[10]),
         output=output,
-        error=row[11],
+        error=sealer.open_text(row[0], ERROR, row[11]),
         attempts=row[12],
     )
 
 
-def _read_record(conn: sqlite3.Connection, task_id: str) -> TaskRecord:
+def _read_record(conn: sqlite3.Connection, sealer: Sealer, task_id: str) -> TaskRecord:
     row = _task_row(conn, task_id)
-    return _record(row, _output(conn, task_id, row[13]))
+    return _record(sealer, row, _output(conn, sealer, task_id, row[13]))
 
 
 def _next_offset(conn: sqlite3.Connection, table: str, task_id: str) -> int:
@@ -262,6 +282,7 @@ def _next_offset(conn: sqlite3.Connection, table: str, task_id: str) -> int:
 
 def _insert_event(
     conn: sqlite3.Connection,
+    sealer: Sealer,
     task_id: str,
     offset: int,
     *,
@@ -273,12 +294,20 @@ def _insert_event(
     conn.execute(
         "INSERT INTO events (task_id, seq, kind, state, text, finish_reason) "
         "VALUES (?, ?, ?, ?, ?, ?)",
-        (task_id, offset, kind, int(state), text, int(finish_reason)),
+        (
+            task_id,
+            offset,
+            kind,
+            int(state),
+            sealer.seal_text(task_id, EVENT, text),
+            int(finish_reason),
+        ),
     )
 
 
 def _apply_transition(
     conn: sqlite3.Connection,
+    sealer: Sealer,
     row: tuple[Any, ...],
     to_state: TaskState,
     now: float,
@@ -298,7 +327,11 @@ def _apply_transition(
     attempts = row[12] + 1 if interrupted else row[12]
     attempt_offset = offset if to_state == QUEUED else row[13]
     finished_at = now if to_state in FINAL_STATES else None
-    stored_error = error if error is not None else ("" if to_state == SUCCEEDED else row[11])
+    stored_error = (
+        sealer.seal_text(task_id, ERROR, error)
+        if error is not None
+        else (b"" if to_state == SUCCEEDED else row[11])
+    )
     conn.execute(
         "UPDATE tasks SET state = ?, updated_at = ?, finished_at = ?, finish_reason = ?, "
         "usage = ?, error = ?, attempts = ?, attempt_offset = ? WHERE task_id = ?",
@@ -316,6 +349,7 @@ def _apply_transition(
     )
     _insert_event(
         conn,
+        sealer,
         task_id,
         offset,
         kind="state",
@@ -325,11 +359,14 @@ def _apply_transition(
     )
 
 
-def _insert_text(conn: sqlite3.Connection, task_id: str, state: TaskState, text: str) -> int:
+def _insert_text(
+    conn: sqlite3.Connection, sealer: Sealer, task_id: str, state: TaskState, text: str
+) -> int:
     """Log `text` as the task's next event (the caller checked the task runs); its offset."""
     offset = _next_offset(conn, "events", task_id)
     _insert_event(
         conn,
+        sealer,
         task_id,
         offset,
         kind="text",
@@ -340,14 +377,19 @@ def _insert_text(conn: sqlite3.Connection, task_id: str, state: TaskState, text:
     return offset
 
 
-def _insert_steps(conn: sqlite3.Connection, task_id: str, steps: Sequence[bytes]) -> None:
-    """Append serialized trace steps to the task's trace, in order."""
+def _insert_steps(
+    conn: sqlite3.Connection, sealer: Sealer, task_id: str, steps: Sequence[bytes]
+) -> None:
+    """Append serialized trace steps to the task's trace, in order, sealed."""
     if not steps:
         return
     first = _next_offset(conn, "traces", task_id)
     conn.executemany(
         "INSERT INTO traces (task_id, seq, step) VALUES (?, ?, ?)",
-        [(task_id, first + index, step) for index, step in enumerate(steps)],
+        [
+            (task_id, first + index, sealer.seal(task_id, TRACE, step))
+            for index, step in enumerate(steps)
+        ],
     )
 
 
@@ -521,6 +563,7 @@ def _closed_error() -> FailedPrecondition:
 def _serve(
     path: Path,
     synchronous: str,
+    sealer: Sealer,
     jobs: queue.SimpleQueue[_Job],
     opened: concurrent.futures.Future[int],
 ) -> None:
@@ -528,7 +571,7 @@ def _serve(
     if not opened.set_running_or_notify_cancel():
         return
     try:
-        conn, lock_fd = _open_files(path, synchronous)
+        conn, lock_fd = _open_files(path, synchronous, sealer)
     except BaseException as exc:
         opened.set_exception(exc)
         return
@@ -545,9 +588,11 @@ class SqliteTaskStore(TaskStore):
         jobs: queue.SimpleQueue[_Job],
         lock_fd: int,
         clock: Callable[[], float],
+        sealer: Sealer,
     ) -> None:
         """Use `open`: the connection lives on the thread that serves `jobs`."""
         self.path = path
+        self.sealer = sealer
         self._jobs = jobs
         self._lock_fd = lock_fd
         self._clock = clock
@@ -558,30 +603,33 @@ class SqliteTaskStore(TaskStore):
         cls,
         data_dir: str | os.PathLike[str],
         *,
+        keys: KeyRing,
         synchronous: Literal["NORMAL", "FULL"] = "NORMAL",
         clock: Callable[[], float] = time.time,
     ) -> SqliteTaskStore:
         """Open (creating if needed) `<data_dir>/tasks.sqlite3` and bring its schema up to date.
 
         FailedPrecondition(STORE_LOCKED) when another live process has the store open, and
-        FailedPrecondition(STORE_SCHEMA_TOO_NEW) for a file a newer llmos wrote. `clock`
-        stamps updated_at and finished_at (a fake one makes times predictable).
+        FailedPrecondition(STORE_SCHEMA_TOO_NEW) for a file a newer llmos wrote. `keys`
+        seal and open the text fields (kernel/store/sealing.py). `clock` stamps updated_at
+        and finished_at (a fake one makes times predictable).
         """
         if synchronous not in ("NORMAL", "FULL"):
             raise ValueError(f"synchronous must be NORMAL or FULL, not {synchronous!r}")
         path = Path(data_dir) / FILE_NAME
+        sealer = Sealer(keys)
         jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         opened: concurrent.futures.Future[int] = concurrent.futures.Future()
         # A daemon thread: a kernel that exits without closing the store is a crash, which
         # WAL mode survives; it must not hang the interpreter's exit.
         threading.Thread(
             target=_serve,
-            args=(path, synchronous, jobs, opened),
+            args=(path, synchronous, sealer, jobs, opened),
             name="llmos-task-store",
             daemon=True,
         ).start()
         lock_fd = await asyncio.wrap_future(opened)
-        return cls(path, jobs, lock_fd, clock)
+        return cls(path, jobs, lock_fd, clock, sealer)
 
     async def _run(
         self,
@@ -613,6 +661,7 @@ class SqliteTaskStore(TaskStore):
 
     async def create(self, record: TaskRecord, *, running: bool = False) -> None:
         check_new_record(record)
+        sealer = self.sealer
 
         def operation(conn: sqlite3.Connection) -> None:
             try:
@@ -625,13 +674,13 @@ class SqliteTaskStore(TaskStore):
                         int(record.state),
                         record.model,
                         int(record.priority),
-                        record.request,
+                        sealer.seal(record.task_id, REQUEST, record.request),
                         record.created_at,
                         record.updated_at,
                         None,
                         int(record.finish_reason),
                         record.usage,
-                        record.error,
+                        sealer.seal_text(record.task_id, ERROR, record.error),
                         record.attempts,
                     ),
                 )
@@ -643,6 +692,7 @@ class SqliteTaskStore(TaskStore):
                 ) from exc
             _insert_event(
                 conn,
+                sealer,
                 record.task_id,
                 0,
                 kind="state",
@@ -653,6 +703,7 @@ class SqliteTaskStore(TaskStore):
             if running:  # in the same transaction: both or neither
                 _apply_transition(
                     conn,
+                    sealer,
                     _task_row(conn, record.task_id),
                     RUNNING,
                     self._clock(),
@@ -666,7 +717,7 @@ class SqliteTaskStore(TaskStore):
 
     async def get(self, task_id: str) -> TaskRecord:
         def operation(conn: sqlite3.Connection) -> TaskRecord:
-            return _read_record(conn, task_id)
+            return _read_record(conn, self.sealer, task_id)
 
         return await self._run(operation, writes=False)
 
@@ -687,13 +738,14 @@ class SqliteTaskStore(TaskStore):
             row = _task_row(conn, task_id)
             current = common_pb2.TaskState.ValueType(row[2])
             if not check_transition(task_id, current, to_state):
-                return _record(row, _output(conn, task_id, row[13]))
+                return _record(self.sealer, row, _output(conn, self.sealer, task_id, row[13]))
             reason = finish_reason_for(task_id, to_state, finish_reason)
             if text:
                 check_takes_text(task_id, current)
-                _insert_text(conn, task_id, current, text)
+                _insert_text(conn, self.sealer, task_id, current, text)
             _apply_transition(
                 conn,
+                self.sealer,
                 row,
                 to_state,
                 self._clock(),
@@ -702,8 +754,8 @@ class SqliteTaskStore(TaskStore):
                 error=error,
                 interrupted=current == RUNNING and to_state == QUEUED,
             )
-            _insert_steps(conn, task_id, steps)
-            return _read_record(conn, task_id)
+            _insert_steps(conn, self.sealer, task_id, steps)
+            return _read_record(conn, self.sealer, task_id)
 
         return await self._run(operation)
 
@@ -714,7 +766,7 @@ class SqliteTaskStore(TaskStore):
                 raise _not_found(task_id)
             state = common_pb2.TaskState.ValueType(row[0])
             check_takes_text(task_id, state)
-            offset = _insert_text(conn, task_id, state, text)
+            offset = _insert_text(conn, self.sealer, task_id, state, text)
             conn.execute(
                 "UPDATE tasks SET updated_at = ? WHERE task_id = ?", (self._clock(), task_id)
             )
@@ -739,7 +791,7 @@ class SqliteTaskStore(TaskStore):
                     offset=seq,
                     kind="state" if kind == "state" else "text",
                     state=common_pb2.TaskState.ValueType(state),
-                    text=text,
+                    text=self.sealer.open_text(task_id, EVENT, text),
                     finish_reason=common_pb2.FinishReason.ValueType(finish_reason),
                 )
                 for seq, kind, state, text, finish_reason in rows
@@ -750,7 +802,7 @@ class SqliteTaskStore(TaskStore):
     async def add_trace_step(self, task_id: str, step: bytes) -> None:
         def operation(conn: sqlite3.Connection) -> None:
             _require_task(conn, task_id)
-            _insert_steps(conn, task_id, (step,))
+            _insert_steps(conn, self.sealer, task_id, (step,))
 
         await self._run(operation)
 
@@ -760,7 +812,7 @@ class SqliteTaskStore(TaskStore):
             rows = conn.execute(
                 "SELECT step FROM traces WHERE task_id = ? ORDER BY seq", (task_id,)
             ).fetchall()
-            return [bytes(step) for (step,) in rows]
+            return [self.sealer.open(task_id, TRACE, step) for (step,) in rows]
 
         return await self._run(operation, writes=False)
 
@@ -793,8 +845,8 @@ class SqliteTaskStore(TaskStore):
         def operation(conn: sqlite3.Connection) -> tuple[builtins.list[TaskRecord], str]:
             rows = conn.execute(query, (*params, page_size + 1)).fetchall()
             page = rows[:page_size]
-            outputs = _outputs(conn, page)
-            records = [_record(row, outputs.get(row[0], "")) for row in page]
+            outputs = _outputs(conn, self.sealer, page)
+            records = [_record(self.sealer, row, outputs.get(row[0], "")) for row in page]
             more = len(rows) > page_size
             token = encode_page_token(page[-1][6], page[-1][0]) if more else ""
             return records, token
@@ -817,6 +869,7 @@ class SqliteTaskStore(TaskStore):
                 to_state = QUEUED if again else FAILED
                 _apply_transition(
                     conn,
+                    self.sealer,
                     row,
                     to_state,
                     now,
@@ -935,6 +988,64 @@ class SqliteTaskStore(TaskStore):
     async def scrub(self) -> builtins.list[str]:
         return []  # every deletion already scrubbed the freed pages and the WAL
 
+    async def rewrap(self, cursor: str = "", limit: int = 200) -> RewrapReport:
+        position = _decode_cursor(cursor)
+        sealer = self.sealer
+
+        def operation(conn: sqlite3.Connection) -> RewrapReport:
+            column, after_id, after_seq = position
+            scanned = rewrapped = failed = 0
+            while column < len(SEALED_COLUMNS) and scanned < limit:
+                table, name, field, key = SEALED_COLUMNS[column]
+                seq = "seq" if table != "tasks" else "0"
+                order = "task_id, seq" if table != "tasks" else "task_id"
+                want = limit - scanned
+                rows = conn.execute(
+                    f"SELECT task_id, {seq}, {name} FROM {table} "
+                    f"WHERE ({key}) > (?, ?) ORDER BY {order} LIMIT ?",
+                    (after_id, after_seq, want),
+                ).fetchall()
+                scanned += len(rows)
+                for task_id, number, value in rows:
+                    try:
+                        fresh = sealer.rewrap(task_id, field, value)
+                    except LlmosError:
+                        failed += 1
+                        continue
+                    if fresh is not None:
+                        conn.execute(
+                            f"UPDATE {table} SET {name} = ? WHERE ({key}) = (?, ?)",
+                            (fresh, task_id, number),
+                        )
+                        rewrapped += 1
+                if len(rows) < want:
+                    column, after_id, after_seq = column + 1, "", -1
+                else:
+                    after_id, after_seq = rows[-1][0], rows[-1][1]
+            done = column >= len(SEALED_COLUMNS)
+            return RewrapReport(
+                scanned=scanned,
+                rewrapped=rewrapped,
+                failed=failed,
+                cursor="" if done else json.dumps([column, after_id, after_seq]),
+            )
+
+        return await self._run(operation)
+
+    async def key_usage(self) -> dict[str, int]:
+        def operation(conn: sqlite3.Connection) -> dict[str, int]:
+            counts: dict[str, int] = {}
+            for table, name, _, _ in SEALED_COLUMNS:
+                for key_id, count in conn.execute(
+                    f"SELECT substr({name}, 2, instr({name}, x'00') - 2), COUNT(*) "
+                    f"FROM {table} WHERE length({name}) > 0 GROUP BY 1"
+                ):
+                    label = bytes(key_id).decode("ascii", "replace") if key_id else "?"
+                    counts[label] = counts.get(label, 0) + int(count)
+            return counts
+
+        return await self._run(operation, writes=False)
+
     async def close(self) -> None:
         if self._closed:
             return
@@ -969,7 +1080,9 @@ def _close_connection(conn: sqlite3.Connection) -> None:
     conn.close()
 
 
-def _outputs(conn: sqlite3.Connection, rows: builtins.list[tuple[Any, ...]]) -> dict[str, str]:
+def _outputs(
+    conn: sqlite3.Connection, sealer: Sealer, rows: builtins.list[tuple[Any, ...]]
+) -> dict[str, str]:
     """The current attempt's output of each task in `rows`, in one query."""
     if not rows:
         return {}
@@ -981,7 +1094,7 @@ def _outputs(conn: sqlite3.Connection, rows: builtins.list[tuple[Any, ...]]) -> 
         "ORDER BY e.task_id, e.seq",
         [row[0] for row in rows],
     ):
-        texts.setdefault(task_id, []).append(text)
+        texts.setdefault(task_id, []).append(sealer.open_text(task_id, EVENT, text))
     return {task_id: "".join(parts) for task_id, parts in texts.items()}
 
 
@@ -1000,18 +1113,18 @@ def _lock(path: Path) -> int:
     return fd
 
 
-def _open_files(path: Path, synchronous: str) -> tuple[sqlite3.Connection, int]:
+def _open_files(path: Path, synchronous: str, sealer: Sealer) -> tuple[sqlite3.Connection, int]:
     """On the store's thread: create the directory, take the lock, connect. Blocking work."""
     path.parent.mkdir(parents=True, exist_ok=True)
     lock_fd = _lock(path.parent / LOCK_NAME)
     try:
-        return _connect(path, synchronous), lock_fd
+        return _connect(path, synchronous, sealer), lock_fd
     except BaseException:
         os.close(lock_fd)
         raise
 
 
-def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
+def _connect(path: Path, synchronous: str, sealer: Sealer) -> sqlite3.Connection:
     """Open the file, set it up, and create or upgrade the schema."""
     conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_S)
     try:
@@ -1025,14 +1138,16 @@ def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
         conn.execute(f"PRAGMA synchronous = {synchronous}")
         conn.execute("PRAGMA secure_delete = ON")
         with _transaction(conn, write=True):
-            _migrate(conn, path)
+            _migrate(conn, path, sealer)
+        # Old WAL frames may hold what an upgrade just sealed, or a crashed run's pages.
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     except BaseException:
         conn.close()
         raise
     return conn
 
 
-def _migrate(conn: sqlite3.Connection, path: Path) -> None:
+def _migrate(conn: sqlite3.Connection, path: Path, sealer: Sealer) -> None:
     conn.execute(
         "CREATE TABLE IF NOT EXISTS schema_version "
         "(version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
@@ -1047,15 +1162,46 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> None:
     if version == 0:
         for statement in SCHEMA_V1:
             conn.execute(statement)
-        version = 1
+        version = 1  # then every upgrade, as for an old file (nothing to seal yet)
         conn.execute(
-            "INSERT INTO schema_version (version, applied_at) VALUES (?, ?)", (1, time.time())
+            "INSERT INTO schema_version (version, applied_at) VALUES (?, ?)",
+            (version, time.time()),
         )
     while version < SCHEMA_VERSION:
         for statement in MIGRATIONS[version]:
             conn.execute(statement)
+        if version == 2:
+            _seal_rows(conn, sealer)
         version += 1
         conn.execute(
             "INSERT INTO schema_version (version, applied_at) VALUES (?, ?)",
             (version, time.time()),
         )
+
+
+def _seal_rows(conn: sqlite3.Connection, sealer: Sealer) -> None:
+    """Upgrade 2 -> 3: seal every text column an older file kept in the clear."""
+    for table, column, field, key in SEALED_COLUMNS:
+        rows = conn.execute(f"SELECT {key}, {column} FROM {table}").fetchall()
+        for task_id, seq, value in rows:
+            plain = value.encode() if isinstance(value, str) else bytes(value)
+            conn.execute(
+                f"UPDATE {table} SET {column} = ? WHERE task_id = ?"
+                + (" AND seq = ?" if table != "tasks" else ""),
+                (sealer.seal(task_id, field, plain), task_id)
+                + ((seq,) if table != "tasks" else ()),
+            )
+
+
+def _decode_cursor(cursor: str) -> tuple[int, str, int]:
+    """A `rewrap` position: (index into SEALED_COLUMNS, task id, seq) after which to go on."""
+    if not cursor:
+        return 0, "", -1
+    try:
+        column, task_id, seq = json.loads(cursor)
+        return int(column), str(task_id), int(seq)
+    except (ValueError, TypeError) as exc:
+        raise InvalidArgument(
+            'rewrap cursor is not one this store returned; pass "" to start a pass',
+            reason="BAD_CURSOR",
+        ) from exc

@@ -55,7 +55,7 @@ import redis.exceptions
 
 from llmos.kernel.scheduler import DEFAULT_QUEUE_LIMITS, Priority
 from llmos.kernel.store.contract import FAILED, TaskRecord
-from llmos.kernel.store.redis import RedisTaskStore, flatten, record_fields
+from llmos.kernel.store.redis import RedisTaskStore, flatten
 from llmos.services.errors import LlmosError, ResourceExhausted
 
 log = logging.getLogger(__name__)
@@ -200,7 +200,13 @@ class RedisWorkQueue:
         entry = await self.store.call(
             self.store.create_and_enqueue(
                 keys=[*keys, stream],
-                args=[*args, "1", "task_id", record.task_id, *flatten(record_fields(record))],
+                args=[
+                    *args,
+                    "1",
+                    "task_id",
+                    record.task_id,
+                    *flatten(self.store.record_fields(record)),
+                ],
             )
         )
         if not entry:

@@ -28,9 +28,9 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from llmos.services.errors import InvalidArgument, PermissionDenied
-from llmos.services.privacy.keys import KeyRing
+from llmos.services.keyring import NONCE_BYTES, KeyRing
 from llmos.services.privacy.recognizers import Finding
-from llmos.services.privacy.vault import NONCE_BYTES, Vault
+from llmos.services.privacy.vault import Vault
 
 MASK, REPLACE, HASH, ENCRYPT, PSEUDONYMIZE = "mask", "replace", "hash", "encrypt", "pseudonymize"
 OPERATORS = (MASK, REPLACE, HASH, ENCRYPT, PSEUDONYMIZE)

@@ -25,6 +25,7 @@ from google.protobuf.message import DecodeError
 
 from llmos.services.config import Settings
 from llmos.services.errors import FailedPrecondition, InvalidArgument
+from llmos.services.keyring import KeyRing, load_keys
 from llmos.services.privacy.batching import DetectBatcher
 from llmos.services.privacy.checks import (
     check_conversation,
@@ -34,7 +35,6 @@ from llmos.services.privacy.checks import (
     entity_types,
     operator_name,
 )
-from llmos.services.privacy.keys import KeyRing, load_keys
 from llmos.services.privacy.operators import (
     Redactor,
     StreamRestorer,
@@ -44,7 +44,7 @@ from llmos.services.privacy.operators import (
 from llmos.services.privacy.recognizers import Detector, Finding, NerRecognizer
 from llmos.services.privacy.retention import sweep_forever, vault_scopes
 from llmos.services.privacy.subjects import index_values, lookup_tokens
-from llmos.services.privacy.vault import VAULT_FILE, Vault
+from llmos.services.privacy.vault import VAULT_FILE, Vault, rewrap_forever
 from llmos.services.rpc_types import Context
 from llmos.v1 import common_pb2, privacy_pb2, privacy_pb2_grpc
 
@@ -192,6 +192,7 @@ class PrivacyService:
         self.settings = settings
         self._servicer: PrivacyServicer | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._rewrap: asyncio.Task[None] | None = None
         self._proxy = _Deferred(self)
 
     def add_to_server(self, server: grpc.aio.Server) -> list[str]:
@@ -213,6 +214,12 @@ class PrivacyService:
         self._servicer = PrivacyServicer(detector, keys, vault)
         if vault_scopes(settings) and settings.kernel_retention_sweep_s > 0:
             self._sweeper = asyncio.create_task(sweep_forever(vault, settings), name="retention")
+        # After `llmos keys rotate` (seen through the key file), older entries move to the
+        # new key in the background.
+        if settings.key_rewrap_rate > 0:
+            self._rewrap = asyncio.create_task(
+                rewrap_forever(vault, settings.key_rewrap_rate), name="vault-rewrap"
+            )
         log.info(
             "privacy ready: model %s, keys from %s (active %s), vault %s",
             ner.model,
@@ -226,6 +233,10 @@ class PrivacyService:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
+        if self._rewrap is not None:
+            self._rewrap.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._rewrap
         if self._servicer is not None:
             self._servicer.close()
             self._servicer.vault.close()

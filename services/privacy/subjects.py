@@ -3,7 +3,7 @@
 ForgetSubject is given a value a person is known by (an email address, a phone number, a
 name) and must find every task and vault conversation that held it. Storing the values to
 search them would defeat the point, so each detected value is stored only as a keyed HMAC:
-the tenant's "subject" key (derived from a master key of the ring, keys.py) over the value
+the tenant's "subject" key (derived from a master key, services/keyring.py) over the value
 in a normal form. Without the key the index reveals nothing and cannot be tested against
 guesses; with it, ForgetSubject computes the same HMAC and looks it up.
 
@@ -25,7 +25,7 @@ import re
 import unicodedata
 from collections.abc import Iterable
 
-from llmos.services.privacy.keys import KeyRing
+from llmos.services.keyring import KeyRing
 
 TOKEN_BYTES = 16
 PURPOSE = "subject"

@@ -3,14 +3,18 @@ conversation, encrypted at rest.
 
 One SQLite file, `<data_dir>/privacy/vault.sqlite3`. A conversation belongs to the tenant
 that first redacted in it; its entries hold the placeholder (`<PERSON_1>`), the type, the
-value sealed with AES-GCM under the tenant's vault key (its id stored beside it; the tenant,
+value sealed in the key ring's envelope (services/keyring.py: AES-GCM under a data key
+wrapped by the active key, whose id is also stored beside it for counting; the tenant,
 conversation and placeholder bound in as associated data, so a row copied to another
 conversation or tenant does not open), and a keyed HMAC of the value, so the same value
 gets the same placeholder again without the vault storing it in the clear. The `subjects`
 table is the blind index of each conversation's data subjects (subjects.py), so
 `forget_subject` finds every conversation that held a value without opening any entry.
-The file never holds a value or a key in plain text; the keys come from the key ring
-(keys.py).
+The file never holds a value or a key in plain text; the keys come from the key ring.
+
+After `llmos keys rotate`, `rewrap` moves entries to the new key a batch at a time (the
+service calls it in the background): it re-wraps each entry's data key and recomputes its
+lookup HMAC under the new key; the sealed value itself is not re-encrypted.
 
 Calls are synchronous and short (one indexed statement each); the service runs them from
 its event loop.
@@ -18,23 +22,22 @@ its event loop.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
-import secrets
+import logging
 import sqlite3
 import time
 from collections.abc import Collection, Sequence
 from pathlib import Path
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
 from llmos.services.errors import LlmosError, NotFound, PermissionDenied
-from llmos.services.privacy.keys import KeyRing
+from llmos.services.keyring import KeyRing
 from llmos.services.privacy.subjects import index_values, normal_forms
 
+log = logging.getLogger(__name__)
+
 VAULT_FILE = Path("privacy") / "vault.sqlite3"
-NONCE_BYTES = 12
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
@@ -104,17 +107,23 @@ class Vault:
 
     # -- entries ---------------------------------------------------------------------
 
-    def _lookup(self, tenant: str, kind: str, value: str) -> bytes:
-        key = self.keys.derived(self.keys.active, "lookup", tenant)
+    def _lookup(self, tenant: str, kind: str, value: str, key_id: str | None = None) -> bytes:
+        key = self.keys.derived(key_id or self.keys.active, "lookup", tenant)
         return hmac.new(key, f"{kind}\0{value}".encode(), hashlib.sha256).digest()
 
     def placeholder_for(self, tenant: str, conversation: str, kind: str, value: str) -> str | None:
-        """The placeholder this value already has in the conversation, if any."""
-        row = self._db.execute(
-            "SELECT placeholder FROM entries WHERE conversation = ? AND lookup = ?",
-            (conversation, self._lookup(tenant, kind, value)),
-        ).fetchone()
-        return None if row is None else str(row[0])
+        """The placeholder this value already has in the conversation, if any. Its lookup
+        HMAC is under the key its entry was sealed with: after a rotation, under the new
+        key or (until `rewrap` reached it) an older one, so every configured key is tried."""
+        keys = self.keys.keys
+        for key_id in [self.keys.active, *(k for k in keys if k != self.keys.active)]:
+            row = self._db.execute(
+                "SELECT placeholder FROM entries WHERE conversation = ? AND lookup = ?",
+                (conversation, self._lookup(tenant, kind, value, key_id)),
+            ).fetchone()
+            if row is not None:
+                return str(row[0])
+        return None
 
     def numbers_used(self, conversation: str, kind: str) -> int:
         """The highest placeholder number of `kind` in the conversation (0 for none)."""
@@ -126,14 +135,17 @@ class Vault:
 
     def add(self, tenant: str, conversation: str, placeholder: str, kind: str, value: str) -> None:
         key_id = self.keys.active
-        nonce = secrets.token_bytes(NONCE_BYTES)
-        aad = _aad(tenant, conversation, placeholder)
-        sealed = nonce + AESGCM(self.keys.derived(key_id, "vault", tenant)).encrypt(
-            nonce, value.encode(), aad
-        )
+        sealed = self.keys.seal(value.encode(), _aad(tenant, conversation, placeholder))
         self._db.execute(
             "INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?)",
-            (conversation, placeholder, kind, self._lookup(tenant, kind, value), key_id, sealed),
+            (
+                conversation,
+                placeholder,
+                kind,
+                self._lookup(tenant, kind, value, key_id),
+                key_id,
+                sealed,
+            ),
         )
         self._db.executemany(
             "INSERT OR IGNORE INTO subjects VALUES (?, ?)",
@@ -141,26 +153,71 @@ class Vault:
         )
 
     def values(self, tenant: str, conversation: str) -> dict[str, str]:
-        """Every placeholder of the conversation and its value, opened."""
+        """Every placeholder of the conversation and its value, opened.
+
+        An entry that does not authenticate is DataLoss(SEALED_DATA_CORRUPT); one sealed
+        with a key no longer configured is FailedPrecondition(KEY_NOT_FOUND) naming it.
+        """
         self.owner_check(tenant, conversation)
         rows = self._db.execute(
-            "SELECT placeholder, key_id, sealed FROM entries WHERE conversation = ?",
+            "SELECT placeholder, sealed FROM entries WHERE conversation = ?",
             (conversation,),
         ).fetchall()
-        opened: dict[str, str] = {}
-        for placeholder, key_id, sealed in rows:
-            aead = AESGCM(self.keys.derived(key_id, "vault", tenant))
+        return {
+            placeholder: self.keys.open(
+                sealed,
+                _aad(tenant, conversation, placeholder),
+                f"vault entry {placeholder} of conversation {conversation!r}",
+            ).decode()
+            for placeholder, sealed in rows
+        }
+
+    # -- key rotation ----------------------------------------------------------------
+
+    def key_usage(self) -> dict[str, int]:
+        """How many entries each key id still seals."""
+        rows = self._db.execute("SELECT key_id, COUNT(*) FROM entries GROUP BY key_id")
+        return {str(key_id): int(count) for key_id, count in rows}
+
+    def rewrap(self, after: int, limit: int) -> tuple[int, int, int]:
+        """Move up to `limit` entries past row `after` that are not under the active key
+        onto it: (moved, failed, the row to continue after, or -1 once the pass is done).
+
+        The caller keeps the position; a restart begins a new pass, which skips the entries
+        already moved (they are picked by their stored key id). An entry that cannot be
+        opened (its key is missing, the row is corrupt) is counted as failed and left as is.
+        """
+        active = self.keys.active
+        rows = self._db.execute(
+            "SELECT e.rowid, e.conversation, e.placeholder, e.type, e.sealed, c.tenant "
+            "FROM entries AS e JOIN conversations AS c ON c.conversation = e.conversation "
+            "WHERE e.rowid > ? AND e.key_id != ? ORDER BY e.rowid LIMIT ?",
+            (after, active, limit),
+        ).fetchall()
+        moved = failed = 0
+        for _, conversation, placeholder, kind, sealed, tenant in rows:
+            aad = _aad(tenant, conversation, placeholder)
+            what = f"vault entry {placeholder} of conversation {conversation!r}"
             try:
-                aad = _aad(tenant, conversation, placeholder)
-                value = aead.decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], aad)
-            except InvalidTag as error:
-                raise LlmosError(
-                    f"vault entry {placeholder} of conversation {conversation!r} does not "
-                    "authenticate: the vault file was altered",
-                    reason="VAULT_CORRUPT",
-                ) from error
-            opened[placeholder] = value.decode()
-        return opened
+                value = self.keys.open(sealed, aad, what).decode()
+                rewrapped = self.keys.rewrap(sealed, aad, what) or sealed
+            except LlmosError:
+                failed += 1
+                continue
+            self._db.execute(
+                "UPDATE entries SET key_id = ?, sealed = ?, lookup = ? "
+                "WHERE conversation = ? AND placeholder = ? AND sealed = ?",
+                (
+                    active,
+                    rewrapped,
+                    self._lookup(tenant, kind, value, active),
+                    conversation,
+                    placeholder,
+                    sealed,
+                ),
+            )
+            moved += 1
+        return moved, failed, (int(rows[-1][0]) if len(rows) == limit else -1)
 
     # -- forgetting ------------------------------------------------------------------
 
@@ -281,3 +338,30 @@ class Vault:
 
 def _aad(tenant: str, conversation: str, placeholder: str) -> bytes:
     return f"vault\0{tenant}\0{conversation}\0{placeholder}".encode()
+
+
+async def rewrap_forever(vault: Vault, rate: float, idle_s: float = 1.0) -> None:
+    """The vault's background re-wrapping after a key rotation: passes of small `rewrap`
+    batches, at most `rate` entries a second, until no entry is left under an older key;
+    then it waits for the active key to change again. Runs until cancelled."""
+    step = max(1, min(100, int(rate)))
+    settled: str | None = None
+    while True:
+        active = vault.keys.active
+        if active == settled:
+            await asyncio.sleep(idle_s)
+            continue
+        after, moved, failed = 0, 0, 0
+        while after >= 0 and vault.keys.active == active:
+            done, bad, after = vault.rewrap(after, step)
+            moved, failed = moved + done, failed + bad
+            await asyncio.sleep(max(done + bad, 1) / rate)
+        if vault.keys.active == active:
+            settled = active
+            if moved or failed:
+                log.info(
+                    "vault re-wrapped to key %s: %d entries moved, %d could not be opened",
+                    active,
+                    moved,
+                    failed,
+                )

@@ -42,7 +42,12 @@ from llmos.services.errors import (
     NotFound,
     Unavailable,
 )
+from llmos.services.keyring import KeyRing
 from llmos.v1 import common_pb2, kernel_pb2
+
+# One fixed key for every store the tests open, so a store reopened (also by another
+# process) opens what it sealed.
+KEYS = KeyRing({"test1": bytes(range(32))}, "test1", "tests")
 
 QUEUED = common_pb2.TASK_STATE_QUEUED
 RUNNING = common_pb2.TASK_STATE_RUNNING
@@ -56,13 +61,13 @@ Opener = Callable[[Path], Awaitable[TaskStore]]
 
 
 async def open_sqlite(data_dir: Path) -> TaskStore:
-    return await SqliteTaskStore.open(data_dir)
+    return await SqliteTaskStore.open(data_dir, keys=KEYS)
 
 
 async def open_redis(data_dir: Path) -> TaskStore:
     """A store on the test Redis, under a prefix named after the test's directory, so
     closing and reopening finds the same data."""
-    return await RedisTaskStore.open(REDIS_URL, prefix=redis_prefix(data_dir))
+    return await RedisTaskStore.open(REDIS_URL, prefix=redis_prefix(data_dir), keys=KEYS)
 
 
 def redis_prefix(data_dir: Path) -> str:
@@ -900,10 +905,12 @@ CRASHING_KERNEL = textwrap.dedent(
     """
     import asyncio, sys
     from llmos.kernel.store import SqliteTaskStore, TaskRecord
+    from llmos.services.keyring import KeyRing
     from llmos.v1 import common_pb2
 
     async def main() -> None:
-        store = await SqliteTaskStore.open(sys.argv[1])
+        keys = KeyRing({"test1": bytes(range(32))}, "test1", "tests")
+        store = await SqliteTaskStore.open(sys.argv[1], keys=keys)
         for index in range(10):
             await store.create(TaskRecord.queued(
                 f"t{index}", tenant="acme", model="echo",
@@ -945,7 +952,7 @@ async def test_sqlite_recovers_every_task_after_sigkill(tmp_path: Path) -> None:
         await child.wait()
     assert child.returncode == -signal.SIGKILL
 
-    store = await SqliteTaskStore.open(data_dir)
+    store = await SqliteTaskStore.open(data_dir, keys=KEYS)
     try:
         report = await store.recover()
 
@@ -984,7 +991,7 @@ async def test_sqlite_applies_calls_queued_together_in_one_transaction(
         return transact_once(writer, group)
 
     monkeypatch.setattr(sqlite_store._Writer, "_transact_once", counted)
-    store = await SqliteTaskStore.open(tmp_path)
+    store = await SqliteTaskStore.open(tmp_path, keys=KEYS)
     try:
         await store.create(new_task("taken"))
         transactions.clear()
@@ -1013,7 +1020,7 @@ async def test_sqlite_applies_calls_queued_together_in_one_transaction(
         assert outcomes[-1].task_id == "t3"
     finally:
         await store.close()
-    reopened = await SqliteTaskStore.open(tmp_path)
+    reopened = await SqliteTaskStore.open(tmp_path, keys=KEYS)
     try:
         records, _ = await reopened.list(page_size=100)
         assert len(records) == 21
@@ -1024,26 +1031,26 @@ async def test_sqlite_applies_calls_queued_together_in_one_transaction(
 
 
 async def test_sqlite_allows_one_open_store_per_data_dir(tmp_path: Path) -> None:
-    first = await SqliteTaskStore.open(tmp_path)
+    first = await SqliteTaskStore.open(tmp_path, keys=KEYS)
     try:
         with pytest.raises(FailedPrecondition) as caught:
-            await SqliteTaskStore.open(tmp_path)
+            await SqliteTaskStore.open(tmp_path, keys=KEYS)
         assert caught.value.reason == "STORE_LOCKED"
     finally:
         await first.close()
-    second = await SqliteTaskStore.open(tmp_path)
+    second = await SqliteTaskStore.open(tmp_path, keys=KEYS)
     await second.close()
 
 
 async def test_sqlite_uses_wal_and_records_its_schema_version(tmp_path: Path) -> None:
-    store = await SqliteTaskStore.open(tmp_path)
+    store = await SqliteTaskStore.open(tmp_path, keys=KEYS)
     await store.create(new_task("t1"))
     await store.close()
 
     assert store.path == tmp_path / "tasks.sqlite3"
     with sqlite3.connect(store.path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,), (2,)]
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,), (2,), (3,)]
     conn.close()
 
 
@@ -1058,7 +1065,7 @@ async def test_sqlite_upgrades_a_version_1_file_keeping_its_tasks(tmp_path: Path
             "VALUES ('old', 'acme', ?, 'echo', 1, x'', 1, 1, NULL, 0, x'', '', 0, 0)",
             (int(QUEUED),),
         )
-    store = await SqliteTaskStore.open(tmp_path)
+    store = await SqliteTaskStore.open(tmp_path, keys=KEYS)
     try:
         assert (await store.get("old")).tenant == "acme"
         await store.add_subjects("old", [b"alice"])
@@ -1068,7 +1075,7 @@ async def test_sqlite_upgrades_a_version_1_file_keeping_its_tasks(tmp_path: Path
 
 
 async def test_sqlite_refuses_a_file_from_a_newer_schema(tmp_path: Path) -> None:
-    store = await SqliteTaskStore.open(tmp_path)
+    store = await SqliteTaskStore.open(tmp_path, keys=KEYS)
     await store.close()
     conn = sqlite3.connect(store.path)
     with conn:
@@ -1076,12 +1083,12 @@ async def test_sqlite_refuses_a_file_from_a_newer_schema(tmp_path: Path) -> None
     conn.close()
 
     with pytest.raises(LlmosError) as caught:
-        await SqliteTaskStore.open(tmp_path)
+        await SqliteTaskStore.open(tmp_path, keys=KEYS)
 
     assert caught.value.reason == "STORE_SCHEMA_TOO_NEW"
     # The refusal released the lock: trying again is refused for the same reason.
     with pytest.raises(LlmosError) as again:
-        await SqliteTaskStore.open(tmp_path)
+        await SqliteTaskStore.open(tmp_path, keys=KEYS)
     assert again.value.reason == "STORE_SCHEMA_TOO_NEW"
 
 
@@ -1089,7 +1096,7 @@ async def test_sqlite_reports_a_file_it_cannot_write_as_unavailable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(sqlite_store, "BUSY_TIMEOUT_S", 0.1)
-    store = await SqliteTaskStore.open(tmp_path)
+    store = await SqliteTaskStore.open(tmp_path, keys=KEYS)
     await store.create(new_task("t1"))
     outsider = sqlite3.connect(store.path, isolation_level=None)
     try:

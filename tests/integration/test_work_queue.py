@@ -19,6 +19,7 @@ from llmos.kernel.store.contract import TaskRecord
 from llmos.kernel.store.redis import RedisTaskStore
 from llmos.kernel.store.work_queue import GROUP, RedisWorkQueue
 from llmos.services.errors import NotFound, ResourceExhausted
+from llmos.services.keyring import KeyRing
 from llmos.v1 import common_pb2, kernel_pb2
 
 QUEUED = common_pb2.TASK_STATE_QUEUED
@@ -37,7 +38,7 @@ def prefix() -> Iterator[str]:
 
 @pytest.fixture
 async def store(prefix: str) -> AsyncIterator[RedisTaskStore]:
-    opened = await RedisTaskStore.open(REDIS_URL, prefix=prefix)
+    opened = await RedisTaskStore.open(REDIS_URL, prefix=prefix, keys=KeyRing.generate())
     yield opened
     await opened.close()
 

@@ -12,6 +12,7 @@ import pytest
 from llmos.kernel.pending import PendingWrites
 from llmos.kernel.store import SqliteTaskStore, TaskRecord, TaskStore
 from llmos.services.errors import FailedPrecondition
+from llmos.services.keyring import KeyRing
 from llmos.v1 import common_pb2
 
 RUNNING = common_pb2.TASK_STATE_RUNNING
@@ -20,7 +21,7 @@ SUCCEEDED = common_pb2.TASK_STATE_SUCCEEDED
 
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[TaskStore]:
-    opened = await SqliteTaskStore.open(tmp_path)
+    opened = await SqliteTaskStore.open(tmp_path, keys=KeyRing.generate())
     try:
         yield opened
     finally:

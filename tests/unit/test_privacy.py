@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from llmos.services.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from llmos.services.keyring import KeyRing, from_file, load_keys, write_file
 from llmos.services.privacy import evaluation
-from llmos.services.privacy.keys import KeyRing, from_file, load_keys, write_file
 from llmos.services.privacy.operators import (
     ENCRYPT,
     PSEUDONYMIZE,

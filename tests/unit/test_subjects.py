@@ -3,7 +3,7 @@ tokens, pure logic."""
 
 from __future__ import annotations
 
-from llmos.services.privacy.keys import KeyRing
+from llmos.services.keyring import KeyRing
 from llmos.services.privacy.subjects import index_values, lookup_tokens, normal_forms
 
 

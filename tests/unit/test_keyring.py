@@ -1,0 +1,73 @@
+"""The key ring's envelope and key file handling, as pure logic (no processes)."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+
+from llmos.services.errors import DataLoss, FailedPrecondition
+from llmos.services.keyring import (
+    KeyRing,
+    from_file,
+    from_setting,
+    key_id_of,
+    rotate_file,
+    write_file,
+)
+
+
+def test_a_sealed_value_opens_only_in_its_own_context() -> None:
+    ring = KeyRing.generate()
+    sealed = ring.seal(b"the prompt", b"task/t1/request")
+    assert b"the prompt" not in sealed and key_id_of(sealed) == "k1"
+    assert ring.open(sealed, b"task/t1/request", "x") == b"the prompt"
+    with pytest.raises(DataLoss):
+        ring.open(sealed, b"task/t2/request", "x")  # moved to another record
+    for index in range(len(sealed)):  # any flipped byte is caught
+        altered = bytearray(sealed)
+        altered[index] ^= 0x40
+        with pytest.raises((DataLoss, FailedPrecondition)):
+            ring.open(bytes(altered), b"task/t1/request", "x")
+    assert ring.seal(b"the prompt", b"c") != ring.seal(b"the prompt", b"c")  # fresh DEK, nonces
+
+
+def test_an_unknown_key_is_named(tmp_path: Path) -> None:
+    sealed = KeyRing({"old": bytes(32)}, "old", "t").seal(b"v", b"c")
+    with pytest.raises(FailedPrecondition, match="'old'") as caught:
+        KeyRing.generate().open(sealed, b"c", "x")
+    assert caught.value.reason == "KEY_NOT_FOUND"
+
+
+def test_rotation_adds_a_key_and_rewrap_moves_only_the_wrapped_key(tmp_path: Path) -> None:
+    path = tmp_path / "keys.json"
+    write_file(path, KeyRing.generate())
+    ring = from_file(path)
+    sealed = ring.seal(b"v" * 100, b"c")
+    assert rotate_file(ring) == "k2" and ring.active == "k2"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert set(json.loads(path.read_text())["keys"]) == {"k1", "k2"}
+    moved = ring.rewrap(sealed, b"c", "x")
+    assert moved is not None and key_id_of(moved) == "k2"
+    assert moved[-116:] == sealed[-116:]  # data nonce + ciphertext + tag unchanged
+    assert ring.open(moved, b"c", "x") == b"v" * 100
+    assert ring.rewrap(moved, b"c", "x") is None
+
+
+def test_another_process_rotation_is_seen_through_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "keys.json"
+    write_file(path, KeyRing.generate())
+    reader, writer = from_file(path), from_file(path)
+    rotate_file(writer)
+    sealed = writer.seal(b"v", b"c")
+    assert reader.open(sealed, b"c", "x") == b"v"  # an unknown id makes it look at the file
+    assert reader.active == "k2"
+
+
+def test_keys_from_the_setting_cannot_be_rotated_here() -> None:
+    ring = from_setting("a:" + "A" * 43 + "=")
+    with pytest.raises(FailedPrecondition) as caught:
+        rotate_file(ring)
+    assert caught.value.reason == "KEYS_FROM_SETTING"
