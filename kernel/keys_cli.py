@@ -68,7 +68,8 @@ def status(settings: Settings, as_json: bool) -> int:
         {
             "key_id": key_id,
             "active": key_id == reply.active_key_id,
-            "configured": keys[key_id].configured if key_id in keys else True,
+            # The kernel lists every key of the ring: an id only the vault names is not in it.
+            "configured": keys[key_id].configured if key_id in keys else False,
             "task_store_values": keys[key_id].task_store_values if key_id in keys else 0,
             "vault_entries": vault.get(key_id, 0),
         }
