@@ -20,15 +20,27 @@ from llmos.services.runtime.models import resolve_model_dir
 
 
 @pytest.fixture(scope="session")
-def model_data_dir() -> Path:
-    """A data directory holding the converted default model (converted once, then reused).
+def shared_data_dir() -> Path:
+    """The data directory whose `models/` folder every test stack links: what one stack
+    prepares there (the safety service's exported encoder, a converted model) the next one
+    reuses. Stacks that need no language model (the echo runtime) start from this one, so
+    they neither convert the model nor export the encoder again.
 
     LLMOS_TEST_DATA_DIR points elsewhere; the default lives in the ignored .llmos/ folder,
-    so a fresh clone (as in CI) exercises the real conversion.
+    so a fresh clone (as in CI) exercises the real conversion and export.
     """
     path = Path(os.environ.get("LLMOS_TEST_DATA_DIR", REPO / ".llmos" / "test-data"))
-    resolve_model_dir(DEFAULT_MODEL, path, progress=lambda message: print(message, flush=True))
+    (path / "models").mkdir(parents=True, exist_ok=True)
     return path
+
+
+@pytest.fixture(scope="session")
+def model_data_dir(shared_data_dir: Path) -> Path:
+    """The shared data directory, holding the converted default model (converted once)."""
+    resolve_model_dir(
+        DEFAULT_MODEL, shared_data_dir, progress=lambda message: print(message, flush=True)
+    )
+    return shared_data_dir
 
 
 @pytest.fixture(scope="session")

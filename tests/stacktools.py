@@ -125,10 +125,17 @@ def stack_data_dir(model_data_dir: Path, parent: Path) -> Path:
     return data_dir
 
 
-def start_stack(model_data_dir: Path, log_path: Path, *extra: str) -> Stack:
+def start_stack(
+    model_data_dir: Path, log_path: Path, *extra: str, env: dict[str, str] | None = None
+) -> Stack:
+    """`llmos up` on a free port block, in `log_path`'s folder, sharing the test models.
+
+    `env` adds to (or overrides) the environment, e.g. `LLMOS_RUNTIME_ENGINE=echo`; a
+    policy file can be written to `stack_data_dir(...)/llmos.toml` before the call.
+    """
     data_dir = stack_data_dir(model_data_dir, log_path.parent)
     port = free_port_block(STACK_SIZE)
-    env = {**os.environ, "LLMOS_LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "LLMOS_LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1", **(env or {})}
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [

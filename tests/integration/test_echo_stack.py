@@ -6,36 +6,23 @@ tests need no converted model (no `model` marker) and the stack is healthy in se
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
-from stacktools import Stack, free_port_block, stop_stack
+from stacktools import Stack, start_stack, stop_stack
 
-from llmos.kernel.stack import STACK
 from llmos.v1 import common_pb2, kernel_pb2
 
 
 @pytest.fixture(scope="module")
-def echo_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    workdir = tmp_path_factory.mktemp("echo-stack")
-    log_path, data_dir = workdir / "llmos-up.log", workdir / "data"
-    port = free_port_block(len(STACK))
+def echo_stack(shared_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    log_path = tmp_path_factory.mktemp("echo-stack") / "llmos-up.log"
     env = {
-        **os.environ,
         "LLMOS_RUNTIME_ENGINE": "echo",
-        "LLMOS_LOG_FORMAT": "json",
         "LLMOS_METRICS_PORT": "-1",  # only the gRPC block is known to be free
-        "PYTHONUNBUFFERED": "1",
     }
-    argv = [sys.executable, "-m", "llmos.kernel.cli", "up", "--port", str(port)]
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [*argv, "--data-dir", str(data_dir)], stdout=log, stderr=subprocess.STDOUT, env=env
-        )
-    stack = Stack(process=process, port=port, data_dir=data_dir, log_path=log_path)
+    stack = start_stack(shared_data_dir, log_path, env=env)
     try:
         stack.wait_healthy(timeout_s=60)
         yield stack

@@ -14,17 +14,13 @@ and the real safety and privacy services. No model is needed.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-from stacktools import Stack, free_port_block, stop_stack
+from stacktools import Stack, stack_data_dir, start_stack, stop_stack
 
-from llmos.kernel.stack import STACK
 from llmos.services.errors import error_info
 from llmos.services.safety.stream import WINDOW_CHARS
 from llmos.v1 import common_pb2, kernel_pb2, safety_pb2
@@ -58,25 +54,12 @@ HARMFUL_OUTPUT = (
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    workdir = tmp_path_factory.mktemp("guards")
-    log_path, data_dir = workdir / "llmos-up.log", workdir / "data"
-    data_dir.mkdir()
+def stack(shared_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    log_path = tmp_path_factory.mktemp("guards") / "llmos-up.log"
+    data_dir = stack_data_dir(shared_data_dir, log_path.parent)
     (data_dir / "llmos.toml").write_text(POLICY, encoding="utf-8")
-    port = free_port_block(len(STACK))
-    env = {
-        **os.environ,
-        "LLMOS_RUNTIME_ENGINE": "echo",
-        "LLMOS_LOG_FORMAT": "json",
-        "LLMOS_METRICS_PORT": "-1",
-        "PYTHONUNBUFFERED": "1",
-    }
-    argv = [sys.executable, "-m", "llmos.kernel.cli", "up", "--port", str(port)]
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [*argv, "--data-dir", str(data_dir)], stdout=log, stderr=subprocess.STDOUT, env=env
-        )
-    running = Stack(process=process, port=port, data_dir=data_dir, log_path=log_path)
+    env = {"LLMOS_RUNTIME_ENGINE": "echo", "LLMOS_METRICS_PORT": "-1"}
+    running = start_stack(shared_data_dir, log_path, env=env)
     try:
         running.wait_healthy(timeout_s=120)
         yield running
