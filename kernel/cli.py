@@ -426,9 +426,13 @@ async def _plugins(settings: Settings, args: argparse.Namespace) -> int:
                         f"{PLUGIN_STATES.get(plugin.state, '?'):<10} {plugin.reason}"
                     )
                 return 0
+            if args.action == "commands":
+                return await _plugin_commands(stub)
             if not args.name:
                 print(f"llmos: plugins {args.action} needs a plugin name", file=sys.stderr)
                 return 2
+            if args.action == "run":
+                return await _run_plugin_command(stub, args.name, args.rest)
             if args.action == "info":
                 got = await stub.GetPlugin(kernel_pb2.GetPluginRequest(name=args.name), timeout=10)
                 _print_plugin(got.plugin)
@@ -444,6 +448,34 @@ async def _plugins(settings: Settings, args: argparse.Namespace) -> int:
                 print(f"{off.plugin.name}: {PLUGIN_STATES.get(off.plugin.state, '?')}")
         except grpc.aio.AioRpcError as error:
             return _fail(error)
+    return 0
+
+
+async def _plugin_commands(stub: kernel_pb2_grpc.KernelServiceAsyncStub) -> int:
+    """`llmos plugins commands`: what the running plugins registered."""
+    reply = await stub.ListPluginCommands(kernel_pb2.ListPluginCommandsRequest(), timeout=10)
+    print(f"{'PLUGIN':<20} {'COMMAND':<20} HELP")
+    for command in reply.commands:
+        print(f"{command.plugin:<20} {command.name:<20} {command.help}")
+    return 0
+
+
+async def _run_plugin_command(
+    stub: kernel_pb2_grpc.KernelServiceAsyncStub, plugin: str, rest: list[str]
+) -> int:
+    """`llmos plugins run PLUGIN COMMAND [ARGS...]`: run in the plugin's host; print it."""
+    if not rest:
+        print(
+            f"llmos: plugins run {plugin} needs a command; `llmos plugins commands` lists them",
+            file=sys.stderr,
+        )
+        return 2
+    reply = await stub.RunPluginCommand(
+        kernel_pb2.RunPluginCommandRequest(plugin=plugin, command=rest[0], args=rest[1:]),
+        timeout=70,  # the host's own limit is the manifest's timeout_ms (at most 60 s)
+    )
+    if reply.output:
+        print(reply.output, end="" if reply.output.endswith("\n") else "\n")
     return 0
 
 
@@ -514,10 +546,17 @@ def _add_top(commands: Any) -> None:
 
 def _add_plugins(commands: Any) -> None:
     plugins = commands.add_parser(
-        "plugins", help="installed plugins: list, info NAME, enable NAME, disable NAME"
+        "plugins",
+        help="installed plugins: list, info NAME, enable NAME, disable NAME, commands, "
+        "run NAME COMMAND [ARGS...]",
+        description="`run NAME COMMAND [ARGS...]` runs a command a plugin registered, inside "
+        "the plugin's host, and prints what it returns. Arguments that start with '-' go "
+        "after `--` (`llmos plugins run faq reindex -- --full`): before it they are read as "
+        "options of llmos itself.",
     )
-    plugins.add_argument("action", choices=["list", "info", "enable", "disable"])
-    plugins.add_argument("name", nargs="?", help="the plugin (not for list)")
+    plugins.add_argument("action", choices=["list", "info", "enable", "disable", "commands", "run"])
+    plugins.add_argument("name", nargs="?", help="the plugin (not for list and commands)")
+    plugins.add_argument("rest", nargs="*", help="run: the command, then its arguments")
     _common(plugins)
     plugins.set_defaults(func=cmd_plugins)
 

@@ -57,6 +57,36 @@ REFUSED = Counter(
     ["priority", "reason"],
 )
 
+# Plugin hook calls: a local Unix-socket call of ~1 ms up to the 60 s manifest limit.
+PLUGIN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60)
+PLUGIN_CALLS = Counter(
+    "llmos_kernel_plugin_calls_total",
+    "Calls the kernel made to plugin hosts, by plugin, hook (llmos_before_request, "
+    "llmos_after_request, llmos_on_task_event, tool, command) and outcome (ok, failed, "
+    "timeout; dropped: a task event not delivered because the plugin was not running or "
+    "its queue was full).",
+    ["plugin", "hook", "outcome"],
+)
+PLUGIN_CALL_DURATION = Histogram(
+    "llmos_kernel_plugin_call_duration_seconds",
+    "Duration of each call to a plugin host as the kernel saw it (gRPC included), by plugin "
+    "and hook.",
+    ["plugin", "hook"],
+    buckets=PLUGIN_BUCKETS,
+)
+PLUGIN_VIOLATIONS = Counter(
+    "llmos_kernel_plugin_violations_total",
+    "Plugin results the kernel dropped or refused because the manifest did not allow them "
+    "(a change without modify_prompt / modify_output, a malformed answer, a bad tool schema).",
+    ["plugin"],
+)
+PLUGIN_RESTARTS = Counter(
+    "llmos_kernel_plugin_restarts_total",
+    "Plugin hosts that exited or were killed (a crash, or a hook past its timeout) and were "
+    "restarted with backoff or, after repeated crashes, disabled.",
+    ["plugin"],
+)
+
 STATE_LABELS = {
     value: name.removeprefix("TASK_STATE_").lower()
     for name, value in common_pb2.TaskState.items()
@@ -89,6 +119,27 @@ def stage_ran(step: common_pb2.TraceStep) -> None:
         return
     seconds = step.duration.seconds + step.duration.nanos / 1e9
     STAGE_DURATION.labels(step.stage, step.decision or "none").observe(seconds)
+
+
+def plugin_known(plugin: str) -> None:
+    """Show a plugin's counters at zero from the kernel's start, before anything happens."""
+    PLUGIN_VIOLATIONS.labels(plugin)
+    PLUGIN_RESTARTS.labels(plugin)
+
+
+def plugin_called(plugin: str, hook: str, outcome: str, seconds: float | None = None) -> None:
+    """One call to a plugin host ended with `outcome`; `seconds` when it was made at all."""
+    PLUGIN_CALLS.labels(plugin, hook, outcome).inc()
+    if seconds is not None:
+        PLUGIN_CALL_DURATION.labels(plugin, hook).observe(max(0.0, seconds))
+
+
+def plugin_violated(plugin: str, count: int = 1) -> None:
+    PLUGIN_VIOLATIONS.labels(plugin).inc(count)
+
+
+def plugin_restarted(plugin: str) -> None:
+    PLUGIN_RESTARTS.labels(plugin).inc()
 
 
 def admission_refused(priority: Priority, reason: str) -> None:

@@ -25,7 +25,17 @@ Plugins with `call_model` reach the runtime only through the kernel's model gate
 RuntimeService with Embed alone, on a Unix socket, each call carrying the plugin's secret
 token), so a plugin in its own network namespace can still embed, and one without the
 capability gets no token. Tools: `list_tools` and `invoke_tool` (permission from
-`tool_grants`, input checked against the tool's JSON Schema).
+`tool_grants`, input checked against the tool's JSON Schema). Commands: `list_commands`
+and `run_command` (llmos_register_commands), run inside the plugin's host.
+
+Task events (`task_event`) go to every running plugin implementing llmos_on_task_event
+through a queue of its own, delivered in order by one background task per plugin: the
+task never waits for a plugin, and a failure or a timeout is logged, counted
+(llmos_kernel_plugin_calls_total) and noted in the task's trace, nothing more.
+
+`llmos plugins disable` / `enable` are kept across restarts (kernel/plugin_state.py).
+Every call to a host is counted and timed on the kernel's /metrics, labelled by plugin
+(kernel/metrics.py), as are violations and host restarts.
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +62,17 @@ import jsonschema
 from google.protobuf import json_format, struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from llmos.kernel import metrics as kernel_metrics
 from llmos.kernel.model_calls import forward_embed
-from llmos.kernel.plugin_rules import AFTER, BEFORE, BadPluginResult, check_result, hook_arguments
+from llmos.kernel.plugin_rules import (
+    AFTER,
+    BEFORE,
+    BadPluginResult,
+    Checked,
+    check_result,
+    hook_arguments,
+)
+from llmos.kernel.plugin_state import PluginState
 from llmos.kernel.registry import Registry
 from llmos.kernel.stages import PluginStage, StageContext, StageResult
 from llmos.plugins.discovery import Discovered, discover
@@ -94,6 +114,15 @@ BACKOFF_FIRST_S = 0.25
 BACKOFF_MAX_S = 10.0
 STOP_TIMEOUT_S = 5.0
 LOG_TAIL_LINES = 5
+# How long the model gateway waits for a runtime to register, for a call without deadline.
+GATEWAY_WAIT_S = 60.0
+EVENT = "llmos_on_task_event"
+COMMANDS = "llmos_register_commands"
+# Task events waiting for one plugin; past this, new ones are dropped (and counted) rather
+# than letting a slow plugin make the kernel hold ever more of them.
+EVENT_QUEUE = 1000
+# Writes a trace step to a task's record (the task runner's store), for a task-event note.
+TraceNote = Callable[[common_pb2.TraceStep], Awaitable[None]]
 
 
 @dataclasses.dataclass(eq=False)
@@ -113,6 +142,12 @@ class Plugin:
     violations: int = 0
     isolation: str = ""
     tools: tuple[plugin_pb2.Tool, ...] = ()
+    commands: tuple[plugin_pb2.PluginCommand, ...] = ()
+    # Task events for this plugin's llmos_on_task_event, delivered in order by `events_task`.
+    events: asyncio.Queue[tuple[str, str, str, str, TraceNote | None]] = dataclasses.field(
+        default_factory=lambda: asyncio.Queue(EVENT_QUEUE)
+    )
+    events_task: asyncio.Task[None] | None = None
     ready: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     supervisor: asyncio.Task[None] | None = None
     # Why the kernel killed the host (a hung hook), for the crash record.
@@ -179,6 +214,14 @@ class ModelGateway(runtime_pb2_grpc.RuntimeServiceServicer):
                 reason="CAPABILITY_MISSING",
                 metadata={"capability": "call_model"},
             )
+        # A plugin embeds in llmos_startup, which may run before any runtime has registered
+        # (the kernel starts first): wait for one within the call's deadline.
+        give_up = time.monotonic() + (context.time_remaining() or GATEWAY_WAIT_S) - 0.5
+        while (  # noqa: ASYNC110 - the registry has no notification for this
+            not self.hosts.registry.serving(common_pb2.SERVICE_KIND_RUNTIME)
+            and time.monotonic() < give_up
+        ):
+            await asyncio.sleep(0.2)
         return await forward_embed(
             self.hosts.registry, request, context.time_remaining(), f"plugin {plugin.name}"
         )
@@ -192,7 +235,10 @@ class PluginHosts:
         self.registry = registry
         started = time.perf_counter()
         found = discover(settings.load_plugins, settings.disabled_plugins)
-        self.plugins: list[Plugin] = [_initial(entry) for entry in found]
+        self.saved = PluginState(Path(settings.data_dir) / "plugins")
+        self.plugins: list[Plugin] = [_initial(entry, self.saved) for entry in found]
+        for plugin in self.plugins:
+            kernel_metrics.plugin_known(plugin.name)
         # What reading the plugin list added to the kernel's start (the issue's target).
         self.load_ms = (time.perf_counter() - started) * 1000
         self.run_dir: Path | None = None
@@ -235,6 +281,13 @@ class PluginHosts:
 
     async def close(self) -> None:
         self._closing = True
+        for plugin in self.plugins:
+            if plugin.events_task is not None:
+                plugin.events_task.cancel()
+        await asyncio.gather(
+            *(p.events_task for p in self.plugins if p.events_task is not None),
+            return_exceptions=True,
+        )
         await asyncio.gather(*(self._stop(p) for p in self.plugins), return_exceptions=True)
         await asyncio.gather(*self._closing_channels, return_exceptions=True)
         if self._gateway is not None:
@@ -305,6 +358,7 @@ class PluginHosts:
                 log.error("plugin %s is invalid: %s", plugin.name, plugin.reason)
                 return
             plugin.crashes += 1
+            kernel_metrics.plugin_restarted(plugin.name)
             now = time.monotonic()
             plugin.crash_times.append(now)
             window = self.settings.plugin_crash_window_s
@@ -385,6 +439,14 @@ class PluginHosts:
                 plugin_pb2.PluginHostServiceListToolsRequest(), timeout=5
             )
             plugin.tools = tuple(self._checked_tools(plugin, tools.tools))
+        if manifest.implements(COMMANDS):
+            listed = await plugin.stub.ListCommands(
+                plugin_pb2.PluginHostServiceListCommandsRequest(), timeout=5
+            )
+            plugin.commands = tuple(
+                plugin_pb2.PluginCommand(name=c.name, help=c.help, plugin=plugin.name)
+                for c in listed.commands
+            )
 
     async def _wait_serving(self, plugin: Plugin) -> None:
         assert plugin.channel is not None and plugin.process is not None
@@ -414,7 +476,7 @@ class PluginHosts:
             try:
                 jsonschema.Draft202012Validator.check_schema(schema)
             except jsonschema.SchemaError as error:
-                plugin.violations += 1
+                _violation(plugin)
                 log.warning("plugin %s tool %s dropped: %s", plugin.name, tool.name, error.message)
                 continue
             qualified = plugin_pb2.Tool()
@@ -441,7 +503,8 @@ class PluginHosts:
         if plugin.state in (INVALID, BLOCKED):
             return plugin  # never started; nothing to stop
         await self._stop(plugin)
-        plugin.state, plugin.reason = DISABLED, "disabled by an operator"
+        self.saved.set_disabled(plugin.name, True)
+        plugin.state, plugin.reason = DISABLED, OPERATOR_DISABLED
         log.info("plugin %s disabled by an operator", plugin.name)
         return plugin
 
@@ -454,6 +517,7 @@ class PluginHosts:
                 reason="PLUGIN_NOT_LOADABLE",
                 metadata={"plugin": plugin.name},
             )
+        self.saved.set_disabled(plugin.name, False)
         if plugin.state == DISABLED:
             plugin.crash_times.clear()
             self._launch(plugin)
@@ -481,6 +545,17 @@ class PluginHosts:
 
     # -- hooks ------------------------------------------------------------------------
 
+    def holds_output(self) -> bool:
+        """Whether a request's output must be held for plugins:after: an enabled plugin
+        implementing llmos_after_request holds `modify_output`, so it may replace it."""
+        return any(
+            p.manifest is not None
+            and p.manifest.implements(AFTER)
+            and p.manifest.grants("modify_output")
+            and p.state in (STARTING, RUNNING)
+            for p in self.plugins
+        )
+
     async def run_stage(self, stage: PluginStage, ctx: StageContext) -> StageResult:
         """Call `stage.hook` on every enabled plugin implementing it (see the module doc)."""
         called = [
@@ -505,15 +580,22 @@ class PluginHosts:
             )
         assert ctx.request is not None
         request, changed = ctx.request, False
+        output, output_changed = ctx.output, False
         steps: list[common_pb2.TraceStep] = []
         for plugin in called:
-            step, new_request, error = await self._call(stage, plugin, ctx, request)
+            step, new_request, new_output, error = await self._call(
+                stage, plugin, ctx, request, output
+            )
             steps.append(step)
             if new_request is not None:
                 request, changed = new_request, True
+            if new_output is not None:
+                output, output_changed = new_output, True
             if error is not None:
                 return StageResult(tuple(steps), request if changed else None, error)
-        return StageResult(tuple(steps), request if changed else None)
+        return StageResult(
+            tuple(steps), request if changed else None, output=output if output_changed else None
+        )
 
     async def _call(
         self,
@@ -521,7 +603,10 @@ class PluginHosts:
         plugin: Plugin,
         ctx: StageContext,
         request: kernel_pb2.GenerateRequest,
-    ) -> tuple[common_pb2.TraceStep, kernel_pb2.GenerateRequest | None, LlmosError | None]:
+        output: str | None,
+    ) -> tuple[
+        common_pb2.TraceStep, kernel_pb2.GenerateRequest | None, str | None, LlmosError | None
+    ]:
         manifest = plugin.manifest
         clock = time.monotonic()
         step = common_pb2.TraceStep(
@@ -546,7 +631,7 @@ class PluginHosts:
                 f"its host is not running ({plugin.reason or 'starting'})",
             )
         prompt = prompt_of(request)
-        text = prompt if stage.hook == BEFORE else (ctx.output or "")
+        text = prompt if stage.hook == BEFORE else (output or "")
         arguments = hook_arguments(
             manifest,
             stage.hook,
@@ -556,7 +641,7 @@ class PluginHosts:
             messages=[{"role": m.role, "content": m.content} for m in request.messages]
             if request.messages
             else None,
-            output=ctx.output,
+            output=output,
         )
         timeout = remaining(manifest.timeout_ms / 1000)
         try:
@@ -575,49 +660,27 @@ class PluginHosts:
                 why = f"{error.code().name}: {error.details()}"
             return self._failed(stage, plugin, step, clock, why)
         except BadPluginResult as bad:
-            plugin.violations += 1
+            _violation(plugin)
             return self._failed(stage, plugin, step, clock, bad.message)
-        new_request: kernel_pb2.GenerateRequest | None = None
-        step.decision, step.reason = "allow", "no change"
-        if checked.violations:
-            plugin.violations += len(checked.violations)
-            step.evidence["violation"] = ",".join(checked.violations)
-            step.decision = "violation"
-            step.reason = (
-                f"the plugin changed the {'prompt' if stage.hook == BEFORE else 'output'} "
-                f"without {' and '.join(checked.violations)}; the change was dropped"
-            )
-            log.warning("plugin %s: %s", plugin.name, step.reason)
-        elif checked.text is not None and stage.hook == BEFORE:
-            new_request = with_prompt(request, checked.text)
-            step.decision, step.reason = "modified", "the plugin changed the prompt"
-            step.evidence["prompt_chars"] = f"{len(text)}->{len(checked.text)}"
-        elif checked.text is not None and stage.hook == AFTER:
-            step.decision = "modified"
-            step.reason = "output change allowed but not applied: the output was already streamed"
-        refusal: LlmosError | None = None
-        if checked.blocked:
-            step.decision, step.reason = "block", checked.reason or "blocked by the plugin"
-            refusal = PermissionDenied(
-                f"refused by plugin {plugin.name} at {stage.name}: {step.reason}",
-                reason="REFUSED_BY_PLUGIN",
-                metadata={"plugin": plugin.name, "stage": stage.name},
-            )
+        new_request, new_output, refusal = _apply(
+            stage, plugin, ctx, step, checked, request=request, text=text
+        )
         step.duration.CopyFrom(since(clock))
-        return step, new_request, refusal
+        return step, new_request, new_output, refusal
 
     def _failed(
         self, stage: PluginStage, plugin: Plugin, step: common_pb2.TraceStep, clock: float, why: str
-    ) -> tuple[common_pb2.TraceStep, None, LlmosError | None]:
+    ) -> tuple[common_pb2.TraceStep, None, None, LlmosError | None]:
         step.duration.CopyFrom(since(clock))
         log.warning("plugin %s at %s: %s", plugin.name, stage.name, why)
         if stage.fail_open:
             step.decision = "failed_open"
             step.reason = f"plugin failed; policy {stage.policy} lets {stage.name} fail open: {why}"
-            return step, None, None
+            return step, None, None, None
         step.decision, step.reason = "failed", why
         return (
             step,
+            None,
             None,
             Unavailable(
                 f"{stage.name}: plugin {plugin.name} failed ({why}); the request is refused "
@@ -641,12 +704,109 @@ class PluginHosts:
     async def call_hook(
         self, plugin: Plugin, hook: str, arguments: dict[str, Any], timeout: float
     ) -> dict[str, Any]:
-        """One CallHook on the plugin's host; the result as a dict."""
+        """One CallHook on the plugin's host; the result as a dict. Counted and timed."""
         assert plugin.stub is not None
         request = plugin_pb2.PluginHostServiceCallHookRequest(hook=hook)
         request.arguments.update(arguments)
-        reply = await plugin.stub.CallHook(request, timeout=timeout, metadata=outgoing_metadata())
+        async with _counted(plugin, hook):
+            reply = await plugin.stub.CallHook(
+                request, timeout=timeout, metadata=outgoing_metadata()
+            )
         return json_format.MessageToDict(reply.result)
+
+    # -- task events ------------------------------------------------------------------
+
+    def task_event(
+        self, task_id: str, tenant: str, state: str, reason: str, note: TraceNote | None = None
+    ) -> None:
+        """Queue a task's new state for every enabled plugin implementing
+        llmos_on_task_event; returns at once (never blocks or fails the task). `note`
+        writes a trace step to the task when a plugin fails to take the event."""
+        for plugin in self.plugins:
+            if (
+                plugin.manifest is None
+                or not plugin.manifest.implements(EVENT)
+                or plugin.state not in (STARTING, RUNNING)
+            ):
+                continue
+            try:
+                plugin.events.put_nowait((task_id, tenant, state, reason, note))
+            except asyncio.QueueFull:
+                kernel_metrics.plugin_called(plugin.name, EVENT, "dropped")
+                log.warning("plugin %s: task event dropped, its queue is full", plugin.name)
+                continue
+            if plugin.events_task is None or plugin.events_task.done():
+                plugin.events_task = asyncio.create_task(
+                    self._deliver_events(plugin), name=f"plugin-{plugin.name}-events"
+                )
+
+    async def _deliver_events(self, plugin: Plugin) -> None:
+        """Deliver `plugin`'s queued task events one at a time, each with its timeout."""
+        while True:
+            task_id, tenant, state, reason, note = await plugin.events.get()
+            if plugin.state in (STARTING, RUNNING) and not plugin.ready.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(plugin.ready.wait(), WAIT_FOR_START_S)
+            why = ""
+            if plugin.stub is None or not plugin.ready.is_set():
+                kernel_metrics.plugin_called(plugin.name, EVENT, "dropped")
+                why = f"its host is not running ({plugin.reason or 'starting'})"
+            else:
+                timeout = plugin.manifest.timeout_ms / 1000
+                arguments = {"task_id": task_id, "tenant": tenant, "state": state}
+                arguments["reason"] = reason
+                try:
+                    await self.call_hook(plugin, EVENT, arguments, timeout)
+                except grpc.aio.AioRpcError as error:
+                    why = f"{error.code().name}: {error.details()}"
+                    if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                        why = f"{EVENT} timed out after {timeout * 1000:.0f} ms"
+                        await self._kill_hung(plugin, why)
+            if why:
+                log.warning("plugin %s: task event %s of %s: %s", plugin.name, state, task_id, why)
+                if note is not None:
+                    with contextlib.suppress(Exception):  # a note must never stop delivery
+                        await note(_event_step(plugin, state, why))
+
+    # -- commands ---------------------------------------------------------------------
+
+    def list_commands(self) -> list[plugin_pb2.PluginCommand]:
+        return [command for p in self.plugins if p.state == RUNNING for command in p.commands]
+
+    async def run_command(self, plugin_name: str, command: str, args: list[str]) -> str:
+        """Run a plugin's command in its host, with the manifest's timeout."""
+        plugin = self.find(plugin_name)
+        known = [c.name for c in plugin.commands]
+        if plugin.state != RUNNING or plugin.stub is None:
+            raise FailedPrecondition(
+                f"plugin {plugin.name} is not running "
+                f"({kernel_pb2.PluginState.Name(plugin.state)}: {plugin.reason or 'starting'}); "
+                "its commands run in its host",
+                reason="PLUGIN_NOT_RUNNING",
+                metadata={"plugin": plugin.name},
+            )
+        if command not in known:
+            raise NotFound(
+                f"plugin {plugin.name} has no command {command!r}; it offers "
+                f"{', '.join(known) or 'none'} (see `llmos plugins commands`)",
+                reason="COMMAND_NOT_FOUND",
+                metadata={"plugin": plugin.name, "command": command},
+            )
+        timeout = plugin.manifest.timeout_ms / 1000
+        try:
+            async with _counted(plugin, "command"):
+                reply = await plugin.stub.RunCommand(
+                    plugin_pb2.PluginHostServiceRunCommandRequest(name=command, args=args),
+                    timeout=timeout,
+                    metadata=outgoing_metadata(),
+                )
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                await self._kill_hung(
+                    plugin, f"command {command} timed out after {timeout * 1000:.0f} ms"
+                )
+            raise from_rpc_error(error, f"command {command} of plugin {plugin.name}") from error
+        return str(reply.output)
 
     # -- tools ------------------------------------------------------------------------
 
@@ -706,11 +866,12 @@ class PluginHosts:
         )
         step.evidence.update({"tool": name, "tenant": tenant})
         try:
-            reply = await plugin.stub.InvokeTool(
-                plugin_pb2.PluginHostServiceInvokeToolRequest(name=tool_name, input=arguments),
-                timeout=timeout,
-                metadata=outgoing_metadata(),
-            )
+            async with _counted(plugin, "tool"):
+                reply = await plugin.stub.InvokeTool(
+                    plugin_pb2.PluginHostServiceInvokeToolRequest(name=tool_name, input=arguments),
+                    timeout=timeout,
+                    metadata=outgoing_metadata(),
+                )
         except grpc.aio.AioRpcError as error:
             if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 await self._kill_hung(
@@ -722,12 +883,101 @@ class PluginHosts:
         return reply.output, step
 
 
-def _initial(found: Discovered) -> Plugin:
+OPERATOR_DISABLED = "disabled by an operator (`llmos plugins enable` starts it again)"
+
+
+def _initial(found: Discovered, saved: PluginState) -> Plugin:
     if found.error is not None:
         return Plugin(found, INVALID, found.error.message)
     if found.blocked:
         return Plugin(found, BLOCKED, found.blocked)
+    if found.name in saved.disabled:
+        return Plugin(found, DISABLED, f"{OPERATOR_DISABLED}; kept across restarts in {saved.path}")
     return Plugin(found, STARTING)
+
+
+def _apply(
+    stage: PluginStage,
+    plugin: Plugin,
+    ctx: StageContext,
+    step: common_pb2.TraceStep,
+    checked: Checked,
+    *,
+    request: kernel_pb2.GenerateRequest,
+    text: str,
+) -> tuple[kernel_pb2.GenerateRequest | None, str | None, LlmosError | None]:
+    """What a checked hook result does: the request or output it passes on, the refusal
+    it makes, and how `step` records it (a violation, a change, a block)."""
+    new_request: kernel_pb2.GenerateRequest | None = None
+    new_output: str | None = None
+    step.decision, step.reason = "allow", "no change"
+    if checked.violations:
+        _violation(plugin, len(checked.violations))
+        step.evidence["violation"] = ",".join(checked.violations)
+        step.decision = "violation"
+        step.reason = (
+            f"the plugin changed the {'prompt' if stage.hook == BEFORE else 'output'} "
+            f"without {' and '.join(checked.violations)}; the change was dropped"
+        )
+        log.warning("plugin %s: %s", plugin.name, step.reason)
+    elif checked.text is not None and stage.hook == BEFORE:
+        new_request = with_prompt(request, checked.text)
+        step.decision, step.reason = "modified", "the plugin changed the prompt"
+        step.evidence["prompt_chars"] = f"{len(text)}->{len(checked.text)}"
+    elif checked.text is not None and stage.hook == AFTER and ctx.output_held:
+        new_output = checked.text
+        step.decision = "modified"
+        step.reason = "the plugin changed the output; the client gets the changed output"
+        step.evidence["output_chars"] = f"{len(text)}->{len(checked.text)}"
+    elif checked.text is not None and stage.hook == AFTER:
+        # It gained modify_output while this request's output was already streaming.
+        step.decision = "modified"
+        step.reason = (
+            "output change allowed but not applied: the output was not held for this "
+            "request (the plugin was enabled after it started streaming)"
+        )
+    if stage.hook == AFTER and ctx.output_held:
+        step.evidence["output_held"] = "true"
+    refusal: LlmosError | None = None
+    if checked.blocked:
+        step.decision, step.reason = "block", checked.reason or "blocked by the plugin"
+        refusal = PermissionDenied(
+            f"refused by plugin {plugin.name} at {stage.name}: {step.reason}",
+            reason="REFUSED_BY_PLUGIN",
+            metadata={"plugin": plugin.name, "stage": stage.name},
+        )
+    return new_request, new_output, refusal
+
+
+@contextlib.asynccontextmanager
+async def _counted(plugin: Plugin, hook: str) -> AsyncIterator[None]:
+    """Count and time one call to `plugin`'s host: ok, failed or timeout."""
+    clock = time.monotonic()
+    try:
+        yield
+    except grpc.aio.AioRpcError as error:
+        timed_out = error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        outcome = "timeout" if timed_out else "failed"
+        kernel_metrics.plugin_called(plugin.name, hook, outcome, time.monotonic() - clock)
+        raise
+    kernel_metrics.plugin_called(plugin.name, hook, "ok", time.monotonic() - clock)
+
+
+def _event_step(plugin: Plugin, state: str, why: str) -> common_pb2.TraceStep:
+    """The trace note of a task event a plugin did not take (the task went on)."""
+    return common_pb2.TraceStep(
+        stage="plugins:event",
+        service=f"plugin:{plugin.name}",
+        started_at=now_timestamp(),
+        decision="failed",
+        reason=f"{EVENT}({state}) failed: {why}; the task was not affected",
+        evidence={"plugin": plugin.name, "hook": EVENT, "state": state},
+    )
+
+
+def _violation(plugin: Plugin, count: int = 1) -> None:
+    plugin.violations += count
+    kernel_metrics.plugin_violated(plugin.name, count)
 
 
 def _host_channel(socket: str, max_message_bytes: int) -> grpc.aio.Channel:

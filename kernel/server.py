@@ -227,6 +227,20 @@ class KernelServicer(kernel_pb2_grpc.KernelServiceServicer):
             plugin=plugins.info(await plugins.disable(request.name))
         )
 
+    async def ListPluginCommands(
+        self, request: kernel_pb2.ListPluginCommandsRequest, context: Context
+    ) -> kernel_pb2.ListPluginCommandsResponse:
+        return kernel_pb2.ListPluginCommandsResponse(commands=self.service.plugins.list_commands())
+
+    async def RunPluginCommand(
+        self, request: kernel_pb2.RunPluginCommandRequest, context: Context
+    ) -> kernel_pb2.RunPluginCommandResponse:
+        output = await self.service.plugins.run_command(
+            request.plugin, request.command, list(request.args)
+        )
+        log.info("plugin command %s %s run", request.plugin, request.command)
+        return kernel_pb2.RunPluginCommandResponse(output=output)
+
     async def ListTools(
         self, request: kernel_pb2.ListToolsRequest, context: Context
     ) -> kernel_pb2.ListToolsResponse:

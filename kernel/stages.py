@@ -59,6 +59,9 @@ class StageContext:
     # The model's whole output, for the stages after the model.
     output: str | None = None
     plugins: Plugins | None = None
+    # The output is held from the client until plugins:after has run (a plugin with
+    # modify_output is enabled), so a plugin's change to it can be applied.
+    output_held: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +79,8 @@ class StageResult:
     restore: bool = False
     # The blind index of the prompt's data subjects, for the task store (privacy:redact).
     subjects: tuple[bytes, ...] = ()
+    # plugins:after changed the (held) output: the client gets this instead.
+    output: str | None = None
 
 
 class Stage(Protocol):
@@ -91,6 +96,17 @@ class Plugins(Protocol):
     """The kernel's plugin supervisor, as the plugin stages use it (kernel/plugins.py)."""
 
     async def run_stage(self, stage: PluginStage, ctx: StageContext) -> StageResult: ...
+
+    def holds_output(self) -> bool: ...
+
+    def task_event(
+        self,
+        task_id: str,
+        tenant: str,
+        state: str,
+        reason: str,
+        note: Callable[[common_pb2.TraceStep], Awaitable[None]] | None = None,
+    ) -> None: ...
 
 
 @dataclasses.dataclass(frozen=True)

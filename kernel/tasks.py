@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import time
 import uuid
@@ -83,6 +84,10 @@ class Running:
     refusal: str | None = None
     # privacy:redact put placeholders in the request: the output is restored on its way out.
     restore: bool = False
+    # A plugin with modify_output is enabled: the output is held here until plugins:after
+    # has run (None: it streams live), and what plugins:after changed it to.
+    held: list[runtime_pb2.RuntimeServiceGenerateResponse] | None = None
+    changed_output: str | None = None
 
 
 class TaskRunner:
@@ -212,6 +217,7 @@ class TaskRunner:
         if self.queue is not None and not streamed:
             await self.queue.submit(record)  # refuses (queue full) before anything is stored
             kernel_metrics.task_entered(common_pb2.TASK_STATE_QUEUED)
+            self._task_event(record, common_pb2.TASK_STATE_QUEUED)
             return record.task_id
         self._admit(record, deadline)  # refuses before anything is stored
         # With a free slot and nothing ahead of it the task starts now, and is stored
@@ -231,8 +237,10 @@ class TaskRunner:
             self._live.pop(record.task_id, None)
             raise
         kernel_metrics.task_entered(common_pb2.TASK_STATE_QUEUED)
+        self._task_event(record, common_pb2.TASK_STATE_QUEUED)
         if at_once is not None and at_once.ticket is not None:
             kernel_metrics.task_entered(common_pb2.TASK_STATE_RUNNING)
+            self._task_event(record, common_pb2.TASK_STATE_RUNNING)
             self._start(at_once.ticket, at_once.effective, started=record)
         else:
             self._wakeup.set()
@@ -509,6 +517,10 @@ class TaskRunner:
             ),
         )
         request = kernel_pb2.GenerateRequest.FromString(record.request)
+        if any(stage.name == "plugins:after" for stage in after) and (
+            self.plugins is not None and self.plugins.holds_output()
+        ):
+            running.held = []  # a plugin may replace the output: hold it until then
         try:
             # plugins:before may change the prompt: the model gets the request as it leaves.
             request = await self._stages(before, ticket, request, running.deadline)
@@ -516,6 +528,7 @@ class TaskRunner:
             request.priority = common_pb2.Priority.ValueType(int(effective or ticket.priority))
             output, usage = await self._generate(ticket, request, running)
             await self._stages(after, ticket, request, running.deadline, output)
+            self._deliver_held(ticket.task_id, running)
             await self._transition(
                 ticket.task_id,
                 common_pb2.TASK_STATE_SUCCEEDED,
@@ -607,8 +620,9 @@ class TaskRunner:
         for stage in stages:
             text = output if output is not None else _prompt_text(request)
             context = StageContext(
-                ticket.task_id, ticket.tenant, text, deadline, request, output, self.plugins
-            )
+                ticket.task_id, ticket.tenant, text, deadline, request, output, self.plugins,
+                output_held=running is not None and running.held is not None,
+            )  # fmt: skip
             result = await stage.run(self.registry, context)
             for step in result.steps:
                 await self._trace(ticket.task_id, step)
@@ -616,6 +630,8 @@ class TaskRunner:
                 await self.store.add_subjects(ticket.task_id, result.subjects)
             if result.request is not None:
                 request = result.request
+            if result.output is not None and running is not None and running.held is not None:
+                output = running.changed_output = result.output
             if result.error is not None:
                 raise result.error
             if running is not None:
@@ -711,9 +727,28 @@ class TaskRunner:
         for piece in released:
             if piece.text:
                 pieces.append(piece.text)
+            if running.held is not None:  # to the client once plugins:after has run
+                running.held.append(piece)
+                continue
+            if piece.text:
                 self._pending_of(task_id).add_text(piece.text)
             if running.listener is not None:
                 running.listener.put_nowait(_to_client(piece))
+
+    def _deliver_held(self, task_id: str, running: Running) -> None:
+        """Release the output held for plugins:after: as it came, or, when a plugin
+        changed it, as one piece with the new text and the last piece's finish and usage."""
+        held, running.held = running.held, None
+        if held is None:
+            return
+        if running.changed_output is not None:
+            last = held[-1] if held else runtime_pb2.RuntimeServiceGenerateResponse()
+            whole = runtime_pb2.RuntimeServiceGenerateResponse()
+            whole.CopyFrom(last)
+            whole.text, whole.token_ids[:] = running.changed_output, []
+            whole.model = next((piece.model for piece in held if piece.model), whole.model)
+            held = [whole]
+        self._release(task_id, running, [], held)
 
     async def _transition(
         self,
@@ -748,12 +783,26 @@ class TaskRunner:
                 pending.restore(text, trace)
             raise
         kernel_metrics.task_entered(state)
+        self._task_event(record, state, error)
         if record.finished:
             self._pending.pop(task_id, None)
             running = self._live.get(task_id)
             if running is not None:
                 running.final = record
         return record
+
+    def _task_event(
+        self, record: TaskRecord, state: common_pb2.TaskState.ValueType, why: str | None = None
+    ) -> None:
+        """Tell the plugins (llmos_on_task_event): queued for them, never waited for."""
+        if self.plugins is not None:
+            self.plugins.task_event(
+                record.task_id,
+                record.tenant,
+                common_pb2.TaskState.Name(state).removeprefix("TASK_STATE_"),
+                why or "",
+                functools.partial(self._trace, record.task_id),
+            )
 
     async def _trace(self, task_id: str, step: common_pb2.TraceStep) -> None:
         """Add a step to the task's trace: while it runs here, with its pending writes

@@ -94,8 +94,10 @@ def llmos_after_request(
     :param tenant: the tenant the request belongs to.
     :param task_id: the kernel's task id.
     :result: None, or a dict with ``verdict`` (a block fails the task with
-        PERMISSION_DENIED / REFUSED_BY_PLUGIN) and/or ``output`` (needs ``modify_output``;
-        checked and traced, but not applied yet: the output was already streamed).
+        PERMISSION_DENIED / REFUSED_BY_PLUGIN) and/or ``output`` (the new output; needs
+        ``modify_output``). While an enabled plugin implementing this hook holds
+        ``modify_output``, the kernel holds each request's output until the hooks have
+        run, then delivers the output as they left it (a stream gets it in one piece).
     :firstresult: no; every enabled plugin runs, in name order.
     :capability: ``read_output`` to receive the output (``read_prompt`` for the prompt).
     :versionadded: 1
@@ -109,12 +111,17 @@ def llmos_after_request(
 def llmos_on_task_event(task_id: str, tenant: str, state: str, reason: str) -> None:
     """Learn that a task changed state (for metering or notifications).
 
+    Called after the state is stored, in the background: the task never waits for it, and
+    a failure or timeout (the manifest's ``timeout_ms``) is counted and logged, never
+    passed on to the task. Events reach one plugin in the order they happened.
+
     :param task_id: the task.
     :param tenant: its tenant.
-    :param state: the state it entered: ``SUCCEEDED``, ``FAILED`` or ``CANCELLED``.
+    :param state: the state it entered: ``QUEUED``, ``RUNNING``, ``SUCCEEDED``,
+        ``FAILED`` or ``CANCELLED``.
     :param reason: why, when it did not succeed (empty otherwise).
     :result: None; a return value is ignored.
-    :firstresult: no.
+    :firstresult: no; every enabled plugin implementing it is told.
     :capability: none.
     :versionadded: 1
     """
@@ -139,10 +146,14 @@ def llmos_register_tools(register: Callable[..., None]) -> None:
 
 @hookspec
 def llmos_register_commands(register: Callable[..., None]) -> None:
-    """Offer commands for the ``llmos`` command line (declared only; not run yet).
+    """Offer commands for the ``llmos`` command line, run inside the plugin's host.
 
-    :param register: call ``register(name, help, function)`` once per command;
-        ``function(args: list[str]) -> str`` returns the text to print.
+    ``llmos plugins commands`` lists them; ``llmos plugins run PLUGIN NAME [ARGS...]``
+    runs one, with the manifest's ``timeout_ms``, and prints what it returns.
+
+    :param register: call ``register(name, help, function)`` once per command (``name``
+        lower case, letters, digits, ``-`` and ``_``); ``function(args: list[str]) -> str``
+        gets the words after the name and returns the text to print.
     :result: None.
     :firstresult: no.
     :capability: none.

@@ -17,9 +17,10 @@ supervises it; so does the author kit's pytest fixture (llmos.plugins.testing). 
 3. import the plugin's entry point (an error here ends the process with status 3: the
    kernel records a crash at import and restarts it with backoff);
 4. register it with pluggy, refuse hooks the manifest does not list (and typos:
-   `check_pending`), call `llmos_startup`, collect its tools;
-5. serve: health, and CallHook / ListTools / InvokeTool, each hook run in a worker thread
-   so a hung hook leaves the host answering (the kernel's timeout bounds the call).
+   `check_pending`), call `llmos_startup`, collect its tools and its commands;
+5. serve: health, and CallHook / ListTools / InvokeTool / ListCommands / RunCommand, each
+   plugin function run in a worker thread so a hung one leaves the host answering (the
+   kernel's timeout bounds the call).
 
 The kernel calls with the manifest's timeout and checks every result against the
 manifest; this process runs plugin code, so nothing it answers is trusted there.
@@ -35,6 +36,7 @@ import dataclasses
 import errno
 import logging
 import os
+import re
 import resource
 import signal
 import sys
@@ -60,6 +62,7 @@ from llmos.services.errors import (
     LlmosError,
     NotFound,
     PermissionDenied,
+    ResourceExhausted,
 )
 from llmos.services.interceptors import ErrorInterceptor
 from llmos.services.logs import configure_logging
@@ -78,6 +81,7 @@ EXIT_CRASHED = 3
 CALLABLE_HOOKS = ("llmos_before_request", "llmos_after_request", "llmos_on_task_event")
 MODEL_TOKEN_KEY = "x-llmos-plugin-token"
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+COMMAND_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
 
 
 def isolate_network() -> str:
@@ -143,6 +147,13 @@ class PluginContext:
 
 
 @dataclasses.dataclass(frozen=True)
+class CommandEntry:
+    name: str
+    help: str
+    function: Callable[[list[str]], Any]
+
+
+@dataclasses.dataclass(frozen=True)
 class ToolEntry:
     name: str
     description: str
@@ -195,6 +206,7 @@ class LoadedPlugin:
                 metadata={"plugin": manifest.name, "field": "hooks"},
             )
         self.tools: dict[str, ToolEntry] = {}
+        self.commands: dict[str, CommandEntry] = {}
 
     def start(self, config: dict[str, Any]) -> None:
         """Run llmos_startup, then collect the tools (both in this thread, before serving)."""
@@ -202,6 +214,28 @@ class LoadedPlugin:
             self.manager.hook.llmos_startup(config=config, context=self.context)
         if self.manifest.implements("llmos_register_tools"):
             self.manager.hook.llmos_register_tools(register=self._register_tool)
+        if self.manifest.implements("llmos_register_commands"):
+            self.manager.hook.llmos_register_commands(register=self._register_command)
+
+    def _register_command(self, name: str, help: str, function: Callable[[list[str]], Any]) -> None:
+        where = f"plugin {self.manifest.name!r} command {name!r}"
+        if not isinstance(name, str) or not COMMAND_NAME.match(name):
+            raise ManifestError(
+                f"{where}: a command name is lower-case letters, digits, - and _ "
+                f"({COMMAND_NAME.pattern})",
+                metadata={"plugin": self.manifest.name, "field": "command"},
+            )
+        if name in self.commands:
+            raise ManifestError(
+                f"{where} is registered twice",
+                metadata={"plugin": self.manifest.name, "field": "command"},
+            )
+        if not callable(function):
+            raise ManifestError(
+                f"{where}: function is not callable",
+                metadata={"plugin": self.manifest.name, "field": "command"},
+            )
+        self.commands[name] = CommandEntry(name, str(help or ""), function)
 
     def _register_tool(
         self,
@@ -281,10 +315,12 @@ class PluginHostServicer(plugin_pb2_grpc.PluginHostServiceServicer):
             raise
         except Exception as error:
             log.exception("%s raised", request.hook)
-            raise LlmosError(
-                f"plugin {name!r}: {request.hook} raised {type(error).__name__}: {error}",
-                reason="PLUGIN_HOOK_FAILED",
-                metadata={"plugin": name, "hook": request.hook},
+            raise _raised(
+                self.plugin.manifest,
+                f"{request.hook} raised",
+                error,
+                "PLUGIN_HOOK_FAILED",
+                {"plugin": name, "hook": request.hook},
             ) from error
         return plugin_pb2.PluginHostServiceCallHookResponse(
             result=_to_struct(result, f"plugin {name!r}: the result of {request.hook}")
@@ -331,10 +367,12 @@ class PluginHostServicer(plugin_pb2_grpc.PluginHostServiceServicer):
             raise
         except Exception as error:
             log.exception("tool %s raised", tool.name)
-            raise LlmosError(
-                f"plugin {name!r}: tool {tool.name} raised {type(error).__name__}: {error}",
-                reason="PLUGIN_TOOL_FAILED",
-                metadata={"plugin": name, "tool": tool.name},
+            raise _raised(
+                self.plugin.manifest,
+                f"tool {tool.name} raised",
+                error,
+                "PLUGIN_TOOL_FAILED",
+                {"plugin": name, "tool": tool.name},
             ) from error
         if not isinstance(output, dict):
             raise LlmosError(
@@ -345,6 +383,74 @@ class PluginHostServicer(plugin_pb2_grpc.PluginHostServiceServicer):
         return plugin_pb2.PluginHostServiceInvokeToolResponse(
             output=_to_struct(output, f"tool {tool.name}'s output")
         )
+
+    async def ListCommands(
+        self, request: plugin_pb2.PluginHostServiceListCommandsRequest, context: Context
+    ) -> plugin_pb2.PluginHostServiceListCommandsResponse:
+        return plugin_pb2.PluginHostServiceListCommandsResponse(
+            commands=[
+                plugin_pb2.PluginCommand(name=command.name, help=command.help)
+                for command in self.plugin.commands.values()
+            ]
+        )
+
+    async def RunCommand(
+        self, request: plugin_pb2.PluginHostServiceRunCommandRequest, context: Context
+    ) -> plugin_pb2.PluginHostServiceRunCommandResponse:
+        name = self.plugin.manifest.name
+        command = self.plugin.commands.get(request.name)
+        if command is None:
+            raise NotFound(
+                f"plugin {name!r} has no command {request.name!r}; it offers "
+                f"{sorted(self.plugin.commands) or 'none'}",
+                reason="COMMAND_NOT_FOUND",
+                metadata={"plugin": name, "command": request.name},
+            )
+        try:
+            output = await asyncio.to_thread(command.function, list(request.args))
+        except LlmosError:
+            raise
+        except Exception as error:
+            log.exception("command %s raised", command.name)
+            raise _raised(
+                self.plugin.manifest,
+                f"command {command.name} raised",
+                error,
+                "PLUGIN_COMMAND_FAILED",
+                {"plugin": name, "command": command.name},
+            ) from error
+        if output is not None and not isinstance(output, str):
+            raise LlmosError(
+                f"plugin {name!r}: command {command.name} returned {type(output).__name__}, "
+                "not a string or None",
+                reason="PLUGIN_BAD_RESULT",
+                metadata={"plugin": name, "field": "output"},
+            )
+        return plugin_pb2.PluginHostServiceRunCommandResponse(output=output or "")
+
+
+def _raised(
+    manifest: Manifest, what: str, error: Exception, reason: str, metadata: dict[str, str]
+) -> LlmosError:
+    """The error for a plugin function that raised. One stopped by a manifest limit (the
+    operating system's own words, EFBIG or MemoryError, do not name the limit) is
+    RESOURCE_EXHAUSTED / PLUGIN_LIMIT_EXCEEDED, naming the limit and its field."""
+    where = f"plugin {manifest.name!r}: {what}"
+    if isinstance(error, OSError) and error.errno == errno.EFBIG:
+        return ResourceExhausted(
+            f"{where} OSError: a file write went past the storage quota of "
+            f"{manifest.storage_quota_mb} MB per file (capabilities.storage.quota_mb): {error}",
+            reason="PLUGIN_LIMIT_EXCEEDED",
+            metadata={**metadata, "field": "capabilities.storage.quota_mb"},
+        )
+    if isinstance(error, MemoryError):
+        return ResourceExhausted(
+            f"{where} MemoryError: an allocation went past the memory limit "
+            f"(limits.memory_mb = {manifest.memory_mb}): {error or 'out of memory'}",
+            reason="PLUGIN_LIMIT_EXCEEDED",
+            metadata={**metadata, "field": "limits.memory_mb"},
+        )
+    return LlmosError(f"{where} {type(error).__name__}: {error}", reason=reason, metadata=metadata)
 
 
 def _path(error: jsonschema.ValidationError) -> str:
