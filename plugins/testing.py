@@ -126,6 +126,16 @@ class HostClient:
         )
         return json_format.MessageToDict(reply.output)
 
+    def list_commands(self) -> list[plugin_pb2.PluginCommand]:
+        reply = self.stub.ListCommands(plugin_pb2.PluginHostServiceListCommandsRequest(), timeout=5)
+        return list(reply.commands)
+
+    def run_command(self, name: str, *args: str, timeout: float = 10) -> str:
+        reply = self.stub.RunCommand(
+            plugin_pb2.PluginHostServiceRunCommandRequest(name=name, args=args), timeout=timeout
+        )
+        return str(reply.output)
+
     def stop(self) -> int:
         self.channel.close()
         if self.process.poll() is None:

@@ -681,6 +681,9 @@ def test_disable_and_enable_are_kept_across_a_kernel_restart(served: Served) -> 
     shouter = plugins(served.stack)["shouter"]
     assert shouter.state == DISABLED
     assert "kept across restarts" in shouter.reason
+    # A plugin the kernel disabled after crashes (crash-hook) got a fresh start: off again.
+    only(served.stack)
+    assert plugins(served.stack)["shouter"].state == DISABLED
     assert "".join(p.text for p in generate(served.stack, "still off")) == "still off"
 
     assert served.stack.llmos("plugins", "enable", "shouter").returncode == 0
