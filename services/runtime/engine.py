@@ -48,6 +48,7 @@ from llmos.services.errors import InvalidArgument, ResourceExhausted
 from llmos.services.runtime.admission import NORMAL, WaitingQueue
 from llmos.services.runtime.kv_cache import SlotKVCache
 from llmos.services.runtime.kv_memory import WAIT_POLL_S, KvMemory
+from llmos.services.runtime.llama_forward import Forward, HfForward, lean_forward_for
 from llmos.services.runtime.metrics import BATCH_SEQUENCES
 from llmos.services.runtime.sampling import next_token
 from llmos.services.runtime.sequences import FinishReason, Running, SequenceHandle
@@ -70,6 +71,9 @@ class LoadedModel:
     parameters: int
     weight_bytes: int
     source: str
+    # The forward pass the engine runs: the lean Llama pass (llama_forward.py) for a
+    # float32 Llama model, Hugging Face's own otherwise.
+    forward: Forward
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of the conversation with the model's chat template and generation prompt."""
@@ -90,6 +94,7 @@ class LoadedModel:
             for name, buffer in list(module._buffers.items()):
                 if buffer is not None:
                     module._buffers[name] = torch.empty(0)
+        self.forward = HfForward(self.model)  # drops the lean pass's stacked weights
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
@@ -372,7 +377,7 @@ class Engine:
         self.cache.prepare(first_row, positions)
         hidden = self._forward(inputs, positions, mask)
         last = hidden[torch.arange(len(chunk)), torch.tensor(lengths) - 1]
-        logits = self.loaded.model.lm_head(last)
+        logits = self.loaded.forward.logits(last)
         with self._lock:
             self._running.extend(chunk)
         self._sample_and_emit(list(range(first_row, first_row + len(chunk))), logits)
@@ -393,21 +398,13 @@ class Engine:
         hidden = self._forward(inputs, positions, mask)
         for running in self._running:
             running.length += 1
-        logits = self.loaded.model.lm_head(hidden[:, -1])
+        logits = self.loaded.forward.logits(hidden[:, -1])
         self._sample_and_emit(list(range(batch)), logits)
 
     def _forward(
         self, inputs: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None
     ) -> torch.Tensor:
-        output = self.loaded.model.model(
-            input_ids=inputs,
-            position_ids=positions,
-            attention_mask=mask,
-            cache=self.cache,
-            use_cache=True,
-        )
-        hidden: torch.Tensor = output.last_hidden_state
-        return hidden
+        return self.loaded.forward.hidden(inputs, positions, mask, self.cache)
 
     def _sample_and_emit(self, rows: list[int], logits: torch.Tensor) -> None:
         leaving: list[tuple[int, FinishReason | None]] = []  # None: parked
@@ -506,6 +503,7 @@ def load_model(
     eos_ids = frozenset([eos] if isinstance(eos, int) else list(eos or []))
     parameters = sum(p.numel() for p in model.parameters())
     hold_weights(model, weights)
+    forward: Forward = lean_forward_for(model) or HfForward(model)
     return LoadedModel(
         name=name,
         model=model,
@@ -515,4 +513,5 @@ def load_model(
         parameters=parameters,
         weight_bytes=weight_bytes(model),
         source=model_dir,
+        forward=forward,
     )
