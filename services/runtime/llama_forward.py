@@ -114,7 +114,11 @@ def lean_forward_for(model: Any) -> LlamaForward | None:
         or config._attn_implementation != "sdpa"
     ):
         return None
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    linears = [model.lm_head]
+    for layer in model.model.layers:
+        attention, mlp = layer.self_attn, layer.mlp
+        linears += [attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj]
+        linears += [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
     if any(type(m) is not torch.nn.Linear or m.weight.dtype != torch.float32 for m in linears):
         return None  # quantized (int8) or other-dtype weights
     return LlamaForward(model)
