@@ -93,20 +93,25 @@ STATE_LABELS = {
     if value != common_pb2.TASK_STATE_UNSPECIFIED
 }
 
-for _priority in Priority:
-    QUEUE_WAIT.labels(_priority.label)
-for _state in STATE_LABELS.values():
-    TASKS.labels(_state)
+# The labelled children, looked up once: `labels()` takes a lock and builds a key on every
+# call, and these are recorded several times per task.
+_QUEUE_WAITS = {priority: QUEUE_WAIT.labels(priority.label) for priority in Priority}
+_TASKS = {state: TASKS.labels(label) for state, label in STATE_LABELS.items()}
+# Stage durations by (stage, decision): a few dozen pairs, added as they are first seen.
+_STAGES: dict[tuple[str, str], Histogram] = {}
 
 
 def task_entered(state: common_pb2.TaskState.ValueType) -> None:
     """A task was stored in `state` (created QUEUED, or a transition succeeded)."""
-    TASKS.labels(STATE_LABELS.get(state, "unspecified")).inc()
+    child = _TASKS.get(state)
+    if child is None:
+        child = TASKS.labels(STATE_LABELS.get(state, "unspecified"))
+    child.inc()
 
 
 def task_dispatched(priority: Priority, waited_s: float) -> None:
     """The scheduler dispatched a ticket admitted with `priority` after `waited_s` queued."""
-    QUEUE_WAIT.labels(priority.label).observe(max(0.0, waited_s))
+    _QUEUE_WAITS[priority].observe(max(0.0, waited_s))
 
 
 def stage_ran(step: common_pb2.TraceStep) -> None:
@@ -117,8 +122,11 @@ def stage_ran(step: common_pb2.TraceStep) -> None:
     """
     if not step.HasField("duration"):
         return
-    seconds = step.duration.seconds + step.duration.nanos / 1e9
-    STAGE_DURATION.labels(step.stage, step.decision or "none").observe(seconds)
+    key = (step.stage, step.decision or "none")
+    child = _STAGES.get(key)
+    if child is None:
+        child = _STAGES[key] = STAGE_DURATION.labels(*key)
+    child.observe(step.duration.seconds + step.duration.nanos / 1e9)
 
 
 def plugin_known(plugin: str) -> None:

@@ -54,7 +54,7 @@ class Priority(enum.IntEnum):
     @property
     def label(self) -> str:
         """The lower-case name used in metadata and `Scheduler.depth`: "interactive"."""
-        return self.name.lower()
+        return _LABELS[self]
 
     @classmethod
     def from_proto(cls, value: int) -> Priority:
@@ -70,6 +70,11 @@ class Priority(enum.IntEnum):
                 metadata={"priority": str(value)},
             ) from None
 
+
+# Looked up on every dispatch and trace step: iterating an enum class, and an enum
+# member's `name`, cost far more than a tuple and a dict.
+PRIORITIES: tuple[Priority, ...] = tuple(Priority)
+_LABELS: Mapping[Priority, str] = {p: p.name.lower() for p in PRIORITIES}
 
 DEFAULT_QUEUE_LIMITS: Mapping[Priority, int] = MappingProxyType(
     {Priority.INTERACTIVE: 256, Priority.NORMAL: 1024, Priority.BATCH: 4096}
@@ -375,7 +380,7 @@ class Scheduler:
         expired = self.expire(now)
         self._promote(now)
         best: tuple[float, float, int, _Queue] | None = None
-        for level in Priority:
+        for level in PRIORITIES:
             clock = self._clock[level]
             for service, lane in self._lanes[level].items():
                 if not lane.queues or self._at_limit(service):

@@ -33,8 +33,8 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Mapping
 
 import grpc
@@ -61,6 +61,8 @@ RUNTIME = "runtime"
 STREAM_END = None
 # How long CancelTask waits for another kernel to stop a task it runs.
 REMOTE_CANCEL_WAIT_S = 3.0
+# Runtime stubs kept (one per runtime channel) before the cache starts over.
+MAX_STUBS = 64
 
 
 @dataclasses.dataclass
@@ -88,6 +90,10 @@ class Running:
     # has run (None: it streams live), and what plugins:after changed it to.
     held: list[runtime_pb2.RuntimeServiceGenerateResponse] | None = None
     changed_output: str | None = None
+    # The outcome of the task's first write, while it may be in flight (`_accept`): True
+    # stored, False refused, None not known (its caller left mid-write). None here: the
+    # task was stored before it was admitted (recovered, or taken from the shared queue).
+    stored: asyncio.Future[bool | None] | None = None
 
 
 class TaskRunner:
@@ -130,6 +136,8 @@ class TaskRunner:
         self._recovery: asyncio.Task[None] | None = None
         self._shared: list[asyncio.Task[None]] = []
         self._closing = False
+        # A stub per runtime channel: building one makes a callable for every RPC.
+        self._stubs: dict[grpc.aio.Channel, runtime_pb2_grpc.RuntimeServiceAsyncStub] = {}
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -203,58 +211,110 @@ class TaskRunner:
         streamed: bool = False,
     ) -> str:
         """Accept a task: stored QUEUED and admitted to the scheduler (or, with a shared
-        queue and unless `streamed`, put on the shared queue), or refused at once."""
+        queue and unless `streamed`, put on the shared queue), or refused at once. Its id
+        is returned once it is stored."""
+        record = self._new_record(request, tenant)
+        if self.queue is not None and not streamed:
+            await self.queue.submit(record)  # refuses (queue full) before anything is stored
+            kernel_metrics.task_entered(common_pb2.TASK_STATE_QUEUED)
+            self._task_event(record, common_pb2.TASK_STATE_QUEUED)
+            return record.task_id
+        await self._first_write(record, *self._accept(record, deadline))
+        return record.task_id
+
+    def _new_record(self, request: kernel_pb2.GenerateRequest, tenant: str) -> TaskRecord:
         priority = Priority.from_proto(request.priority)
         self.headroom.check(priority)  # the cached figure: no call to the hardware service
-        record = TaskRecord.queued(
-            uuid.uuid4().hex,
+        return TaskRecord.queued(
+            # As random as uuid4 (ids are not guessable), without building a UUID.
+            os.urandom(16).hex(),
             tenant=tenant,
             model=request.model,
             priority=common_pb2.Priority.ValueType(int(priority)),
             request=request.SerializeToString(),
             now=time.time(),
         )
-        if self.queue is not None and not streamed:
-            await self.queue.submit(record)  # refuses (queue full) before anything is stored
-            kernel_metrics.task_entered(common_pb2.TASK_STATE_QUEUED)
-            self._task_event(record, common_pb2.TASK_STATE_QUEUED)
-            return record.task_id
-        self._admit(record, deadline)  # refuses before anything is stored
-        # With a free slot and nothing ahead of it the task starts now, and is stored
-        # RUNNING by the same write that stores it: one round trip to the store, not two.
+
+    def _accept(
+        self,
+        record: TaskRecord,
+        deadline: float | None,
+        listener: asyncio.Queue[kernel_pb2.GenerateResponse | None] | None = None,
+    ) -> tuple[Running, bool]:
+        """Admit `record` here; returns its `Running` and whether it started at once. The
+        caller then stores it (`_first_write`).
+
+        With a free slot and nothing ahead of it the task starts now, and is stored RUNNING
+        by the same write that stores it: one round trip to the store, not two. And it
+        starts before that write is made, so the runtime call overlaps the commit instead
+        of following it; the run writes nothing before the write says the task is stored
+        (`_stored`), and the client hears of the task only once it is."""
+        self._admit(record, deadline, listener)  # refuses before anything is stored
+        running = self._live[record.task_id]
+        running.stored = asyncio.get_running_loop().create_future()
         at_once = None if self.queue is not None else self._dispatch_ready(held=record.task_id)
+        if at_once is None or at_once.ticket is None:
+            return running, False
+        self._start(at_once.ticket, at_once.effective, started=record)
+        return running, True
+
+    async def _first_write(self, record: TaskRecord, running: Running, started: bool) -> None:
+        """Store an accepted task; undo its admission if the store refuses it. A caller
+        that leaves meanwhile leaves the outcome unknown (the write may yet land)."""
+        stored = running.stored
+        assert stored is not None
         try:
             if self.queue is not None:
                 await self.queue.attach(record)
             else:
-                await self.store.create(record, running=at_once is not None)
-        except BaseException:
-            if at_once is None:
-                self.scheduler.cancel(record.task_id)
-            else:
-                self.scheduler.release(record.task_id)
-                self._wakeup.set()
-            self._live.pop(record.task_id, None)
+                await self.store.create(record, running=started)
+        except asyncio.CancelledError:
+            _settle_write(stored, None)
             raise
+        except BaseException:
+            _settle_write(stored, False)
+            if started and running.task is not None:
+                running.task.cancel()  # it writes nothing (`_stored`); its end frees the slot
+            else:
+                self.scheduler.cancel(record.task_id)
+                self._live.pop(record.task_id, None)
+            raise
+        _settle_write(stored, True)
         kernel_metrics.task_entered(common_pb2.TASK_STATE_QUEUED)
         self._task_event(record, common_pb2.TASK_STATE_QUEUED)
-        if at_once is not None and at_once.ticket is not None:
+        if started:
             kernel_metrics.task_entered(common_pb2.TASK_STATE_RUNNING)
             self._task_event(record, common_pb2.TASK_STATE_RUNNING)
-            self._start(at_once.ticket, at_once.effective, started=record)
         else:
             self._wakeup.set()
-        return record.task_id
+
+    async def _stored(self, task_id: str, running: Running) -> bool:
+        """Whether the task is in the store, once its first write has ended. A task that
+        started while that write was in flight writes nothing before this says so (a
+        store may apply writes out of order), and nothing at all if it says no."""
+        stored = running.stored
+        if stored is None:
+            return True
+        if not stored.done():
+            await stored  # a cancelled caller cancels it: then the store is asked
+        outcome = None if stored.cancelled() else stored.result()
+        if outcome is None:
+            try:
+                await self.store.get(task_id)
+            except NotFound:
+                return False
+        return outcome is not False
 
     async def stream(
         self, request: kernel_pb2.GenerateRequest, tenant: str, deadline: float | None
     ) -> AsyncIterator[kernel_pb2.GenerateResponse]:
         """Generate: a task whose output is streamed live; leaving cancels it."""
         listener: asyncio.Queue[kernel_pb2.GenerateResponse | None] = asyncio.Queue()
-        task_id = await self.submit(request, tenant, deadline, streamed=True)
-        running = self._live[task_id]
-        running.listener = listener
+        record = self._new_record(request, tenant)
+        task_id = record.task_id
+        running, started = self._accept(record, deadline, listener)
         try:
+            await self._first_write(record, running, started)  # then the client hears of it
             yield kernel_pb2.GenerateResponse(task_id=task_id)
             while (piece := await listener.get()) is not STREAM_END:
                 yield piece
@@ -273,7 +333,8 @@ class TaskRunner:
                     reason="TASK_NOT_COMPLETED",
                 )
         finally:
-            if running.final is None:  # left early, or ended by another kernel
+            # Left early, or ended by another kernel (a task never stored needs nothing).
+            if running.final is None and await self._stored(task_id, running):
                 await self.cancel(task_id, quietly=True)
 
     async def cancel(self, task_id: str, *, quietly: bool = False) -> TaskRecord:
@@ -337,9 +398,16 @@ class TaskRunner:
 
     # -- admission and dispatch ---------------------------------------------------------
 
-    def _admit(self, record: TaskRecord, deadline: float | None, waited_s: float = 0.0) -> None:
-        """Queue `record` here; `waited_s` is time it already spent queued elsewhere (on the
-        shared queue), which counts towards its aging."""
+    def _admit(
+        self,
+        record: TaskRecord,
+        deadline: float | None,
+        listener: asyncio.Queue[kernel_pb2.GenerateResponse | None] | None = None,
+        waited_s: float = 0.0,
+    ) -> None:
+        """Queue `record` here; `listener` gets a Generate's pieces; `waited_s` is time it
+        already spent queued elsewhere (on the shared queue), which counts towards its
+        aging."""
         now = time.monotonic()
         priority = Priority.from_proto(record.priority)
         try:
@@ -358,7 +426,10 @@ class TaskRunner:
             kernel_metrics.admission_refused(priority, error.reason)
             raise
         self._live[record.task_id] = Running(
-            deadline=deadline, request_id=request_id_var.get(), headroom=self.headroom.evidence
+            listener=listener,
+            deadline=deadline,
+            request_id=request_id_var.get(),
+            headroom=self.headroom.evidence,
         )
 
     async def _settle(self, task_id: str) -> None:
@@ -405,7 +476,7 @@ class TaskRunner:
                 error=f"the kernel running it stopped renewing its claim; taken over by "
                 f"{queue.kernel_id} (delivery {work.deliveries})",
             )
-        self._admit(record, deadline=None, waited_s=max(0.0, time.time() - record.created_at))
+        self._admit(record, None, waited_s=max(0.0, time.time() - record.created_at))
 
     async def _follow(self, task_ids: asyncio.Queue[str], *, lost: bool) -> None:
         """Cancel local tasks another kernel asked to cancel, or whose entries it took."""
@@ -529,6 +600,8 @@ class TaskRunner:
             output, usage = await self._generate(ticket, request, running)
             await self._stages(after, ticket, request, running.deadline, output)
             self._deliver_held(ticket.task_id, running)
+            if not await self._stored(ticket.task_id, running):  # refused: nothing to record
+                return
             await self._transition(
                 ticket.task_id,
                 common_pb2.TASK_STATE_SUCCEEDED,
@@ -540,6 +613,8 @@ class TaskRunner:
         except asyncio.CancelledError:
             if running.lost:  # another kernel runs it now; it writes the outcome
                 raise
+            if not await self._stored(ticket.task_id, running):  # never stored: no state
+                raise
             if self._closing:  # a planned stop: run it again at the next start
                 await asyncio.shield(self._requeue(ticket.task_id, record.priority))
             else:
@@ -549,12 +624,10 @@ class TaskRunner:
             raise
         except LlmosError as error:
             running.error = error
-            await self._finish(
-                ticket.task_id, common_pb2.TASK_STATE_FAILED, f"{error.reason}: {error.message}"
-            )
+            await self._failed(ticket.task_id, running, f"{error.reason}: {error.message}")
         except Exception as error:  # recorded, never lost; the kernel keeps serving
             log.exception("task failed unexpectedly")
-            await self._finish(ticket.task_id, common_pb2.TASK_STATE_FAILED, repr(error))
+            await self._failed(ticket.task_id, running, repr(error))
         finally:
             self._forget(ticket.task_id, running)
 
@@ -580,6 +653,12 @@ class TaskRunner:
         if self.queue is not None:
             with contextlib.suppress(LlmosError):  # else taken over once its claim lapses
                 await self.queue.release(task_id, priority)
+
+    async def _failed(self, task_id: str, running: Running, why: str) -> None:
+        """Record the task FAILED, if it was stored (else its submitter reports the store's
+        error, and there is nothing to record)."""
+        if await self._stored(task_id, running):
+            await self._finish(task_id, common_pb2.TASK_STATE_FAILED, why)
 
     async def _finish(self, task_id: str, state: common_pb2.TaskState.ValueType, why: str) -> None:
         outcome = common_pb2.TaskState.Name(state).removeprefix("TASK_STATE_").lower()
@@ -627,6 +706,8 @@ class TaskRunner:
             for step in result.steps:
                 await self._trace(ticket.task_id, step)
             if result.subjects:  # before the task can end: ForgetSubject must find it
+                if running is not None:  # a write: only once the task is stored
+                    await self._stored(ticket.task_id, running)
                 await self.store.add_subjects(ticket.task_id, result.subjects)
             if result.request is not None:
                 request = result.request
@@ -664,7 +745,7 @@ class TaskRunner:
         )
         started, clock = now_timestamp(), time.monotonic()
         timeout = None if running.deadline is None else max(0.001, running.deadline - clock)
-        call = runtime_pb2_grpc.RuntimeServiceStub(runtime.channel).Generate(
+        call = self._runtime_stub(runtime.channel).Generate(
             runtime_pb2.RuntimeServiceGenerateRequest(
                 model=request.model,
                 prompt=request.prompt,
@@ -714,6 +795,14 @@ class TaskRunner:
             last = output.refused(last)
             self._release(ticket.task_id, running, pieces, [last])
         return "".join(pieces), last
+
+    def _runtime_stub(self, channel: grpc.aio.Channel) -> runtime_pb2_grpc.RuntimeServiceAsyncStub:
+        stub = self._stubs.get(channel)
+        if stub is None:
+            if len(self._stubs) >= MAX_STUBS:  # runtimes come and go: forget the old ones
+                self._stubs.clear()
+            stub = self._stubs[channel] = runtime_pb2_grpc.RuntimeServiceStub(channel)
+        return stub
 
     def _release(
         self,
@@ -819,6 +908,11 @@ class TaskRunner:
         if pending is None:
             pending = self._pending[task_id] = PendingWrites(self.store, task_id)
         return pending
+
+
+def _settle_write(stored: asyncio.Future[bool | None], outcome: bool | None) -> None:
+    if not stored.done():  # cancelled by a run that was waiting for it
+        stored.set_result(outcome)
 
 
 def _prompt_text(request: kernel_pb2.GenerateRequest) -> str:
