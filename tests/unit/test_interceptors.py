@@ -220,10 +220,10 @@ async def test_from_rpc_error_with_an_unmapped_code_is_the_base_error(
     stub: kernel_pb2_grpc.KernelServiceStub,
 ) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub.CancelTask(kernel_pb2.CancelTaskRequest(task_id="DATA_LOSS"), timeout=5)
+        await stub.CancelTask(kernel_pb2.CancelTaskRequest(task_id="OUT_OF_RANGE"), timeout=5)
 
     error = from_rpc_error(caught.value, "kernel CancelTask")
 
     assert type(error) is LlmosError
-    assert error.reason == "DATA_LOSS"
+    assert error.reason == "OUT_OF_RANGE"
     assert error.message == "kernel CancelTask: plain abort"
