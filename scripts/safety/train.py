@@ -41,15 +41,27 @@ from llmos.services.safety.evaluation import Scored, report  # noqa: E402
 from llmos.services.safety.head import train  # noqa: E402
 from llmos.services.safety.judge import WINDOW_CHARS, Judge  # noqa: E402
 from llmos.services.safety.normalise import plain  # noqa: E402
-from llmos.services.safety.policy import DEFAULT, CategoryRule, Policy  # noqa: E402
+from llmos.services.safety.policy import (  # noqa: E402
+    DEFAULT,
+    DEFAULT_THRESHOLD,
+    CategoryRule,
+    Policy,
+)
 from llmos.services.safety.taxonomy import CATEGORIES  # noqa: E402
 from llmos.v1 import safety_pb2  # noqa: E402
 
 MODEL_DIR = REPO / "services" / "safety" / "model"
 TEST_SPLIT = REPO / "tests" / "data" / "safety" / "test-split.jsonl"
-TARGET_FPR = 0.03
-# Thresholds tried: 0.500, 0.505, ... 0.995 (the markers score above the last, rules.py).
-GRID = [round(0.5 + 0.005 * i, 3) for i in range(100)]
+TEST_SPLIT_OUTPUT = REPO / "tests" / "data" / "safety" / "test-split-output.jsonl"
+# The operating point: the lowest threshold whose false-positive rate on the validation
+# split's benign texts is at most 2.5% - the 3% target less a margin for the validation
+# set's sampling error (~400 benign texts: +-0.8% at 3%). Fixed before the test split was
+# measured.
+VALIDATION_FPR = 0.025
+# Raw thresholds tried: 0.050, 0.055, ... 0.995, then 0.996 ... 0.999. Only the model's
+# scores are calibrated; rule scores (markers 0.999, deny rules 1.0) are not, so they block
+# under the default policy whatever threshold is chosen.
+GRID = [round(0.05 + 0.005 * i, 3) for i in range(190)] + [0.996, 0.997, 0.998, 0.999]
 
 
 def blocking(threshold: float) -> Policy:
@@ -57,12 +69,15 @@ def blocking(threshold: float) -> Policy:
     return Policy(DEFAULT, f"{DEFAULT}@0", rules)
 
 
+DIRECTION = {"input": safety_pb2.DIRECTION_INPUT, "output": safety_pb2.DIRECTION_OUTPUT}
+
+
 def judged(judge: Judge, examples: list[data.Example], threshold: float) -> list[Scored]:
-    """Each example as the service judges it (rules + head) under a block-at-`threshold`
-    policy, with its highest category score for re-thresholding."""
+    """Each example as the service judges it (rules + head, in its direction) under a
+    block-at-`threshold` policy, with its highest category score for re-thresholding."""
     rows = []
     for e in examples:
-        verdict = judge.check(e.text, safety_pb2.DIRECTION_INPUT, blocking(threshold))
+        verdict = judge.check(e.text, DIRECTION[e.direction], blocking(threshold))
         top = max((c.score for c in verdict.categories), default=0.0)
         flagged = verdict.action != safety_pb2.SAFETY_ACTION_ALLOW
         rows.append(Scored(e.label == "unsafe", flagged, top, e.category))
@@ -70,14 +85,14 @@ def judged(judge: Judge, examples: list[data.Example], threshold: float) -> list
 
 
 def choose_threshold(rows: list[Scored]) -> tuple[float, list[dict[str, float]]]:
-    """The lowest grid threshold whose FPR on `rows` is within the target (the best F1 that
-    keeps it), or the one with the lowest FPR if none is; and the whole curve, for the card."""
+    """The lowest grid threshold whose FPR on `rows` is within VALIDATION_FPR (the best F1
+    that keeps it), or the one with the lowest FPR if none is; and the curve, for the card."""
     curve = []
     for t in GRID:
         r = report([dataclasses.replace(row, flagged=row.score >= t) for row in rows])
         curve.append({"threshold": t, "f1": r.f1, "precision": r.precision,
                       "recall": r.recall, "fpr": r.fpr})  # fmt: skip
-    within = [point for point in curve if point["fpr"] <= TARGET_FPR]
+    within = [point for point in curve if point["fpr"] <= VALIDATION_FPR]
     if within:
         best = max(within, key=lambda point: (point["f1"], -point["threshold"]))
     else:
@@ -99,6 +114,8 @@ def embed(encoder: Encoder, texts: list[str], cache_path: Path) -> np.ndarray:
         vectors = encoder.encode([plain(texts[i]).text[:WINDOW_CHARS] for i in batch])
         for i, vector in zip(batch, vectors, strict=True):
             cache[keys[i]] = vector
+        if start and start % 1600 == 0:  # a checkpoint: an interrupted run keeps its work
+            np.savez(cache_path, **cache)
     if missing:
         print(f"embedded {len(missing)} texts in {time.monotonic() - started:.1f}s", flush=True)
         np.savez(cache_path, **cache)
@@ -116,7 +133,9 @@ def main() -> int:
 
     examples = data.build(args.wheels)
     digest = hashlib.sha256(
-        "\n".join(f"{e.split}\t{e.label}\t{e.category}\t{e.text}" for e in examples).encode()
+        "\n".join(
+            f"{e.split}\t{e.direction}\t{e.label}\t{e.category}\t{e.text}" for e in examples
+        ).encode()
     ).hexdigest()
     encoder = Encoder.load(args.cache / "encoder", threads=args.threads)
     vectors = embed(encoder, [e.text for e in examples], args.cache / "vectors.npz")
@@ -130,42 +149,60 @@ def main() -> int:
     )
     print(f"trained the head in {time.monotonic() - started:.1f}s", flush=True)
 
-    test = [e for e in examples if e.split == "test"]
+    raw = Judge(encoder, head)  # thresholds not set yet: raw scores
+    thresholds: dict[str, float] = {}
+    curves: dict[str, object] = {}
+    validation: dict[str, object] = {}
+    for direction in ("input", "output"):
+        held = [e for e in examples if e.split == "validation" and e.direction == direction]
+        rows = judged(raw, held, 0.5)
+        thresholds[direction], curves[direction] = choose_threshold(rows)
+        validation[direction] = report(
+            [dataclasses.replace(r, flagged=r.score >= thresholds[direction]) for r in rows]
+        ).as_dict()
+        print(f"{direction}: threshold {thresholds[direction]} chosen on {len(held)} "
+              "validation texts", flush=True)  # fmt: skip
+    head = dataclasses.replace(head, thresholds=thresholds)
     judge = Judge(encoder, head)
-    held = [e for e in examples if e.split == "validation"]
-    validation_rows = judged(judge, held, 0.5)
-    threshold, curve = choose_threshold(validation_rows)
-    validation_figures = report(
-        [dataclasses.replace(row, flagged=row.score >= threshold) for row in validation_rows]
-    )
-    print(f"threshold {threshold} chosen on {len(held)} validation texts", flush=True)
-    p_unsafe, _ = head.forward(vectors[[e.split == "test" for e in examples]])
-    head_only = report(
-        [
-            Scored(e.label == "unsafe", bool(p >= threshold), float(p), e.category)
-            for e, p in zip(test, p_unsafe.tolist(), strict=True)
-        ]
-    )
-    whole = report(judged(judge, test, threshold))
-    counts = collections.Counter((e.split, e.label) for e in examples)
+    figures: dict[str, object] = {}
+    for direction in ("input", "output"):
+        test = [e for e in examples if e.split == "test" and e.direction == direction]
+        mask = [e.split == "test" and e.direction == direction for e in examples]
+        p_unsafe, _ = head.forward(vectors[mask])
+        figures[f"test_{direction}_head_only"] = report(
+            [
+                Scored(e.label == "unsafe", bool(p >= thresholds[direction]), float(p), e.category)
+                for e, p in zip(test, p_unsafe.tolist(), strict=True)
+            ]
+        ).as_dict()
+        figures[f"test_{direction}_judge_default_policy"] = report(
+            judged(judge, test, DEFAULT_THRESHOLD)
+        ).as_dict()
+    counts = collections.Counter((e.split, e.direction, e.label) for e in examples)
     card = {
         "seed": args.seed,
         "data_sha256": digest,
         "wheels": data.WHEELS,
-        "examples": {f"{split}/{label}": n for (split, label), n in sorted(counts.items())},
-        "threshold": threshold,
-        "validation_curve": curve,
-        "validation_judge_default_policy": validation_figures.as_dict(),
-        "test_head_only": head_only.as_dict(),
-        "test_judge_default_policy": whole.as_dict(),
+        "examples": {f"{s}/{d}/{label}": n for (s, d, label), n in sorted(counts.items())},
+        "validation_fpr_bound": VALIDATION_FPR,
+        "thresholds_raw": thresholds,
+        "default_policy_threshold": DEFAULT_THRESHOLD,
+        "validation_curves": curves,
+        "validation_at_threshold": validation,
+        "test_benign_groups": sorted(
+            {e.group for e in examples if e.split == "test" and e.label == "safe"}
+        ),
+        **figures,
     }
     head = dataclasses.replace(head, card=card)
     MODEL_DIR.mkdir(parents=True, exist_ok=True)
     head.save(MODEL_DIR / "head.npz")
     (MODEL_DIR / "card.json").write_text(json.dumps(card, indent=1) + "\n", encoding="utf-8")
     TEST_SPLIT.parent.mkdir(parents=True, exist_ok=True)
-    data.write_jsonl(TEST_SPLIT, test)
-    print(json.dumps({"head_only": head_only.as_dict(), "judge": whole.as_dict()}, indent=1))
+    test_examples = [e for e in examples if e.split == "test"]
+    data.write_jsonl(TEST_SPLIT, [e for e in test_examples if e.direction == "input"])
+    data.write_jsonl(TEST_SPLIT_OUTPUT, [e for e in test_examples if e.direction == "output"])
+    print(json.dumps(figures, indent=1))
     return 0
 
 

@@ -16,8 +16,9 @@ from google.protobuf.message import DecodeError
 from llmos.services.errors import InvalidArgument
 from llmos.v1 import safety_pb2
 
-# 64 Ki characters: a long chat history passes; a 1 MB paste is refused (split it).
-MAX_TEXT_CHARS = 65_536
+# 256 Ki characters: a long document or chat history passes, read in overlapping windows
+# (judge.py, at most MAX_WINDOWS of them); a 1 MB paste is refused (split it).
+MAX_TEXT_CHARS = 262_144
 MAX_STREAM_CHARS = 1_048_576
 
 

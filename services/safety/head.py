@@ -6,6 +6,12 @@ binary: a text whose unsafe mass is split between S1 and S9 must still be caught
 verdict's score for a category is P(unsafe) x P(category | unsafe), and the category with
 most mass carries all of P(unsafe) (see `Head.scores`).
 
+Calibration: the operating thresholds chosen on the validation split (one per direction,
+`thresholds`, written by scripts/safety/train.py) are mapped to 0.5, piecewise linearly
+(`calibrate`), so a policy's threshold means the same for prompts and outputs: 0.5 is
+the validation operating point, higher is stricter about flagging, lower catches more.
+The ranking of scores is unchanged, so recall at a fixed FPR is too.
+
 Training is here too (full-batch Adam, seeded, class-weighted so the benign near-misses
 count as much as the larger harmful set): pure numpy, no I/O but `save` and `load`, so it
 runs the same on any machine and tests without a server. scripts/safety/train.py feeds it.
@@ -23,6 +29,16 @@ import numpy.typing as npt
 Array = npt.NDArray[np.float32]
 
 HIDDEN = 64
+DIRECTIONS = ("input", "output")
+
+
+def calibrate(score: float, threshold: float) -> float:
+    """`score` mapped so that `threshold` becomes 0.5, 0 stays 0 and 1 stays 1 (monotone)."""
+    if threshold <= 0.0 or threshold >= 1.0:
+        return score
+    if score < threshold:
+        return 0.5 * score / threshold
+    return 0.5 + 0.5 * (score - threshold) / (1.0 - threshold)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +52,9 @@ class Head:
     categories: tuple[str, ...]
     # How it was made (data digest, seed, split sizes...): written into the .npz.
     card: dict[str, object] = dataclasses.field(default_factory=dict)
+    # The raw P(unsafe) operating point per direction, chosen on the validation split;
+    # empty: scores are reported raw (as while training).
+    thresholds: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def forward(self, vectors: Array) -> tuple[Array, Array]:
         """(P(unsafe) per row, P(category | unsafe) per row and category)."""
@@ -46,16 +65,17 @@ class Head:
         exp = np.exp(logits)
         return unsafe.astype(np.float32), (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
 
-    def scores(self, vectors: Array) -> list[dict[str, float]]:
+    def scores(self, vectors: Array, direction: str = "input") -> list[dict[str, float]]:
         """Per row, each category's score: the most likely category gets P(unsafe), the
-        others P(unsafe) x P(category | unsafe)."""
+        others P(unsafe) x P(category | unsafe); calibrated for `direction` (`calibrate`)."""
         unsafe, given = self.forward(vectors)
+        threshold = self.thresholds.get(direction, 0.0)
         rows: list[dict[str, float]] = []
         for p, dist in zip(unsafe.tolist(), given, strict=True):
             top = int(np.argmax(dist))
             rows.append(
                 {
-                    category: float(p if i == top else p * dist[i])
+                    category: calibrate(float(p if i == top else p * dist[i]), threshold)
                     for i, category in enumerate(self.categories)
                 }
             )
@@ -72,6 +92,7 @@ class Head:
             b_category=self.b_category,
             categories=np.array(self.categories),
             card=np.array(json.dumps(self.card, sort_keys=True)),
+            thresholds=np.array(json.dumps(self.thresholds, sort_keys=True)),
         )
 
     @classmethod
@@ -86,6 +107,11 @@ class Head:
                 b_category=data["b_category"],
                 categories=tuple(str(c) for c in data["categories"]),
                 card=json.loads(str(data["card"])),
+                thresholds=(
+                    {str(k): float(v) for k, v in json.loads(str(data["thresholds"])).items()}
+                    if "thresholds" in data.files
+                    else {}
+                ),
             )
 
 

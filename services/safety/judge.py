@@ -3,9 +3,11 @@
 1. The text's views (normalise.py) go through the built-in markers and deny rules and the
    tenant's deny and allow phrases (rules.py).
 2. The classifier scores the plain view - and the leet and decoded views when there are
-   any, so a disguised request is scored as what it says - in windows of `WINDOW_CHARS`
-   (the model reads 256 tokens; a long text is read whole, window by window). A category's
-   model score is its highest over views and windows.
+   any, so a disguised request is scored as what it says - in overlapping windows of
+   `WINDOW_CHARS` (the model reads 256 tokens; a long text is read whole, window by
+   window, at most `MAX_WINDOWS` a check: the plain view of the longest accepted text
+   fits). A category's model score is its highest over views and windows: the worst
+   window wins, and its span in the original text is the evidence.
 3. A category's score is the higher of its rule and model scores. An allow phrase, when no
    deny rule or marker matched, keeps the model's scores from deciding (they are still
    reported). Jailbreak and prompt-injection categories apply to inputs only: an output
@@ -25,12 +27,18 @@ import numpy as np
 from llmos.services.safety.head import Array, Head
 from llmos.services.safety.normalise import View, views
 from llmos.services.safety.policy import Policy
-from llmos.services.safety.rules import DENY, MARKERS, scan
+from llmos.services.safety.rules import DENY, MARKERS, SMALL_TALK, scan
 from llmos.services.safety.taxonomy import CATEGORIES
 from llmos.v1 import safety_pb2
 
 WINDOW_CHARS = 1000
 WINDOW_OVERLAP = 200
+# The classifier's budget per check: the plain view of the longest text the service takes
+# (checks.MAX_TEXT_CHARS, 262,144 characters) is 328 windows; other views (leet, decoded
+# payloads) get what is left. The rules read every view whole whatever its length.
+MAX_WINDOWS = 400
+# Windows encoded per encoder call: bounds the activations a long text holds at once.
+ENCODE_BATCH = 32
 MODEL_RULE = "model.minilm-int8"
 INPUT_ONLY = frozenset({"jailbreak", "prompt_injection"})
 # Categories below this score are left out of the verdict, to keep it short.
@@ -72,7 +80,7 @@ class Judge:
     ) -> safety_pb2.SafetyVerdict:
         seen = views(text)
         matches = scan(seen, (*MARKERS, *DENY, *policy.deny_rules()))
-        allowed_by = scan(seen, policy.allow_rules())
+        allowed_by = scan(seen[:1], (SMALL_TALK,)) + scan(seen, policy.allow_rules())
         scores: dict[str, float] = dict.fromkeys(CATEGORIES, 0.0)
         evidence: list[safety_pb2.SafetyEvidence] = []
         for match in matches:
@@ -87,7 +95,9 @@ class Judge:
                     view=match.view,
                 )
             )
-        model = self._model(seen, evidence)
+        model = self._model(
+            seen, evidence, "output" if direction == safety_pb2.DIRECTION_OUTPUT else "input"
+        )
         ignore_model = bool(allowed_by) and not matches
         for match in allowed_by:
             evidence.append(
@@ -122,13 +132,20 @@ class Judge:
         )
 
     def _model(
-        self, seen: list[View], evidence: list[safety_pb2.SafetyEvidence]
+        self, seen: list[View], evidence: list[safety_pb2.SafetyEvidence], direction: str
     ) -> dict[str, float]:
         """Each category's highest model score; the highest-scoring window's evidence."""
-        chunks = [w for view in seen for w in windows(view) if w.text.strip()]
+        chunks = [w for view in seen for w in windows(view) if w.text.strip()][:MAX_WINDOWS]
         if not chunks:
             return {}
-        rows = self.head.scores(self.encoder.encode([w.text for w in chunks]))
+        rows = [
+            row
+            for start in range(0, len(chunks), ENCODE_BATCH)
+            for row in self.head.scores(
+                self.encoder.encode([w.text for w in chunks[start : start + ENCODE_BATCH]]),
+                direction,
+            )
+        ]
         best: dict[str, float] = {}
         for row in rows:
             for category, score in row.items():

@@ -26,13 +26,13 @@ from llmos.services.safety.taxonomy import CATEGORIES
 from llmos.v1 import safety_pb2
 
 DEFAULT = "default"
-# The default policy's operating point: the lowest threshold whose false-positive rate on
-# benign prompts is within the 3% target on the validation split (scripts/safety/train.py
-# chose it; model/card.json records it and the curve). At 0.5 the head refused 14% of the
-# held-back benign prompts ("hello from the echo runtime" scored 0.54 as prompt injection);
-# benign users refused is the costlier error for a default, and a tenant that wants more
-# recall lowers its own thresholds (docs/safety.md gives both operating points).
-DEFAULT_THRESHOLD = 0.99
+# The default policy's operating point. The classifier's scores are calibrated (head.py,
+# `calibrate`) so that 0.5 is, for each direction, the lowest raw threshold whose
+# false-positive rate on the validation split's benign texts is within 2.5% (the 3% target
+# less a margin; scripts/safety/train.py chose them, model/card.json records them and the
+# curves). Benign users refused is the costlier error for a default; a tenant that wants
+# more recall lowers its own thresholds, one that wants fewer refusals raises them.
+DEFAULT_THRESHOLD = 0.5
 ACTIONS = {
     "allow": safety_pb2.SAFETY_ACTION_ALLOW,
     "flag": safety_pb2.SAFETY_ACTION_FLAG,

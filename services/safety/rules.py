@@ -102,6 +102,29 @@ DENY: tuple[Rule, ...] = (
 )
 
 
+# Small talk: a whole text made only of greeting, thanks and acknowledgement words ("Hi",
+# "yes", "Hi there, how are you?"). The classifier, trained mostly on requests, read such
+# short texts as fragments of harmful ones (NeMo Guardrails users report "Hi" and "yes"
+# blocked, #552 #1299; "Hi there, how are you?" scored 0.993 as jailbreak here). An allow
+# rule, like a tenant's allow phrase: the model's scores are reported, not acted on; any
+# marker or deny rule still wins. At most 10 words from a closed list: no request can be
+# phrased in it. Measured in docs/safety.md.
+SMALL_TALK_WORDS = (
+    "hi|hello|hey|heya|hiya|yo|howdy|greetings|good|morning|afternoon|evening|night|day|"
+    "there|everyone|all|again|thanks|thank|you|very|much|so|cheers|ok|okay|k|sure|yes|yeah|"
+    "yep|yup|no|nope|nah|cool|great|nice|perfect|awesome|fine|well|bye|goodbye|see|later|"
+    "tomorrow|soon|please|lol|haha|hmm|how|are|is|it|going|what's|whats|up|doing|today|"
+    "hope|you're|youre|i'm|im|am|too|to|meet|sorry|never|mind|exactly|got|sounds|and|"
+    "welcome|have|a|pleasant|weekend|take|care|oh|ah|wow|right|true|indeed|agreed|of|course"
+)
+SMALL_TALK: Rule = _rule(
+    "allow.small_talk",
+    "",
+    rf"^\W*(?:(?:{SMALL_TALK_WORDS})\b\W*){{1,10}}$",
+    0.0,
+)
+
+
 def phrase_rule(rule_id: str, category: str, phrase: str, score: float = DENY_SCORE) -> Rule:
     """A tenant list entry: the phrase, normalised as texts are, matched as whole words."""
     from llmos.services.safety.normalise import plain

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from llmos.services.errors import FailedPrecondition, InvalidArgument, NotFound
 from llmos.services.safety.evaluation import Scored, report
+from llmos.services.safety.head import Head, calibrate, train
 from llmos.services.safety.policy import DEFAULT_THRESHOLD, PolicyBook
 from llmos.v1 import safety_pb2 as pb
 
@@ -25,9 +28,11 @@ def policy(tenant: str, *rules: tuple[str, float, int], version: str = "") -> pb
 def test_the_default_blocks_every_category_at_the_validation_threshold() -> None:
     effective = PolicyBook().effective("anyone")
     assert effective.version == "default@0"
-    assert DEFAULT_THRESHOLD == 0.99  # chosen on the validation split (docs/safety.md)
-    assert effective.decide("S9", 0.98) == ALLOW
-    assert effective.decide("S9", 0.99) == BLOCK
+    # Scores are calibrated so that 0.5 is the operating point chosen on the validation
+    # split, per direction (head.calibrate; docs/safety.md).
+    assert DEFAULT_THRESHOLD == 0.5
+    assert effective.decide("S9", 0.49) == ALLOW
+    assert effective.decide("S9", 0.5) == BLOCK
 
 
 def test_a_tenant_overrides_the_categories_it_names_and_keeps_the_rest() -> None:
@@ -37,9 +42,9 @@ def test_a_tenant_overrides_the_categories_it_names_and_keeps_the_rest() -> None
     effective = book.effective("acme")
     assert effective.decide("S9", 0.5) == FLAG
     assert effective.decide("S9", 0.95) == BLOCK
-    assert effective.decide("S1", 0.6) == ALLOW  # the default's rule: block at 0.99
-    assert effective.decide("S1", 0.995) == BLOCK
-    assert book.effective("other").decide("S9", 0.5) == ALLOW
+    assert effective.decide("S1", 0.4) == ALLOW  # the default's rule: block at 0.5
+    assert effective.decide("S1", 0.6) == BLOCK
+    assert book.effective("other").decide("S9", 0.45) == ALLOW
     assert book.effective("other").decide("S9", 0.995) == BLOCK
 
 
@@ -86,3 +91,29 @@ def test_evaluation_counts_f1_fpr_and_recall_at_one_percent() -> None:
     # One false positive in 100 is allowed at 1% FPR: the threshold drops to 0.1, and
     # both unsafe rows score above it.
     assert (figures.recall_at_1pct_fpr, figures.threshold_at_1pct_fpr) == (1.0, 0.1)
+
+
+def test_calibration_maps_the_operating_point_to_one_half_and_keeps_the_order() -> None:
+    assert calibrate(0.8, 0.8) == 0.5
+    assert calibrate(0.0, 0.8) == 0.0 and calibrate(1.0, 0.8) == 1.0
+    assert calibrate(0.4, 0.8) == pytest.approx(0.25)
+    assert calibrate(0.9, 0.8) == pytest.approx(0.75)
+    raw = [i / 100 for i in range(101)]
+    assert [calibrate(s, 0.3) for s in raw] == sorted(calibrate(s, 0.3) for s in raw)
+    assert calibrate(0.7, 0.0) == 0.7  # no threshold: raw scores, as while training
+
+
+def test_a_head_keeps_its_thresholds_through_save_and_load(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(40, 8)).astype(np.float32)
+    unsafe = (vectors[:, 0] > 0).astype(np.int64)
+    head = train(vectors, unsafe, np.zeros(40, np.int64), ("S1", "S2"), seed=1, epochs=20)
+    head = dataclasses.replace(head, thresholds={"input": 0.7, "output": 0.4})
+    head.save(tmp_path / "head.npz")
+    loaded = Head.load(tmp_path / "head.npz")
+    assert loaded.thresholds == {"input": 0.7, "output": 0.4}
+    p, _ = loaded.forward(vectors[:1])
+    top_in = max(loaded.scores(vectors[:1], "input")[0].values())
+    top_out = max(loaded.scores(vectors[:1], "output")[0].values())
+    assert top_in == pytest.approx(calibrate(float(p[0]), 0.7))
+    assert top_out == pytest.approx(calibrate(float(p[0]), 0.4))
