@@ -5,9 +5,9 @@ catches its full-width, Cyrillic, zero-width, leetspeak, base64 and rot13 disgui
 match is evidence: the rule id, the span in the original text, the category and a score.
 
 - Built-in markers (`MARKERS`) are phrases whose only use is to override a model's
-  instructions: they score 0.999, above the default policy's threshold (chosen on the
-  validation split, at most 0.995: scripts/safety/train.py) so they block by default, and
-  below the deny rules' 1.0; a tenant can lower their action to flag with its own
+  instructions: they score 0.999 (rule scores are not calibrated, head.py), above the
+  default policy's threshold of 0.5 so they block by default, and below the deny rules'
+  1.0; a tenant can lower their action to flag with its own
   prompt_injection / jailbreak rules.
 - Built-in deny rules (`DENY`) are narrow: requests no benign text makes. Score 1.0.
 - A tenant's deny list adds phrases (category given per entry, score 1.0).
