@@ -41,8 +41,10 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from llmos.kernel.stack import BY_NAME
+    from llmos.kernel.supervisor import exit_with_parent_from_env
     from llmos.services.serve import serve
 
+    exit_with_parent_from_env()
     settings = _settings(args)
     configure_logging(args.name, settings.log_level, settings.log_format)
     spec = BY_NAME[args.name]

@@ -22,7 +22,6 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -37,26 +36,28 @@ PR_SET_PDEATHSIG = 1
 _LIBC = ctypes.CDLL(None, use_errno=True)
 
 
-def _die_with(parent_pid: int) -> Callable[[], None]:
-    """What the child runs between fork and exec: SIGTERM it when the supervisor dies."""
+# Set by the supervisor for each child; `llmos serve` reads (and removes) it at start.
+PARENT_PID_ENV = "LLMOS_SUPERVISOR_PID"
 
-    def arm() -> None:
-        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent_pid:  # the supervisor died before prctl took effect
-            os._exit(1)
 
-    return arm
+def exit_with_parent_from_env() -> None:
+    """Arm the parent-death signal for the supervisor named in PARENT_PID_ENV, if any; the
+    variable is removed so that this process's own children do not inherit it."""
+    parent = os.environ.pop(PARENT_PID_ENV, "")
+    if parent.isdigit():
+        exit_with_parent(int(parent))
 
 
 def exit_with_parent(parent_pid: int) -> None:
     """Called by a child itself, first thing after exec: SIGTERM it when `parent_pid` dies.
 
-    The same promise as `_die_with` without running Python between fork and exec. A parent
-    whose gRPC threads are running (the kernel) must spawn with no `preexec_fn`: Python
-    then forks without running any Python code in the child, while with one, gRPC's fork
-    handlers in the child have aborted hosts at start ("epoll_wait error: Bad file
-    descriptor")."""
-    _die_with(parent_pid)()
+    Children arm this themselves rather than through a `preexec_fn`: a parent whose gRPC
+    threads are running (the supervisor, the kernel) must spawn without running Python
+    between fork and exec, or gRPC's fork handlers abort the child at start ("epoll_wait
+    error: Bad file descriptor", status -6)."""
+    _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,9 +143,13 @@ class Supervisor:
         self._stop.set()
 
     async def _spawn(self, child: Child) -> asyncio.subprocess.Process:
+        # No preexec_fn: Python run between fork and exec in a process with live gRPC
+        # threads (the supervisor polls health over gRPC) let gRPC's fork handlers abort
+        # children at start (status -6, "epoll_wait error: Bad file descriptor"). The child
+        # arms its parent-death signal itself, first thing, from PARENT_PID_ENV.
         process = await asyncio.create_subprocess_exec(
             *child.argv,
-            preexec_fn=_die_with(os.getpid()),
+            env={**os.environ, PARENT_PID_ENV: str(os.getpid())},
             stdin=asyncio.subprocess.DEVNULL,
             # Not in the terminal's foreground group: Ctrl-C reaches only the supervisor,
             # which then stops the children in reverse order.

@@ -255,7 +255,12 @@ class Settings:
         """The effective settings, secrets masked, for the start-up log line."""
         shown: dict[str, Any] = {}
         for name, value in dataclasses.asdict(self).items():
-            secret = any(marker in name.split("_") for marker in SECRET_MARKERS) and value
+            # Only text can be a secret: `key_rewrap_rate` is a number, not a key.
+            secret = (
+                isinstance(value, str)
+                and value
+                and any(marker in name.split("_") for marker in SECRET_MARKERS)
+            )
             if secret:
                 shown[name] = "***"
             elif isinstance(value, str) and "://" in value and "@" in value:

@@ -23,6 +23,7 @@ from stacktools import REPO, free_port_block
 
 from llmos.kernel.store import TaskRecord
 from llmos.kernel.store.redis import RedisTaskStore
+from llmos.services.keyring import KeyRing
 from llmos.v1 import common_pb2, kernel_pb2
 
 SECRET = "zelda.forgotten@example.com"
@@ -68,7 +69,9 @@ async def wait_for(condition: object, what: str, timeout_s: float = 30) -> None:
 async def test_forgetting_rewrites_the_aof_without_the_forgotten_task(
     tmp_path: Path, redis_port: int
 ) -> None:
-    store = await RedisTaskStore.open(f"redis://127.0.0.1:{redis_port}/0", prefix="llmos:")
+    store = await RedisTaskStore.open(
+        f"redis://127.0.0.1:{redis_port}/0", keys=KeyRing.generate(), prefix="llmos:"
+    )
     try:
         request = kernel_pb2.GenerateRequest(prompt=f"Please write to {SECRET}")
         record = TaskRecord.queued(
@@ -83,8 +86,11 @@ async def test_forgetting_rewrites_the_aof_without_the_forgotten_task(
         await store.transition(
             "forgotten-task-1", common_pb2.TASK_STATE_SUCCEEDED, text=f"Done: {SECRET}"
         )
-        # appendfsync everysec: the commands reach the file within about a second.
-        await wait_for(lambda: SECRET.encode() in aof_bytes(tmp_path), "the AOF write")
+        # appendfsync everysec: the commands reach the file within about a second. The
+        # secret itself is sealed (encryption at rest), so the task id, which names the
+        # keys, is what shows the write arrived.
+        await wait_for(lambda: b"forgotten-task-1" in aof_bytes(tmp_path), "the AOF write")
+        assert SECRET.encode() not in aof_bytes(tmp_path), "the prompt reached the AOF unsealed"
 
         assert await store.delete(["forgotten-task-1"]) == 1
         notes = await store.scrub()
@@ -103,10 +109,13 @@ async def test_forgetting_rewrites_the_aof_without_the_forgotten_task(
         # Redis 7 deletes the replaced AOF parts on a background thread once the rewrite
         # is done: give it a moment, then nothing of the task may be left in any file.
         await wait_for(
-            lambda: SECRET.encode() not in aof_bytes(tmp_path), "the old AOF parts' removal", 10
+            lambda: b"forgotten-task-1" not in aof_bytes(tmp_path),
+            "the old AOF parts' removal",
+            10,
         )
         raw = aof_bytes(tmp_path)
         assert raw, "the rewritten AOF is empty: nothing was read"
         assert b"forgotten-task-1" not in raw
+        assert SECRET.encode() not in raw
     finally:
         await store.close()

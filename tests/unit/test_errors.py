@@ -12,6 +12,7 @@ from llmos.services.errors import (
     ERROR_BY_STATUS,
     STATUS_BY_ERROR,
     AlreadyExists,
+    DataLoss,
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
@@ -36,6 +37,7 @@ EXPECTED = {
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
+    DataLoss: grpc.StatusCode.DATA_LOSS,
 }
 
 
