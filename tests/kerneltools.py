@@ -80,7 +80,7 @@ def start_kernel(
     env: dict[str, str] | None = None,
 ) -> Kernel:
     """A kernel with the `store` task store ("redis", or "sqlite" under workdir/name) and
-    its echo runtime, once the runtime has registered; `env` adds or overrides settings."""
+    its echo runtime, once the runtime is serving; `env` adds or overrides settings."""
     extra = env or {}
     # Kernels sharing a store must share its at-rest keys: one key file per work directory.
     key_file = workdir / "keys.json"
@@ -133,7 +133,13 @@ def wait_for_runtime(kernel: Kernel, timeout_s: float = 60) -> None:
                 pytest.fail(f"the kernel exited; see {kernel.log}")
             try:
                 services = stub.ListServices(kernel_pb2.ListServicesRequest(), timeout=2).services
-                if any(s.kind == common_pb2.SERVICE_KIND_RUNTIME for s in services):
+                # Registered is not enough: the kernel routes only to a runtime it has
+                # seen SERVING (health UNSPECIFIED until its first check).
+                if any(
+                    s.kind == common_pb2.SERVICE_KIND_RUNTIME
+                    and s.health == common_pb2.SERVICE_HEALTH_SERVING
+                    for s in services
+                ):
                     return
             except grpc.RpcError:
                 pass
