@@ -6,6 +6,7 @@ import path through pytest's `pythonpath` setting.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -13,10 +14,12 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmos.services.config import METRICS_PORT_OFFSET
 from llmos.v1 import common_pb2, kernel_pb2, kernel_pb2_grpc
@@ -227,3 +230,43 @@ class Served:
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait()
+
+
+@contextlib.contextmanager
+def runtime_alone(
+    data_dir: Path, log_path: Path, env: dict[str, str] | None = None
+) -> Iterator[tuple[subprocess.Popen[bytes], str, int]]:
+    """`llmos serve runtime` on its own (no kernel listens on its port block), until its
+    gRPC health says SERVING; yields the process, its address and its metrics port, and
+    SIGTERMs it at the end."""
+    port = free_port_block(2)  # the runtime takes port + 1
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "llmos.kernel.cli", "serve", "runtime", "--port", str(port),
+             "--data-dir", str(data_dir)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )  # fmt: skip
+    address = f"127.0.0.1:{port + 1}"
+    try:
+        started = time.monotonic()
+        with grpc.insecure_channel(address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while True:
+                try:
+                    if health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == 1:
+                        break
+                except grpc.RpcError:
+                    pass
+                assert process.poll() is None, f"the runtime exited during start-up: {log_path}"
+                assert time.monotonic() - started < 120, "the runtime did not become SERVING"
+                time.sleep(0.3)
+        yield process, address, port + 1 + METRICS_PORT_OFFSET
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

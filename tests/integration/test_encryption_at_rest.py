@@ -28,7 +28,7 @@ import grpc
 import pytest
 import redis
 from kerneltools import Kernel, start_kernel
-from redistools import REDIS_URL, delete_prefix, fresh_prefix
+from redistools import REDIS_URL, delete_prefix, fresh_prefix, raw_bytes
 
 from llmos.v1 import common_pb2, kernel_pb2, kernel_pb2_grpc
 
@@ -75,32 +75,10 @@ def sqlite_bytes(data_dir: Path) -> bytes:
 
 
 def redis_bytes(prefix: str) -> bytes:
-    """Every key under `prefix`: its DUMP and its value read by type."""
-    client = redis.Redis.from_url(REDIS_URL)
-    parts: list[bytes] = []
-    try:
-        for key in client.scan_iter(match=f"{prefix}*", count=1000):
-            parts.append(key)
-            parts.append(client.dump(key) or b"")
-            kind = client.type(key).decode()
-            if kind == "string":
-                parts.append(client.get(key) or b"")
-            elif kind == "hash":
-                parts += [b for pair in client.hgetall(key).items() for b in pair]
-            elif kind == "list":
-                parts += client.lrange(key, 0, -1)
-            elif kind == "zset":
-                parts += client.zrange(key, 0, -1)
-            elif kind == "set":
-                parts += list(client.smembers(key))
-            elif kind == "stream":
-                for entry_id, fields in client.xrange(key):
-                    parts.append(entry_id)
-                    parts += [b for pair in fields.items() for b in pair]
-    finally:
-        client.close()
-    assert parts, f"nothing stored under {prefix}"
-    return b"\n".join(parts)
+    """Everything stored under `prefix`, raw (redistools.raw_bytes); something must be."""
+    raw = raw_bytes(prefix)
+    assert raw, f"nothing stored under {prefix}"
+    return raw
 
 
 def cli(kernel: Kernel, data_dir: Path, *args: str) -> str:

@@ -20,8 +20,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-import redis
-from redistools import REDIS_URL, delete_prefix, fresh_prefix
+from redistools import REDIS_URL, delete_prefix, fresh_prefix, raw_bytes
 from stacktools import Served
 
 from llmos.services.errors import error_info
@@ -144,41 +143,10 @@ def file_bytes(*paths: Path) -> bytes:
     return b"".join(path.read_bytes() for path in paths if path.exists())
 
 
-def redis_bytes(prefix: str) -> bytes:
-    """Every key under `prefix` and everything it holds, read by type (streams included)."""
-    client = redis.Redis.from_url(REDIS_URL)
-    parts: list[bytes] = []
-    try:
-        for key in client.scan_iter(match=f"{prefix}*", count=1000):
-            parts.append(key)
-            kind = client.type(key).decode()
-            if kind == "string":
-                parts.append(client.get(key) or b"")
-            elif kind == "hash":
-                for field, value in client.hgetall(key).items():
-                    parts += [field, value]
-            elif kind == "list":
-                parts += client.lrange(key, 0, -1)
-            elif kind == "set":
-                parts += list(client.smembers(key))
-            elif kind == "zset":
-                parts += client.zrange(key, 0, -1)
-            elif kind == "stream":
-                for entry_id, fields in client.xrange(key):
-                    parts.append(entry_id)
-                    for field, value in fields.items():
-                        parts += [field, value]
-            else:
-                pytest.fail(f"key {key!r} has a type this check does not read: {kind}")
-    finally:
-        client.close()
-    return b"\n".join(parts)
-
-
 def stored_bytes(served: Served, prefix: str) -> bytes:
     """What the task store holds, raw: the SQLite file and its WAL, or the Redis keys."""
     if prefix:
-        return redis_bytes(prefix)
+        return raw_bytes(prefix, dump=False)
     data = served.workdir / "data"
     return file_bytes(data / "tasks.sqlite3", data / "tasks.sqlite3-wal")
 

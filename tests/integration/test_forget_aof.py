@@ -11,15 +11,13 @@ files' raw bytes.
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
-from stacktools import REPO, free_port_block
+from redistools import RedisServer
 
 from llmos.kernel.store import TaskRecord
 from llmos.kernel.store.redis import RedisTaskStore
@@ -31,26 +29,10 @@ SECRET = "zelda.forgotten@example.com"
 
 @pytest.fixture
 def redis_port(tmp_path: Path) -> Iterator[int]:
-    binary = shutil.which("redis-server")
-    assert binary, "redis-server is not installed (scripts/test.sh installs it)"
-    port = free_port_block(1)
-    config = REPO / "deploy" / "redis" / "redis.conf"
-    argv = [binary, str(config), "--port", str(port), "--dir", str(tmp_path)]
-    with (tmp_path / "redis.log").open("ab") as log:
-        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-    client = redis.Redis(port=port)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.exceptions.ConnectionError:
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.05)
-    client.close()
-    yield port
-    process.terminate()
-    process.wait(timeout=10)
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server.port
+    server.stop()
 
 
 def aof_bytes(directory: Path) -> bytes:

@@ -13,10 +13,6 @@ runtime process whose batch holds one sequence, so who gets the next place is vi
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -24,11 +20,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
-from stacktools import free_port_block
+from stacktools import runtime_alone
 
-from llmos.services.config import METRICS_PORT_OFFSET
 from llmos.v1 import common_pb2, runtime_pb2, runtime_pb2_grpc
 
 # The real default model, converted once per session; slow on a loaded 2-core machine.
@@ -59,38 +53,14 @@ class Runtime:
 
 @pytest.fixture(scope="module")
 def runtime(model_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
-    port = free_port_block(2)  # the runtime takes port + 1; no kernel listens on port
-    log = (tmp_path_factory.mktemp("runtime") / "runtime.log").open("wb")
-    env = dict(
-        os.environ,
-        LLMOS_RUNTIME_MAX_BATCH="1",
-        LLMOS_RUNTIME_STREAM_BUFFER=str(STREAM_BUFFER),
-        LLMOS_RUNTIME_AGING_S="600",  # no aging within a test: the order is the classes'
-    )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "llmos.kernel.cli", "serve", "runtime", "--port", str(port),
-         "--data-dir", str(model_data_dir)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )  # fmt: skip
-    address = f"127.0.0.1:{port + 1}"
-    started = time.monotonic()
-    with grpc.insecure_channel(address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while True:
-            try:
-                if health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == 1:
-                    break
-            except grpc.RpcError:
-                pass
-            assert process.poll() is None, "the runtime exited during start-up"
-            assert time.monotonic() - started < 120, "the runtime did not become SERVING"
-            time.sleep(0.3)
-    yield Runtime(address, port + 1 + METRICS_PORT_OFFSET)
-    process.send_signal(signal.SIGTERM)
-    process.wait(timeout=30)
-    log.close()
+    env = {
+        "LLMOS_RUNTIME_MAX_BATCH": "1",
+        "LLMOS_RUNTIME_STREAM_BUFFER": str(STREAM_BUFFER),
+        "LLMOS_RUNTIME_AGING_S": "600",  # no aging within a test: the order is the classes'
+    }
+    log_path = tmp_path_factory.mktemp("runtime") / "runtime.log"
+    with runtime_alone(model_data_dir, log_path, env) as (_, address, metrics_port):
+        yield Runtime(address, metrics_port)
 
 
 def request(

@@ -5,18 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import random
-import signal
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import psutil
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from stacktools import free_port_block
+from stacktools import runtime_alone
 
 from llmos.services.errors import error_info
 from llmos.v1 import common_pb2, runtime_pb2, runtime_pb2_grpc
@@ -43,33 +39,11 @@ class Runtime:
 
 @pytest.fixture(scope="module")
 def runtime(model_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
-    port = free_port_block(2)  # the runtime takes port + 1; no kernel listens on port
-    log = (tmp_path_factory.mktemp("runtime") / "runtime.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "llmos.kernel.cli", "serve", "runtime", "--port", str(port),
-         "--data-dir", str(model_data_dir)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    address = f"127.0.0.1:{port + 1}"
-    started = time.monotonic()
-    with grpc.insecure_channel(address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while True:
-            try:
-                if health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == 1:
-                    break
-            except grpc.RpcError:
-                pass
-            assert process.poll() is None, "the runtime exited during start-up"
-            assert time.monotonic() - started < 120, "the runtime did not become SERVING"
-            time.sleep(0.3)
-    running = Runtime(process, address)
-    yield running
-    running.channel.close()
-    process.send_signal(signal.SIGTERM)
-    process.wait(timeout=30)
-    log.close()
+    log_path = tmp_path_factory.mktemp("runtime") / "runtime.log"
+    with runtime_alone(model_data_dir, log_path) as (process, address, _):
+        running = Runtime(process, address)
+        yield running
+        running.channel.close()
 
 
 def rpc_error(call) -> grpc.RpcError:
