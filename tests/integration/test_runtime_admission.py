@@ -33,6 +33,7 @@ STREAM_BUFFER = 4
 # writes wait for each read (no BDP probing to grow it).
 SLOW_READER = [("grpc.http2.lookahead_bytes", 1), ("grpc.http2.bdp_probe", 0)]
 COUNTING = "Count from 1 to 1000, separated by commas."
+DEADLINE_S = 40
 
 
 class Runtime:
@@ -187,10 +188,12 @@ async def test_a_reader_that_never_reads_ends_at_its_deadline_and_frees_everythi
     runtime: Runtime,
 ) -> None:
     async with grpc.aio.insecure_channel(runtime.address, options=SLOW_READER) as slow_channel:
-        # Long enough to reach its first tokens and be parked on a loaded machine.
-        deadline = time.monotonic() + 150
+        # Long enough to reach its first tokens and be parked on a loaded machine (a prefill
+        # and STREAM_BUFFER steps at batch 1, a few seconds at a load of 10); the test then
+        # waits it out, so every second here is a second of the suite.
+        deadline = time.monotonic() + DEADLINE_S
         slow = runtime_pb2_grpc.RuntimeServiceStub(slow_channel).Generate(
-            request(COUNTING, 200), timeout=150
+            request(COUNTING, 200), timeout=DEADLINE_S
         )
         await slow.read()
         await until(
