@@ -316,14 +316,18 @@ def _apply_transition(
     usage: bytes | None,
     error: str | None,
     interrupted: bool,
-) -> None:
-    """Write a checked transition and its "state" event (the caller holds the transaction).
+    offset: int | None = None,
+) -> tuple[Any, ...]:
+    """Write a checked transition and its "state" event (the caller holds the transaction);
+    the task's row as it now is.
 
     `interrupted` counts an attempt that did not finish: always for a re-queue, and for a
-    task failed by `recover`.
+    task failed by `recover`. `offset` is the state event's, when the caller knows it (one
+    query fewer).
     """
     task_id = row[0]
-    offset = _next_offset(conn, "events", task_id)
+    if offset is None:
+        offset = _next_offset(conn, "events", task_id)
     attempts = row[12] + 1 if interrupted else row[12]
     attempt_offset = offset if to_state == QUEUED else row[13]
     finished_at = now if to_state in FINAL_STATES else None
@@ -332,6 +336,7 @@ def _apply_transition(
         if error is not None
         else (b"" if to_state == SUCCEEDED else row[11])
     )
+    stored_usage = row[10] if usage is None else usage
     conn.execute(
         "UPDATE tasks SET state = ?, updated_at = ?, finished_at = ?, finish_reason = ?, "
         "usage = ?, error = ?, attempts = ?, attempt_offset = ? WHERE task_id = ?",
@@ -340,7 +345,7 @@ def _apply_transition(
             now,
             finished_at,
             int(finish_reason),
-            row[10] if usage is None else usage,
+            stored_usage,
             stored_error,
             attempts,
             attempt_offset,
@@ -357,13 +362,34 @@ def _apply_transition(
         text=error or "",
         finish_reason=finish_reason,
     )
+    # The row as the UPDATE left it, in TASK_COLUMNS order: no need to read it back.
+    return (
+        *row[:2],
+        int(to_state),
+        *row[3:7],
+        now,
+        finished_at,
+        int(finish_reason),
+        stored_usage,
+        stored_error,
+        attempts,
+        attempt_offset,
+    )
 
 
 def _insert_text(
-    conn: sqlite3.Connection, sealer: Sealer, task_id: str, state: TaskState, text: str
+    conn: sqlite3.Connection,
+    sealer: Sealer,
+    task_id: str,
+    state: TaskState,
+    text: str,
+    *,
+    offset: int | None = None,
 ) -> int:
-    """Log `text` as the task's next event (the caller checked the task runs); its offset."""
-    offset = _next_offset(conn, "events", task_id)
+    """Log `text` as the task's next event (the caller checked the task runs); its offset
+    (`offset`, when the caller knows it)."""
+    if offset is None:
+        offset = _next_offset(conn, "events", task_id)
     _insert_event(
         conn,
         sealer,
@@ -662,6 +688,15 @@ class SqliteTaskStore(TaskStore):
     async def create(self, record: TaskRecord, *, running: bool = False) -> None:
         check_new_record(record)
         sealer = self.sealer
+        task_id = record.task_id
+        # QUEUED, and with `running` RUNNING at once: the row is inserted as the transition
+        # leaves it and both state events go in one statement (a new task has nothing to
+        # read first: its first event is offset 0, its attempt starts there).
+        updated_at = self._clock() if running else record.updated_at
+        unspecified = int(common_pb2.FINISH_REASON_UNSPECIFIED)
+        events = [(task_id, 0, "state", int(record.state), b"", unspecified)]
+        if running:
+            events.append((task_id, 1, "state", int(RUNNING), b"", unspecified))
 
         def operation(conn: sqlite3.Connection) -> None:
             try:
@@ -669,49 +704,32 @@ class SqliteTaskStore(TaskStore):
                     f"INSERT INTO tasks ({TASK_COLUMNS}) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)",
                     (
-                        record.task_id,
+                        task_id,
                         record.tenant,
-                        int(record.state),
+                        int(RUNNING if running else record.state),
                         record.model,
                         int(record.priority),
-                        sealer.seal(record.task_id, REQUEST, record.request),
+                        sealer.seal(task_id, REQUEST, record.request),
                         record.created_at,
-                        record.updated_at,
+                        updated_at,
                         None,
                         int(record.finish_reason),
                         record.usage,
-                        sealer.seal_text(record.task_id, ERROR, record.error),
+                        sealer.seal_text(task_id, ERROR, record.error),
                         record.attempts,
                     ),
                 )
             except sqlite3.IntegrityError as exc:
                 raise AlreadyExists(
-                    f"task {record.task_id!r} already exists",
+                    f"task {task_id!r} already exists",
                     reason="DUPLICATE_TASK",
-                    metadata={"task_id": record.task_id},
+                    metadata={"task_id": task_id},
                 ) from exc
-            _insert_event(
-                conn,
-                sealer,
-                record.task_id,
-                0,
-                kind="state",
-                state=record.state,
-                text="",
-                finish_reason=common_pb2.FINISH_REASON_UNSPECIFIED,
+            conn.executemany(
+                "INSERT INTO events (task_id, seq, kind, state, text, finish_reason) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                events,
             )
-            if running:  # in the same transaction: both or neither
-                _apply_transition(
-                    conn,
-                    sealer,
-                    _task_row(conn, record.task_id),
-                    RUNNING,
-                    self._clock(),
-                    finish_reason=common_pb2.FINISH_REASON_UNSPECIFIED,
-                    usage=None,
-                    error=None,
-                    interrupted=False,
-                )
 
         await self._run(operation)
 
@@ -742,8 +760,17 @@ class SqliteTaskStore(TaskStore):
             reason = finish_reason_for(task_id, to_state, finish_reason)
             if text:
                 check_takes_text(task_id, current)
-                _insert_text(conn, self.sealer, task_id, current, text)
-            _apply_transition(
+            # One read gives both the next offset and the attempt's output so far: every
+            # event from the attempt's first on (at least that one) is at or after it.
+            since = conn.execute(
+                "SELECT seq, kind, text FROM events WHERE task_id = ? AND seq >= ? ORDER BY seq",
+                (task_id, row[13]),
+            ).fetchall()
+            offset = since[-1][0] + 1 if since else _next_offset(conn, "events", task_id)
+            if text:
+                _insert_text(conn, self.sealer, task_id, current, text, offset=offset)
+                offset += 1
+            new_row = _apply_transition(
                 conn,
                 self.sealer,
                 row,
@@ -753,9 +780,17 @@ class SqliteTaskStore(TaskStore):
                 usage=usage,
                 error=error,
                 interrupted=current == RUNNING and to_state == QUEUED,
+                offset=offset,
             )
             _insert_steps(conn, self.sealer, task_id, steps)
-            return _read_record(conn, self.sealer, task_id)
+            if to_state == QUEUED:  # a new attempt starts at this state event: no output
+                return _record(self.sealer, new_row, "")
+            output = "".join(
+                self.sealer.open_text(task_id, EVENT, sealed)
+                for _, kind, sealed in since
+                if kind == "text"
+            )
+            return _record(self.sealer, new_row, output + text)
 
         return await self._run(operation)
 
