@@ -63,6 +63,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from llmos.services.errors import DataLoss, FailedPrecondition
+from llmos.services.randomness import random_bytes
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
@@ -231,6 +232,92 @@ class KeyRing:
     def generate(cls, source: str = "generated") -> KeyRing:
         """A ring with one fresh key, held in memory only (tests, benchmarks)."""
         return cls({"k1": secrets.token_bytes(KEY_BYTES)}, "k1", source)
+
+
+class DekCache:
+    """The envelope with one data key per context, for a writer that seals many values of
+    one record field (a task's streamed text, its trace steps) in a row.
+
+    A context's first value gets a fresh DEK, wrapped as `KeyRing.seal` does; later ones
+    reuse that DEK and its wrapped form, each with a fresh data nonce. The format is the
+    same (every value still carries its wrapped DEK, bound to the context), so `KeyRing.open`
+    and `rewrap` read these values and this class reads any envelope. What it saves is the
+    wrap, the unwrap and building a cipher, about half the cost of a small value. A DEK is
+    still used for one context only, far below AES-GCM's 2^32 random nonces per key, and a
+    rotation starts fresh DEKs under the new active key.
+
+    Opening keeps the DEK of each wrapped form it (or this cache's sealing) has seen, keyed
+    by the exact wrapped bytes and the context, so a hit yields what the unwrap would
+    have; the value's own tag is checked on every open. The key it names must still be in
+    the ring. Both maps are bounded (`size` contexts; full, they start over). Safe to use
+    from several threads: a race costs at most one extra DEK.
+    """
+
+    def __init__(self, ring: KeyRing, size: int = 1024) -> None:
+        self.ring = ring
+        self.size = size
+        # context -> (key id, header + wrap nonce + wrapped DEK, the DEK's cipher)
+        self._sealing: dict[bytes, tuple[str, bytes, AESGCM]] = {}
+        # (context, header + wrap nonce + wrapped DEK) -> the DEK's cipher
+        self._opening: dict[tuple[bytes, bytes], AESGCM] = {}
+
+    def seal(self, plaintext: bytes, context: bytes) -> bytes:
+        keyset = self.ring.current()
+        key_id = keyset.active
+        entry = self._sealing.get(context)
+        if entry is None or entry[0] != key_id:
+            fresh = random_bytes(KEY_BYTES + NONCE_BYTES)
+            dek, wrap_nonce = fresh[:KEY_BYTES], fresh[KEY_BYTES:]
+            wrapped = keyset.aeads[key_id].encrypt(wrap_nonce, dek, _wrap_aad(key_id, context))
+            entry = (
+                key_id,
+                VERSION + key_id.encode() + b"\x00" + wrap_nonce + wrapped,
+                AESGCM(dek),
+            )
+            if len(self._sealing) >= self.size:
+                self._sealing.clear()
+            self._sealing[context] = entry
+            self._remember(context, entry[1], entry[2])
+        _, prefix, aead = entry
+        data_nonce = random_bytes(NONCE_BYTES)
+        return prefix + data_nonce + aead.encrypt(data_nonce, plaintext, context)
+
+    def open(self, sealed: bytes, context: bytes, what: str) -> bytes:
+        """As `KeyRing.open`, the same errors."""
+        key_id, body = _split(sealed, what)
+        prefix = sealed[: len(sealed) - len(body) + _WRAPPED]
+        aead = self._opening.get((context, prefix))
+        if aead is None or key_id not in self.ring.current().keys:
+            return self._open_unwrapping(sealed, context, what)
+        data = body[_WRAPPED:]
+        try:
+            return aead.decrypt(data[:NONCE_BYTES], data[NONCE_BYTES:], context)
+        except InvalidTag as error:
+            raise _corrupt(what, key_id) from error
+
+    def _open_unwrapping(self, sealed: bytes, context: bytes, what: str) -> bytes:
+        """Unwrap with the ring (KEY_NOT_FOUND when its key is gone), remember the DEK."""
+        key_id, body = _split(sealed, what)
+        prefix = sealed[: len(sealed) - len(body) + _WRAPPED]
+        try:
+            dek = self.ring._aead(key_id).decrypt(
+                body[:NONCE_BYTES], body[NONCE_BYTES:_WRAPPED], _wrap_aad(key_id, context)
+            )
+        except InvalidTag as error:
+            raise _corrupt(what, key_id) from error
+        aead = AESGCM(dek)
+        data = body[_WRAPPED:]
+        try:
+            plaintext = aead.decrypt(data[:NONCE_BYTES], data[NONCE_BYTES:], context)
+        except InvalidTag as error:
+            raise _corrupt(what, key_id) from error
+        self._remember(context, prefix, aead)
+        return plaintext
+
+    def _remember(self, context: bytes, prefix: bytes, aead: AESGCM) -> None:
+        if len(self._opening) >= self.size:
+            self._opening.clear()
+        self._opening[(context, prefix)] = aead
 
 
 def key_id_of(sealed: bytes) -> str:

@@ -15,9 +15,7 @@ emptiness is all it says.
 
 from __future__ import annotations
 
-import dataclasses
-
-from llmos.services.keyring import KeyRing, key_id_of
+from llmos.services.keyring import DekCache, KeyRing, key_id_of
 
 REQUEST, ERROR, EVENT, OUTPUT, TRACE = "request", "error", "event", "output", "trace"
 FIELDS = (REQUEST, ERROR, EVENT, OUTPUT, TRACE)
@@ -31,14 +29,18 @@ def _what(task_id: str, field: str) -> str:
     return f"task {task_id}'s {field}"
 
 
-@dataclasses.dataclass(frozen=True)
 class Sealer:
-    """Seals and opens one task field at a time with the ring's active key."""
+    """Seals and opens one task field at a time with the ring's active key.
 
-    keys: KeyRing
+    One data key per task field (`DekCache`): a task's text pieces and trace steps share
+    their field's DEK, each value with its own nonce, in the ring's usual envelope."""
+
+    def __init__(self, keys: KeyRing) -> None:
+        self.keys = keys
+        self._deks = DekCache(keys)
 
     def seal(self, task_id: str, field: str, plain: bytes) -> bytes:
-        return self.keys.seal(plain, context(task_id, field)) if plain else b""
+        return self._deks.seal(plain, context(task_id, field)) if plain else b""
 
     def seal_text(self, task_id: str, field: str, text: str) -> bytes:
         return self.seal(task_id, field, text.encode())
@@ -48,7 +50,7 @@ class Sealer:
         naming the task and field when it cannot be opened."""
         if not sealed:
             return b""
-        return self.keys.open(bytes(sealed), context(task_id, field), _what(task_id, field))
+        return self._deks.open(bytes(sealed), context(task_id, field), _what(task_id, field))
 
     def open_text(self, task_id: str, field: str, sealed: bytes) -> str:
         return self.open(task_id, field, sealed).decode()

@@ -10,6 +10,8 @@ import pytest
 
 from llmos.services.errors import DataLoss, FailedPrecondition
 from llmos.services.keyring import (
+    KEY_BYTES,
+    DekCache,
     KeyRing,
     from_file,
     from_setting,
@@ -32,6 +34,51 @@ def test_a_sealed_value_opens_only_in_its_own_context() -> None:
         with pytest.raises((DataLoss, FailedPrecondition)):
             ring.open(bytes(altered), b"task/t1/request", "x")
     assert ring.seal(b"the prompt", b"c") != ring.seal(b"the prompt", b"c")  # fresh DEK, nonces
+
+
+def test_a_dek_per_context_keeps_the_envelope_and_its_checks() -> None:
+    ring = KeyRing.generate()
+    deks = DekCache(ring)
+    first, second = deks.seal(b"one", b"task/t1/event"), deks.seal(b"two", b"task/t1/event")
+    other = deks.seal(b"one", b"task/t2/event")
+    wrapped = len(b"\x01k1\x00") + 12 + KEY_BYTES + 16
+    assert first[:wrapped] == second[:wrapped] != other[:wrapped]  # a DEK per context
+    assert first != deks.seal(b"one", b"task/t1/event")  # a fresh nonce per value
+    # The ring's own envelope: either side opens the other's values.
+    assert ring.open(second, b"task/t1/event", "x") == b"two"
+    assert deks.open(ring.seal(b"three", b"task/t1/event"), b"task/t1/event", "x") == b"three"
+    assert deks.open(first, b"task/t1/event", "x") == b"one"
+    with pytest.raises(DataLoss):  # a cached DEK does not let a value move
+        deks.open(first, b"task/t2/event", "x")
+    for index in range(len(first)):  # any flipped byte is caught, cached or not
+        altered = bytearray(first)
+        altered[index] ^= 0x40
+        with pytest.raises((DataLoss, FailedPrecondition)):
+            deks.open(bytes(altered), b"task/t1/event", "x")
+
+
+def test_a_dek_per_context_follows_rotation_and_a_removed_key(tmp_path: Path) -> None:
+    path = tmp_path / "keys.json"
+    write_file(path, KeyRing.generate())
+    ring = from_file(path)
+    deks = DekCache(ring)
+    before = deks.seal(b"v", b"c")
+    rotate_file(ring)
+    after = deks.seal(b"w", b"c")
+    assert key_id_of(before) == "k1" and key_id_of(after) == "k2"
+    assert deks.open(before, b"c", "x") == b"v"  # its DEK is cached now
+    small = DekCache(ring, size=2)
+    for context in (b"d", b"e", b"f"):  # more contexts than it keeps: it starts over
+        assert small.open(small.seal(b"x", context), context, "x") == b"x"
+    # k1 leaves the key file: a value sealed under it no longer opens, cached DEK or not.
+    data = json.loads(path.read_text())
+    del data["keys"]["k1"]
+    path.write_text(json.dumps(data))
+    ring.reload(force=True)
+    with pytest.raises(FailedPrecondition) as caught:
+        deks.open(before, b"c", "x")
+    assert caught.value.reason == "KEY_NOT_FOUND"
+    assert deks.open(after, b"c", "x") == b"w"
 
 
 def test_an_unknown_key_is_named(tmp_path: Path) -> None:
