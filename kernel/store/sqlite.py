@@ -280,8 +280,12 @@ def _next_offset(conn: sqlite3.Connection, table: str, task_id: str) -> int:
     return int(offset)
 
 
-def _insert_event(
-    conn: sqlite3.Connection,
+INSERT_EVENT = (
+    "INSERT INTO events (task_id, seq, kind, state, text, finish_reason) VALUES (?, ?, ?, ?, ?, ?)"
+)
+
+
+def _event_row(
     sealer: Sealer,
     task_id: str,
     offset: int,
@@ -290,18 +294,15 @@ def _insert_event(
     state: TaskState,
     text: str,
     finish_reason: FinishReason,
-) -> None:
-    conn.execute(
-        "INSERT INTO events (task_id, seq, kind, state, text, finish_reason) "
-        "VALUES (?, ?, ?, ?, ?, ?)",
-        (
-            task_id,
-            offset,
-            kind,
-            int(state),
-            sealer.seal_text(task_id, EVENT, text),
-            int(finish_reason),
-        ),
+) -> tuple[Any, ...]:
+    """An `events` row, its text sealed."""
+    return (
+        task_id,
+        offset,
+        kind,
+        int(state),
+        sealer.seal_text(task_id, EVENT, text),
+        int(finish_reason),
     )
 
 
@@ -317,17 +318,33 @@ def _apply_transition(
     error: str | None,
     interrupted: bool,
     offset: int | None = None,
+    text: str = "",
 ) -> tuple[Any, ...]:
     """Write a checked transition and its "state" event (the caller holds the transaction);
     the task's row as it now is.
 
     `interrupted` counts an attempt that did not finish: always for a re-queue, and for a
-    task failed by `recover`. `offset` is the state event's, when the caller knows it (one
-    query fewer).
+    task failed by `recover`. `offset` is the task's next event offset, when the caller
+    knows it (one query fewer). `text` (the caller checked the task takes text) is logged
+    just before the state event, in the same statement.
     """
     task_id = row[0]
     if offset is None:
         offset = _next_offset(conn, "events", task_id)
+    events: builtins.list[tuple[Any, ...]] = []
+    if text:
+        events.append(
+            _event_row(
+                sealer,
+                task_id,
+                offset,
+                kind="text",
+                state=row[2],
+                text=text,
+                finish_reason=common_pb2.FINISH_REASON_UNSPECIFIED,
+            )
+        )
+        offset += 1
     attempts = row[12] + 1 if interrupted else row[12]
     attempt_offset = offset if to_state == QUEUED else row[13]
     finished_at = now if to_state in FINAL_STATES else None
@@ -352,16 +369,18 @@ def _apply_transition(
             task_id,
         ),
     )
-    _insert_event(
-        conn,
-        sealer,
-        task_id,
-        offset,
-        kind="state",
-        state=to_state,
-        text=error or "",
-        finish_reason=finish_reason,
+    events.append(
+        _event_row(
+            sealer,
+            task_id,
+            offset,
+            kind="state",
+            state=to_state,
+            text=error or "",
+            finish_reason=finish_reason,
+        )
     )
+    conn.executemany(INSERT_EVENT, events)
     # The row as the UPDATE left it, in TASK_COLUMNS order: no need to read it back.
     return (
         *row[:2],
@@ -378,27 +397,21 @@ def _apply_transition(
 
 
 def _insert_text(
-    conn: sqlite3.Connection,
-    sealer: Sealer,
-    task_id: str,
-    state: TaskState,
-    text: str,
-    *,
-    offset: int | None = None,
+    conn: sqlite3.Connection, sealer: Sealer, task_id: str, state: TaskState, text: str
 ) -> int:
-    """Log `text` as the task's next event (the caller checked the task runs); its offset
-    (`offset`, when the caller knows it)."""
-    if offset is None:
-        offset = _next_offset(conn, "events", task_id)
-    _insert_event(
-        conn,
-        sealer,
-        task_id,
-        offset,
-        kind="text",
-        state=state,
-        text=text,
-        finish_reason=common_pb2.FINISH_REASON_UNSPECIFIED,
+    """Log `text` as the task's next event (the caller checked the task runs); its offset."""
+    offset = _next_offset(conn, "events", task_id)
+    conn.execute(
+        INSERT_EVENT,
+        _event_row(
+            sealer,
+            task_id,
+            offset,
+            kind="text",
+            state=state,
+            text=text,
+            finish_reason=common_pb2.FINISH_REASON_UNSPECIFIED,
+        ),
     )
     return offset
 
@@ -725,11 +738,7 @@ class SqliteTaskStore(TaskStore):
                     reason="DUPLICATE_TASK",
                     metadata={"task_id": task_id},
                 ) from exc
-            conn.executemany(
-                "INSERT INTO events (task_id, seq, kind, state, text, finish_reason) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                events,
-            )
+            conn.executemany(INSERT_EVENT, events)
 
         await self._run(operation)
 
@@ -766,10 +775,6 @@ class SqliteTaskStore(TaskStore):
                 "SELECT seq, kind, text FROM events WHERE task_id = ? AND seq >= ? ORDER BY seq",
                 (task_id, row[13]),
             ).fetchall()
-            offset = since[-1][0] + 1 if since else _next_offset(conn, "events", task_id)
-            if text:
-                _insert_text(conn, self.sealer, task_id, current, text, offset=offset)
-                offset += 1
             new_row = _apply_transition(
                 conn,
                 self.sealer,
@@ -780,7 +785,8 @@ class SqliteTaskStore(TaskStore):
                 usage=usage,
                 error=error,
                 interrupted=current == RUNNING and to_state == QUEUED,
-                offset=offset,
+                offset=since[-1][0] + 1 if since else None,
+                text=text,
             )
             _insert_steps(conn, self.sealer, task_id, steps)
             if to_state == QUEUED:  # a new attempt starts at this state event: no output
