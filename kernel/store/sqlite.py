@@ -17,7 +17,8 @@ Why it is built this way:
   event loop. Under load the kernel makes many small writes at once (each task's state
   changes, text and trace); one transaction, one WAL append and one thread hop for all of
   them, instead of one each, is most of what a write costs. An idle store is not slowed
-  down: a lone job is a batch of one, applied at once (nothing waits to fill a batch).
+  down: a lone job is a batch of one, applied at once (nothing waits to fill a batch),
+  without a savepoint (if it fails, its transaction is rolled back instead of committed).
 - **Atomic as the contract demands.** A job is applied wholly or not at all: its savepoint
   is released only once all of it succeeded. If SQLite gives up the whole transaction (a
   full disk, an I/O error), or the COMMIT fails, every job of the batch that had succeeded
@@ -518,15 +519,21 @@ class _Writer:
             conn.execute("BEGIN IMMEDIATE" if writes else "BEGIN")
         except sqlite3.Error as exc:
             return _refuse_writes(group, exc, writes)
+        # A lone job needs no savepoint (two statements fewer): if it fails, the whole
+        # transaction is rolled back instead of committed.
+        alone = len(group) == 1
         applied: builtins.list[_Job] = []
         for index, job in enumerate(group):
-            _attempt(conn, job, savepoint=job.writes)
+            _attempt(conn, job, savepoint=job.writes and not alone)
             if not conn.in_transaction:  # SQLite gave the transaction up (disk full, I/O)
                 for earlier in applied:
                     earlier.fail(job.error or sqlite3.OperationalError("transaction lost"))
                 return group[index + 1 :]
             if job.error is None:
                 applied.append(job)
+        if alone and not applied:
+            _roll_back(conn)
+            return []
         try:
             conn.execute("COMMIT")
         except sqlite3.Error as exc:

@@ -1030,6 +1030,30 @@ async def test_sqlite_applies_calls_queued_together_in_one_transaction(
         await reopened.close()
 
 
+async def test_sqlite_a_lone_call_that_fails_after_writing_leaves_nothing(tmp_path: Path) -> None:
+    """A call alone in its transaction runs without a savepoint: when it fails after it
+    wrote, the transaction is rolled back, not committed."""
+
+    def half_done(conn: sqlite3.Connection) -> None:
+        conn.execute("DELETE FROM tasks WHERE task_id = ?", ("kept",))
+        raise RuntimeError("failed after writing")
+
+    store = await SqliteTaskStore.open(tmp_path, keys=KEYS)
+    try:
+        await store.create(new_task("kept"))
+        with pytest.raises(RuntimeError):
+            await store._run(half_done)
+        assert (await store.get("kept")).task_id == "kept"
+        await store.create(new_task("next"))  # the store goes on
+    finally:
+        await store.close()
+    reopened = await SqliteTaskStore.open(tmp_path, keys=KEYS)
+    try:
+        assert {r.task_id for r in (await reopened.list())[0]} == {"kept", "next"}
+    finally:
+        await reopened.close()
+
+
 async def test_sqlite_allows_one_open_store_per_data_dir(tmp_path: Path) -> None:
     first = await SqliteTaskStore.open(tmp_path, keys=KEYS)
     try:
