@@ -378,12 +378,15 @@ _NOT_FOR_NER = ["tok2vec", "tagger", "parser", "attribute_ruler", "lemmatizer", 
 
 
 class NerRecognizer:
-    """spaCy's small English model, tokenizer and NER only."""
+    """spaCy's small English model, tokenizer and NER only, its embedding network fused
+    into one numpy forward (services/privacy/fastner.py) unless `fused` is False."""
 
     name = "spacy_ner"
 
-    def __init__(self, model: str = SPACY_MODEL) -> None:
+    def __init__(self, model: str = SPACY_MODEL, *, fused: bool = True) -> None:
         import spacy
+
+        from llmos.services.privacy import fastner
 
         self.model = model
         nlp: Any = spacy.load(model, exclude=_NOT_FOR_NER)
@@ -391,6 +394,8 @@ class NerRecognizer:
         listens = ner.has_ref("tok2vec") and "listener" in ner.get_ref("tok2vec").name
         if listens:  # a model whose NER needs the shared tok2vec: keep it
             nlp = spacy.load(model, exclude=_NOT_FOR_NER[1:])
+        # False where the model is not laid out as fastner expects: NER then runs stock.
+        self.fused = fused and not listens and fastner.fuse(nlp)
         self._nlp: Any = nlp
 
     def find(self, text: str) -> list[Finding]:
