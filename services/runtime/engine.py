@@ -511,7 +511,8 @@ def load_model(
         context_length=int(getattr(config, "max_position_embeddings", 2048)),
         eos_token_ids=eos_ids,
         parameters=parameters,
-        weight_bytes=weight_bytes(model),
+        # The lean pass's oneDNN copies are weights held too (llama_forward.py).
+        weight_bytes=weight_bytes(model) + forward.packed_bytes,
         source=model_dir,
         forward=forward,
     )

@@ -10,13 +10,20 @@ step; this pass runs the same arithmetic as a flat loop over plain tensors, with
     tensors, so the weights are held once),
   - RoPE applied to queries and keys in one go, cos/sin computed once per step,
   - keys and values written straight into the engine's preallocated `SlotKVCache`,
-  - logits computed only for the positions the engine samples from.
+  - logits computed only for the positions the engine samples from,
+  - batched decoding steps multiplied by oneDNN on weights reordered once at load (MKL's
+    float32 GEMM repacks the whole weight on every call, which dominates at 2-16 rows:
+    in-process, the bench's 16 requests took 1.27x less engine CPU; docs/performance.md).
+    That is a second copy of the weights (`packed_bytes`), counted in the model's
+    weight bytes.
 
 Exactness: every operation is the one Hugging Face runs (same kernels, same order, same
 attention call with the same grouped-query handling and mask), and fusing matmuls does not
-change a row's dot products, so the hidden states are bit-identical to Hugging Face's
-(tests/integration/test_runtime_llama_forward.py checks that, alone and batched), and greedy
-decoding of a request alone still reproduces `generate()` token for token.
+change a row's dot products, so for a lone sequence (one row per matmul: MKL, as HF) the
+hidden states are bit-identical to Hugging Face's (tests/integration/test_runtime_llama_forward.py
+checks that), and greedy decoding of a request alone reproduces `generate()` token for
+token. A batched decoding step runs oneDNN's GEMM, which rounds differently (logits within
+1e-3 of HF's); the greedy choices stay the same unless two logits are that close.
 
 Only plain float32 Llama models qualify (`lean_forward_for`); others (int8 weights, other
 architectures, scaled RoPE) run Hugging Face's forward (`HfForward`).
@@ -45,12 +52,21 @@ class Forward(Protocol):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
 
+    @property
+    def packed_bytes(self) -> int:
+        """Bytes of weight copies the pass holds beside the model's own parameters."""
+        ...
+
 
 class HfForward:
     """Hugging Face's own forward pass, for any model the lean pass does not cover."""
 
     def __init__(self, model: Any) -> None:
         self.model = model
+
+    @property
+    def packed_bytes(self) -> int:
+        return 0
 
     def hidden(
         self,
@@ -74,6 +90,25 @@ class HfForward:
         return logits
 
 
+# The row count oneDNN's weight layout is chosen for: the engine's full decoding batch.
+PACK_ROWS = 16
+
+
+class _Weight:
+    """A linear layer's weight as Hugging Face holds it (`plain`, [out, in]) and, where
+    oneDNN is built in, reordered once into oneDNN's layout for batched steps (`packed`)."""
+
+    def __init__(self, plain: torch.Tensor) -> None:
+        self.plain = plain
+        self.packed: torch.Tensor | None = None
+        if torch.backends.mkldnn.is_available():  # type: ignore[no-untyped-call]
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(plain.detach(), PACK_ROWS)
+
+    @property
+    def packed_bytes(self) -> int:
+        return 0 if self.packed is None else self.plain.numel() * self.plain.element_size()
+
+
 class _Layer:
     """One decoder layer's weights, stacked where their matmuls are fused."""
 
@@ -81,10 +116,14 @@ class _Layer:
         attention, mlp = layer.self_attn, layer.mlp
         self.input_norm: torch.Tensor = layer.input_layernorm.weight
         self.post_norm: torch.Tensor = layer.post_attention_layernorm.weight
-        self.qkv = _stack(attention.q_proj, attention.k_proj, attention.v_proj)
-        self.o: torch.Tensor = attention.o_proj.weight
-        self.gate_up = _stack(mlp.gate_proj, mlp.up_proj)
-        self.down: torch.Tensor = mlp.down_proj.weight
+        self.qkv = _Weight(_stack(attention.q_proj, attention.k_proj, attention.v_proj))
+        self.o = _Weight(attention.o_proj.weight)
+        self.gate_up = _Weight(_stack(mlp.gate_proj, mlp.up_proj))
+        self.down = _Weight(mlp.down_proj.weight)
+
+    @property
+    def weights(self) -> tuple[_Weight, ...]:
+        return (self.qkv, self.o, self.gate_up, self.down)
 
 
 def _stack(*linears: Any) -> torch.Tensor:
@@ -144,26 +183,30 @@ class LlamaForward:
         self.embed: torch.Tensor = base.embed_tokens.weight
         self.layers = [_Layer(layer) for layer in base.layers[: config.num_hidden_layers]]
         self.norm: torch.Tensor = base.norm.weight
-        self.lm_head: torch.Tensor = model.lm_head.weight
+        self.lm_head = _Weight(model.lm_head.weight)
         self.inv_freq: torch.Tensor = base.rotary_emb.inv_freq.float()
         self.attention_scaling: float = base.rotary_emb.attention_scaling
 
-    # MKL's float32 GEMM is far slower per row for 4..15 rows than for 16 (one core: 30
-    # layers' matmuls take 142 ms at 12 rows, 105 ms at 16; the output layer 53 vs 26 ms;
-    # docs/performance.md), so batches of PAD_FROM..15 rows are multiplied as 16, the spare
-    # rows zero. A lone sequence (1 row) is never padded: it stays bit-identical to HF.
-    PAD_FROM = 8
-    PAD_TO = 16
+    @property
+    def packed_bytes(self) -> int:
+        """Bytes held by the oneDNN copies of the weights, beside the model's own."""
+        weights = [self.lm_head, *(w for layer in self.layers for w in layer.weights)]
+        return sum(weight.packed_bytes for weight in weights)
 
-    def _linear(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def _linear(self, hidden: torch.Tensor, weight: _Weight) -> torch.Tensor:
+        """`hidden` times the weight: one row by MKL, as Hugging Face does (so a lone
+        sequence stays bit-identical to it), more rows by oneDNN on the packed weight."""
         rows = hidden.reshape(-1, hidden.shape[-1])
-        count = rows.shape[0]
-        if not self.PAD_FROM <= count < self.PAD_TO:
-            return functional.linear(hidden, weight)
-        padded = hidden.new_zeros(self.PAD_TO, rows.shape[1])
-        padded[:count] = rows
-        out = functional.linear(padded, weight)[:count]
-        return out.view(*hidden.shape[:-1], weight.shape[0])
+        if rows.shape[0] == 1 or weight.packed is None:
+            return functional.linear(hidden, weight.plain)
+        out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(
+            rows, weight.packed, None, "none", [], ""
+        )
+        return out.view(*hidden.shape[:-1], weight.plain.shape[0])
+
+    @staticmethod
+    def _plain_linear(hidden: torch.Tensor, weight: _Weight) -> torch.Tensor:
+        return functional.linear(hidden, weight.plain)
 
     def _rms(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # Hugging Face's LlamaRMSNorm, operation for operation.
@@ -189,8 +232,9 @@ class LlamaForward:
         values at `positions` (the cache was `prepare`d for them); `mask` as the engine
         builds it ([B, 1, q, kv] bool), or None for a lone sequence."""
         batch, query = inputs.shape
-        # Decoding steps may be padded; a prompt never is (alone, it must match HF exactly).
-        linear = self._linear if query == 1 else functional.linear
+        # Decoding steps of a batch run oneDNN; a prompt runs MKL as HF does (it is many
+        # rows, where MKL is efficient, and alone it must match HF exactly).
+        linear = self._linear if query == 1 else self._plain_linear
         cos, sin = self._rope(positions)
         if mask is not None and mask.dtype == torch.bool:
             # Additive once per step rather than converted by attention in every layer

@@ -142,7 +142,8 @@ class Shelf:
                 return self.engines[key].loaded.info()
             model_dir = await asyncio.to_thread(resolve_model_dir, name, self.settings.data_dir)
             log.info("loading %s from %s", key, model_dir)
-            await self.host_memory.reserve(key, await asyncio.to_thread(weight_bytes, model_dir))
+            size = await asyncio.to_thread(weight_bytes, model_dir, self.settings.runtime_weights)
+            await self.host_memory.reserve(key, size)
             try:
                 loaded = await asyncio.to_thread(
                     load_model,

@@ -1,8 +1,9 @@
 """The lean Llama forward pass (services/runtime/llama_forward.py) against Hugging Face's own
-forward, on the real default model: bit-identical logits for a lone sequence and for an
-unpadded batch, the same greedy tokens as HF `generate()` alone for every row of a batch
-large enough to be padded, and Hugging Face's forward kept for what the lean pass does not
-cover (int8 weights, other architectures)."""
+forward, on the real default model: bit-identical logits for a lone sequence, logits within
+float rounding and the same greedy tokens as HF `generate()` alone for every row of a batch
+(whose decoding steps run oneDNN on the packed weights), the packed copy counted, and
+Hugging Face's forward kept for what the lean pass does not cover (int8 weights, other
+architectures)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Llam
 from llmos.services.runtime.engine import Engine, LoadedModel, load_model
 from llmos.services.runtime.kv_cache import SlotKVCache
 from llmos.services.runtime.llama_forward import (
+    PACK_ROWS,
     Forward,
     HfForward,
     LlamaForward,
@@ -30,7 +32,7 @@ from llmos.services.validation import Sampling
 
 pytestmark = pytest.mark.model
 
-# Ten prompts: a batch of ten is multiplied padded to 16 rows (LlamaForward.PAD_FROM).
+# Ten prompts: fewer rows than oneDNN's weight layout is chosen for (PACK_ROWS).
 PROMPTS = [
     "What is the capital of France?",
     "Write a haiku about the sea.",
@@ -114,17 +116,20 @@ def test_a_lone_sequence_gets_bit_identical_logits(loaded: LoadedModel) -> None:
         assert torch.equal(mine, hf), f"step {step}: max diff {(mine - hf).abs().max()}"
 
 
-def test_an_unpadded_batch_gets_bit_identical_logits(loaded: LoadedModel) -> None:
-    prompts = [chat_ids(loaded, prompt) for prompt in PROMPTS[:3]]
-    ours = decode_logits(loaded.forward, loaded, prompts, steps=3)
-    theirs = decode_logits(HfForward(loaded.model), loaded, prompts, steps=3)
-    for step, (mine, hf) in enumerate(zip(ours, theirs, strict=True)):
-        assert torch.equal(mine, hf), f"step {step}: max diff {(mine - hf).abs().max()}"
+def test_the_packed_weights_are_every_matmul_weight_once(loaded: LoadedModel) -> None:
+    forward = loaded.forward
+    assert isinstance(forward, LlamaForward)
+    matmul = [forward.lm_head, *(w for layer in forward.layers for w in layer.weights)]
+    assert all(weight.packed is not None for weight in matmul)
+    # Every parameter but the norms' (the output layer is tied to the embedding).
+    norms = sum(p.numel() for name, p in loaded.model.named_parameters() if "norm" in name)
+    assert forward.packed_bytes == 4 * (loaded.parameters - norms)
 
 
-def test_a_padded_batch_keeps_each_rows_logits(loaded: LoadedModel) -> None:
-    prompts = [chat_ids(loaded, prompt) for prompt in PROMPTS]
-    assert LlamaForward.PAD_FROM <= len(prompts) < LlamaForward.PAD_TO
+@pytest.mark.parametrize("rows", [2, len(PROMPTS)])
+def test_a_batch_keeps_each_rows_logits(loaded: LoadedModel, rows: int) -> None:
+    prompts = [chat_ids(loaded, prompt) for prompt in PROMPTS[:rows]]
+    assert rows < PACK_ROWS
     ours = decode_logits(loaded.forward, loaded, prompts, steps=3)
     theirs = decode_logits(HfForward(loaded.model), loaded, prompts, steps=3)
     for mine, hf in zip(ours, theirs, strict=True):
@@ -133,7 +138,7 @@ def test_a_padded_batch_keeps_each_rows_logits(loaded: LoadedModel) -> None:
         assert torch.equal(mine.argmax(-1), hf.argmax(-1))
 
 
-async def test_a_padded_batch_decodes_each_prompt_as_hf_does_alone(
+async def test_a_batch_decodes_each_prompt_as_hf_does_alone(
     engine: Engine, loaded: LoadedModel
 ) -> None:
     greedy = Sampling(temperature=0.0, max_tokens=16)

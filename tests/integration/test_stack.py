@@ -214,4 +214,5 @@ def test_list_models_reports_the_loaded_model(stack: Stack) -> None:
     assert model.name == "SmolLM2-135M-Instruct" and model.loaded
     assert 100_000_000 < model.parameters < 200_000_000
     assert model.context_length == 8192
-    assert model.weight_bytes == model.parameters * 4  # float32
+    # Float32, plus the lean pass's oneDNN copy of every matmul weight (not the norms).
+    assert model.parameters * 4 * 1.9 < model.weight_bytes < model.parameters * 4 * 2
