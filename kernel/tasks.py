@@ -894,7 +894,7 @@ class TaskRunner:
 
     async def _trace(self, task_id: str, step: common_pb2.TraceStep) -> None:
         """Add a step to the task's trace: while it runs here, with its pending writes
-        (so with its next transition, or within `kernel.pending.FLUSH_S`); else at once."""
+        (so with its next transition, or within `kernel.pending.STEP_FLUSH_S`); else at once."""
         kernel_metrics.stage_ran(step)
         running = self._live.get(task_id)
         if running is not None and running.final is None:

@@ -143,3 +143,35 @@ async def test_discarded_writes_are_never_flushed(store: TaskStore) -> None:
     await asyncio.sleep(0.1)
 
     assert await texts(store, "t1") == []
+
+
+async def test_steps_alone_wait_for_the_longer_step_interval(store: TaskStore) -> None:
+    await new_task(store, "t1")
+    pending = PendingWrites(store, "t1", flush_s=0.01, step_flush_s=60)
+    pending.add_step(b"admit")
+    await asyncio.sleep(0.1)  # ten text intervals: a step alone is not written yet
+
+    assert await store.trace("t1") == []
+    assert await pending.take() == ("", (b"admit",))  # it goes with the transition
+
+
+async def test_text_brings_a_waiting_step_forward(store: TaskStore) -> None:
+    await new_task(store, "t1")
+    pending = PendingWrites(store, "t1", flush_s=0.01, step_flush_s=60)
+    pending.add_step(b"admit")
+    pending.add_text("live")
+    await asyncio.sleep(0.2)
+
+    assert await texts(store, "t1") == ["live"]
+    assert await store.trace("t1") == [b"admit"]
+    assert await pending.take() == ("", ())
+
+
+async def test_steps_alone_are_written_within_the_step_interval(store: TaskStore) -> None:
+    await new_task(store, "t1")
+    pending = PendingWrites(store, "t1", flush_s=60, step_flush_s=0.01)
+    pending.add_step(b"admit")
+    await asyncio.sleep(0.2)
+
+    assert await store.trace("t1") == [b"admit"]
+    assert await pending.take() == ("", ())
