@@ -11,11 +11,18 @@ task runner instead hands them to the task's `PendingWrites`, and they reach the
   readers see a long-running task's output within about `FLUSH_S`, and `GetTrace` its
   steps within about `STEP_FLUSH_S` (plus the write itself).
 
-Steps wait longer because of what they cost alone: every task adds its `admit` step as it
-starts, and at saturation a whole call takes about `FLUSH_S`, so with one window for both
-most tasks paid a write of their own for that one step just before their final transition
-would have carried it (about 1.4 extra store jobs per call with 32 clients). Nobody
-streams trace steps as they happen; output is streamed, so text keeps the short window.
+Steps wait longer because of what they cost alone (a store job each): every task adds its
+`admit` step (and its input stages' steps) before the runtime call, and a model whose first
+token takes longer than `FLUSH_S` had them written on their own, then its text a moment
+later. Nobody streams trace steps as they happen; output is streamed, so text keeps the
+short window, and steps pending then go with it.
+
+Nothing is written on its own before the task's first write (`create`) has landed: nobody
+can read the task before then, and the runner's next transition follows that write at
+once. At saturation that write can take longer than `FLUSH_S` (the runtime call overlaps
+it), and the flush that fired meanwhile cost a store job for the text and one per step,
+all to be followed a moment later by the transition. The window starts again once the
+first write has landed.
 
 What is lost in a crash is at most the last `STEP_FLUSH_S` of a RUNNING attempt, which
 recovery re-queues and runs afresh anyway (a re-queue starts the output over). States are
@@ -26,6 +33,7 @@ client hears of it.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from llmos.kernel.store import TaskStore
 from llmos.services.errors import LlmosError
@@ -46,11 +54,15 @@ class PendingWrites:
         task_id: str,
         flush_s: float = FLUSH_S,
         step_flush_s: float = STEP_FLUSH_S,
+        stored: asyncio.Future[Any] | None = None,
     ) -> None:
+        """`stored`, when given, ends once the task's first write has (flushes wait)."""
         self._store = store
         self._task_id = task_id
         self._flush_s = flush_s
         self._step_flush_s = step_flush_s
+        self._stored = stored
+        self._held = False  # a flush came due before `stored` ended: it re-arms then
         self._text: list[str] = []
         self._steps: list[bytes] = []
         self._timer: asyncio.TimerHandle | None = None
@@ -104,7 +116,7 @@ class PendingWrites:
         """Flush no later than `within` from now: a timer already due sooner stays, a later
         one (steps only, then text came) is brought forward. A flush in flight re-arms
         when it ends."""
-        if self._flushing is not None:
+        if self._flushing is not None or self._held:
             return
         loop = asyncio.get_running_loop()
         when = loop.time() + within
@@ -121,7 +133,19 @@ class PendingWrites:
 
     def _start_flush(self) -> None:
         self._timer = None
+        if self._stored is not None and not self._stored.done():
+            self._held = True
+            self._stored.add_done_callback(self._after_stored)
+            return
         self._flushing = asyncio.create_task(self._flush(), name=f"flush-{self._task_id}")
+
+    def _after_stored(self, _: object) -> None:
+        self._held = False
+        self._rearm()
+
+    def _rearm(self) -> None:
+        if self._text or self._steps:
+            self._arm(self._flush_s if self._text else self._step_flush_s)
 
     async def _flush(self) -> None:
         """Write what is pending on its own; what fails to be written goes back, to be
@@ -139,5 +163,4 @@ class PendingWrites:
             self._error = error
         finally:
             self._flushing = None
-        if self._text or self._steps:  # added while this flush was writing, or put back
-            self._arm(self._flush_s if self._text else self._step_flush_s)
+        self._rearm()  # for what was added while this flush was writing, or put back

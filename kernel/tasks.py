@@ -905,7 +905,9 @@ class TaskRunner:
     def _pending_of(self, task_id: str) -> PendingWrites:
         pending = self._pending.get(task_id)
         if pending is None:
-            pending = self._pending[task_id] = PendingWrites(self.store, task_id)
+            running = self._live.get(task_id)
+            stored = None if running is None else running.stored
+            pending = self._pending[task_id] = PendingWrites(self.store, task_id, stored=stored)
         return pending
 
 

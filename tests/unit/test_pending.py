@@ -175,3 +175,32 @@ async def test_steps_alone_are_written_within_the_step_interval(store: TaskStore
 
     assert await store.trace("t1") == [b"admit"]
     assert await pending.take() == ("", ())
+
+
+async def test_nothing_is_flushed_before_the_first_write_has_landed(store: TaskStore) -> None:
+    await new_task(store, "t1")
+    stored: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    pending = PendingWrites(store, "t1", flush_s=0.01, stored=stored)
+    pending.add_text("early ")
+    pending.add_step(b"admit")
+    await asyncio.sleep(0.1)  # ten flush intervals, the first write still in flight
+    assert await texts(store, "t1") == []
+
+    stored.set_result(True)
+    await asyncio.sleep(0.2)  # the window starts again: a longer task's text still flows
+
+    assert await texts(store, "t1") == ["early "]
+    assert await store.trace("t1") == [b"admit"]
+
+
+async def test_a_transition_takes_what_waited_for_the_first_write(store: TaskStore) -> None:
+    await new_task(store, "t1")
+    stored: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    pending = PendingWrites(store, "t1", flush_s=0.01, stored=stored)
+    pending.add_text("all ")
+    await asyncio.sleep(0.05)
+    stored.set_result(True)
+
+    assert await pending.take() == ("all ", ())  # before the window, started over, ends
+    await asyncio.sleep(0.1)
+    assert await texts(store, "t1") == []
