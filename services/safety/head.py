@@ -1,6 +1,7 @@
 """The classifier head: sentence vector in, P(unsafe) and P(category | unsafe) out.
 
-A one-hidden-layer network (384 -> 64 ReLU -> 1 sigmoid, and -> K softmax) in numpy. Two
+A one-hidden-layer network (the encoder's 1,536 features -> 64 ReLU -> 1 sigmoid, and -> K
+softmax) in numpy. Two
 outputs rather than one softmax over "safe" plus every category, because the decision is
 binary: a text whose unsafe mass is split between S1 and S9 must still be caught, so the
 verdict's score for a category is P(unsafe) x P(category | unsafe), and the category with
