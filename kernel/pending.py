@@ -139,9 +139,13 @@ class PendingWrites:
             return
         self._flushing = asyncio.create_task(self._flush(), name=f"flush-{self._task_id}")
 
-    def _after_stored(self, _: object) -> None:
+    def _after_stored(self, stored: asyncio.Future[Any]) -> None:
+        """The task's first write ended: flush what waits if it was stored. If it was
+        refused or its outcome is unknown, nothing is written for a task the store may not
+        hold; the runner then discards the attempt (or its next transition checks again)."""
         self._held = False
-        self._rearm()
+        if not stored.cancelled() and stored.exception() is None and stored.result() is True:
+            self._rearm()
 
     def _rearm(self) -> None:
         if self._text or self._steps:

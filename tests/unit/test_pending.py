@@ -204,3 +204,21 @@ async def test_a_transition_takes_what_waited_for_the_first_write(store: TaskSto
     assert await pending.take() == ("all ", ())  # before the window, started over, ends
     await asyncio.sleep(0.1)
     assert await texts(store, "t1") == []
+
+
+@pytest.mark.parametrize("outcome", [False, None])
+async def test_nothing_is_flushed_when_the_first_write_was_refused_or_unknown(
+    store: TaskStore, outcome: bool | None
+) -> None:
+    await new_task(store, "t1")  # the store holds it, so a wrong flush would show
+    stored: asyncio.Future[bool | None] = asyncio.get_running_loop().create_future()
+    pending = PendingWrites(store, "t1", flush_s=0.01, stored=stored)
+    pending.add_text("orphan ")
+    pending.add_step(b"admit")
+    await asyncio.sleep(0.05)
+    stored.set_result(outcome)
+    await asyncio.sleep(0.1)  # ten flush intervals after the write ended
+
+    assert await texts(store, "t1") == []
+    assert await store.trace("t1") == []
+    assert await pending.take() == ("orphan ", (b"admit",))  # still there for the runner
