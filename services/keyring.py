@@ -256,29 +256,33 @@ class DekCache:
     def __init__(self, ring: KeyRing, size: int = 1024) -> None:
         self.ring = ring
         self.size = size
-        # context -> (key id, header + wrap nonce + wrapped DEK, the DEK's cipher)
-        self._sealing: dict[bytes, tuple[str, bytes, AESGCM]] = {}
+        # context -> (key id, that KEK's bytes, header + wrap nonce + wrapped DEK, the DEK's
+        # cipher); the KEK's bytes too, so a key file reloaded with another key under the
+        # same id starts a fresh DEK rather than sealing under a wrap nothing can open
+        self._sealing: dict[bytes, tuple[str, bytes, bytes, AESGCM]] = {}
         # (context, header + wrap nonce + wrapped DEK) -> the DEK's cipher
         self._opening: dict[tuple[bytes, bytes], AESGCM] = {}
 
     def seal(self, plaintext: bytes, context: bytes) -> bytes:
         keyset = self.ring.current()
         key_id = keyset.active
+        kek = keyset.keys[key_id]
         entry = self._sealing.get(context)
-        if entry is None or entry[0] != key_id:
+        if entry is None or entry[0] != key_id or entry[1] != kek:
             fresh = random_bytes(KEY_BYTES + NONCE_BYTES)
             dek, wrap_nonce = fresh[:KEY_BYTES], fresh[KEY_BYTES:]
             wrapped = keyset.aeads[key_id].encrypt(wrap_nonce, dek, _wrap_aad(key_id, context))
             entry = (
                 key_id,
+                kek,
                 VERSION + key_id.encode() + b"\x00" + wrap_nonce + wrapped,
                 AESGCM(dek),
             )
             if len(self._sealing) >= self.size:
                 self._sealing.clear()
             self._sealing[context] = entry
-            self._remember(context, entry[1], entry[2])
-        _, prefix, aead = entry
+            self._remember(context, entry[2], entry[3])
+        _, _, prefix, aead = entry
         data_nonce = random_bytes(NONCE_BYTES)
         return prefix + data_nonce + aead.encrypt(data_nonce, plaintext, context)
 

@@ -255,7 +255,10 @@ def runtime_alone(
             health = health_pb2_grpc.HealthStub(channel)
             while True:
                 try:
-                    if health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == 1:
+                    if (
+                        health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                        == health_pb2.HealthCheckResponse.SERVING
+                    ):
                         break
                 except grpc.RpcError:
                     pass

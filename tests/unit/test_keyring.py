@@ -81,6 +81,22 @@ def test_a_dek_per_context_follows_rotation_and_a_removed_key(tmp_path: Path) ->
     assert deks.open(after, b"c", "x") == b"w"
 
 
+def test_a_dek_per_context_starts_afresh_when_its_key_id_gets_other_bytes(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "keys.json"
+    write_file(path, KeyRing.generate())
+    ring = from_file(path)
+    deks = DekCache(ring)
+    deks.seal(b"v", b"c")  # a DEK for context c, wrapped under k1's first bytes
+    # The key file is replaced by one with other bytes under the same id "k1".
+    path.unlink()
+    write_file(path, KeyRing.generate())
+    ring.reload(force=True)
+    after = deks.seal(b"w", b"c")
+    assert from_file(path).open(after, b"c", "x") == b"w"  # a fresh process opens it
+
+
 def test_an_unknown_key_is_named(tmp_path: Path) -> None:
     sealed = KeyRing({"old": bytes(32)}, "old", "t").seal(b"v", b"c")
     with pytest.raises(FailedPrecondition, match="'old'") as caught:
