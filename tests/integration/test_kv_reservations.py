@@ -38,7 +38,13 @@ STEP = 64 * 2**20  # runtime_kv_reserve_step_mb's default
 # ~700 prompt tokens + 60 new ones: ~35 MB of cache each (46,080 bytes a position), so one
 # sequence takes one step and two at once take two; a long prompt costs one forward pass,
 # where as many new tokens would cost a decoding step each on these busy CPUs.
-LONG_PROMPT = "The quick brown fox jumps over the lazy dog. " * 70 + "Say it again."
+# About 630 tokens of plain text. (Not "The quick brown fox..." seventy times: the safety
+# classifier's four-layer encoder scores that 0.71 for S10 and refuses it, a false positive
+# recorded in docs/safety.md; this test is about memory, not safety.)
+LONG_PROMPT = (
+    "The committee reviewed the proposal and asked for a revised budget by Friday. " * 45
+    + "Say it again."
+)
 NEW_TOKENS = 60
 
 
@@ -141,8 +147,10 @@ def reserved_bytes(stack: Stack) -> int:
 
 
 def weight_file_bytes(stack: Stack) -> int:
+    """What the runtime reserves for the float32 weights: the files' size twice over (the
+    model's copy and the lean pass's oneDNN-reordered one)."""
     files = (stack.data_dir / "models" / DEFAULT_MODEL).glob("*.safetensors")
-    return sum(p.stat().st_size for p in files)
+    return 2 * sum(p.stat().st_size for p in files)
 
 
 def wait_kv_released(stack: Stack, baseline: int) -> None:

@@ -237,7 +237,7 @@ def test_a_load_the_hardware_service_refuses_is_refused_before_any_memory_is_use
 def test_a_restarted_hardware_service_gets_the_runtimes_reservation_back(stack: Stack) -> None:
     """Reservations live in the hardware process: after it restarts, the runtime's next
     renewal finds its reservation gone (NOT_FOUND) and reserves again."""
-    weights = weight_file_bytes(stack.data_dir)
+    weights = 2 * weight_file_bytes(stack.data_dir)  # float32: the oneDNN copy too
     killed = stack.services()["hardware"].pid
     os.kill(killed, signal.SIGKILL)
 
