@@ -159,16 +159,22 @@ def start_stack(
     return Stack(process=process, port=port, data_dir=data_dir, log_path=log_path)
 
 
+def terminate(process: subprocess.Popen[bytes], timeout_s: float) -> int:
+    """SIGTERM `process` if it still runs, wait up to `timeout_s`, then SIGKILL; its exit
+    status."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
 def stop_stack(stack: Stack) -> int:
     """SIGTERM the supervisor and wait for it; returns its exit status."""
-    if stack.process.poll() is None:
-        stack.process.send_signal(signal.SIGTERM)
-        try:
-            stack.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            stack.process.kill()
-            stack.process.wait()
-    return stack.process.returncode
+    return terminate(stack.process, 60)
 
 
 @dataclasses.dataclass
@@ -267,9 +273,4 @@ def runtime_alone(
                 time.sleep(0.3)
         yield process, address, port + 1 + METRICS_PORT_OFFSET
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        terminate(process, 30)
