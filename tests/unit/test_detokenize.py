@@ -146,3 +146,59 @@ def test_the_earliest_of_several_stop_strings_wins() -> None:
 
     assert deltas == ["line one"]
     assert assembler.stopped
+
+
+class CountingVocab(Vocab):
+    """Records how many ids each decode call was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.decoded_lengths: list[int] = []
+
+    def decode(self, ids: Sequence[int]) -> str:
+        self.decoded_lengths.append(len(ids))
+        return super().decode(ids)
+
+
+def test_each_token_is_decoded_with_a_short_context_not_the_whole_sequence() -> None:
+    vocab = CountingVocab()
+    assembler = TextAssembler(vocab.decode, ["END"])
+    pieces = [" word"] * 500 + ["caf", b"\xc3", b"\xa9"] + [" more"] * 500
+
+    deltas = [assembler.push(vocab.id(piece)) for piece in pieces]
+
+    assert "".join(deltas) == "".join(
+        p.decode() if isinstance(p, bytes) else p for p in pieces if p not in (b"\xc3", b"\xa9")
+    ).replace("caf", "café")
+    assert max(vocab.decoded_lengths) <= 4
+
+
+def test_incremental_text_equals_decoding_everything_at_every_step() -> None:
+    vocab = Vocab()
+    assembler = TextAssembler(vocab.decode)
+    emoji = "😀".encode()
+    pieces: list[str | bytes] = ["a", emoji[:1], emoji[1:3], " b", emoji[3:], "c", b"\xff", "d"]
+    ids: list[int] = []
+    for piece in pieces:
+        ids.append(vocab.id(piece))
+        assembler.push(ids[-1])
+        assert vocab.decode(ids).startswith(assembler.text)
+
+    assert assembler.text + assembler.flush() == vocab.decode(ids)
+
+
+class SpaceDroppingVocab(Vocab):
+    """Like SentencePiece: a decode drops the leading space of its first piece."""
+
+    def decode(self, ids: Sequence[int]) -> str:
+        text = super().decode(ids)
+        return text[1:] if text.startswith(" ") else text
+
+
+def test_a_tokenizer_that_drops_a_leading_space_keeps_the_spaces_between_words() -> None:
+    vocab = SpaceDroppingVocab()
+    assembler = TextAssembler(vocab.decode)
+
+    deltas = [assembler.push(vocab.id(piece)) for piece in ["Hello", " big", " world"]]
+
+    assert "".join(deltas) == "Hello big world"
