@@ -200,13 +200,15 @@ class KeyRing:
         request"): DataLoss(SEALED_DATA_CORRUPT) when it was altered or belongs to another
         record, FailedPrecondition(KEY_NOT_FOUND) when its key is not configured."""
         key_id, body = _split(sealed, what)
-        aead = self._aead(key_id)
+        dek = self.unwrap(key_id, body, context, what)
+        return _open_data(AESGCM(dek), key_id, body, context, what)
+
+    def unwrap(self, key_id: str, body: bytes, context: bytes, what: str) -> bytes:
+        """The DEK wrapped at the start of an envelope's `body` (what follows its key id)."""
         try:
-            dek = aead.decrypt(
+            return self._aead(key_id).decrypt(
                 body[:NONCE_BYTES], body[NONCE_BYTES:_WRAPPED], _wrap_aad(key_id, context)
             )
-            data = body[_WRAPPED:]
-            return AESGCM(dek).decrypt(data[:NONCE_BYTES], data[NONCE_BYTES:], context)
         except InvalidTag as error:
             raise _corrupt(what, key_id) from error
 
@@ -217,12 +219,7 @@ class KeyRing:
         key_id, body = _split(sealed, what)
         if key_id == keyset.active:
             return None
-        try:
-            dek = self._aead(key_id).decrypt(
-                body[:NONCE_BYTES], body[NONCE_BYTES:_WRAPPED], _wrap_aad(key_id, context)
-            )
-        except InvalidTag as error:
-            raise _corrupt(what, key_id) from error
+        dek = self.unwrap(key_id, body, context, what)
         wrap_nonce = secrets.token_bytes(NONCE_BYTES)
         active = keyset.active
         wrapped = keyset.aeads[active].encrypt(wrap_nonce, dek, _wrap_aad(active, context))
@@ -292,31 +289,9 @@ class DekCache:
         prefix = sealed[: len(sealed) - len(body) + _WRAPPED]
         aead = self._opening.get((context, prefix))
         if aead is None or key_id not in self.ring.current().keys:
-            return self._open_unwrapping(sealed, context, what)
-        data = body[_WRAPPED:]
-        try:
-            return aead.decrypt(data[:NONCE_BYTES], data[NONCE_BYTES:], context)
-        except InvalidTag as error:
-            raise _corrupt(what, key_id) from error
-
-    def _open_unwrapping(self, sealed: bytes, context: bytes, what: str) -> bytes:
-        """Unwrap with the ring (KEY_NOT_FOUND when its key is gone), remember the DEK."""
-        key_id, body = _split(sealed, what)
-        prefix = sealed[: len(sealed) - len(body) + _WRAPPED]
-        try:
-            dek = self.ring._aead(key_id).decrypt(
-                body[:NONCE_BYTES], body[NONCE_BYTES:_WRAPPED], _wrap_aad(key_id, context)
-            )
-        except InvalidTag as error:
-            raise _corrupt(what, key_id) from error
-        aead = AESGCM(dek)
-        data = body[_WRAPPED:]
-        try:
-            plaintext = aead.decrypt(data[:NONCE_BYTES], data[NONCE_BYTES:], context)
-        except InvalidTag as error:
-            raise _corrupt(what, key_id) from error
-        self._remember(context, prefix, aead)
-        return plaintext
+            aead = AESGCM(self.ring.unwrap(key_id, body, context, what))  # or KEY_NOT_FOUND
+            self._remember(context, prefix, aead)
+        return _open_data(aead, key_id, body, context, what)
 
     def _remember(self, context: bytes, prefix: bytes, aead: AESGCM) -> None:
         if len(self._opening) >= self.size:
@@ -342,6 +317,15 @@ def _split(sealed: bytes, what: str) -> tuple[str, bytes]:
             reason="SEALED_DATA_CORRUPT",
         )
     return sealed[1:end].decode("ascii", "replace"), sealed[end + 1 :]
+
+
+def _open_data(aead: AESGCM, key_id: str, body: bytes, context: bytes, what: str) -> bytes:
+    """Decrypt the data part of an envelope's `body` with its DEK's cipher."""
+    data = body[_WRAPPED:]
+    try:
+        return aead.decrypt(data[:NONCE_BYTES], data[NONCE_BYTES:], context)
+    except InvalidTag as error:
+        raise _corrupt(what, key_id) from error
 
 
 def _corrupt(what: str, key_id: str) -> DataLoss:
