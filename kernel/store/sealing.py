@@ -19,6 +19,7 @@ from llmos.services.keyring import DekCache, KeyRing, key_id_of
 
 REQUEST, ERROR, EVENT, OUTPUT, TRACE = "request", "error", "event", "output", "trace"
 FIELDS = (REQUEST, ERROR, EVENT, OUTPUT, TRACE)
+SEALED_ONCE = frozenset({REQUEST, ERROR})
 
 
 def context(task_id: str, field: str) -> bytes:
@@ -33,14 +34,21 @@ class Sealer:
     """Seals and opens one task field at a time with the ring's active key.
 
     One data key per task field (`DekCache`): a task's text pieces and trace steps share
-    their field's DEK, each value with its own nonce, in the ring's usual envelope."""
+    their field's DEK, each value with its own nonce, in the ring's usual envelope. The
+    fields a task seals once (its request and error) get a fresh DEK of their own outside
+    the cache: caching them would only fill the cache with keys never used again and push
+    out those of running tasks' events and steps."""
 
     def __init__(self, keys: KeyRing) -> None:
         self.keys = keys
         self._deks = DekCache(keys)
 
     def seal(self, task_id: str, field: str, plain: bytes) -> bytes:
-        return self._deks.seal(plain, context(task_id, field)) if plain else b""
+        if not plain:
+            return b""
+        if field in SEALED_ONCE:
+            return self.keys.seal(plain, context(task_id, field))
+        return self._deks.seal(plain, context(task_id, field))
 
     def seal_text(self, task_id: str, field: str, text: str) -> bytes:
         return self.seal(task_id, field, text.encode())

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from llmos.kernel.store.sealing import EVENT, REQUEST, Sealer
 from llmos.services.errors import DataLoss, FailedPrecondition
 from llmos.services.keyring import (
     KEY_BYTES,
@@ -19,6 +20,8 @@ from llmos.services.keyring import (
     rotate_file,
     write_file,
 )
+
+TASK = "0195-running-task"
 
 
 def test_a_sealed_value_opens_only_in_its_own_context() -> None:
@@ -134,3 +137,19 @@ def test_keys_from_the_setting_cannot_be_rotated_here() -> None:
     with pytest.raises(FailedPrecondition) as caught:
         rotate_file(ring)
     assert caught.value.reason == "KEYS_FROM_SETTING"
+
+
+def test_requests_sealed_once_per_task_do_not_push_out_a_running_tasks_event_key() -> None:
+    sealer = Sealer(KeyRing.generate())
+    wrapped = len(b"\x01k1\x00") + 12 + KEY_BYTES + 16
+    first = sealer.seal(TASK, EVENT, b"a token")
+    for index in range(5_000):  # more tasks arrive than the cache holds contexts
+        request = sealer.seal(f"t{index}", REQUEST, b"a prompt")
+        assert sealer.open(f"t{index}", REQUEST, request) == b"a prompt"
+
+    later = sealer.seal(TASK, EVENT, b"another token")
+
+    assert later[:wrapped] == first[:wrapped]  # the event's DEK survived
+    assert sealer.open(TASK, EVENT, later) == b"another token"
+    two = sealer.seal(TASK, REQUEST, b"p"), sealer.seal(TASK, REQUEST, b"p")
+    assert two[0][:wrapped] != two[1][:wrapped]  # a one-off field: a fresh DEK each time
