@@ -181,7 +181,7 @@ class KeyRing:
         """`plaintext` in a fresh envelope under the active key (see the module doc)."""
         keyset = self.current()
         key_id = keyset.active
-        fresh = os.urandom(KEY_BYTES + 2 * NONCE_BYTES)  # one system call for all three
+        fresh = random_bytes(KEY_BYTES + 2 * NONCE_BYTES)  # DEK, wrap nonce, data nonce
         dek = fresh[:KEY_BYTES]
         wrap_nonce = fresh[KEY_BYTES : KEY_BYTES + NONCE_BYTES]
         data_nonce = fresh[KEY_BYTES + NONCE_BYTES :]
