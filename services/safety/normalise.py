@@ -49,6 +49,7 @@ LEET = {
     "|": "l",
 }
 _LEET_WORD = re.compile(r"[a-z0-9@$!|]+")
+_NO_LETTER = re.compile(r"[0-9@$!|]+")
 _BASE64 = re.compile(r"(?<![A-Za-z0-9+/])[A-Za-z0-9+/]{16,}={0,2}(?![A-Za-z0-9+/=])")
 _WORD = re.compile(r"[a-z]+")
 # Frequent English words: rot13 is decoded only when it makes more of them appear.
@@ -117,7 +118,16 @@ class View:
 
 def plain(text: str, offset: int = 0, width: int | None = None) -> View:
     """The `plain` view. `offset` and `width` map every character to one original span
-    (used for decoded payloads, whose characters all come from the encoded run)."""
+    (used for decoded payloads, whose characters all come from the encoded run).
+
+    ASCII text has no format characters, combining marks or confusables, and NFKC leaves
+    it as it is, so its view is its lower case, character for character: the common case
+    costs one `str.lower` instead of a loop over every character."""
+    if text.isascii():
+        if width is None:
+            at = range(offset, offset + len(text))
+            return View("plain", text.lower(), tuple(at), tuple(i + 1 for i in at))
+        return View("plain", text.lower(), (offset,) * len(text), (offset + width,) * len(text))
     chars: list[str] = []
     starts: list[int] = []
     ends: list[int] = []
@@ -145,7 +155,7 @@ def leet(view: View) -> View | None:
     changed = False
     for match in _LEET_WORD.finditer(view.text):
         word = match.group()
-        if not any(c.isalpha() for c in word) or all(c.isalpha() for c in word):
+        if word.isalpha() or _NO_LETTER.fullmatch(word):  # only letters, or no letter
             continue
         for i, char in enumerate(word):
             if char in LEET:

@@ -7,7 +7,7 @@ import codecs
 
 import pytest
 
-from llmos.services.safety.normalise import views
+from llmos.services.safety.normalise import plain, views
 from llmos.services.safety.rules import DENY, MARKERS, SMALL_TALK, phrase_rule, scan
 from llmos.services.safety.stream import STRIDE_CHARS, StreamWindows
 
@@ -139,3 +139,15 @@ def test_the_default_threshold_is_the_one_chosen_on_validation_and_markers_still
 )
 def test_small_talk_is_a_whole_text_of_greeting_words_only(text: str, small_talk: bool) -> None:
     assert bool(scan(views(text)[:1], (SMALL_TALK,))) is small_talk
+
+
+def test_the_ascii_fast_path_is_the_general_view() -> None:
+    """ASCII text skips the per-character loop; appending one non-ASCII character sends
+    the same text through the loop, which must agree character for character."""
+    text = "".join(map(chr, range(128))) + " Hello, W0rld! "
+    fast, general = plain(text), plain(text + "é")
+    assert fast.text == general.text[: len(fast.text)]
+    assert fast.starts == general.starts[: len(fast.text)]
+    assert fast.ends == general.ends[: len(fast.text)]
+    payload = plain("Hello", offset=10, width=8)
+    assert payload.starts == (10,) * 5 and payload.ends == (18,) * 5
