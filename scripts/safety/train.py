@@ -6,7 +6,8 @@
    the project's benign prompts), split by source and template;
 2. embeds every text with the service's own encoder (all-MiniLM-L6-v2, int8 ONNX, the
    mean of each of its last four layers), read as the service reads it (the plain view's
-   first window), caching vectors by text and encoder recipe;
+   first window of at most 256 tokens), caching vectors by text, encoder recipe and window
+   size;
 3. trains the head (services/safety/head.py) on the train split with a fixed seed;
 4. chooses the operating threshold on the validation split (data.validation: groups the
    head never saw, not the test split): the lowest whose false-positive rate on benign
@@ -40,7 +41,7 @@ import data  # noqa: E402
 from llmos.services.safety.encoder import RECIPE, Encoder  # noqa: E402
 from llmos.services.safety.evaluation import Scored, report  # noqa: E402
 from llmos.services.safety.head import train  # noqa: E402
-from llmos.services.safety.judge import WINDOW_CHARS, Judge  # noqa: E402
+from llmos.services.safety.judge import WINDOW_TOKENS, Judge, windows  # noqa: E402
 from llmos.services.safety.normalise import plain  # noqa: E402
 from llmos.services.safety.policy import (  # noqa: E402
     DEFAULT,
@@ -101,6 +102,13 @@ def choose_threshold(rows: list[Scored]) -> tuple[float, list[dict[str, float]]]
     return best["threshold"], curve
 
 
+def first_window(encoder: Encoder, text: str) -> tuple[int, ...]:
+    """The token ids of the plain view's first window, as the judge cuts it."""
+    view = plain(text)
+    cut = windows(view, encoder.tokenize(view.text))
+    return cut[0].ids if cut else ()
+
+
 def embed(encoder: Encoder, texts: list[str], cache_path: Path) -> np.ndarray:
     cache: dict[str, np.ndarray] = {}
     if cache_path.is_file():
@@ -112,7 +120,7 @@ def embed(encoder: Encoder, texts: list[str], cache_path: Path) -> np.ndarray:
     order = sorted(missing, key=lambda i: len(texts[i]))
     for start in range(0, len(order), 16):
         batch = order[start : start + 16]
-        vectors = encoder.encode([plain(texts[i]).text[:WINDOW_CHARS] for i in batch])
+        vectors = encoder.encode_ids([first_window(encoder, texts[i]) for i in batch])
         for i, vector in zip(batch, vectors, strict=True):
             cache[keys[i]] = vector
         if start and start % 1600 == 0:  # a checkpoint: an interrupted run keeps its work
@@ -139,7 +147,9 @@ def main() -> int:
         ).encode()
     ).hexdigest()
     encoder = Encoder.load(args.cache / "encoder", threads=args.threads)
-    vectors = embed(encoder, [e.text for e in examples], args.cache / f"vectors-{RECIPE}.npz")
+    vectors = embed(
+        encoder, [e.text for e in examples], args.cache / f"vectors-{RECIPE}-{WINDOW_TOKENS}t.npz"
+    )
     is_train = np.array([e.split == "train" for e in examples])  # not validation, not test
     categories = tuple(CATEGORIES)
     unsafe = np.array([e.label == "unsafe" for e in examples], dtype=np.int64)

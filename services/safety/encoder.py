@@ -15,8 +15,12 @@ the last layer alone. The last layer of a sentence-similarity model is trained t
 what a text is about; the middle layers keep more of how it is asked, which is what
 separates "how do I kill a stuck process" from a request for harm on the same subject.
 Measured on the validation split (docs/safety.md): F1 0.85 at 2.3% FPR with the four
-layers against 0.62 with the last one, from the same int8 pass. Texts are truncated at
-256 tokens.
+layers against 0.62 with the last one, from the same int8 pass.
+
+The model reads at most `MAX_TOKENS` (256) tokens, [CLS] and [SEP] included. `encode`
+truncates a text there; the judge instead tokenizes each view once (`WordPieces.tokenize`,
+with each token's character span and word) and cuts it into windows of at most 256 tokens
+(judge.py), which `encode_ids` reads without tokenizing again.
 
 The classifier head is trained on vectors from this int8 path (scripts/safety/train.py),
 so what is measured on the test split is what the service runs.
@@ -24,11 +28,13 @@ so what is measured on the test split is what the service runs.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -127,17 +133,56 @@ def export_int8(directory: Path, cache: Path) -> Path:
     return target
 
 
-class Encoder:
-    """Texts in, `DIMENSIONS`-float vectors out (one unit-length 384-float mean per layer
-    in `LAYERS`), from the int8 ONNX model.
+@dataclasses.dataclass(frozen=True)
+class Tokens:
+    """A text's word pieces, without [CLS] and [SEP]: the ids, each one's character span in
+    the text, and the index of the word it belongs to (so windows are cut between words)."""
 
-    Blocking CPU work: call from a worker thread. A lock serialises calls (the tokenizer
-    may not be used from two threads at once); ONNX Runtime uses `threads` cores a call.
+    ids: tuple[int, ...]
+    offsets: tuple[tuple[int, int], ...]
+    words: tuple[int | None, ...]
+
+
+class WordPieces:
+    """The model's own tokenizer (`tokenizer.json` from the model package), untruncated.
+
+    A lock serialises calls: the `tokenizers` object may not be used from two threads at
+    once. Cheap to load (no ONNX), so the judge's window logic is tested with the real one.
+    """
+
+    def __init__(self, tokenizer_path: Path) -> None:
+        from tokenizers import Tokenizer
+
+        self.tokenizer: Any = Tokenizer.from_file(str(tokenizer_path))
+        self.tokenizer.no_truncation()  # the file truncates at 128: windows decide instead
+        self.tokenizer.no_padding()
+        cls_id, sep_id = self.tokenizer.token_to_id("[CLS]"), self.tokenizer.token_to_id("[SEP]")
+        if cls_id is None or sep_id is None:  # pragma: no cover - a BERT vocabulary has both
+            raise FailedPrecondition(f"{tokenizer_path} has no [CLS] or [SEP] token")
+        self.cls: int = cls_id
+        self.sep: int = sep_id
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls) -> WordPieces:
+        return cls(model_dir() / "tokenizer.json")
+
+    def tokenize(self, text: str) -> Tokens:
+        """Every token of `text` (no special tokens, nothing truncated)."""
+        with self._lock:
+            encoding = self.tokenizer.encode(text, add_special_tokens=False)
+        return Tokens(tuple(encoding.ids), tuple(encoding.offsets), tuple(encoding.word_ids))
+
+
+class Encoder:
+    """Texts (or token ids) in, `DIMENSIONS`-float vectors out (one unit-length 384-float
+    mean per layer in `LAYERS`), from the int8 ONNX model.
+
+    Blocking CPU work: call from a worker thread. ONNX Runtime uses `threads` cores a call.
     """
 
     def __init__(self, onnx_path: Path, tokenizer_path: Path, threads: int = 2) -> None:
         import onnxruntime
-        from tokenizers import Tokenizer
 
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
@@ -146,36 +191,42 @@ class Encoder:
         self.session: Any = onnxruntime.InferenceSession(
             str(onnx_path), options, providers=["CPUExecutionProvider"]
         )
-        self.tokenizer: Any = Tokenizer.from_file(str(tokenizer_path))
-        self.tokenizer.enable_truncation(max_length=MAX_TOKENS)
-        self.tokenizer.no_padding()
+        self.pieces = WordPieces(tokenizer_path)
         self.source = str(onnx_path)
-        self._lock = threading.Lock()
 
     @classmethod
     def load(cls, cache: Path, threads: int = 2) -> Encoder:
         directory = model_dir()
         return cls(export_int8(directory, cache), directory / "tokenizer.json", threads)
 
+    def tokenize(self, text: str) -> Tokens:
+        return self.pieces.tokenize(text)
+
     def tokens(self, text: str) -> int:
-        """How many tokens `text` is, [CLS] and [SEP] included, after truncation."""
-        with self._lock:
-            return len(self.tokenizer.encode(text).ids)
+        """How many tokens `text` is, [CLS] and [SEP] included (untruncated)."""
+        return len(self.tokenize(text).ids) + 2
 
     def encode(self, texts: list[str]) -> Vectors:
-        """(len(texts), DIMENSIONS) float32: per text, each layer's L2-normalised mean."""
-        with self._lock:
-            encodings = self.tokenizer.encode_batch(texts)
-        width = max(len(e.ids) for e in encodings)
-        ids = np.zeros((len(texts), width), dtype=np.int64)
-        mask = np.zeros((len(texts), width), dtype=np.int64)
-        for row, encoding in enumerate(encodings):
-            ids[row, : len(encoding.ids)] = encoding.ids
-            mask[row, : len(encoding.ids)] = 1
+        """(len(texts), DIMENSIONS) float32; each text truncated at `MAX_TOKENS`."""
+        return self.encode_ids([self.tokenize(t).ids[: MAX_TOKENS - 2] for t in texts])
+
+    def encode_ids(self, rows: Sequence[Sequence[int]]) -> Vectors:
+        """(len(rows), DIMENSIONS) float32 for token id rows (without [CLS] and [SEP], at
+        most `MAX_TOKENS` - 2 each): per row, each layer's L2-normalised mean."""
+        if any(len(row) > MAX_TOKENS - 2 for row in rows):
+            raise ValueError(f"a row is longer than the model's {MAX_TOKENS} tokens")
+        width = max(len(row) for row in rows) + 2
+        ids = np.zeros((len(rows), width), dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for index, row in enumerate(rows):
+            ids[index, 0] = self.pieces.cls
+            ids[index, 1 : len(row) + 1] = row
+            ids[index, len(row) + 1] = self.pieces.sep
+            mask[index, : len(row) + 2] = 1
         (layers,) = self.session.run(
             ["layers"],
             {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)},
-        )  # (len(LAYERS), texts, tokens, 384)
+        )  # (len(LAYERS), rows, tokens, 384)
         weights = mask[None, :, :, None].astype(np.float32)
         pooled = (layers * weights).sum(axis=2) / np.clip(weights.sum(axis=2), 1e-9, None)
         pooled /= np.clip(np.linalg.norm(pooled, axis=2, keepdims=True), 1e-12, None)

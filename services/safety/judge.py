@@ -3,11 +3,16 @@
 1. The text's views (normalise.py) go through the built-in markers and deny rules and the
    tenant's deny and allow phrases (rules.py).
 2. The classifier scores the plain view - and the leet and decoded views when there are
-   any, so a disguised request is scored as what it says - in overlapping windows of
-   `WINDOW_CHARS` (the model reads 256 tokens; a long text is read whole, window by
-   window, at most `MAX_WINDOWS` a check: the plain view of the longest accepted text
-   fits). A category's model score is its highest over views and windows: the worst
-   window wins, and its span in the original text is the evidence.
+   any, so a disguised request is scored as what it says - in windows sized in tokens:
+   each view is tokenized once with the model's own tokenizer and cut, between words,
+   into windows of at most `WINDOW_TOKENS` (the model's 256 with [CLS] and [SEP]),
+   overlapping by `OVERLAP_TOKENS`. A text of up to 254 tokens is one encoder pass, and
+   no window is truncated, so a long text is read whole, window by window, at most
+   `MAX_WINDOWS` a check (the plain view of the longest accepted prose text fits). A
+   window whose tokens another window already has (a leet view that differs from the plain
+   one only elsewhere, a repeated passage) is not encoded again. A category's model score
+   is its highest over views and windows: the worst window wins, and its span in the
+   original text (through the tokens' character offsets) is the evidence.
 3. A category's score is the higher of its rule and model scores. An allow phrase, when no
    deny rule or marker matched, keeps the model's scores from deciding (they are still
    reported). Jailbreak and prompt-injection categories apply to inputs only: an output
@@ -20,10 +25,12 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
 
+from llmos.services.safety.encoder import MAX_TOKENS, Tokens
 from llmos.services.safety.head import Array, Head
 from llmos.services.safety.normalise import View, views
 from llmos.services.safety.policy import Policy
@@ -31,14 +38,25 @@ from llmos.services.safety.rules import DENY, MARKERS, SMALL_TALK, scan
 from llmos.services.safety.taxonomy import CATEGORIES
 from llmos.v1 import safety_pb2
 
-WINDOW_CHARS = 1000
-WINDOW_OVERLAP = 200
-# The classifier's budget per check: the plain view of the longest text the service takes
-# (checks.MAX_TEXT_CHARS, 262,144 characters) is 328 windows; other views (leet, decoded
-# payloads) get what is left. The rules read every view whole whatever its length.
+# Tokens a window holds, [CLS] and [SEP] included: the model's limit (encoder.MAX_TOKENS).
+WINDOW_TOKENS = MAX_TOKENS
+# Tokens shared by neighbouring windows: a harmful sentence or two (~300 characters of
+# prose) cut by one window's end is read whole by the next.
+OVERLAP_TOKENS = 64
+# The classifier's budget per check, in windows of WINDOW_TOKENS - 2 - OVERLAP_TOKENS = 190
+# new tokens: 400 windows read ~76,000 tokens, so the plain view of the longest text the
+# service takes (checks.MAX_TEXT_CHARS, 262,144 characters) fits at 3.5 characters a token
+# or more (English prose is ~4.5-5: the bench's long text is 50,400 tokens, 266 windows).
+# Denser text (digits, code, scripts read a token a character) is read up to the budget;
+# other views (leet, decoded payloads) get what the plain view left. The rules read every
+# view whole whatever its length.
 MAX_WINDOWS = 400
 # Windows encoded per encoder call: bounds the activations a long text holds at once.
 ENCODE_BATCH = 32
+# Windows share a call only when their lengths differ by at most this many tokens: a call
+# pads every row to its longest, and a padded token costs as much as a real one (a short
+# last window padded to 254 tokens would cost a full pass).
+PAD_SLACK = 16
 MODEL_RULE = "model.minilm-int8"
 INPUT_ONLY = frozenset({"jailbreak", "prompt_injection"})
 # Categories below this score are left out of the verdict, to keep it short.
@@ -46,28 +64,60 @@ REPORT_FLOOR = 0.05
 
 
 class Encodes(Protocol):
-    def encode(self, texts: list[str]) -> Array: ...
+    def tokenize(self, text: str) -> Tokens: ...
+
+    def encode_ids(self, rows: Sequence[Sequence[int]]) -> Array: ...
 
 
 @dataclasses.dataclass(frozen=True)
 class Window:
+    """Tokens `ids` of `view`, from its character `start` to `end`."""
+
     view: View
     start: int
     end: int
-
-    @property
-    def text(self) -> str:
-        return self.view.text[self.start : self.end]
+    ids: tuple[int, ...]
 
 
-def windows(view: View) -> list[Window]:
-    if len(view.text) <= WINDOW_CHARS:
-        return [Window(view, 0, len(view.text))]
-    step = WINDOW_CHARS - WINDOW_OVERLAP
-    return [
-        Window(view, start, min(start + WINDOW_CHARS, len(view.text)))
-        for start in range(0, max(1, len(view.text) - WINDOW_OVERLAP), step)
-    ]
+def windows(view: View, tokens: Tokens) -> list[Window]:
+    """`view` cut into windows of at most WINDOW_TOKENS - 2 tokens (room for [CLS] and
+    [SEP]), each ending and starting between words where a word allows, the next one
+    starting OVERLAP_TOKENS before the previous one ended."""
+    size, count, words = WINDOW_TOKENS - 2, len(tokens.ids), tokens.words
+
+    def word_start(index: int, floor: int) -> int:
+        """The first token of the word that holds token `index` when it lies after `floor`,
+        else `index` (a word longer than a window is cut inside)."""
+        first = index
+        while first > floor and words[first] is not None and words[first - 1] == words[first]:
+            first -= 1
+        return first if first > floor else index
+
+    found: list[Window] = []
+    start = 0
+    while start < count:
+        end = min(start + size, count)
+        if end < count:
+            end = word_start(end, start)
+        first, last = tokens.offsets[start], tokens.offsets[end - 1]
+        found.append(Window(view, first[0], last[1], tokens.ids[start:end]))
+        if end == count:
+            break
+        start = word_start(max(end - OVERLAP_TOKENS, start + 1), start)
+    return found
+
+
+def batches(chunks: list[Window]) -> list[list[int]]:
+    """Indices of `chunks` grouped into encoder calls: by length, at most ENCODE_BATCH
+    windows a call, lengths within PAD_SLACK tokens of each other."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(chunks)), key=lambda i: len(chunks[i].ids)):
+        shortest = len(chunks[groups[-1][0]].ids) if groups else 0
+        if groups and len(groups[-1]) < ENCODE_BATCH and len(chunks[i].ids) - shortest <= PAD_SLACK:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
 
 
 @dataclasses.dataclass
@@ -131,21 +181,35 @@ class Judge:
             policy_version=policy.version,
         )
 
+    def _windows(self, seen: list[View]) -> list[Window]:
+        """Every view's windows, at most MAX_WINDOWS: each distinct token sequence once,
+        and a later view's window only where its text differs from the plain view's at
+        the same place (a leet view's windows away from its leetspeak are the plain text
+        again, already read)."""
+        chunks: dict[tuple[int, ...], Window] = {}
+        plain = seen[0].text
+        for view in seen:
+            for window in windows(view, self.encoder.tokenize(view.text)):
+                text = view.text[window.start : window.end]
+                if view is not seen[0] and text == plain[window.start : window.end]:
+                    continue
+                chunks.setdefault(window.ids, window)
+                if len(chunks) == MAX_WINDOWS:
+                    return list(chunks.values())
+        return list(chunks.values())
+
     def _model(
         self, seen: list[View], evidence: list[safety_pb2.SafetyEvidence], direction: str
     ) -> dict[str, float]:
         """Each category's highest model score; the highest-scoring window's evidence."""
-        chunks = [w for view in seen for w in windows(view) if w.text.strip()][:MAX_WINDOWS]
+        chunks = self._windows(seen)
         if not chunks:
             return {}
-        rows = [
-            row
-            for start in range(0, len(chunks), ENCODE_BATCH)
-            for row in self.head.scores(
-                self.encoder.encode([w.text for w in chunks[start : start + ENCODE_BATCH]]),
-                direction,
-            )
-        ]
+        rows: list[dict[str, float]] = [{} for _ in chunks]
+        for batch in batches(chunks):
+            vectors = self.encoder.encode_ids([chunks[i].ids for i in batch])
+            for i, row in zip(batch, self.head.scores(vectors, direction), strict=True):
+                rows[i] = row
         best: dict[str, float] = {}
         for row in rows:
             for category, score in row.items():

@@ -4,9 +4,11 @@ A stream arrives a token or two at a time; checking after every piece would cost
 classifier pass per token. So text accumulates and a window is checked once `STRIDE_CHARS`
 new characters arrived (or a sentence ended after at least `MIN_NEW_CHARS`), and at the
 end. The window is the last `WINDOW_CHARS` characters, so a harmful sentence that spans
-two strides is read whole. The kernel releases text to the client only up to
-`checked_chars`, so no unchecked text reaches it; a block stops the stream at most one
-stride after the harmful text began. Pure logic.
+two strides is read whole. 320 characters of prose are ~70 tokens, one encoder pass; the
+judge cuts what it is given into windows of at most 256 tokens (judge.py), so a denser
+window (up to a token a character) is read as two, never truncated. The kernel releases
+text to the client only up to `checked_chars`, so no unchecked text reaches it; a block
+stops the stream at most one stride after the harmful text began. Pure logic.
 """
 
 from __future__ import annotations
