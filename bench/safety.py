@@ -4,7 +4,10 @@ and whole checks over gRPC against a running safety service.
     python bench/safety.py [--address 127.0.0.1:PORT] [--runs 100]
 
 Texts of 30 and 200 tokens (MiniLM's tokenizer, [CLS] and [SEP] included), and over gRPC
-one text of the longest accepted length (262,144 characters, read in overlapping windows).
+texts of the longest accepted length (262,144 characters, read in overlapping windows of
+up to 256 tokens): numbered sentences, so no two windows are alike and every one is
+encoded (`grpc_check_262144_chars`), and one sentence repeated, whose windows repeat and
+are encoded once each (`..._repeated`: what the judge's deduplication saves).
 Prints p50 and p95 in milliseconds as one JSON object, with the load average before and
 after (a shared machine is noisy). Figures, never assertions (bench/README.md).
 """
@@ -79,13 +82,16 @@ def main() -> int:
             result[f"grpc_check_{n}"] = timed(lambda r=request: stub.Check(r), args.runs)
         from llmos.services.safety.checks import MAX_TEXT_CHARS
 
-        long_text = (SENTENCE * (MAX_TEXT_CHARS // len(SENTENCE) + 1))[:MAX_TEXT_CHARS]
-        request = safety_pb2.SafetyServiceCheckRequest(
-            text=long_text, direction=safety_pb2.DIRECTION_INPUT
-        )
-        result[f"grpc_check_{MAX_TEXT_CHARS}_chars"] = timed(
-            lambda r=request: stub.Check(r, timeout=120), max(3, args.runs // 20), warmup=1
-        )
+        numbered = "".join(f"Item {i}: {SENTENCE}" for i in range(MAX_TEXT_CHARS // 20))
+        repeated = SENTENCE * (MAX_TEXT_CHARS // len(SENTENCE) + 1)
+        result["long_tokens"] = onnx.tokens(numbered[:MAX_TEXT_CHARS])
+        for name, long_text in (("", numbered), ("_repeated", repeated)):
+            request = safety_pb2.SafetyServiceCheckRequest(
+                text=long_text[:MAX_TEXT_CHARS], direction=safety_pb2.DIRECTION_INPUT
+            )
+            result[f"grpc_check_{MAX_TEXT_CHARS}_chars{name}"] = timed(
+                lambda r=request: stub.Check(r, timeout=300), max(3, args.runs // 20), warmup=1
+            )
     result["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(result, indent=1))
     return 0
