@@ -46,10 +46,10 @@ OVERLAP_TOKENS = 64
 # The classifier's budget per check, in windows of WINDOW_TOKENS - 2 - OVERLAP_TOKENS = 190
 # new tokens: 400 windows read ~76,000 tokens, so the plain view of the longest text the
 # service takes (checks.MAX_TEXT_CHARS, 262,144 characters) fits at 3.5 characters a token
-# or more (English prose is ~4.5-5: the bench's long text is 50,400 tokens, 266 windows).
-# Denser text (digits, code, scripts read a token a character) is read up to the budget;
-# other views (leet, decoded payloads) get what the plain view left. The rules read every
-# view whole whatever its length.
+# or more (English prose is ~4.5-5: the bench's numbered long text is 52,398 tokens, 276
+# windows). Denser text (digits, code, scripts read a token a character) is read up to the
+# budget; other views (leet, decoded payloads) get what the plain view left. The rules
+# read every view whole whatever its length.
 MAX_WINDOWS = 400
 # Windows encoded per encoder call: bounds the activations a long text holds at once.
 ENCODE_BATCH = 32
