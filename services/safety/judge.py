@@ -30,6 +30,7 @@ from typing import Protocol
 
 import numpy as np
 
+from llmos.services.errors import InvalidArgument
 from llmos.services.safety.encoder import MAX_TOKENS, Tokens
 from llmos.services.safety.head import Array, Head
 from llmos.services.safety.normalise import View, views
@@ -47,9 +48,10 @@ OVERLAP_TOKENS = 64
 # new tokens: 400 windows read ~76,000 tokens, so the plain view of the longest text the
 # service takes (checks.MAX_TEXT_CHARS, 262,144 characters) fits at 3.5 characters a token
 # or more (English prose is ~4.5-5: the bench's numbered long text is 52,398 tokens, 276
-# windows). Denser text (digits, code, scripts read a token a character) is read up to the
-# budget; other views (leet, decoded payloads) get what the plain view left. The rules
-# read every view whole whatever its length.
+# windows). Denser text (digits, code, scripts read a token a character), or views that add
+# more windows than the budget holds, is refused with INVALID_ARGUMENT (TEXT_TOO_LONG):
+# never a verdict on a text the classifier read only in part. The rules read every view
+# whole whatever its length.
 MAX_WINDOWS = 400
 # Windows encoded per encoder call: bounds the activations a long text holds at once.
 ENCODE_BATCH = 32
@@ -67,6 +69,18 @@ class Encodes(Protocol):
     def tokenize(self, text: str) -> Tokens: ...
 
     def encode_ids(self, rows: Sequence[Sequence[int]]) -> Array: ...
+
+
+def too_many_windows(chars: int) -> InvalidArgument:
+    new_tokens = WINDOW_TOKENS - 2 - OVERLAP_TOKENS
+    return InvalidArgument(
+        f"the text ({chars:,} characters) makes more than {MAX_WINDOWS} classifier windows "
+        f"(about {MAX_WINDOWS * new_tokens:,} tokens over all its readings: plain, leet, "
+        "decoded payloads); one check reads at most that much, and a verdict on part of a "
+        "text would not be one: split it over several checks",
+        reason="TEXT_TOO_LONG",
+        metadata={"max_windows": str(MAX_WINDOWS)},
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,10 +196,10 @@ class Judge:
         )
 
     def _windows(self, seen: list[View]) -> list[Window]:
-        """Every view's windows, at most MAX_WINDOWS: each distinct token sequence once,
-        and a later view's window only where its text differs from the plain view's at
-        the same place (a leet view's windows away from its leetspeak are the plain text
-        again, already read)."""
+        """Every view's windows (more than MAX_WINDOWS: TEXT_TOO_LONG), each distinct token
+        sequence once, and a later view's window only where its text differs from the plain
+        view's at the same place (a leet view's windows away from its leetspeak are the
+        plain text again, already read)."""
         chunks: dict[tuple[int, ...], Window] = {}
         plain = seen[0].text
         for view in seen:
@@ -194,8 +208,8 @@ class Judge:
                 if view is not seen[0] and text == plain[window.start : window.end]:
                     continue
                 chunks.setdefault(window.ids, window)
-                if len(chunks) == MAX_WINDOWS:
-                    return list(chunks.values())
+                if len(chunks) > MAX_WINDOWS:
+                    raise too_many_windows(len(seen[0].text))
         return list(chunks.values())
 
     def _model(

@@ -10,10 +10,13 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
+from llmos.services.errors import InvalidArgument
+from llmos.services.safety.checks import MAX_TEXT_CHARS
 from llmos.services.safety.encoder import DIMENSIONS, Tokens, WordPieces
 from llmos.services.safety.head import Array, Head
 from llmos.services.safety.judge import (
     ENCODE_BATCH,
+    MAX_WINDOWS,
     OVERLAP_TOKENS,
     PAD_SLACK,
     WINDOW_TOKENS,
@@ -166,3 +169,22 @@ def test_windows_share_an_encoder_call_only_when_little_padding_is_needed(
     text = " ".join(words[:55])  # 333 tokens: a full window and a short one
     checker.check(text, safety_pb2.DIRECTION_INPUT, POLICY)
     assert len(encoder.calls) == 2 and all(len(call) == 1 for call in encoder.calls)
+
+
+def test_a_text_with_more_windows_than_one_check_reads_is_refused_not_read_in_part(
+    pieces: WordPieces,
+) -> None:
+    """Digits read about a token a character: 262,144 of them make ~1,380 windows, over the
+    budget. Dropping the rest would let a text hide what it says after the budget's end."""
+    checker, encoder = judge(pieces)
+    text = " ".join(f"{i:06d}" for i in range(37_000))[:MAX_TEXT_CHARS]
+
+    with pytest.raises(InvalidArgument) as refused:
+        checker.check(text, safety_pb2.DIRECTION_INPUT, POLICY)
+
+    assert refused.value.reason == "TEXT_TOO_LONG"
+    assert f"more than {MAX_WINDOWS} classifier windows" in str(refused.value)
+    assert encoder.rows == []  # refused before any encoder work
+    prose = (PROSE * 4_000)[:MAX_TEXT_CHARS]  # the longest prose text still fits
+    checker.check(prose, safety_pb2.DIRECTION_INPUT, POLICY)
+    assert 0 < len(encoder.rows) <= MAX_WINDOWS
