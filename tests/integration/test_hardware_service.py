@@ -22,7 +22,7 @@ import psutil
 import pytest
 from google.protobuf.duration_pb2 import Duration
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from stacktools import STACK_SIZE, free_port_block
+from stacktools import STACK_SIZE, free_port_block, stack_data_dir
 
 from llmos.services.errors import error_info
 from llmos.v1 import hardware_pb2, hardware_pb2_grpc, kernel_pb2, kernel_pb2_grpc
@@ -32,18 +32,20 @@ HARDWARE_OFFSET = 5
 
 
 class Processes:
-    """`llmos serve NAME` children sharing one kernel port and data directory."""
+    """`llmos serve NAME` children sharing one kernel port and data directory (which links
+    the session's models folder, so the safety process loads the encoder exported there)."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, shared_data_dir: Path) -> None:
         self.port = free_port_block(STACK_SIZE)
         self.tmp = tmp
+        self.data_dir = stack_data_dir(shared_data_dir, tmp)
         self.children: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, name: str) -> subprocess.Popen[bytes]:
         with (self.tmp / f"{name}.log").open("wb") as log:
             child = subprocess.Popen(
                 [sys.executable, "-m", "llmos.kernel.cli", "serve", name,
-                 "--port", str(self.port), "--data-dir", str(self.tmp / "data")],
+                 "--port", str(self.port), "--data-dir", str(self.data_dir)],
                 stdout=log, stderr=subprocess.STDOUT,
                 env={**os.environ, "LLMOS_LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1"},
             )  # fmt: skip
@@ -82,8 +84,10 @@ class Processes:
 
 
 @pytest.fixture(scope="module")
-def processes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Processes]:
-    running = Processes(tmp_path_factory.mktemp("hardware"))
+def processes(
+    shared_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Processes]:
+    running = Processes(tmp_path_factory.mktemp("hardware"), shared_data_dir)
     try:
         running.start("kernel")
         deadline = time.monotonic() + 60

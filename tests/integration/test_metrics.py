@@ -27,7 +27,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 from promql import dashboard_queries, exported_names, query_metric_names
-from stacktools import REPO, Stack, free_port_block
+from stacktools import REPO, Stack, free_port_block, stack_data_dir
 
 from llmos.kernel.stack import BY_NAME, STACK
 from llmos.services.config import METRICS_PORT_OFFSET, Settings
@@ -88,12 +88,15 @@ class Alone:
     log: Path
 
 
-def serve_alone(tmp_path: Path, port: int, **env: str) -> Alone:
+def serve_alone(tmp_path: Path, shared_data_dir: Path, port: int, **env: str) -> Alone:
+    """`llmos serve safety` in `tmp_path`; its data directory links the session's models
+    folder, where the safety encoder is exported once."""
     log = tmp_path / "safety.log"
+    data_dir = stack_data_dir(shared_data_dir, tmp_path)
     with log.open("wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "llmos.kernel.cli", "serve", "safety", "--port", str(port),
-             "--data-dir", str(tmp_path)],
+             "--data-dir", str(data_dir)],
             stdout=out,
             stderr=subprocess.STDOUT,
             env={**os.environ, "LLMOS_LOG_FORMAT": "json", **env},
@@ -102,8 +105,8 @@ def serve_alone(tmp_path: Path, port: int, **env: str) -> Alone:
 
 
 @pytest.fixture
-def alone(tmp_path: Path) -> Iterator[Alone]:
-    running = serve_alone(tmp_path, free_port_block(SAFETY_OFFSET + 1))
+def alone(tmp_path: Path, shared_data_dir: Path) -> Iterator[Alone]:
+    running = serve_alone(tmp_path, shared_data_dir, free_port_block(SAFETY_OFFSET + 1))
     yield running
     running.process.terminate()
     running.process.wait(timeout=30)
@@ -127,8 +130,8 @@ def test_a_process_serves_metrics_on_its_grpc_port_plus_the_offset(alone: Alone)
     assert "llmos_host_" not in metrics.text
 
 
-def test_a_stopped_process_frees_its_metrics_port(tmp_path: Path) -> None:
-    running = serve_alone(tmp_path, free_port_block(SAFETY_OFFSET + 1))
+def test_a_stopped_process_frees_its_metrics_port(tmp_path: Path, shared_data_dir: Path) -> None:
+    running = serve_alone(tmp_path, shared_data_dir, free_port_block(SAFETY_OFFSET + 1))
     metrics_port = running.port + SAFETY_OFFSET + METRICS_PORT_OFFSET
     wait_for_scrape(f"127.0.0.1:{metrics_port}", running.process, running.log)
     running.process.terminate()
@@ -141,9 +144,9 @@ def test_a_stopped_process_frees_its_metrics_port(tmp_path: Path) -> None:
         probe.listen()
 
 
-def test_metrics_port_minus_one_serves_no_metrics(tmp_path: Path) -> None:
+def test_metrics_port_minus_one_serves_no_metrics(tmp_path: Path, shared_data_dir: Path) -> None:
     port = free_port_block(SAFETY_OFFSET + 1)
-    running = serve_alone(tmp_path, port, LLMOS_METRICS_PORT="-1")
+    running = serve_alone(tmp_path, shared_data_dir, port, LLMOS_METRICS_PORT="-1")
     try:
         deadline = time.monotonic() + 60
         while "is ready" not in running.log.read_text() and time.monotonic() < deadline:
@@ -157,13 +160,15 @@ def test_metrics_port_minus_one_serves_no_metrics(tmp_path: Path) -> None:
         running.process.wait(timeout=30)
 
 
-def test_a_taken_metrics_port_stops_the_process_and_says_why(tmp_path: Path) -> None:
+def test_a_taken_metrics_port_stops_the_process_and_says_why(
+    tmp_path: Path, shared_data_dir: Path
+) -> None:
     port = free_port_block(SAFETY_OFFSET + 1)
     metrics_port = port + SAFETY_OFFSET + METRICS_PORT_OFFSET
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", metrics_port))
         holder.listen()
-        running = serve_alone(tmp_path, port)
+        running = serve_alone(tmp_path, shared_data_dir, port)
         status = running.process.wait(timeout=60)
     output = running.log.read_text()
     assert status != 0

@@ -2,9 +2,10 @@
 crashed child, the restart-intensity limit, reverse-order stop, and no orphans.
 
 Most tests run a small `Supervisor` of light children (`llmos serve kernel|safety|privacy`,
-no model) in the test's own event loop, so they can look inside it. Two tests run the
-whole stack with the CLI (`llmos up`) as a separate process, one at a time, to check what
-only a separate supervisor process can show: SIGTERM to it, and SIGKILL of it.
+no language model; safety loads the encoder the session exported once) in the test's own
+event loop, so they can look inside it. Two tests run the whole stack with the CLI
+(`llmos up`) as a separate process, one at a time, to check what only a separate
+supervisor process can show: SIGTERM to it, and SIGKILL of it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import grpc
 import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from stacktools import STACK_SIZE, Stack, free_port_block, start_stack, stop_stack
+from stacktools import STACK_SIZE, Stack, free_port_block, stack_data_dir, start_stack, stop_stack
 
 from llmos.kernel.stack import BY_NAME, STACK
 from llmos.kernel.supervisor import Child, RestartIntensity, Supervisor, child_argv
@@ -100,8 +101,9 @@ class Light:
 
 
 @pytest.fixture
-def light(tmp_path: Path) -> Iterator[Light]:
-    children = Light(free_port_block(STACK_SIZE), tmp_path)
+def light(shared_data_dir: Path, tmp_path: Path) -> Iterator[Light]:
+    # The session's models folder: safety loads the encoder exported there, not a new export.
+    children = Light(free_port_block(STACK_SIZE), stack_data_dir(shared_data_dir, tmp_path))
     yield children
     for process in children.seen:  # whatever a failed test left behind
         with contextlib.suppress(psutil.NoSuchProcess):
