@@ -14,11 +14,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 import pytest
-from stacktools import REPO, STACK_SIZE, free_port_block
+from stacktools import REPO, STACK_SIZE, free_port_block, stack_data_dir
 
 from llmos.kernel.safety import OutputGuard, refusal, verdict_step
 from llmos.services.errors import error_info
@@ -39,13 +40,14 @@ TEST_SPLIT_OUTPUT = REPO / "tests" / "data" / "safety" / "test-split-output.json
 
 
 @pytest.fixture(scope="module")
-def address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def address(shared_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("safety")
+    data_dir = stack_data_dir(shared_data_dir, tmp)  # the encoder exported once per session
     port = free_port_block(STACK_SIZE)
     with (tmp / "safety.log").open("wb") as log:
         child = subprocess.Popen(
             [sys.executable, "-m", "llmos.kernel.cli", "serve", "safety", "--port", str(port),
-             "--data-dir", str(tmp / "data")],
+             "--data-dir", str(data_dir)],
             stdout=log, stderr=subprocess.STDOUT,
             env={**os.environ, "LLMOS_LOG_FORMAT": "json", "LLMOS_METRICS_PORT": "-1"},
         )  # fmt: skip
@@ -59,7 +61,7 @@ def address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 break
             except grpc.RpcError:
                 assert time.monotonic() < deadline, "safety did not serve in 120 s"
-                time.sleep(0.5)
+                time.sleep(0.2)
         yield target
     finally:
         child.send_signal(signal.SIGTERM)
@@ -270,42 +272,44 @@ def test_bad_input_is_refused_and_the_service_keeps_serving(
     assert check(address, "Hi").allowed  # still serving
 
 
-def quality(
-    address: str, path: Path = TEST_SPLIT, direction: int = INPUT
-) -> tuple[dict[str, object], list[float]]:
-    rows, latencies = [], []
+# Checks in flight at once while a split is scored. Each verdict depends on its text alone,
+# so the figures are those of one check at a time; the service takes about a quarter less
+# CPU per check this way (its encoder's threads wait less between calls), and the splits'
+# 1,668 checks are the longest set-up in this module.
+QUALITY_CONCURRENCY = 4
+
+
+def quality(address: str, path: Path = TEST_SPLIT, direction: int = INPUT) -> dict[str, object]:
     safety = stub(address)
     # Split on newlines only: some texts hold U+2028, which str.splitlines breaks on.
-    for line in path.read_text(encoding="utf-8").split("\n"):
-        if not line:
-            continue
-        example = json.loads(line)
-        started = time.perf_counter()
+    examples = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line]
+
+    def scored(example: dict[str, str]) -> Scored:
         verdict = safety.Check(
             pb.SafetyServiceCheckRequest(text=example["text"], direction=direction),  # type: ignore[arg-type]
-            timeout=30,
+            timeout=60,
         ).verdict
-        latencies.append(time.perf_counter() - started)
-        score = max((c.score for c in verdict.categories), default=0.0)
-        rows.append(
-            Scored(
-                example["label"] == "unsafe",
-                verdict.action != pb.SAFETY_ACTION_ALLOW,
-                score,
-                example.get("category", ""),
-            )
+        return Scored(
+            example["label"] == "unsafe",
+            verdict.action != pb.SAFETY_ACTION_ALLOW,
+            max((c.score for c in verdict.categories), default=0.0),
+            example.get("category", ""),
         )
-    return report(rows).as_dict(), latencies
+
+    with ThreadPoolExecutor(QUALITY_CONCURRENCY) as pool:
+        rows = list(pool.map(scored, examples))
+    assert len(rows) == len(examples)
+    return report(rows).as_dict()
 
 
 @pytest.fixture(scope="module")
 def figures(address: str) -> dict[str, object]:
-    measured, _ = quality(address)
+    measured = quality(address)
     print(json.dumps(measured, indent=1))
     return measured
 
 
-@pytest.mark.timeout(1800)  # 1,057 checks one at a time; minutes on a loaded 2-core machine
+@pytest.mark.timeout(1800)  # 1,057 checks; minutes on a loaded 2-core machine
 def test_classifier_f1_on_the_held_back_split_meets_the_target(figures: dict[str, object]) -> None:
     assert float(figures["f1"]) >= 0.90  # type: ignore[arg-type]
 
@@ -321,7 +325,7 @@ def test_classifier_false_positive_rate_on_benign_prompts_meets_the_target(
 
 @pytest.fixture(scope="module")
 def output_figures(address: str) -> dict[str, object]:
-    measured, _ = quality(address, TEST_SPLIT_OUTPUT, OUTPUT)
+    measured = quality(address, TEST_SPLIT_OUTPUT, OUTPUT)
     print(json.dumps(measured, indent=1))
     return measured
 
