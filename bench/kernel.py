@@ -1,7 +1,8 @@
 """What the kernel adds over calling the runtime directly, beside a bare proxy, as JSON.
 
     python bench/kernel.py [--quick] [--soak-s 300] [--requests 1000] [--concurrency 32]
-                           [--duration-s 10] [--refusals 200] [--prompt ping]
+                           [--duration-s 10] [--refusals 200] [--max-queued 0] [--prompt ping]
+                           [--models DIR]
 
 Every process is real, started here on free ports, with the echo runtime (`runtime_engine =
 "echo"`: the stack's runtime process streams the prompt back, no model), so what is measured
@@ -45,7 +46,9 @@ stages_on also measures:
   refusal     the runtime process is frozen (SIGSTOP), so the tasks the kernel dispatches
               hang in it; interactive Submits fill the kernel's queue until it refuses; then
               --refusals interactive Generate calls are timed until their RESOURCE_EXHAUSTED
-              arrives. The runtime is resumed (SIGCONT) and the queued tasks drain.
+              arrives. The runtime is resumed (SIGCONT) and the queued tasks drain. The queue
+              holds the kernel's default 256 interactive tasks, or --max-queued (both kernel
+              phases run with it: `kernel_max_queued`).
   soak        --concurrency clients through the kernel for --soak-s seconds while the kernel
               process's resident memory (VmRSS) is read every second: start, end, max and the
               least-squares slope over the whole run and over its second half.
@@ -55,7 +58,13 @@ proxy's added p50 and at >= 60% of its throughput; a full queue refusing within 
 memory flat, taken here as a second-half slope within +-1 MiB/min. Figures, not assertions:
 the client shares the CPUs with what it measures, and other work on the machine skews every
 figure (the load averages at start and end are reported). --quick is a smoke run of every
-phase in about half a minute.
+phase in about half a minute, with a 32-task queue so that the refusal's fill and drain are
+short.
+
+Each phase's data directory is new; the safety service exports its encoder into its
+`models/` folder on start (seconds, counted in that phase's `ready_s`). --models DIR links
+DIR as every phase's `models/` folder instead, so an export made before is reused (the test
+suite passes its shared one).
 """
 
 from __future__ import annotations
@@ -103,6 +112,7 @@ QUICK = {
     "duration_s": 0.5,
     "refusals": 10,
     "soak_s": 2.0,
+    "max_queued": 32,
 }
 FULL = {
     "requests": 1000,
@@ -111,6 +121,7 @@ FULL = {
     "duration_s": 10.0,
     "refusals": 200,
     "soak_s": 300.0,
+    "max_queued": 0,
 }
 
 Call = Callable[[], Awaitable[str]]  # one Generate; returns the task id ("" direct)
@@ -444,6 +455,7 @@ class Plan:
     duration_s: float
     refusals: int
     soak_s: float
+    max_queued: int  # the kernels' kernel_max_queued; 0: the kernel's default
 
 
 async def compare(plan: Plan, calls: dict[str, Call], pids: dict[str, int]) -> dict[str, Any]:
@@ -465,7 +477,16 @@ async def compare(plan: Plan, calls: dict[str, Call], pids: dict[str, int]) -> d
     return result
 
 
-async def bare_phase(plan: Plan, workdir: Path) -> dict[str, Any]:
+def data_dir(phase_dir: Path, models: Path | None) -> Path:
+    """A phase's new data directory; with `models`, its `models/` folder is that one."""
+    path = phase_dir / "data"
+    path.mkdir()
+    if models is not None:
+        (path / "models").symlink_to(models.resolve(), target_is_directory=True)
+    return path
+
+
+async def bare_phase(plan: Plan, workdir: Path, models: Path | None) -> dict[str, Any]:
     procs = Processes(workdir / "bare")
     procs.workdir.mkdir()
     base = free_port_block(3)
@@ -476,7 +497,7 @@ async def bare_phase(plan: Plan, workdir: Path) -> dict[str, Any]:
         runtime_process = procs.start(
             "runtime",
             [sys.executable, "-m", "llmos.kernel.cli", "serve", "runtime", "--port", str(base)],
-            echo_env(procs.workdir / "data"),
+            echo_env(data_dir(procs.workdir, models)),
         )
         proxy_argv = [sys.executable, str(REPO / "bench" / "bare_proxy.py")]
         proxy_process = procs.start(
@@ -514,7 +535,9 @@ def probe(call: Call) -> Callable[[], Awaitable[bool]]:
 
 
 @contextlib.asynccontextmanager
-async def stack(workdir: Path, name: str, **settings: str) -> AsyncIterator[tuple[int, int, float]]:
+async def stack(
+    workdir: Path, name: str, models: Path | None, **settings: str
+) -> AsyncIterator[tuple[int, int, float]]:
     """`llmos up` with the echo runtime; yields the kernel port, the supervisor pid and the
     seconds it took until every process was registered and SERVING."""
     procs = Processes(workdir / name)
@@ -524,7 +547,7 @@ async def stack(workdir: Path, name: str, **settings: str) -> AsyncIterator[tupl
     supervisor = procs.start(
         "llmos-up",
         [sys.executable, "-m", "llmos.kernel.cli", "up", "--port", str(port)],
-        echo_env(procs.workdir / "data", **settings),
+        echo_env(data_dir(procs.workdir, models), **settings),
     )
     try:
         await wait_for(f"{name} stack", lambda: stack_ready(f"{HOST}:{port}"), procs)
@@ -534,11 +557,15 @@ async def stack(workdir: Path, name: str, **settings: str) -> AsyncIterator[tupl
         progress(f"{name}: stack stopped in {stop_s:.1f}s")
 
 
-async def kernel_phase(plan: Plan, workdir: Path, stages_on: bool) -> dict[str, Any]:
+async def kernel_phase(
+    plan: Plan, workdir: Path, models: Path | None, stages_on: bool
+) -> dict[str, Any]:
     name = "stages_on" if stages_on else "stages_off"
     # Stages off: the default policy runs none, so none can be mandatory either.
     settings = {} if stages_on else {"policy_stages": "", "policy_mandatory": ""}
-    async with stack(workdir, name, **settings) as (port, supervisor, ready_s):
+    if plan.max_queued:
+        settings["kernel_max_queued"] = str(plan.max_queued)
+    async with stack(workdir, name, models, **settings) as (port, supervisor, ready_s):
         kernel_address = f"{HOST}:{port}"
         services = await registered(kernel_address)
         runtime = services["runtime"]
@@ -763,18 +790,18 @@ def source() -> dict[str, Any]:
     }
 
 
-async def run(plan: Plan, workdir: Path) -> dict[str, Any]:
+async def run(plan: Plan, workdir: Path, models: Path | None) -> dict[str, Any]:
     report: dict[str, Any] = {
         "source": source(),
         "machine": machine(),
         "plan": dataclasses.asdict(plan),
     }
     progress("phase 1/3: bare runtime and proxy")
-    report["bare"] = await bare_phase(plan, workdir)
+    report["bare"] = await bare_phase(plan, workdir, models)
     progress("phase 2/3: kernel with the pipeline stages off")
-    report["stages_off"] = await kernel_phase(plan, workdir, stages_on=False)
+    report["stages_off"] = await kernel_phase(plan, workdir, models, stages_on=False)
     progress("phase 3/3: kernel with the pipeline stages on")
-    report["stages_on"] = await kernel_phase(plan, workdir, stages_on=True)
+    report["stages_on"] = await kernel_phase(plan, workdir, models, stages_on=True)
     on, off = report["stages_on"], report["stages_off"]
     marginal = None
     if on["added"]["p50_ms"] is not None and off["added"]["p50_ms"] is not None:
@@ -785,7 +812,7 @@ async def run(plan: Plan, workdir: Path) -> dict[str, Any]:
     return report
 
 
-def parse_plan(argv: list[str] | None = None) -> tuple[Plan, bool]:
+def parse_plan(argv: list[str] | None = None) -> tuple[Plan, bool, Path | None]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -797,8 +824,16 @@ def parse_plan(argv: list[str] | None = None) -> tuple[Plan, bool]:
     parser.add_argument("--duration-s", type=float, help="seconds of saturation per target")
     parser.add_argument("--refusals", type=int, help="Generate calls timed against a full queue")
     parser.add_argument("--soak-s", type=float, help="seconds of the memory soak (default 300)")
+    parser.add_argument(
+        "--max-queued", type=int, help="the kernels' kernel_max_queued (0: their default)"
+    )
+    parser.add_argument(
+        "--models", type=Path, help="a models folder every phase links (its encoder export)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory and logs")
     args = parser.parse_args(argv)
+    if args.models is not None and not args.models.is_dir():
+        parser.error(f"--models {args.models}: no such folder")
     defaults = QUICK if args.quick else FULL
     chosen = {
         name: value if (value := getattr(args, name)) is not None else default
@@ -812,15 +847,16 @@ def parse_plan(argv: list[str] | None = None) -> tuple[Plan, bool]:
         duration_s=float(chosen["duration_s"]),
         refusals=int(chosen["refusals"]),
         soak_s=float(chosen["soak_s"]),
+        max_queued=int(chosen["max_queued"]),
     )
-    return plan, args.keep
+    return plan, args.keep, args.models
 
 
 def main() -> None:
-    plan, keep = parse_plan()
+    plan, keep, models = parse_plan()
     workdir = Path(tempfile.mkdtemp(prefix="llmos-bench-kernel-"))
     try:
-        report = asyncio.run(run(plan, workdir))
+        report = asyncio.run(run(plan, workdir, models))
     finally:
         if keep:
             progress(f"logs kept in {workdir}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from stacktools import REPO
 
@@ -20,9 +21,11 @@ PIPELINE = {
 }
 
 
-def test_quick_run_prints_every_figure() -> None:
+def test_quick_run_prints_every_figure(shared_data_dir: Path) -> None:
+    # The session's models folder: its safety encoder is exported once, not once a phase.
+    models = shared_data_dir / "models"
     done = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "kernel.py"), "--quick"],
+        [sys.executable, str(REPO / "bench" / "kernel.py"), "--quick", "--models", str(models)],
         capture_output=True,
         text=True,
         timeout=240,
