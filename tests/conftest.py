@@ -12,11 +12,15 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from stacktools import DEFAULT_MODEL, REPO, Stack, start_stack, stop_stack
 
-from llmos.services.runtime.models import resolve_model_dir
+from llmos.services.runtime.models import converted_dir, resolve_model_dir
+
+if TYPE_CHECKING:
+    from llmos.services.runtime.engine import LoadedModel
 
 
 @pytest.fixture(scope="session")
@@ -41,6 +45,16 @@ def model_data_dir(shared_data_dir: Path) -> Path:
         DEFAULT_MODEL, shared_data_dir, progress=lambda message: print(message, flush=True)
     )
     return shared_data_dir
+
+
+@pytest.fixture(scope="session")
+def loaded(model_data_dir: Path) -> LoadedModel:
+    """The default model's float32 weights in this process, for the tests that drive the
+    engine or its forward pass in-process: loaded once, not once per module (seconds each).
+    Tests read it and make their own `Engine`s on it; none changes or releases it."""
+    from llmos.services.runtime.engine import load_model  # torch: only when a test needs it
+
+    return load_model(DEFAULT_MODEL, str(converted_dir(model_data_dir, DEFAULT_MODEL)))
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,6 @@ import functools
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import grpc
 import pytest
@@ -25,9 +24,8 @@ from google.protobuf.duration_pb2 import Duration
 from stacktools import DEFAULT_MODEL, Stack
 
 from llmos.services.errors import ResourceExhausted, error_info
-from llmos.services.runtime.engine import Engine, LoadedModel, load_model
+from llmos.services.runtime.engine import Engine, LoadedModel
 from llmos.services.runtime.kv_memory import RESERVED
-from llmos.services.runtime.models import converted_dir
 from llmos.services.runtime.reservations import RELEASE_AFTER_S
 from llmos.services.validation import Sampling
 from llmos.v1 import common_pb2, hardware_pb2, hardware_pb2_grpc, kernel_pb2
@@ -57,11 +55,6 @@ def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None
 
 
 # ---------------------------------------------------------------- the engine alone
-
-
-@pytest.fixture(scope="module")
-def loaded(model_data_dir: Path) -> LoadedModel:
-    return load_model(DEFAULT_MODEL, str(converted_dir(model_data_dir, DEFAULT_MODEL)))
 
 
 async def wait_async(condition: Callable[[], bool], what: str, timeout_s: float = 30) -> None:

@@ -7,16 +7,13 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
-from stacktools import DEFAULT_MODEL
 from transformers import AutoModelForCausalLM
 
 from llmos.services.errors import InvalidArgument, ResourceExhausted
-from llmos.services.runtime.engine import Engine, EngineLimits, LoadedModel, load_model
-from llmos.services.runtime.models import converted_dir
+from llmos.services.runtime.engine import Engine, EngineLimits, LoadedModel
 from llmos.services.validation import Sampling
 from llmos.v1 import common_pb2
 
@@ -27,11 +24,6 @@ PROMPTS = [
     "Write a haiku about the sea.",
     "Explain what a CPU does in one sentence.",
 ]
-
-
-@pytest.fixture(scope="module")
-def loaded(model_data_dir: Path) -> LoadedModel:
-    return load_model(DEFAULT_MODEL, str(converted_dir(model_data_dir, DEFAULT_MODEL)))
 
 
 @pytest.fixture

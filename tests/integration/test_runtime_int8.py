@@ -44,8 +44,8 @@ async def test_int8_weights_still_answer(int8: LoadedModel) -> None:
     assert "Paris" in await answer(int8, "What is the capital of France?")
 
 
-def test_int8_weights_take_far_less_memory(int8: LoadedModel, model_data_dir: Path) -> None:
-    float32 = load_model(DEFAULT_MODEL, str(converted_dir(model_data_dir, DEFAULT_MODEL)))
+def test_int8_weights_take_far_less_memory(int8: LoadedModel, loaded: LoadedModel) -> None:
+    float32 = loaded
     assert int8.parameters == float32.parameters
     # Every Linear weight drops from 4 bytes to 1; the embedding stays float32, and the
     # output layer tied to it gets an int8 copy of its own.

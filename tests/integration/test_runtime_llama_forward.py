@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
-from stacktools import DEFAULT_MODEL
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig
 
-from llmos.services.runtime.engine import Engine, LoadedModel, load_model
+from llmos.services.runtime.engine import Engine, LoadedModel
 from llmos.services.runtime.kv_cache import SlotKVCache
 from llmos.services.runtime.llama_forward import (
     PACK_ROWS,
@@ -25,7 +23,6 @@ from llmos.services.runtime.llama_forward import (
     LlamaForward,
     lean_forward_for,
 )
-from llmos.services.runtime.models import converted_dir
 from llmos.services.runtime.sequences import SequenceHandle
 from llmos.services.runtime.weights import hold_weights
 from llmos.services.validation import Sampling
@@ -45,11 +42,6 @@ PROMPTS = [
     "Say hello in Spanish.",
     "What do bees make?",
 ]
-
-
-@pytest.fixture(scope="module")
-def loaded(model_data_dir: Path) -> LoadedModel:
-    return load_model(DEFAULT_MODEL, str(converted_dir(model_data_dir, DEFAULT_MODEL)))
 
 
 @pytest.fixture
