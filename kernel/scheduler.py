@@ -470,6 +470,12 @@ class Scheduler:
         """Dispatched and not yet released tickets for `service`."""
         return self._running_count.get(service, 0)
 
+    @property
+    def queued(self) -> int:
+        """Tickets waiting in any queue: none means `dispatch` has nothing to hand out or
+        expire (the task runner asks before every dispatch, on every task's path)."""
+        return len(self._records)
+
     def is_queued(self, task_id: str) -> bool:
         """Whether `task_id` waits in a queue."""
         return task_id in self._records

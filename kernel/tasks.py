@@ -498,9 +498,10 @@ class TaskRunner:
     def _dispatch_ready(self, held: str = "") -> Dispatch | None:
         """Start every ticket the scheduler hands out now, except `held`'s: its dispatch is
         returned, for the caller to start once the task is stored. Tickets whose deadline
-        passed while queued go to the dispatch loop, which records them FAILED."""
+        passed while queued go to the dispatch loop, which records them FAILED. With nothing
+        queued there is nothing to hand out or expire: the scheduler is not asked."""
         mine = None
-        while True:
+        while self.scheduler.queued:
             dispatch = self.scheduler.dispatch(time.monotonic())
             if dispatch.expired:
                 self._expired.extend(dispatch.expired)
@@ -511,6 +512,7 @@ class TaskRunner:
                 mine = dispatch
             else:
                 self._start(dispatch.ticket, dispatch.effective)
+        return mine
 
     def _start(
         self, ticket: Ticket, effective: Priority | None, started: TaskRecord | None = None
@@ -639,7 +641,8 @@ class TaskRunner:
             pending.discard()
         if running.listener is not None:
             running.listener.put_nowait(STREAM_END)
-        self._wakeup.set()
+        if self.scheduler.queued:  # a slot is free for them (nothing queued: nothing to do)
+            self._wakeup.set()
         self._room.set()
 
     async def _requeue(self, task_id: str, priority: common_pb2.Priority.ValueType) -> None:
