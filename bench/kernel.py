@@ -2,7 +2,7 @@
 
     python bench/kernel.py [--quick] [--soak-s 300] [--requests 1000] [--concurrency 32]
                            [--duration-s 10] [--refusals 200] [--max-queued 0] [--prompt ping]
-                           [--models DIR]
+                           [--models DIR] [--phases bare,stages_off,stages_on]
 
 Every process is real, started here on free ports, with the echo runtime (`runtime_engine =
 "echo"`: the stack's runtime process streams the prompt back, no model), so what is measured
@@ -59,7 +59,8 @@ memory flat, taken here as a second-half slope within +-1 MiB/min. Figures, not 
 the client shares the CPUs with what it measures, and other work on the machine skews every
 figure (the load averages at start and end are reported). --quick is a smoke run of every
 phase in about half a minute, with a 32-task queue so that the refusal's fill and drain are
-short.
+short. --phases runs only the phases named (an A/B comparison of the kernel's own path needs
+only bare and stages_off); `targets` then holds the targets those phases measure.
 
 Each phase's data directory is new; the safety service exports its encoder into its
 `models/` folder on start (seconds, counted in that phase's `ready_s`). --models DIR links
@@ -456,6 +457,7 @@ class Plan:
     refusals: int
     soak_s: float
     max_queued: int  # the kernels' kernel_max_queued; 0: the kernel's default
+    phases: tuple[str, ...] = ("bare", "stages_off", "stages_on")  # those run, in this order
 
 
 async def compare(plan: Plan, calls: dict[str, Call], pids: dict[str, int]) -> dict[str, Any]:
@@ -729,36 +731,41 @@ async def soak(call: Call, pid: int, plan: Plan) -> dict[str, Any]:
 
 
 def targets(report: dict[str, Any]) -> dict[str, Any]:
-    bare, off, on = report["bare"], report["stages_off"], report["stages_on"]
-    added_ratio = ratio(off["added"]["p50_ms"], bare["added"]["p50_ms"], 2)
-    share = ratio(
-        off["throughput"]["kernel"]["calls_per_s"], bare["throughput"]["proxy"]["calls_per_s"]
-    )
-    refusal_p99 = on["refusal"]["refused_generate"]["p99_ms"]
-    slope = on["soak"]["rss_slope_second_half_mib_per_min"]
-    return {
-        "kernel_stages_off_added_p50_over_proxy": {
+    """The work item's targets that the phases which ran measure."""
+    bare, off, on = report.get("bare"), report.get("stages_off"), report.get("stages_on")
+    result: dict[str, Any] = {}
+    if bare is not None and off is not None:
+        added_ratio = ratio(off["added"]["p50_ms"], bare["added"]["p50_ms"], 2)
+        share = ratio(
+            off["throughput"]["kernel"]["calls_per_s"], bare["throughput"]["proxy"]["calls_per_s"]
+        )
+        result["kernel_stages_off_added_p50_over_proxy"] = {
             "measured": added_ratio,
             "target": "<= 2",
             "met": added_ratio is not None and added_ratio <= 2,
-        },
-        "kernel_stages_off_throughput_over_proxy": {
+        }
+        result["kernel_stages_off_throughput_over_proxy"] = {
             "measured": share,
             "target": ">= 0.6",
             "met": share is not None and share >= 0.6,
-        },
-        "stages_marginal_p50_ms": on["stage_cost"]["marginal_p50_ms"],
-        "full_queue_refusal_p99_ms": {
-            "measured": refusal_p99,
-            "target": "<= 5",
-            "met": refusal_p99 is not None and refusal_p99 <= 5,
-        },
-        "memory_flat_second_half_mib_per_min": {
-            "measured": slope,
-            "target": f"within +-{FLAT_MIB_PER_MIN}",
-            "met": slope is not None and abs(slope) <= FLAT_MIB_PER_MIN,
-        },
+        }
+    if on is None:
+        return result
+    if off is not None:
+        result["stages_marginal_p50_ms"] = on["stage_cost"]["marginal_p50_ms"]
+    refusal_p99 = on["refusal"]["refused_generate"]["p99_ms"]
+    slope = on["soak"]["rss_slope_second_half_mib_per_min"]
+    result["full_queue_refusal_p99_ms"] = {
+        "measured": refusal_p99,
+        "target": "<= 5",
+        "met": refusal_p99 is not None and refusal_p99 <= 5,
     }
+    result["memory_flat_second_half_mib_per_min"] = {
+        "measured": slope,
+        "target": f"within +-{FLAT_MIB_PER_MIN}",
+        "met": slope is not None and abs(slope) <= FLAT_MIB_PER_MIN,
+    }
+    return result
 
 
 def machine() -> dict[str, Any]:
@@ -796,17 +803,27 @@ async def run(plan: Plan, workdir: Path, models: Path | None) -> dict[str, Any]:
         "machine": machine(),
         "plan": dataclasses.asdict(plan),
     }
-    progress("phase 1/3: bare runtime and proxy")
-    report["bare"] = await bare_phase(plan, workdir, models)
-    progress("phase 2/3: kernel with the pipeline stages off")
-    report["stages_off"] = await kernel_phase(plan, workdir, models, stages_on=False)
-    progress("phase 3/3: kernel with the pipeline stages on")
-    report["stages_on"] = await kernel_phase(plan, workdir, models, stages_on=True)
-    on, off = report["stages_on"], report["stages_off"]
-    marginal = None
-    if on["added"]["p50_ms"] is not None and off["added"]["p50_ms"] is not None:
-        marginal = round(on["added"]["p50_ms"] - off["added"]["p50_ms"], 3)
-    on["stage_cost"]["marginal_p50_ms"] = marginal
+    phases = {
+        "bare": ("bare runtime and proxy", lambda: bare_phase(plan, workdir, models)),
+        "stages_off": (
+            "kernel with the pipeline stages off",
+            lambda: kernel_phase(plan, workdir, models, stages_on=False),
+        ),
+        "stages_on": (
+            "kernel with the pipeline stages on",
+            lambda: kernel_phase(plan, workdir, models, stages_on=True),
+        ),
+    }
+    for number, name in enumerate(plan.phases, 1):
+        what, measure = phases[name]
+        progress(f"phase {number}/{len(plan.phases)}: {what}")
+        report[name] = await measure()
+    on, off = report.get("stages_on"), report.get("stages_off")
+    if on is not None:
+        marginal = None
+        if off is not None and None not in (on["added"]["p50_ms"], off["added"]["p50_ms"]):
+            marginal = round(on["added"]["p50_ms"] - off["added"]["p50_ms"], 3)
+        on["stage_cost"]["marginal_p50_ms"] = marginal
     report["machine"]["load_average_1m_end"] = round(os.getloadavg()[0], 2)
     report["targets"] = targets(report)
     return report
@@ -831,7 +848,15 @@ def parse_plan(argv: list[str] | None = None) -> tuple[Plan, bool, Path | None]:
         "--models", type=Path, help="a models folder every phase links (its encoder export)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the work directory and logs")
+    parser.add_argument(
+        "--phases",
+        default=",".join(Plan.phases),
+        help="the phases to run, comma-separated (default: all three, in that order)",
+    )
     args = parser.parse_args(argv)
+    named = args.phases.split(",")
+    if not named or set(named) - set(Plan.phases):
+        parser.error(f"--phases takes some of {', '.join(Plan.phases)}, not {args.phases!r}")
     if args.models is not None and not args.models.is_dir():
         parser.error(f"--models {args.models}: no such folder")
     defaults = QUICK if args.quick else FULL
@@ -848,6 +873,7 @@ def parse_plan(argv: list[str] | None = None) -> tuple[Plan, bool, Path | None]:
         refusals=int(chosen["refusals"]),
         soak_s=float(chosen["soak_s"]),
         max_queued=int(chosen["max_queued"]),
+        phases=tuple(name for name in Plan.phases if name in named),
     )
     return plan, args.keep, args.models
 

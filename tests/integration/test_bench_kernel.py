@@ -66,3 +66,31 @@ def test_quick_run_prints_every_figure(shared_data_dir: Path) -> None:
         "full_queue_refusal_p99_ms",
         "memory_flat_second_half_mib_per_min",
     }
+
+
+def test_phases_runs_only_those_named(shared_data_dir: Path) -> None:
+    """--phases bare,stages_off: the two phases an A/B run of the kernel's own path needs,
+    and only the targets they measure."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "kernel.py"),
+            "--quick",
+            "--models",
+            str(shared_data_dir / "models"),
+            "--phases",
+            "bare,stages_off",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert report["plan"]["phases"] == ["bare", "stages_off"] and "stages_on" not in report
+    assert report["stages_off"]["latency"]["kernel"]["errors"] == {}
+    assert set(report["targets"]) == {
+        "kernel_stages_off_added_p50_over_proxy",
+        "kernel_stages_off_throughput_over_proxy",
+    }
