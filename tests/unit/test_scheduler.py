@@ -435,6 +435,21 @@ def test_duplicate_task_ids_are_refused_while_queued_or_running() -> None:
     assert scheduler.is_queued(first.task_id)
 
 
+def test_queued_counts_tickets_waiting_and_nothing_else() -> None:
+    """The task runner skips `dispatch` when `queued` is 0: every way out of a queue
+    (dispatch, cancel, expiry) must count down, and running tickets never count."""
+    scheduler = Scheduler(SchedulerConfig(service_limits={"runtime": 1}))
+    first, second, third = admitted(scheduler, ticket(), ticket(), ticket(deadline=5.0), now=0.0)
+    assert scheduler.queued == 3
+    assert scheduler.dispatch(1.0).ticket == first
+    assert scheduler.queued == 2  # running: not queued
+    assert scheduler.cancel(second.task_id)
+    assert scheduler.queued == 1
+    assert scheduler.dispatch(6.0).expired == [third]
+    assert scheduler.queued == 0
+    assert scheduler.dispatch(6.0) == Dispatch(None, [])
+
+
 @pytest.mark.parametrize(
     "bad",
     [
