@@ -97,6 +97,9 @@ from llmos.v1 import common_pb2
 # Retries of a command that failed on a broken connection: ~0.05 s doubling to 1 s, 15 tries,
 # about 10 s in all, longer than a Redis restart takes.
 RETRIES = 15
+# Connections one kernel holds to Redis at most; more commands in flight wait their turn.
+POOL_CONNECTIONS = 64
+POOL_WAIT_S = 10.0
 RETRY_BUDGET_S = 10.0
 # How many index entries `list` fetches per round trip while filtering.
 LIST_CHUNK = 200
@@ -396,14 +399,21 @@ def not_found(task_id: str) -> NotFound:
 
 
 def connect(url: str) -> aioredis.Redis:
-    """A client that retries commands across a dropped connection (see the module doc)."""
-    return aioredis.Redis.from_url(
+    """A client that retries commands across a dropped connection (see the module doc).
+
+    Its pool makes a command wait for a free connection when `POOL_CONNECTIONS` are busy
+    (up to `POOL_WAIT_S`): redis-py's default pool fails the 101st concurrent command at
+    once with "Too many connections", which 200 tasks submitted together reached."""
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
+        max_connections=POOL_CONNECTIONS,
+        timeout=POOL_WAIT_S,
         retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), RETRIES),
         retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
         health_check_interval=10,
         socket_connect_timeout=2.0,
     )
+    return aioredis.Redis.from_pool(pool)
 
 
 class RedisTaskStore(TaskStore):
