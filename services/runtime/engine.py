@@ -45,7 +45,7 @@ from typing import Any
 import torch
 
 from llmos.services.errors import InvalidArgument, ResourceExhausted
-from llmos.services.runtime.admission import NORMAL, WaitingQueue
+from llmos.services.runtime.admission import NORMAL, WaitingQueue, effective_class
 from llmos.services.runtime.kv_cache import SlotKVCache
 from llmos.services.runtime.kv_memory import WAIT_POLL_S, KvMemory
 from llmos.services.runtime.llama_forward import Forward, HfForward, lean_forward_for
@@ -161,6 +161,9 @@ class EngineStats:
     steps: int
     # Sequences out of the batch until their slow reader catches up (flow control).
     parked: int = 0
+    # Prompt tokens whose keys and values were copied from a running row's cache (a shared
+    # prefix, such as the chat template's system prompt) instead of computed.
+    reused_prompt_tokens: int = 0
 
 
 class Engine:
@@ -190,6 +193,8 @@ class Engine:
         self._running: list[Running] = []  # index == cache row
         self._reserved = 0  # positions promised to running sequences
         self._steps = 0
+        self._decode_deferred = False  # the last iteration skipped its decoding step
+        self._reused_prompt_tokens = 0
         self._closing = False
         self._batch_sizes = BATCH_SEQUENCES.labels(loaded.name)
         self._worker = threading.Thread(target=self._work, name=f"batch-{loaded.name}")
@@ -241,6 +246,7 @@ class Engine:
                 kv_allocated_bytes=self.cache.allocated_bytes,
                 steps=self._steps,
                 parked=len(self._parked),
+                reused_prompt_tokens=self._reused_prompt_tokens,
             )
 
     def close(self) -> None:
@@ -333,13 +339,30 @@ class Engine:
 
     @torch.inference_mode()
     def _iterate(self, admitted: list[Running]) -> None:
-        """One iteration: drop cancelled rows, prefill newcomers, decode one token for all."""
+        """One iteration: drop cancelled rows, prefill newcomers, decode one token for all
+        (unless newcomers arrived during this prefill: see `_defer_decode`)."""
         self._drop_cancelled()
         for chunk in self._prefill_chunks(admitted):
             self._prefill(chunk)
-        if self._running:
+        if self._running and not self._defer_decode(bool(admitted)):
             self._decode_step()
         self._steps += 1
+
+    def _defer_decode(self, prefilled: bool) -> bool:
+        """Whether to skip this iteration's decoding step so that requests that arrived
+        during its prefill are admitted and prefilled at once: a request arriving a moment
+        after another (16 streams opened together reach the engine over some milliseconds)
+        would otherwise wait for the first one's prefill and a decoding step too. Deferred
+        once at most, so the running rows never wait more than two iterations' prefills."""
+        with self._lock:
+            defer = (
+                prefilled
+                and not self._decode_deferred
+                and bool(self._waiting)
+                and len(self._running) < self.limits.max_batch_size
+            )
+        self._decode_deferred = defer
+        return defer
 
     def _drop_cancelled(self) -> None:
         for row in reversed(range(len(self._running))):
@@ -347,32 +370,67 @@ class Engine:
                 self._remove(row, common_pb2.FINISH_REASON_CANCELLED)
 
     def _prefill_chunks(self, admitted: list[Running]) -> list[list[Running]]:
+        """The newcomers in prefill order, cut into forward passes of at most
+        `max_prefill_tokens` tokens run (padded) each. Within a priority class the shortest
+        prompts go first: each chunk's sequences stream their first token when it ends, so
+        short ones first lower the time to first token of most without delaying the last,
+        and neighbours of similar length waste little on padding.
+
+        The prefix all newcomers share (a chat template's system prompt) is run once: each
+        chunk copies it from a running row that holds it (`_prefill`). When none does and
+        the copies would save more tokens than a prompt has, the first newcomer is
+        prefilled alone first, to hold it for the others."""
+        if not admitted:
+            return []
+        now = time.monotonic()
+        aging_s = self.limits.aging_s
+        ordered = sorted(
+            admitted,
+            key=lambda r: (
+                effective_class(r.handle.priority, now - r.handle.arrived, aging_s),
+                len(r.prefill_ids),
+            ),
+        )
+        common = _common_prompt(ordered)
+        _, held = self._held_prefix(common)
         chunks: list[list[Running]] = []
-        for running in admitted:
-            size = len(running.prefill_ids)
-            if (
-                chunks
-                and (len(chunks[-1]) + 1) * max(size, *(len(r.prefill_ids) for r in chunks[-1]))
-                <= self.limits.max_prefill_tokens
-            ):
-                chunks[-1].append(running)
+        if (len(ordered) - 1) * (len(common) - held) > len(ordered[0].prefill_ids):
+            chunks.append([ordered.pop(0)])
+            held = len(common)
+        first = len(chunks)  # chunks from here on may grow
+        for running in ordered:
+            last = chunks[-1] if len(chunks) > first else []
+            run = max(len(r.prefill_ids) for r in [*last, running]) - held
+            if last and (len(last) + 1) * run <= self.limits.max_prefill_tokens:
+                last.append(running)
             else:
                 chunks.append([running])
         return chunks
 
     def _prefill(self, chunk: list[Running]) -> None:
-        """Run the prompts of newcomers (padded to the longest) and take their first token."""
+        """Run the prompts of newcomers (padded to the longest) and take their first token.
+        What a running row already holds is not computed again: the longest prefix every
+        prompt of the chunk shares with a running row (the chat template's system prompt,
+        for one) is copied from that row's cache, and only the rest is run."""
         first_row = len(self._running)
-        prompts = [r.prefill_ids for r in chunk]
+        donor, shared = self._held_prefix(_common_prompt(chunk))
+        prompts = [r.prefill_ids[shared:] for r in chunk]
         lengths = [len(ids) for ids in prompts]
         longest = max(lengths)
-        self.cache.reserve(first_row + len(chunk), max(longest, self._longest_running() + 1))
-        positions = torch.arange(longest).expand(len(chunk), longest)
+        self.cache.reserve(
+            first_row + len(chunk), max(shared + longest, self._longest_running() + 1)
+        )
+        if shared:
+            self.cache.copy_prefix(donor, first_row, len(chunk), shared)
+            self._reused_prompt_tokens += shared * len(chunk)
+        queries = shared + torch.arange(longest)
+        positions = queries.expand(len(chunk), longest)
         inputs = torch.tensor([ids + [0] * (longest - len(ids)) for ids in prompts])
         mask = None
-        if len(chunk) > 1:  # causal, and nothing past each prompt's own end
-            causal = torch.ones(longest, longest, dtype=torch.bool).tril()
-            valid = torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]
+        if len(chunk) > 1 or shared:  # causal, and nothing past each prompt's own end
+            keys = torch.arange(shared + longest)
+            causal = keys[None, :] <= queries[:, None]
+            valid = keys[None, :] < shared + torch.tensor(lengths)[:, None]
             mask = (causal[None] & valid[:, None, :])[:, None]
         self.cache.prepare(first_row, positions)
         hidden = self._forward(inputs, positions, mask)
@@ -381,6 +439,17 @@ class Engine:
         with self._lock:
             self._running.extend(chunk)
         self._sample_and_emit(list(range(first_row, first_row + len(chunk))), logits)
+
+    def _held_prefix(self, tokens: Sequence[int]) -> tuple[int, int]:
+        """(row, length): the running row whose cache holds the longest prefix of `tokens`,
+        and that length (0 when no row shares any)."""
+        best_row, best = 0, 0
+        for row, running in enumerate(self._running):
+            # A row has written the keys and values of its first `length` tokens.
+            shared = shared_length([tokens, running.prefill_ids[: running.length]])
+            if shared > best:
+                best_row, best = row, shared
+        return best_row, best
 
     def _decode_step(self) -> None:
         """Feed every running row its last token at its own position; take the next token."""
@@ -479,6 +548,22 @@ class Engine:
         self._waiting.clear()
         self._parked.clear()
         self._reserved = 0
+
+
+def _common_prompt(chunk: Sequence[Running]) -> list[int]:
+    """The tokens every prefill of `chunk` begins with, short of each one's last token (a
+    prefill runs at least that one, for its logits)."""
+    ids = [r.prefill_ids for r in chunk]
+    return ids[0][: min(shared_length(ids), *(len(i) - 1 for i in ids))]
+
+
+def shared_length(sequences: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens all of `sequences` have in common."""
+    shortest = min(sequences, key=len)
+    for index, token in enumerate(shortest):
+        if any(sequence[index] != token for sequence in sequences):
+            return index
+    return len(shortest)
 
 
 def load_model(

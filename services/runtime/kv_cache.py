@@ -108,6 +108,13 @@ class SlotKVCache:
             for tensor in store:
                 tensor[target, :, :length] = tensor[source, :, :length]
 
+    def copy_prefix(self, source: int, first_row: int, rows: int, length: int) -> None:
+        """Copy the first `length` positions of row `source` into rows first_row ..
+        first_row+rows-1 (sequences whose tokens begin with the same `length` tokens)."""
+        for store in (self.keys, self.values):
+            for tensor in store:
+                tensor[first_row : first_row + rows, :, :length] = tensor[source, :, :length]
+
     def release(self) -> None:
         """Free the storage (an idle engine holds no cache)."""
         self.keys, self.values = [], []

@@ -181,6 +181,12 @@ class ShelfCollector(Collector):
             "Iterations of the batch loop (admit, prefill newcomers, decode one token each).",
             labels=["model"],
         )
+        reused = CounterMetricFamily(
+            "llmos_runtime_prompt_tokens_reused",
+            "Prompt tokens whose keys and values were copied from a running sequence's cache "
+            "(a shared prefix, such as the chat template's system prompt) instead of computed.",
+            labels=["model"],
+        )
         engines = list(shelf.engines.values()) if shelf is not None else []
         for engine in engines:
             model = [engine.loaded.name]
@@ -196,6 +202,7 @@ class ShelfCollector(Collector):
                 granted.add_metric(model, engine.memory.granted)
             weights.add_metric(model, engine.loaded.weight_bytes)
             steps.add_metric(model, stats.steps)
+            reused.add_metric(model, stats.reused_prompt_tokens)
         yield from (
             running,
             queued,
@@ -207,6 +214,7 @@ class ShelfCollector(Collector):
             granted,
             weights,
             steps,
+            reused,
         )
 
 

@@ -255,6 +255,8 @@ def test_the_runtime_series_move_when_a_generate_runs(stack: Stack) -> None:
     assert moved("llmos_runtime_batch_sequences_sum") == steps
     # The first iteration prefills (the first token) and decodes (the second).
     assert moved("llmos_runtime_engine_steps_total") >= completion - 1
+    # Alone, nothing to copy a prefix from: its prompt was run whole, as HF runs it.
+    assert moved("llmos_runtime_prompt_tokens_reused_total") == 0
     # The time to first token is positive and no larger than the whole request took.
     assert 0 < moved("llmos_runtime_time_to_first_token_seconds_sum") < 60
 

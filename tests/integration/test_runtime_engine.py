@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from llmos.services.errors import InvalidArgument, ResourceExhausted
-from llmos.services.runtime.engine import Engine, EngineLimits, LoadedModel
+from llmos.services.runtime.engine import Engine, EngineLimits, LoadedModel, shared_length
 from llmos.services.validation import Sampling
 from llmos.v1 import common_pb2
 
@@ -133,6 +133,9 @@ async def test_sequences_join_and_leave_a_running_batch(
     )
     for prompt, joined in zip(PROMPTS, late, strict=True):
         assert tokens_of(joined) == hf_greedy[prompt], prompt
+    # They share the chat template's system prompt with the running one: copied, not run.
+    system = shared_length([chat_ids(loaded, p) for p in [*PROMPTS, "Write a long story"]])
+    assert engine.stats().reused_prompt_tokens >= len(PROMPTS) * system > 0
 
 
 async def test_cancel_frees_the_slot_at_the_next_step(engine: Engine, loaded: LoadedModel) -> None:
