@@ -50,6 +50,7 @@ from llmos.services.runtime.kv_cache import SlotKVCache
 from llmos.services.runtime.kv_memory import WAIT_POLL_S, KvMemory
 from llmos.services.runtime.llama_forward import Forward, HfForward, lean_forward_for
 from llmos.services.runtime.metrics import BATCH_SEQUENCES
+from llmos.services.runtime.prefill_plan import common_prompt, plan_chunks, shared_length
 from llmos.services.runtime.sampling import next_token
 from llmos.services.runtime.sequences import FinishReason, Running, SequenceHandle
 from llmos.services.runtime.weights import hold_weights, weight_bytes
@@ -370,16 +371,11 @@ class Engine:
                 self._remove(row, common_pb2.FINISH_REASON_CANCELLED)
 
     def _prefill_chunks(self, admitted: list[Running]) -> list[list[Running]]:
-        """The newcomers in prefill order, cut into forward passes of at most
-        `max_prefill_tokens` tokens run (padded) each. Within a priority class the shortest
-        prompts go first: each chunk's sequences stream their first token when it ends, so
-        short ones first lower the time to first token of most without delaying the last,
-        and neighbours of similar length waste little on padding.
-
-        The prefix all newcomers share (a chat template's system prompt) is run once: each
-        chunk copies it from a running row that holds it (`_prefill`). When none does and
-        the copies would save more tokens than a prompt has, the first newcomer is
-        prefilled alone first, to hold it for the others."""
+        """The newcomers in prefill order, cut into forward passes. Within a priority class
+        the shortest prompts go first: each chunk's sequences stream their first token when
+        it ends, so short ones first lower the time to first token of most without delaying
+        the last, and neighbours of similar length waste little on padding. The cut into
+        forward passes is `prefill_plan.plan_chunks`'s."""
         if not admitted:
             return []
         now = time.monotonic()
@@ -391,21 +387,8 @@ class Engine:
                 len(r.prefill_ids),
             ),
         )
-        common = _common_prompt(ordered)
-        _, held = self._held_prefix(common)
-        chunks: list[list[Running]] = []
-        if (len(ordered) - 1) * (len(common) - held) > len(ordered[0].prefill_ids):
-            chunks.append([ordered.pop(0)])
-            held = len(common)
-        first = len(chunks)  # chunks from here on may grow
-        for running in ordered:
-            last = chunks[-1] if len(chunks) > first else []
-            run = max(len(r.prefill_ids) for r in [*last, running]) - held
-            if last and (len(last) + 1) * run <= self.limits.max_prefill_tokens:
-                last.append(running)
-            else:
-                chunks.append([running])
-        return chunks
+        _, held = self._held_prefix(common_prompt(ordered))
+        return plan_chunks(ordered, held, self.limits.max_prefill_tokens)
 
     def _prefill(self, chunk: list[Running]) -> None:
         """Run the prompts of newcomers (padded to the longest) and take their first token.
@@ -413,7 +396,7 @@ class Engine:
         prompt of the chunk shares with a running row (the chat template's system prompt,
         for one) is copied from that row's cache, and only the rest is run."""
         first_row = len(self._running)
-        donor, shared = self._held_prefix(_common_prompt(chunk))
+        donor, shared = self._held_prefix(common_prompt(chunk))
         prompts = [r.prefill_ids[shared:] for r in chunk]
         lengths = [len(ids) for ids in prompts]
         longest = max(lengths)
@@ -548,22 +531,6 @@ class Engine:
         self._waiting.clear()
         self._parked.clear()
         self._reserved = 0
-
-
-def _common_prompt(chunk: Sequence[Running]) -> list[int]:
-    """The tokens every prefill of `chunk` begins with, short of each one's last token (a
-    prefill runs at least that one, for its logits)."""
-    ids = [r.prefill_ids for r in chunk]
-    return ids[0][: min(shared_length(ids), *(len(i) - 1 for i in ids))]
-
-
-def shared_length(sequences: Sequence[Sequence[int]]) -> int:
-    """How many leading tokens all of `sequences` have in common."""
-    shortest = min(sequences, key=len)
-    for index, token in enumerate(shortest):
-        if any(sequence[index] != token for sequence in sequences):
-            return index
-    return len(shortest)
 
 
 def load_model(

@@ -13,7 +13,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from llmos.services.errors import InvalidArgument, ResourceExhausted
-from llmos.services.runtime.engine import Engine, EngineLimits, LoadedModel, shared_length
+from llmos.services.runtime.engine import Engine, EngineLimits, LoadedModel
+from llmos.services.runtime.prefill_plan import shared_length
 from llmos.services.validation import Sampling
 from llmos.v1 import common_pb2
 
