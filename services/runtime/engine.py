@@ -12,9 +12,16 @@ Iteration-level scheduling, as in vLLM: at every step boundary the worker
    whose caller gave up leave first;
 2. drops running sequences that were cancelled (client cancel, deadline, kernel) — a
    cancelled request consumes no compute after the step in flight;
-3. prefills the newcomers together (prompts padded to the longest, masked);
+3. prefills the newcomers, shortest prompts first within a class, in forward passes of
+   at most `max_prefill_tokens` tokens made as even as they can be (prompts padded to the
+   longest, masked), each streaming its sequences' first tokens when it ends; the prefix
+   they share with a running row (a chat template's system prompt) is copied from that
+   row's cache, not run again (`prefill_plan.py`);
 4. runs one decoding step for every running sequence, each at its own length
-   (`SlotKVCache`), and samples each row with its own parameters;
+   (`SlotKVCache`), and samples each row with its own parameters; except that when
+   requests arrived during this iteration's prefill, the step waits one iteration for
+   them to be admitted and prefilled too (16 streams opened together reach the engine
+   over some milliseconds, and the first one's prefill starts at once);
 5. removes finished sequences at once, freeing their slot and reservation.
 The waiting queue is bounded: a full queue refuses at once with RESOURCE_EXHAUSTED.
 A running sequence is never preempted for a higher class: it keeps its place until it
@@ -29,8 +36,9 @@ ahead), and its prefill recomputes the prompt plus the tokens generated so far, 
 recompute preemption does. A parked sequence whose caller cancels (or whose deadline
 passes) ends at once. So a stream buffers at most `stream_buffer` events in the runtime.
 
-A lone sequence runs without any mask, exactly as Hugging Face's own forward pass does,
-so greedy decoding of a request alone reproduces `generate()` token for token.
+A lone sequence runs without any mask and copies no prefix (nothing runs to copy from),
+exactly as Hugging Face's own forward pass does, so greedy decoding of a request alone
+reproduces `generate()` token for token.
 """
 
 from __future__ import annotations
@@ -122,9 +130,9 @@ class EngineLimits:
     max_queued: int = 64
     # KV-cache memory the running sequences may reserve (prompt + max_tokens each).
     kv_budget_bytes: int = 1024 * 1024 * 1024
-    # Prompt tokens prefilled together in one forward pass. Smaller chunks let the first
-    # newcomers start streaming sooner (measured: TTFT p50 0.87 s -> 0.65 s at 16 arrivals)
-    # for the same total work.
+    # Prompt tokens run (padded, past a prefix copied from a running row) in one prefill
+    # forward pass. Smaller passes let the first newcomers start streaming sooner for the
+    # same total work; below ~128 tokens a pass loses efficiency (docs/performance.md).
     max_prefill_tokens: int = 256
     # Seconds a waiting sequence waits before rising one priority class (admission.py).
     aging_s: float = 5.0
