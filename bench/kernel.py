@@ -730,6 +730,12 @@ async def soak(call: Call, pid: int, plan: Plan) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- report
 
 
+def target(measured: float | None, text: str, met: Callable[[float], bool]) -> dict[str, Any]:
+    """One target's entry: the figure, the target as text, and whether it was met (never
+    when the figure is missing)."""
+    return {"measured": measured, "target": text, "met": measured is not None and met(measured)}
+
+
 def targets(report: dict[str, Any]) -> dict[str, Any]:
     """The work item's targets that the phases which ran measure."""
     bare, off, on = report.get("bare"), report.get("stages_off"), report.get("stages_on")
@@ -739,32 +745,22 @@ def targets(report: dict[str, Any]) -> dict[str, Any]:
         share = ratio(
             off["throughput"]["kernel"]["calls_per_s"], bare["throughput"]["proxy"]["calls_per_s"]
         )
-        result["kernel_stages_off_added_p50_over_proxy"] = {
-            "measured": added_ratio,
-            "target": "<= 2",
-            "met": added_ratio is not None and added_ratio <= 2,
-        }
-        result["kernel_stages_off_throughput_over_proxy"] = {
-            "measured": share,
-            "target": ">= 0.6",
-            "met": share is not None and share >= 0.6,
-        }
+        result["kernel_stages_off_added_p50_over_proxy"] = target(
+            added_ratio, "<= 2", lambda value: value <= 2
+        )
+        result["kernel_stages_off_throughput_over_proxy"] = target(
+            share, ">= 0.6", lambda value: value >= 0.6
+        )
     if on is None:
         return result
     if off is not None:
         result["stages_marginal_p50_ms"] = on["stage_cost"]["marginal_p50_ms"]
     refusal_p99 = on["refusal"]["refused_generate"]["p99_ms"]
     slope = on["soak"]["rss_slope_second_half_mib_per_min"]
-    result["full_queue_refusal_p99_ms"] = {
-        "measured": refusal_p99,
-        "target": "<= 5",
-        "met": refusal_p99 is not None and refusal_p99 <= 5,
-    }
-    result["memory_flat_second_half_mib_per_min"] = {
-        "measured": slope,
-        "target": f"within +-{FLAT_MIB_PER_MIN}",
-        "met": slope is not None and abs(slope) <= FLAT_MIB_PER_MIN,
-    }
+    result["full_queue_refusal_p99_ms"] = target(refusal_p99, "<= 5", lambda value: value <= 5)
+    result["memory_flat_second_half_mib_per_min"] = target(
+        slope, f"within +-{FLAT_MIB_PER_MIN}", lambda value: abs(value) <= FLAT_MIB_PER_MIN
+    )
     return result
 
 

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from stacktools import REPO
 
@@ -21,18 +22,24 @@ PIPELINE = {
 }
 
 
-def test_quick_run_prints_every_figure(shared_data_dir: Path) -> None:
-    # The session's models folder: its safety encoder is exported once, not once a phase.
-    models = shared_data_dir / "models"
+def quick_run(shared_data_dir: Path, *extra: str) -> dict[str, Any]:
+    """`bench/kernel.py --quick` with the session's models folder (its safety encoder is
+    exported once, not once a phase); its JSON report, once it exited 0."""
+    models = str(shared_data_dir / "models")
     done = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "kernel.py"), "--quick", "--models", str(models)],
+        [sys.executable, str(REPO / "bench" / "kernel.py"), "--quick", "--models", models, *extra],
         capture_output=True,
         text=True,
         timeout=240,
         check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout)
+    report: dict[str, Any] = json.loads(done.stdout)
+    return report
+
+
+def test_quick_run_prints_every_figure(shared_data_dir: Path) -> None:
+    report = quick_run(shared_data_dir)
 
     pairs = {"bare": ("direct", "proxy"), "stages_off": ("direct", "kernel")}
     pairs["stages_on"] = pairs["stages_off"]
@@ -71,23 +78,7 @@ def test_quick_run_prints_every_figure(shared_data_dir: Path) -> None:
 def test_phases_runs_only_those_named(shared_data_dir: Path) -> None:
     """--phases bare,stages_off: the two phases an A/B run of the kernel's own path needs,
     and only the targets they measure."""
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "bench" / "kernel.py"),
-            "--quick",
-            "--models",
-            str(shared_data_dir / "models"),
-            "--phases",
-            "bare,stages_off",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout)
+    report = quick_run(shared_data_dir, "--phases", "bare,stages_off")
     assert report["plan"]["phases"] == ["bare", "stages_off"] and "stages_on" not in report
     assert report["stages_off"]["latency"]["kernel"]["errors"] == {}
     assert set(report["targets"]) == {
