@@ -3,12 +3,22 @@
 Why it is built this way:
 
 - **One dedicated thread, one connection.** sqlite3 calls block, so they run off the event
-  loop, all on a single writer thread that owns the only connection. Operations are
-  therefore applied in submission order: concurrent `append_text` calls cannot race for an
-  offset, no connection pool is needed, and the connection is never touched from two
-  threads (sqlite3's `check_same_thread` stays on as a guard). `asyncio.to_thread` would hop
-  between the default pool's threads and force either a connection per thread (writers then
-  contend for SQLite's file lock) or a lock of our own.
+  loop, on a single writer thread that owns the only connection. Operations are therefore
+  applied in submission order: concurrent `append_text` calls cannot race for an offset and
+  no connection pool is needed. `asyncio.to_thread` would hop between the default pool's
+  threads and force either a connection per thread (writers then contend for SQLite's file
+  lock) or a lock of our own.
+- **An idle store skips the thread.** A task's own small writes (`create`, `transition`,
+  `append_text`, `add_trace_step`, `add_subjects`) are applied on the caller's event loop,
+  at once, when nothing submitted earlier is still waiting or being applied: then nothing
+  can be overtaken, and the two thread hops, the two wake-ups and the interpreter lock's
+  handovers between the threads cost more CPU than the SQL itself (on a two-core machine,
+  0.7 ms of the kernel's CPU per sequential call, 2026-11-30, docs/performance.md). The
+  writer's lock keeps the connection to one thread at a time; the counts of jobs submitted
+  (by the loop) and applied (by the writer) tell whether anything is outstanding. Under
+  load jobs are outstanding, so they queue and commit in groups as below. Reads that can be
+  long (lists, event logs, recovery, expiry) and every `synchronous="FULL"` store (an
+  fsync would block the loop) always go through the thread.
 - **Group commit.** Every operation is a job on the thread's queue. The thread takes the
   job at the head and every job queued behind it (up to `MAX_BATCH`) and applies them in
   one transaction, each job in a savepoint of its own: a job that fails rolls back to its
@@ -16,9 +26,9 @@ Why it is built this way:
   batch, and only then does any caller get its result, all of them in one hop back to the
   event loop. Under load the kernel makes many small writes at once (each task's state
   changes, text and trace); one transaction, one WAL append and one thread hop for all of
-  them, instead of one each, is most of what a write costs. An idle store is not slowed
-  down: a lone job is a batch of one, applied at once (nothing waits to fill a batch),
-  without a savepoint (if it fails, its transaction is rolled back instead of committed).
+  them, instead of one each, is most of what a write costs. Nothing waits to fill a batch:
+  a lone job is a batch of one, applied at once, without a savepoint (if it fails, its
+  transaction is rolled back instead of committed).
 - **Atomic as the contract demands.** A job is applied wholly or not at all: its savepoint
   is released only once all of it succeeded. If SQLite gives up the whole transaction (a
   full disk, an I/O error), or the COMMIT fails, every job of the batch that had succeeded
@@ -466,6 +476,11 @@ class _Writer:
     def __init__(self, conn: sqlite3.Connection, jobs: queue.SimpleQueue[_Job]) -> None:
         self.conn = conn
         self.jobs = jobs
+        # Held while the connection is used: by this thread for a batch, by an event loop
+        # for a job it applies itself (`SqliteTaskStore._run`).
+        self.lock = threading.Lock()
+        # Jobs taken from the queue and applied (written by this thread only).
+        self.applied = 0
 
     def serve(self) -> None:
         """Apply batches until a `last` job ran."""
@@ -475,10 +490,13 @@ class _Writer:
             if stop is not None:
                 for late in batch[stop + 1 :]:  # never happens: close() is the last submit
                     late.fail(_closed_error())
-                self._apply(batch[: stop + 1])
+                with self.lock:
+                    self._apply(batch[: stop + 1])
                 _deliver(batch)
                 return
-            self._apply(batch)
+            with self.lock:
+                self._apply(batch)
+                self.applied += len(batch)
             _deliver(batch)
 
     def _next_batch(self) -> builtins.list[_Job]:
@@ -611,7 +629,7 @@ def _serve(
     synchronous: str,
     sealer: Sealer,
     jobs: queue.SimpleQueue[_Job],
-    opened: concurrent.futures.Future[int],
+    opened: concurrent.futures.Future[tuple[int, _Writer]],
 ) -> None:
     """The thread's whole life: open the files, report the lock's fd, serve the queue."""
     if not opened.set_running_or_notify_cancel():
@@ -621,8 +639,9 @@ def _serve(
     except BaseException as exc:
         opened.set_exception(exc)
         return
-    opened.set_result(lock_fd)
-    _Writer(conn, jobs).serve()
+    writer = _Writer(conn, jobs)
+    opened.set_result((lock_fd, writer))
+    writer.serve()
 
 
 class SqliteTaskStore(TaskStore):
@@ -632,17 +651,23 @@ class SqliteTaskStore(TaskStore):
         self,
         path: Path,
         jobs: queue.SimpleQueue[_Job],
+        writer: _Writer,
+        *,
         lock_fd: int,
         clock: Callable[[], float],
         sealer: Sealer,
+        apply_when_idle: bool,
     ) -> None:
-        """Use `open`: the connection lives on the thread that serves `jobs`."""
+        """Use `open`: the connection lives with the thread that serves `jobs`."""
         self.path = path
         self.sealer = sealer
         self._jobs = jobs
+        self._writer = writer
         self._lock_fd = lock_fd
         self._clock = clock
         self._closed = False
+        self._apply_when_idle = apply_when_idle
+        self._submitted = 0  # jobs put on the queue (written by the event loop only)
 
     @classmethod
     async def open(
@@ -665,7 +690,7 @@ class SqliteTaskStore(TaskStore):
         path = Path(data_dir) / FILE_NAME
         sealer = Sealer(keys)
         jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
-        opened: concurrent.futures.Future[int] = concurrent.futures.Future()
+        opened: concurrent.futures.Future[tuple[int, _Writer]] = concurrent.futures.Future()
         # A daemon thread: a kernel that exits without closing the store is a crash, which
         # WAL mode survives; it must not hang the interpreter's exit.
         threading.Thread(
@@ -674,8 +699,16 @@ class SqliteTaskStore(TaskStore):
             name="llmos-task-store",
             daemon=True,
         ).start()
-        lock_fd = await asyncio.wrap_future(opened)
-        return cls(path, jobs, lock_fd, clock, sealer)
+        lock_fd, writer = await asyncio.wrap_future(opened)
+        return cls(
+            path,
+            jobs,
+            writer,
+            lock_fd=lock_fd,
+            clock=clock,
+            sealer=sealer,
+            apply_when_idle=synchronous == "NORMAL",
+        )
 
     async def _run(
         self,
@@ -684,15 +717,28 @@ class SqliteTaskStore(TaskStore):
         writes: bool = True,
         alone: bool = False,
         last: bool = False,
+        small: bool = False,
     ) -> T:
-        """Run `operation` on the store's thread, after everything submitted before it and
-        in the same transaction as whatever else is queued with it (see "Group commit");
-        `writes`, `alone` and `last` as in `_Job`."""
+        """Run `operation` after everything submitted before it: on the store's thread, in
+        the same transaction as whatever else is queued with it (see "Group commit"), or,
+        if it is `small` and nothing is outstanding, here and now (see "An idle store
+        skips the thread"); `writes`, `alone` and `last` as in `_Job`."""
         if self._closed and not last:
             raise FailedPrecondition(f"the task store {self.path} is closed", reason="STORE_CLOSED")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._jobs.put(_Job(operation, future, writes=writes, alone=alone, last=last))
+        job = _Job(operation, future, writes=writes, alone=alone, last=last)
         try:
+            if small and self._idle():
+                try:
+                    self._writer._apply([job])
+                finally:
+                    self._writer.lock.release()
+                if job.error is not None:
+                    raise job.error
+                outcome: T = job.outcome
+                return outcome
+            self._submitted += 1
+            self._jobs.put(job)
             return await future
         except sqlite3.OperationalError as exc:
             # A full disk, an unreadable file, a lock held too long by an outside reader:
@@ -704,6 +750,14 @@ class SqliteTaskStore(TaskStore):
             raise LlmosError(
                 f"the task store {self.path} failed: {exc}", reason="STORE_ERROR"
             ) from exc
+
+    def _idle(self) -> bool:
+        """Whether every job submitted so far has been applied; if so, the writer's lock is
+        now held by the caller, who applies a job and releases it."""
+        writer = self._writer
+        if not self._apply_when_idle or self._submitted != writer.applied:
+            return False
+        return writer.lock.acquire(blocking=False)
 
     async def create(self, record: TaskRecord, *, running: bool = False) -> None:
         check_new_record(record)
@@ -747,7 +801,7 @@ class SqliteTaskStore(TaskStore):
                 ) from exc
             conn.executemany(INSERT_EVENT, events)
 
-        await self._run(operation)
+        await self._run(operation, small=True)
 
     async def get(self, task_id: str) -> TaskRecord:
         def operation(conn: sqlite3.Connection) -> TaskRecord:
@@ -805,7 +859,7 @@ class SqliteTaskStore(TaskStore):
             )
             return _record(self.sealer, new_row, output + text)
 
-        return await self._run(operation)
+        return await self._run(operation, small=True)
 
     async def append_text(self, task_id: str, text: str) -> int:
         def operation(conn: sqlite3.Connection) -> int:
@@ -820,7 +874,7 @@ class SqliteTaskStore(TaskStore):
             )
             return offset
 
-        return await self._run(operation)
+        return await self._run(operation, small=True)
 
     async def events(
         self, task_id: str, offset: int = 0, limit: int = MAX_EVENTS_PER_READ
@@ -852,7 +906,7 @@ class SqliteTaskStore(TaskStore):
             _require_task(conn, task_id)
             _insert_steps(conn, self.sealer, task_id, (step,))
 
-        await self._run(operation)
+        await self._run(operation, small=True)
 
     async def trace(self, task_id: str) -> builtins.list[bytes]:
         def operation(conn: sqlite3.Connection) -> builtins.list[bytes]:
@@ -961,7 +1015,7 @@ class SqliteTaskStore(TaskStore):
             _require_task(conn, task_id)
             conn.executemany("INSERT OR IGNORE INTO subjects (token, task_id) VALUES (?, ?)", rows)
 
-        await self._run(operation)
+        await self._run(operation, small=True)
 
     async def find_subject(self, tenant: str, tokens: Sequence[bytes]) -> builtins.list[str]:
         wanted = [bytes(token) for token in tokens]
@@ -1174,7 +1228,10 @@ def _open_files(path: Path, synchronous: str, sealer: Sealer) -> tuple[sqlite3.C
 
 def _connect(path: Path, synchronous: str, sealer: Sealer) -> sqlite3.Connection:
     """Open the file, set it up, and create or upgrade the schema."""
-    conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_S)
+    # The writer's lock, not sqlite3's same-thread check, keeps it to one thread at a time.
+    conn = sqlite3.connect(
+        path, isolation_level=None, timeout=BUSY_TIMEOUT_S, check_same_thread=False
+    )
     try:
         (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
         if str(mode).lower() != "wal":

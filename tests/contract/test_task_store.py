@@ -1030,6 +1030,78 @@ async def test_sqlite_applies_calls_queued_together_in_one_transaction(
         await reopened.close()
 
 
+async def test_sqlite_an_idle_store_writes_on_the_callers_thread_never_ahead_of_queued_calls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With nothing outstanding, a task's small write is applied at once on the caller's
+    thread (no hop to the store's thread); while anything is queued or being applied, it
+    queues behind it and keeps its turn."""
+    applied_on: list[tuple[str, bool]] = []
+    attempt = sqlite_store._attempt
+
+    def recorded(conn: sqlite3.Connection, job: sqlite_store._Job, *, savepoint: bool) -> None:
+        name = getattr(job.operation, "__qualname__", "").split(".<locals>")[0]
+        applied_on.append((name.rsplit(".", 1)[-1], threading.current_thread() is caller))
+        attempt(conn, job, savepoint=savepoint)
+
+    caller = threading.current_thread()
+    monkeypatch.setattr(sqlite_store, "_attempt", recorded)
+    store = await SqliteTaskStore.open(tmp_path, keys=KEYS)
+    try:
+        await store.create(new_task("idle"))
+        await store.transition("idle", RUNNING)
+        assert applied_on == [("create", True), ("transition", True)]
+        applied_on.clear()
+
+        busy, release = threading.Event(), threading.Event()
+
+        def hold(_conn: sqlite3.Connection) -> None:
+            busy.set()
+            release.wait(10)
+
+        holding = asyncio.create_task(store._run(hold))
+        assert await asyncio.to_thread(busy.wait, 10)
+        behind = asyncio.gather(
+            store.create(new_task("queued")), store.transition("idle", SUCCEEDED)
+        )
+        await asyncio.sleep(0.05)
+        assert not behind.done(), "a write went ahead of the job the store's thread holds"
+        release.set()
+        await holding
+        await behind
+        assert applied_on[1:] == [("create", False), ("transition", False)]
+        assert applied_on[0][1] is False  # hold, on the store's thread
+
+        applied_on.clear()
+        await store.create(new_task("idle-again"))  # nothing outstanding: on this thread again
+        assert applied_on == [("create", True)]
+        assert (await store.get("idle")).state == SUCCEEDED
+    finally:
+        await store.close()
+
+
+async def test_sqlite_full_synchronous_store_always_writes_on_its_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """synchronous=FULL fsyncs every commit: that never blocks the caller's event loop."""
+    threads: list[bool] = []
+    attempt = sqlite_store._attempt
+
+    def recorded(conn: sqlite3.Connection, job: sqlite_store._Job, *, savepoint: bool) -> None:
+        threads.append(threading.current_thread() is caller)
+        attempt(conn, job, savepoint=savepoint)
+
+    caller = threading.current_thread()
+    monkeypatch.setattr(sqlite_store, "_attempt", recorded)
+    store = await SqliteTaskStore.open(tmp_path, keys=KEYS, synchronous="FULL")
+    try:
+        await store.create(new_task("t1"))
+        await store.transition("t1", RUNNING)
+        assert threads == [False, False]
+    finally:
+        await store.close()
+
+
 async def test_sqlite_a_lone_call_that_fails_after_writing_leaves_nothing(tmp_path: Path) -> None:
     """A call alone in its transaction runs without a savepoint: when it fails after it
     wrote, the transaction is rolled back, not committed."""
