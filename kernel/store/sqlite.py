@@ -18,7 +18,9 @@ Why it is built this way:
   (by the loop) and applied (by the writer) tell whether anything is outstanding. Under
   load jobs are outstanding, so they queue and commit in groups as below. Reads that can be
   long (lists, event logs, recovery, expiry) and every `synchronous="FULL"` store (an
-  fsync would block the loop) always go through the thread.
+  fsync would block the loop) always go through the thread, and so does a write that
+  finds SQLite's write lock held by another process (tried here with no busy timeout,
+  then queued: only the thread waits for the lock).
 - **Group commit.** Every operation is a job on the thread's queue. The thread takes the
   job at the head and every job queued behind it (up to `MAX_BATCH`) and applies them in
   one transaction, each job in a savepoint of its own: a job that fails rolls back to its
@@ -131,6 +133,9 @@ FILE_NAME = "tasks.sqlite3"
 LOCK_NAME = "tasks.sqlite3.lock"
 SCHEMA_VERSION = 3
 BUSY_TIMEOUT_S = 5.0
+# SQLite's "the file is locked by another connection" codes: a write that meets them at
+# BEGIN was not applied and may be tried again.
+LOCKED_CODES = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 # The most jobs one transaction applies: bounds how long the first caller of a batch waits
 # for the others (a few milliseconds at most) while the queue is long.
 MAX_BATCH = 256
@@ -728,11 +733,7 @@ class SqliteTaskStore(TaskStore):
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         job = _Job(operation, future, writes=writes, alone=alone, last=last)
         try:
-            if small and self._idle():
-                try:
-                    self._writer._apply([job])
-                finally:
-                    self._writer.lock.release()
+            if small and self._idle() and self._applied_here(job):
                 if job.error is not None:
                     raise job.error
                 outcome: T = job.outcome
@@ -758,6 +759,29 @@ class SqliteTaskStore(TaskStore):
         if not self._apply_when_idle or self._submitted != writer.applied:
             return False
         return writer.lock.acquire(blocking=False)
+
+    def _applied_here(self, job: _Job) -> bool:
+        """Apply `job` on this thread (the caller holds the writer's lock), without waiting
+        for SQLite's write lock: if another process holds it, nothing was applied and the
+        job goes to the store's thread, which may wait the busy timeout without blocking
+        the event loop. Whether it was applied (its outcome or error is on `job`)."""
+        writer = self._writer
+        try:
+            writer.conn.execute("PRAGMA busy_timeout = 0")
+            try:
+                writer._apply([job])
+            finally:
+                writer.conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        finally:
+            writer.lock.release()
+        error = job.error
+        if (
+            isinstance(error, sqlite3.OperationalError)
+            and error.sqlite_errorcode & 0xFF in LOCKED_CODES  # primary code of an extended one
+        ):
+            job.outcome, job.error = None, None
+            return False
+        return True
 
     async def create(self, record: TaskRecord, *, running: bool = False) -> None:
         check_new_record(record)

@@ -1080,6 +1080,40 @@ async def test_sqlite_an_idle_store_writes_on_the_callers_thread_never_ahead_of_
         await store.close()
 
 
+async def test_sqlite_a_write_lock_held_elsewhere_never_blocks_the_event_loop(
+    tmp_path: Path,
+) -> None:
+    """An idle store's write meets SQLite's write lock held by another process (an
+    operator's shell, say): it is not applied here and waits on the store's thread, so the
+    event loop keeps running; it lands once the lock is released."""
+    store = await SqliteTaskStore.open(tmp_path, keys=KEYS)
+    outside = sqlite3.connect(store.path, isolation_level=None)
+    try:
+        await store.create(new_task("before"))
+        outside.execute("BEGIN IMMEDIATE")  # the write lock, held outside the store
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticker = asyncio.create_task(tick())
+        writing = asyncio.create_task(store.create(new_task("during")))
+        await asyncio.sleep(0.3)
+        assert not writing.done(), "the write did not wait for the lock"
+        assert ticks >= 10, f"the event loop was blocked ({ticks} ticks in 0.3 s)"
+        outside.execute("ROLLBACK")
+        await asyncio.wait_for(writing, 5)
+        ticker.cancel()
+        assert (await store.get("during")).task_id == "during"
+        await store.create(new_task("after"))  # the store goes on, idle again
+    finally:
+        outside.close()
+        await store.close()
+
+
 async def test_sqlite_full_synchronous_store_always_writes_on_its_thread(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
