@@ -978,6 +978,38 @@ async def test_sqlite_recovers_every_task_after_sigkill(tmp_path: Path) -> None:
         await store.close()
 
 
+async def _hold_the_store_thread(
+    store: SqliteTaskStore,
+) -> tuple[asyncio.Task[None], threading.Event]:
+    """Keep the store's thread busy with a job of its own until the returned event is set;
+    the task ends once the job is done."""
+    busy, release = threading.Event(), threading.Event()
+
+    def hold(_conn: sqlite3.Connection) -> None:
+        busy.set()
+        release.wait(10)
+
+    holding = asyncio.create_task(store._run(hold))
+    assert await asyncio.to_thread(busy.wait, 10)
+    return holding, release
+
+
+def _record_where_jobs_run(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool]]:
+    """From now on, each job the store applies is listed as (the store method it serves,
+    whether it ran on the calling test's thread, not the store's)."""
+    applied_on: list[tuple[str, bool]] = []
+    attempt = sqlite_store._attempt
+    caller = threading.current_thread()
+
+    def recorded(conn: sqlite3.Connection, job: sqlite_store._Job, *, savepoint: bool) -> None:
+        name = getattr(job.operation, "__qualname__", "").split(".<locals>")[0]
+        applied_on.append((name.rsplit(".", 1)[-1], threading.current_thread() is caller))
+        attempt(conn, job, savepoint=savepoint)
+
+    monkeypatch.setattr(sqlite_store, "_attempt", recorded)
+    return applied_on
+
+
 async def test_sqlite_applies_calls_queued_together_in_one_transaction(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -995,15 +1027,8 @@ async def test_sqlite_applies_calls_queued_together_in_one_transaction(
     try:
         await store.create(new_task("taken"))
         transactions.clear()
-        busy, release = threading.Event(), threading.Event()
-
-        def hold(_conn: sqlite3.Connection) -> None:
-            busy.set()
-            release.wait(10)
-
         # Keep the store's thread busy, so that the calls below queue up behind it.
-        holding = asyncio.create_task(store._run(hold))
-        assert await asyncio.to_thread(busy.wait, 10)
+        holding, release = await _hold_the_store_thread(store)
         calls = [store.create(new_task(f"t{index}")) for index in range(20)]
         calls.insert(7, store.create(new_task("taken", prompt="duplicate")))
         calls.append(store.get("t3"))
@@ -1036,16 +1061,7 @@ async def test_sqlite_an_idle_store_writes_on_the_callers_thread_never_ahead_of_
     """With nothing outstanding, a task's small write is applied at once on the caller's
     thread (no hop to the store's thread); while anything is queued or being applied, it
     queues behind it and keeps its turn."""
-    applied_on: list[tuple[str, bool]] = []
-    attempt = sqlite_store._attempt
-
-    def recorded(conn: sqlite3.Connection, job: sqlite_store._Job, *, savepoint: bool) -> None:
-        name = getattr(job.operation, "__qualname__", "").split(".<locals>")[0]
-        applied_on.append((name.rsplit(".", 1)[-1], threading.current_thread() is caller))
-        attempt(conn, job, savepoint=savepoint)
-
-    caller = threading.current_thread()
-    monkeypatch.setattr(sqlite_store, "_attempt", recorded)
+    applied_on = _record_where_jobs_run(monkeypatch)
     store = await SqliteTaskStore.open(tmp_path, keys=KEYS)
     try:
         await store.create(new_task("idle"))
@@ -1053,14 +1069,7 @@ async def test_sqlite_an_idle_store_writes_on_the_callers_thread_never_ahead_of_
         assert applied_on == [("create", True), ("transition", True)]
         applied_on.clear()
 
-        busy, release = threading.Event(), threading.Event()
-
-        def hold(_conn: sqlite3.Connection) -> None:
-            busy.set()
-            release.wait(10)
-
-        holding = asyncio.create_task(store._run(hold))
-        assert await asyncio.to_thread(busy.wait, 10)
+        holding, release = await _hold_the_store_thread(store)
         behind = asyncio.gather(
             store.create(new_task("queued")), store.transition("idle", SUCCEEDED)
         )
@@ -1118,20 +1127,12 @@ async def test_sqlite_full_synchronous_store_always_writes_on_its_thread(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """synchronous=FULL fsyncs every commit: that never blocks the caller's event loop."""
-    threads: list[bool] = []
-    attempt = sqlite_store._attempt
-
-    def recorded(conn: sqlite3.Connection, job: sqlite_store._Job, *, savepoint: bool) -> None:
-        threads.append(threading.current_thread() is caller)
-        attempt(conn, job, savepoint=savepoint)
-
-    caller = threading.current_thread()
-    monkeypatch.setattr(sqlite_store, "_attempt", recorded)
+    applied_on = _record_where_jobs_run(monkeypatch)
     store = await SqliteTaskStore.open(tmp_path, keys=KEYS, synchronous="FULL")
     try:
         await store.create(new_task("t1"))
         await store.transition("t1", RUNNING)
-        assert threads == [False, False]
+        assert applied_on == [("create", False), ("transition", False)]
     finally:
         await store.close()
 
