@@ -475,8 +475,8 @@ class _Job:
 
 
 class _Writer:
-    """The store's thread: owns the connection and applies queued jobs in batches (see the
-    module doc, "Group commit")."""
+    """The store's thread: opens the connection and applies queued jobs in batches (see the
+    module doc, "Group commit"), holding `lock` while it uses the connection."""
 
     def __init__(self, conn: sqlite3.Connection, jobs: queue.SimpleQueue[_Job]) -> None:
         self.conn = conn
@@ -636,7 +636,8 @@ def _serve(
     jobs: queue.SimpleQueue[_Job],
     opened: concurrent.futures.Future[tuple[int, _Writer]],
 ) -> None:
-    """The thread's whole life: open the files, report the lock's fd, serve the queue."""
+    """The thread's whole life: open the files, report the lock's fd and the writer, serve
+    the queue."""
     if not opened.set_running_or_notify_cancel():
         return
     try:
@@ -672,7 +673,9 @@ class SqliteTaskStore(TaskStore):
         self._clock = clock
         self._closed = False
         self._apply_when_idle = apply_when_idle
-        self._submitted = 0  # jobs put on the queue (written by the event loop only)
+        # Jobs put on the queue. Written by the one event loop the store serves only, so
+        # that `_writer.applied` equal to it means nothing is outstanding.
+        self._submitted = 0
 
     @classmethod
     async def open(
