@@ -542,10 +542,16 @@ class Engine:
 
 
 def load_model(
-    name: str, model_dir: str, torch_threads: int = 0, weights: str = "float32"
+    name: str,
+    model_dir: str,
+    torch_threads: int = 0,
+    weights: str = "float32",
+    *,
+    batched: bool = True,
 ) -> LoadedModel:
     """Load a Hugging Face model directory in float32 (these CPUs have no fast bf16), its
-    weights then held as `weights` (services/runtime/weights.py: float32 or int8)."""
+    weights then held as `weights` (services/runtime/weights.py: float32 or int8), for an
+    engine that decodes several sequences at once (`batched`) or one at a time."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -563,7 +569,7 @@ def load_model(
     eos_ids = frozenset([eos] if isinstance(eos, int) else list(eos or []))
     parameters = sum(p.numel() for p in model.parameters())
     hold_weights(model, weights)
-    forward: Forward = lean_forward_for(model) or HfForward(model)
+    forward: Forward = lean_forward_for(model, batched=batched) or HfForward(model)
     return LoadedModel(
         name=name,
         model=model,

@@ -95,13 +95,14 @@ PACK_ROWS = 16
 
 
 class _Weight:
-    """A linear layer's weight as Hugging Face holds it (`plain`, [out, in]) and, where
-    oneDNN is built in, reordered once into oneDNN's layout for batched steps (`packed`)."""
+    """A linear layer's weight as Hugging Face holds it (`plain`, [out, in]) and, with
+    `pack` and where oneDNN is built in, reordered once into oneDNN's layout for batched
+    steps (`packed`)."""
 
-    def __init__(self, plain: torch.Tensor) -> None:
+    def __init__(self, plain: torch.Tensor, pack: bool) -> None:
         self.plain = plain
         self.packed: torch.Tensor | None = None
-        if torch.backends.mkldnn.is_available():  # type: ignore[no-untyped-call]
+        if pack and torch.backends.mkldnn.is_available():  # type: ignore[no-untyped-call]
             self.packed = torch.ops.mkldnn._reorder_linear_weight(plain.detach(), PACK_ROWS)
 
     @property
@@ -112,14 +113,14 @@ class _Weight:
 class _Layer:
     """One decoder layer's weights, stacked where their matmuls are fused."""
 
-    def __init__(self, layer: Any) -> None:
+    def __init__(self, layer: Any, pack: bool) -> None:
         attention, mlp = layer.self_attn, layer.mlp
         self.input_norm: torch.Tensor = layer.input_layernorm.weight
         self.post_norm: torch.Tensor = layer.post_attention_layernorm.weight
-        self.qkv = _Weight(_stack(attention.q_proj, attention.k_proj, attention.v_proj))
-        self.o = _Weight(attention.o_proj.weight)
-        self.gate_up = _Weight(_stack(mlp.gate_proj, mlp.up_proj))
-        self.down = _Weight(mlp.down_proj.weight)
+        self.qkv = _Weight(_stack(attention.q_proj, attention.k_proj, attention.v_proj), pack)
+        self.o = _Weight(attention.o_proj.weight, pack)
+        self.gate_up = _Weight(_stack(mlp.gate_proj, mlp.up_proj), pack)
+        self.down = _Weight(mlp.down_proj.weight, pack)
 
     @property
     def weights(self) -> tuple[_Weight, ...]:
@@ -138,9 +139,10 @@ def _stack(*linears: Any) -> torch.Tensor:
     return stacked
 
 
-def lean_forward_for(model: Any) -> LlamaForward | None:
+def lean_forward_for(model: Any, *, batched: bool = True) -> LlamaForward | None:
     """A `LlamaForward` for a plain float32 Llama model; None for anything else (the engine
-    then runs Hugging Face's forward)."""
+    then runs Hugging Face's forward). An engine that never decodes more than one sequence
+    at a time (`batched` false) needs no oneDNN copy of the weights."""
     config = model.config
     rope = getattr(config, "rope_parameters", None) or {}
     if (
@@ -160,13 +162,13 @@ def lean_forward_for(model: Any) -> LlamaForward | None:
         linears += [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
     if any(type(m) is not torch.nn.Linear or m.weight.dtype != torch.float32 for m in linears):
         return None  # quantized (int8) or other-dtype weights
-    return LlamaForward(model)
+    return LlamaForward(model, pack=batched)
 
 
 class LlamaForward:
     """The flat forward pass over a `LlamaForCausalLM`'s weights (see the module docstring)."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, *, pack: bool = True) -> None:
         config = model.config
         base = model.model
         self.heads: int = config.num_attention_heads
@@ -181,9 +183,9 @@ class LlamaForward:
         self.kv_size = self.kv_heads * self.head_dim
         self.intermediate: int = config.intermediate_size
         self.embed: torch.Tensor = base.embed_tokens.weight
-        self.layers = [_Layer(layer) for layer in base.layers[: config.num_hidden_layers]]
+        self.layers = [_Layer(layer, pack) for layer in base.layers[: config.num_hidden_layers]]
         self.norm: torch.Tensor = base.norm.weight
-        self.lm_head = _Weight(model.lm_head.weight)
+        self.lm_head = _Weight(model.lm_head.weight, pack)
         self.inv_freq: torch.Tensor = base.rotary_emb.inv_freq.float()
         self.attention_scaling: float = base.rotary_emb.attention_scaling
 

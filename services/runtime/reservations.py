@@ -61,13 +61,13 @@ RETRY_S = 1.0
 LOOKUP_S = 15.0
 
 
-def weight_bytes(model_dir: Path, weights: str = "float32") -> int:
+def weight_bytes(model_dir: Path, weights: str = "float32", *, batched: bool = True) -> int:
     """The reservation's estimate: the model's weight files on disk (float32 safetensors
-    load at about their file size), twice over when held as float32, since the lean Llama
-    pass keeps a oneDNN-reordered copy for batched decoding (llama_forward.py; a float32
-    model of another architecture is overestimated)."""
+    load at about their file size), twice over when held as float32 for batched decoding,
+    since the lean Llama pass then keeps a oneDNN-reordered copy (llama_forward.py; a
+    float32 model of another architecture is overestimated)."""
     on_disk = sum(path.stat().st_size for path in model_dir.glob("*.safetensors"))
-    return 2 * on_disk if weights == "float32" else on_disk
+    return 2 * on_disk if weights == "float32" and batched else on_disk
 
 
 class HostMemory:

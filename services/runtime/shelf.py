@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import gc
 import logging
 import os
@@ -142,15 +143,19 @@ class Shelf:
                 return self.engines[key].loaded.info()
             model_dir = await asyncio.to_thread(resolve_model_dir, name, self.settings.data_dir)
             log.info("loading %s from %s", key, model_dir)
-            size = await asyncio.to_thread(weight_bytes, model_dir, self.settings.runtime_weights)
+            weights, batched = self.settings.runtime_weights, self.settings.runtime_max_batch > 1
+            size = await asyncio.to_thread(weight_bytes, model_dir, weights, batched=batched)
             await self.host_memory.reserve(key, size)
             try:
                 loaded = await asyncio.to_thread(
-                    load_model,
-                    key,
-                    str(model_dir),
-                    self.settings.torch_threads,
-                    self.settings.runtime_weights,
+                    functools.partial(
+                        load_model,
+                        key,
+                        str(model_dir),
+                        self.settings.torch_threads,
+                        weights,
+                        batched=batched,
+                    )
                 )
             except BaseException:
                 await self.host_memory.release(key)

@@ -118,6 +118,19 @@ def test_the_packed_weights_are_every_matmul_weight_once(loaded: LoadedModel) ->
     assert forward.packed_bytes == 4 * (loaded.parameters - norms)
 
 
+def test_an_engine_that_never_batches_keeps_no_onednn_copy(loaded: LoadedModel) -> None:
+    """`runtime_max_batch = 1`: every step has one row, which runs MKL on the weights as
+    Hugging Face holds them, so a reordered copy would only hold memory."""
+    forward = lean_forward_for(loaded.model, batched=False)
+    assert isinstance(forward, LlamaForward)
+    assert forward.packed_bytes == 0
+    prompt = [chat_ids(loaded, PROMPTS[0])]
+    ours = decode_logits(forward, loaded, prompt, steps=2)
+    theirs = decode_logits(HfForward(loaded.model), loaded, prompt, steps=2)
+    for mine, hf in zip(ours, theirs, strict=True):
+        assert torch.equal(mine, hf)
+
+
 @pytest.mark.parametrize("rows", [2, len(PROMPTS)])
 def test_a_batch_keeps_each_rows_logits(loaded: LoadedModel, rows: int) -> None:
     prompts = [chat_ids(loaded, prompt) for prompt in PROMPTS[:rows]]
