@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -63,11 +64,22 @@ LOOKUP_S = 15.0
 
 def weight_bytes(model_dir: Path, weights: str = "float32", *, batched: bool = True) -> int:
     """The reservation's estimate: the model's weight files on disk (float32 safetensors
-    load at about their file size), twice over when held as float32 for batched decoding,
-    since the lean Llama pass then keeps a oneDNN-reordered copy (llama_forward.py; a
-    float32 model of another architecture is overestimated)."""
+    load at about their file size), twice over when a Llama model is held as float32 for
+    batched decoding, since the lean Llama pass then keeps a oneDNN-reordered copy
+    (llama_forward.py; a Llama variant that pass declines is overestimated)."""
     on_disk = sum(path.stat().st_size for path in model_dir.glob("*.safetensors"))
-    return 2 * on_disk if weights == "float32" and batched else on_disk
+    packed = weights == "float32" and batched and _architecture(model_dir) == "LlamaForCausalLM"
+    return 2 * on_disk if packed else on_disk
+
+
+def _architecture(model_dir: Path) -> str:
+    """The model class its config.json names ("" when it names none or cannot be read)."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ""
+    names = config.get("architectures") if isinstance(config, dict) else None
+    return str(names[0]) if isinstance(names, list) and names else ""
 
 
 class HostMemory:
