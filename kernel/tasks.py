@@ -65,9 +65,9 @@ REMOTE_CANCEL_WAIT_S = 3.0
 MAX_STUBS = 64
 # Event-loop turns a task that started at once gets before its first write: one for the run
 # to reach its first call (the runtime's, or a stage's), one for grpc.aio's task to start
-# sending it, one for the request to leave. An idle store writes on the loop (kernel/store/
-# sqlite.py), so without them the write would run first and the call wait for it; with
-# them the call is on its way while the write runs. Measured (docs/performance.md): with
+# sending it, one for the request to leave. A lone task's writes are applied on the loop
+# (kernel/store/sqlite.py), so without them the write would run first and the call wait for
+# it; with them the call is on its way while the write runs. Measured (docs/performance.md): with
 # 3 turns the request leaves before the write (with 2 it does not), and a sequential call
 # ends 0.05-0.10 ms sooner. Only for a task alone on the kernel: under load other tasks'
 # work fills the loop anyway, and the turns would cost CPU at saturation.
@@ -135,6 +135,7 @@ class TaskRunner:
         self.queue = queue
         self.max_local = max_local
         self._live: dict[str, Running] = {}
+        store.watch_load(self._live.__len__)
         # Text and trace steps of running tasks, written with their next transition.
         self._pending: dict[str, PendingWrites] = {}
         self._wakeup = asyncio.Event()

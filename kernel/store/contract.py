@@ -32,7 +32,7 @@ import builtins
 import dataclasses
 import json
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Literal, TypeAlias
 
 from llmos.services.errors import FailedPrecondition, InvalidArgument
@@ -530,6 +530,14 @@ class TaskStore(abc.ABC):
     async def key_usage(self) -> dict[str, int]:
         """How many stored sealed values name each key id ("?" for one that is not an
         envelope): what `llmos keys status` shows. Reads the whole store."""
+
+    def watch_load(self, tasks_running: Callable[[], int]) -> None:
+        """Tell the store how to learn how many tasks its caller is running at once (the
+        kernel's runner calls this). A backend may write differently for one task than for
+        many: the SQLite store writes a lone task's changes at once on the caller's event
+        loop, and many tasks' changes in shared transactions on its thread. By default the
+        figure is ignored."""
+        del tasks_running
 
     @abc.abstractmethod
     async def close(self) -> None:

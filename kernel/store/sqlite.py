@@ -8,15 +8,19 @@ Why it is built this way:
   no connection pool is needed. `asyncio.to_thread` would hop between the default pool's
   threads and force either a connection per thread (writers then contend for SQLite's file
   lock) or a lock of our own.
-- **An idle store skips the thread.** A task's own small writes (`create`, `transition`,
-  `append_text`, `add_trace_step`, `add_subjects`) are applied on the caller's event loop,
-  at once, when nothing submitted earlier is still waiting or being applied: then nothing
-  can be overtaken, and the two thread hops, the two wake-ups and the interpreter lock's
-  handovers between the threads cost more CPU than the SQL itself (on a two-core machine,
-  0.7 ms of the kernel's CPU per sequential call, 2026-11-30, docs/performance.md). The
-  writer's lock keeps the connection to one thread at a time; the counts of jobs submitted
-  (by the loop) and applied (by the writer) tell whether anything is outstanding. Under
-  load jobs are outstanding, so they queue and commit in groups as below. Reads that can be
+- **A lone task's writes skip the thread.** A task's own small writes (`create`,
+  `transition`, `append_text`, `add_trace_step`, `add_subjects`) are applied on the
+  caller's event loop, at once, when the caller runs one task at most (`watch_load`) and
+  nothing submitted earlier is still waiting or being applied: then nothing can be
+  overtaken, and the two thread hops, the two wake-ups and the interpreter lock's handovers
+  between the threads cost more CPU than the SQL itself (on a two-core machine, 0.7 ms of
+  the kernel's CPU per sequential call, 2026-11-30, docs/performance.md). The writer's lock
+  keeps the connection to one thread at a time; the counts of jobs submitted (by the loop)
+  and applied (by the writer) tell whether anything is outstanding. With many tasks running
+  the writes go to the thread even when it is idle, and commit in groups as below: applied
+  on the loop, every write would be a transaction and a commit of its own, and the
+  kernel's throughput at saturation fell by a fifth (2026-11-30, docs/performance.md).
+  Reads that can be
   long (lists, event logs, recovery, expiry) and every `synchronous="FULL"` store (an
   fsync would block the loop) always go through the thread, and so does a write that
   finds SQLite's write lock held by another process (tried here with no busy timeout,
@@ -676,6 +680,11 @@ class SqliteTaskStore(TaskStore):
         # Jobs put on the queue. Written by the one event loop the store serves only, so
         # that `_writer.applied` equal to it means nothing is outstanding.
         self._submitted = 0
+        # How many tasks the caller runs at once (`watch_load`); none known: one.
+        self._tasks_running: Callable[[], int] = lambda: 1
+
+    def watch_load(self, tasks_running: Callable[[], int]) -> None:
+        self._tasks_running = tasks_running
 
     @classmethod
     async def open(
@@ -729,14 +738,15 @@ class SqliteTaskStore(TaskStore):
     ) -> T:
         """Run `operation` after everything submitted before it: on the store's thread, in
         the same transaction as whatever else is queued with it (see "Group commit"), or,
-        if it is `small` and nothing is outstanding, here and now (see "An idle store
-        skips the thread"); `writes`, `alone` and `last` as in `_Job`."""
+        if it is `small`, the caller runs one task at most and nothing is outstanding, here
+        and now (see "A lone task's writes skip the thread"); `writes`, `alone` and `last`
+        as in `_Job`."""
         if self._closed and not last:
             raise FailedPrecondition(f"the task store {self.path} is closed", reason="STORE_CLOSED")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         job = _Job(operation, future, writes=writes, alone=alone, last=last)
         try:
-            if small and self._idle() and self._applied_here(job):
+            if small and self._tasks_running() <= 1 and self._idle() and self._applied_here(job):
                 if job.error is not None:
                     raise job.error
                 outcome: T = job.outcome

@@ -1089,6 +1089,31 @@ async def test_sqlite_an_idle_store_writes_on_the_callers_thread_never_ahead_of_
         await store.close()
 
 
+async def test_sqlite_writes_for_many_running_tasks_go_to_the_stores_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While its caller runs several tasks, an idle store still sends small writes to its
+    thread (where writes made together commit together); once the caller runs one task
+    again, they are applied on the caller's thread."""
+    applied_on = _record_where_jobs_run(monkeypatch)
+    store = await SqliteTaskStore.open(tmp_path, keys=KEYS)
+    running = 3
+    store.watch_load(lambda: running)
+    try:
+        await store.create(new_task("first"))
+        await asyncio.gather(*(store.create(new_task(f"many-{n}")) for n in range(3)))
+        await store.transition("first", RUNNING)
+        assert applied_on == [("create", False)] * 4 + [("transition", False)]
+        applied_on.clear()
+
+        running = 1
+        await store.transition("first", SUCCEEDED)
+        assert applied_on == [("transition", True)]
+        assert (await store.get("many-2")).state == QUEUED
+    finally:
+        await store.close()
+
+
 async def test_sqlite_a_write_lock_held_elsewhere_never_blocks_the_event_loop(
     tmp_path: Path,
 ) -> None:
