@@ -1148,6 +1148,41 @@ async def test_sqlite_a_write_lock_held_elsewhere_never_blocks_the_event_loop(
         await store.close()
 
 
+async def test_sqlite_checkpoints_the_wal_on_its_thread_every_so_many_commits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite's own checkpoint (run inside a COMMIT, so on the event loop for a write
+    applied there) is off; the store queues one for its thread every
+    CHECKPOINT_EVERY_COMMITS commits instead, so the WAL starts over instead of growing."""
+
+    async def wal_frames_after_twelve_writes(store_dir: Path) -> int:
+        store = await SqliteTaskStore.open(store_dir, keys=KEYS)
+        try:
+            (autocheckpoint,) = store._writer.conn.execute("PRAGMA wal_autocheckpoint").fetchone()
+            assert autocheckpoint == 0
+            for n in range(12):
+                await store.create(new_task(f"t{n}"))
+            await store.get("t0")  # queued behind any checkpoint
+            reader = sqlite3.connect(store.path, isolation_level=None)
+            try:  # a checkpoint that copies nothing: only the WAL's size, in frames
+                (_, frames, _) = reader.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            finally:
+                reader.close()
+            assert (await store.get("t11")).task_id == "t11"
+            return int(frames)
+        finally:
+            await store.close()
+
+    monkeypatch.setattr(sqlite_store, "CHECKPOINT_EVERY_COMMITS", 1_000)
+    unchecked = await wal_frames_after_twelve_writes(tmp_path / "unchecked")
+    monkeypatch.setattr(sqlite_store, "CHECKPOINT_EVERY_COMMITS", 5)
+    applied_on = _record_where_jobs_run(monkeypatch)
+    checked = await wal_frames_after_twelve_writes(tmp_path / "checked")
+    checkpoints = [on_caller for name, on_caller in applied_on if name == "_checkpoint_when_due"]
+    assert checkpoints == [False, False], "two checkpoints, both on the store's thread"
+    assert checked < unchecked / 2, (checked, unchecked)
+
+
 async def test_sqlite_full_synchronous_store_always_writes_on_its_thread(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
