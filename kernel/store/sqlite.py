@@ -32,9 +32,10 @@ Why it is built this way:
   the automatic checkpoint off and queues a PASSIVE checkpoint of its own on its thread
   every `CHECKPOINT_EVERY_COMMITS` commits; writes made meanwhile queue behind it.
 - **Only the thread waits for another process's lock.** The connection's busy timeout is
-  0, and the thread raises it to `BUSY_TIMEOUT_S` for each batch it applies: a write on
-  the loop that meets the lock fails at once and is queued for the thread instead, with no
-  statement spent switching the timeout per write.
+  0: a write on the loop that meets the lock fails at once and is queued for the thread
+  instead. The thread raises the timeout to `BUSY_TIMEOUT_S` when its BEGIN meets the lock,
+  and for `alone` jobs (checkpoints wait for readers); no statement is spent on the timeout
+  while nobody else holds the lock.
 - **Group commit.** Every operation is a job on the thread's queue. The thread takes the
   job at the head and every job queued behind it (up to `MAX_BATCH`) and applies them in
   one transaction, each job in a savepoint of its own: a job that fails rolls back to its
@@ -508,6 +509,8 @@ class _Writer:
         self.applied = 0
         # Commits since the last checkpoint (written with `lock` held).
         self.commits = 0
+        # Whether the batch being applied may wait for another process's lock (`_apply`).
+        self.may_wait = False
 
     def serve(self) -> None:
         """Apply batches until a `last` job ran."""
@@ -518,22 +521,13 @@ class _Writer:
                 for late in batch[stop + 1 :]:  # never happens: close() is the last submit
                     late.fail(_closed_error())
                 with self.lock:
-                    self._apply_waiting(batch[: stop + 1])
+                    self._apply(batch[: stop + 1], may_wait=True)
                 _deliver(batch)
                 return
             with self.lock:
-                self._apply_waiting(batch)
+                self._apply(batch, may_wait=True)
                 self.applied += len(batch)
             _deliver(batch)
-
-    def _apply_waiting(self, batch: builtins.list[_Job]) -> None:
-        """`_apply`, waiting up to `BUSY_TIMEOUT_S` for a lock another process holds."""
-        self.conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-        try:
-            self._apply(batch)
-        finally:
-            if batch[-1].operation is not _close_connection:
-                self.conn.execute("PRAGMA busy_timeout = 0")
 
     def _next_batch(self) -> builtins.list[_Job]:
         """The job at the head of the queue (waiting for one) and those queued behind it."""
@@ -545,18 +539,43 @@ class _Writer:
                 break
         return batch
 
-    def _apply(self, batch: builtins.list[_Job]) -> None:
+    def _apply(self, batch: builtins.list[_Job], *, may_wait: bool = False) -> None:
         """Run `batch` in order: runs of ordinary jobs as one transaction each, `alone`
-        jobs on their own between them."""
+        jobs on their own between them. `may_wait` (on the store's thread only): wait up
+        to `BUSY_TIMEOUT_S` for a lock another process holds, else fail at once."""
+        self.may_wait = may_wait
         group: builtins.list[_Job] = []
         for job in batch:
             if job.alone:
                 self._transact(group)
                 group = []
-                _attempt(self.conn, job, savepoint=False)
+                with self._waiting() if may_wait else contextlib.nullcontext():
+                    _attempt(self.conn, job, savepoint=False)
             else:
                 group.append(job)
         self._transact(group)
+
+    @contextlib.contextmanager
+    def _waiting(self) -> Iterator[None]:
+        """The busy timeout raised for what runs inside (it is 0 otherwise)."""
+        self.conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        try:
+            yield
+        finally:
+            with contextlib.suppress(sqlite3.ProgrammingError):  # the close job closed it
+                self.conn.execute("PRAGMA busy_timeout = 0")
+
+    def _begin(self, writes: bool) -> None:
+        """Open the transaction; on the thread, wait for a lock held elsewhere only once
+        it is met (no statement spent on the busy timeout otherwise)."""
+        statement = "BEGIN IMMEDIATE" if writes else "BEGIN"
+        try:
+            self.conn.execute(statement)
+        except sqlite3.OperationalError as exc:
+            if not (self.may_wait and _is_locked(exc)):
+                raise
+            with self._waiting():
+                self.conn.execute(statement)
 
     def _transact(self, group: builtins.list[_Job]) -> None:
         """Apply `group` in as few transactions as SQLite allows (one, unless it rolls one
@@ -570,7 +589,7 @@ class _Writer:
         conn = self.conn
         writes = any(job.writes for job in group)
         try:
-            conn.execute("BEGIN IMMEDIATE" if writes else "BEGIN")
+            self._begin(writes)
         except sqlite3.Error as exc:
             return _refuse_writes(group, exc, writes)
         # A lone job needs no savepoint (two statements fewer): if it fails, the whole
@@ -597,6 +616,14 @@ class _Writer:
             return []
         self.commits += 1
         return []
+
+
+def _is_locked(error: BaseException | None) -> bool:
+    """Whether `error` is SQLite's "locked by another connection" (nothing was applied)."""
+    return (
+        isinstance(error, sqlite3.OperationalError)
+        and error.sqlite_errorcode & 0xFF in LOCKED_CODES  # primary code of an extended one
+    )
 
 
 def _attempt(conn: sqlite3.Connection, job: _Job, *, savepoint: bool) -> None:
@@ -838,14 +865,10 @@ class SqliteTaskStore(TaskStore):
         the event loop. Whether it was applied (its outcome or error is on `job`)."""
         writer = self._writer
         try:
-            writer._apply([job])  # the busy timeout is 0 outside the thread's batches
+            writer._apply([job])
         finally:
             writer.lock.release()
-        error = job.error
-        if (
-            isinstance(error, sqlite3.OperationalError)
-            and error.sqlite_errorcode & 0xFF in LOCKED_CODES  # primary code of an extended one
-        ):
+        if _is_locked(job.error):
             job.outcome, job.error = None, None
             return False
         return True
