@@ -554,7 +554,7 @@ class TaskRunner:
     async def _end_unrun(self, task_id: str, why: str) -> None:
         running = self._live.pop(task_id, None)
         with contextlib.suppress(LlmosError):
-            await self._transition(task_id, common_pb2.TASK_STATE_FAILED, error=why)
+            await self._transition(task_id, common_pb2.TASK_STATE_FAILED, error=why, brief=True)
         await self._settle(task_id)
         if running is not None and running.listener is not None:
             running.listener.put_nowait(STREAM_END)
@@ -622,6 +622,7 @@ class TaskRunner:
                 finish_reason=usage.finish_reason,
                 usage=usage.usage.SerializeToString(),
                 steps=(_record_step("succeeded"),),
+                brief=True,
             )
             await self._settle(ticket.task_id)
         except asyncio.CancelledError:
@@ -691,7 +692,7 @@ class TaskRunner:
         re-queue) with its `record` step. A task that cannot take it (finished or cancelled
         elsewhere, or forgotten) still gets its trace: the steps are written on their own."""
         try:
-            await self._transition(task_id, state, error=why, steps=(record,))
+            await self._transition(task_id, state, error=why, steps=(record,), brief=True)
         except LlmosError:
             pending = self._pending.pop(task_id, None)
             _, steps = ("", ()) if pending is None else await pending.take()
@@ -863,11 +864,14 @@ class TaskRunner:
         usage: bytes | None = None,
         error: str | None = None,
         steps: tuple[common_pb2.TraceStep, ...] = (),
+        brief: bool = False,
     ) -> TaskRecord:
         """Store a transition together with what the task produced since its last write
         (its pending text and trace steps) and `steps`, in one atomic step: one round trip
         to the store. Then count the task as entering `state`. A refused transition raises
-        before it is counted, and what was pending stays pending."""
+        before it is counted, and what was pending stays pending. `brief`: the record comes
+        back without request and output (`TaskStore.transition`), for a caller that reads
+        neither."""
         pending = self._pending.get(task_id)
         text, trace = ("", ()) if pending is None else await pending.take()
         for step in steps:
@@ -881,6 +885,7 @@ class TaskRunner:
                 error=error,
                 text=text,
                 trace=(*trace, *(step.SerializeToString() for step in steps)),
+                brief=brief,
             )
         except LlmosError:
             if pending is not None:

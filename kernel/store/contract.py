@@ -285,6 +285,12 @@ def check_takes_text(task_id: str, state: TaskState) -> None:
         )
 
 
+def briefly(record: TaskRecord) -> TaskRecord:
+    """`record` without its request and output, as `TaskStore.transition(brief=True)`
+    returns it."""
+    return dataclasses.replace(record, request=b"", output="")
+
+
 def check_new_record(record: TaskRecord) -> None:
     """`create` accepts only a freshly queued task: the log must start with QUEUED."""
     if not record.task_id:
@@ -395,6 +401,7 @@ class TaskStore(abc.ABC):
         error: str | None = None,
         text: str = "",
         trace: Sequence[bytes] = (),
+        brief: bool = False,
     ) -> TaskRecord:
         """Move the task to `to_state` and log a "state" event, atomically; the new record.
 
@@ -411,6 +418,10 @@ class TaskStore(abc.ABC):
         it: FailedPrecondition(TASK_NOT_RUNNING) otherwise, and nothing is applied); `trace`
         steps are appended to the trace, in order, as `add_trace_step` would. A refused
         transition writes neither, and neither does a repeated final transition.
+
+        `brief` is for a caller that reads only the record's state and fields (the kernel,
+        ending a task): the record comes back with `request` b"" and `output` "", which
+        spares the SQLite store reading the output back and opening the sealed request.
         """
 
     @abc.abstractmethod

@@ -70,6 +70,7 @@ from llmos.kernel.store.contract import (
     TaskRecord,
     TaskState,
     TaskStore,
+    briefly,
     check_event_range,
     check_expire_limit,
     check_max_attempts,
@@ -566,11 +567,12 @@ class RedisTaskStore(TaskStore):
         error: str | None = None,
         text: str = "",
         trace: Sequence[bytes] = (),
+        brief: bool = False,
     ) -> TaskRecord:
         for _ in range(MAX_CAS_ROUNDS):
             record = await self._read(task_id)
             if not check_transition(task_id, record.state, to_state):
-                return record
+                return briefly(record) if brief else record
             reason = finish_reason_for(task_id, to_state, finish_reason)
             if text:
                 check_takes_text(task_id, record.state)
@@ -585,7 +587,7 @@ class RedisTaskStore(TaskStore):
                 trace=trace,
             )
             if applied is not None:
-                return applied
+                return briefly(applied) if brief else applied
         raise Unavailable(
             f"task {task_id} kept changing under this kernel ({MAX_CAS_ROUNDS} tries); retry",
             reason="STORE_CONTENDED",

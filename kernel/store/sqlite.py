@@ -286,14 +286,17 @@ def _output(conn: sqlite3.Connection, sealer: Sealer, task_id: str, attempt_offs
     return "".join(sealer.open_text(task_id, EVENT, text) for (text,) in rows)
 
 
-def _record(sealer: Sealer, row: tuple[Any, ...], output: str) -> TaskRecord:
+def _record(
+    sealer: Sealer, row: tuple[Any, ...], output: str, *, brief: bool = False
+) -> TaskRecord:
+    """The record of a `tasks` row; `brief` leaves the request sealed (b"")."""
     return TaskRecord(
         task_id=row[0],
         tenant=row[1],
         state=common_pb2.TaskState.ValueType(row[2]),
         model=row[3],
         priority=common_pb2.Priority.ValueType(row[4]),
-        request=sealer.open(row[0], REQUEST, row[5]),
+        request=b"" if brief else sealer.open(row[0], REQUEST, row[5]),
         created_at=row[6],
         updated_at=row[7],
         finished_at=row[8],
@@ -955,6 +958,7 @@ class SqliteTaskStore(TaskStore):
         error: str | None = None,
         text: str = "",
         trace: Sequence[bytes] = (),
+        brief: bool = False,
     ) -> TaskRecord:
         steps = tuple(trace)
 
@@ -962,6 +966,8 @@ class SqliteTaskStore(TaskStore):
             row = _task_row(conn, task_id)
             current = common_pb2.TaskState.ValueType(row[2])
             if not check_transition(task_id, current, to_state):
+                if brief:
+                    return _record(self.sealer, row, "", brief=True)
                 return _record(self.sealer, row, _output(conn, self.sealer, task_id, row[13]))
             reason = finish_reason_for(task_id, to_state, finish_reason)
             if text:
@@ -986,6 +992,8 @@ class SqliteTaskStore(TaskStore):
                 text=text,
             )
             _insert_steps(conn, self.sealer, task_id, steps)
+            if brief:
+                return _record(self.sealer, new_row, "", brief=True)
             if to_state == QUEUED:  # a new attempt starts at this state event: no output
                 return _record(self.sealer, new_row, "")
             output = "".join(

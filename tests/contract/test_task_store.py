@@ -607,6 +607,27 @@ async def test_a_transition_stores_the_attempts_last_text_and_trace_with_it(
     assert await store.trace("t1") == [b"admit", b"runtime:generate", b"record"]
 
 
+async def test_a_brief_transition_returns_the_record_without_request_and_output(
+    store: TaskStore,
+) -> None:
+    """`brief` changes only what comes back: the stored task is the same, and a repeated
+    final transition comes back brief as well."""
+    await running_task(store, "t1")
+    await store.append_text("t1", "Hel")
+
+    done = await store.transition(
+        "t1", FAILED, error="runtime gone", text="lo", trace=[b"record"], brief=True
+    )
+    again = await store.transition("t1", FAILED, brief=True)
+
+    stored = await store.get("t1")
+    assert (stored.output, stored.request) == ("Hello", new_task("t1").request)
+    assert done == dataclasses.replace(stored, request=b"", output="")
+    assert again == done
+    assert (done.state, done.error, done.finished) == (FAILED, "runtime gone", True)
+    assert await store.trace("t1") == [b"record"]
+
+
 async def test_a_transition_without_text_may_still_carry_trace_steps(store: TaskStore) -> None:
     await store.create(new_task("t1"))
 
