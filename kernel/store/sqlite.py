@@ -20,11 +20,10 @@ Why it is built this way:
   the writes go to the thread even when it is idle, and commit in groups as below: applied
   on the loop, every write would be a transaction and a commit of its own, and the
   kernel's throughput at saturation fell by a fifth (2026-11-30, docs/performance.md).
-  Reads that can be
-  long (lists, event logs, recovery, expiry) and every `synchronous="FULL"` store (an
-  fsync would block the loop) always go through the thread, and so does a write that
-  finds SQLite's write lock held by another process (tried here with no busy timeout,
-  then queued: only the thread waits for the lock).
+  Reads that can be long (lists, event logs, recovery, expiry) and every
+  `synchronous="FULL"` store (an fsync would block the loop) always go through the
+  thread, and so does a write that finds SQLite's write lock held by another process
+  (tried here with no busy timeout, then queued: only the thread waits for the lock).
 - **Checkpoints on the thread.** SQLite's automatic checkpoint runs inside the COMMIT that
   fills the WAL past 1,000 pages, and in NORMAL mode a checkpoint syncs the files: a write
   applied on the event loop would stall it for milliseconds (up to 8.6 ms seen on a
@@ -38,16 +37,18 @@ Why it is built this way:
   while nobody else holds the lock.
 - **Group commit.** Every operation is a job on the thread's queue. The thread takes the
   job at the head and every job queued behind it (up to `MAX_BATCH`) and applies them in
-  one transaction, each job in a savepoint of its own: a job that fails rolls back to its
-  savepoint and only its caller gets the error; the others go on. One `COMMIT` ends the
-  batch, and only then does any caller get its result, all of them in one hop back to the
-  event loop. Under load the kernel makes many small writes at once (each task's state
-  changes, text and trace); one transaction, one WAL append and one thread hop for all of
-  them, instead of one each, is most of what a write costs. Nothing waits to fill a batch:
-  a lone job is a batch of one, applied at once, without a savepoint (if it fails, its
-  transaction is rolled back instead of committed).
-- **Atomic as the contract demands.** A job is applied wholly or not at all: its savepoint
-  is released only once all of it succeeded. If SQLite gives up the whole transaction (a
+  one transaction. Jobs rarely fail, so the batch is first applied plainly; if a job
+  fails, that attempt is rolled back and the batch applied again with each job in a
+  savepoint of its own: the failing job rolls back to its savepoint and only its caller
+  gets the error; the others go on. One `COMMIT` ends the batch, and only then does any
+  caller get its result, all of them in one hop back to the event loop. Under load the
+  kernel makes many small writes at once (each task's state changes, text and trace); one
+  transaction, one WAL append and one thread hop for all of them, instead of one each, is
+  most of what a write costs. Nothing waits to fill a batch: a lone job is a batch of one,
+  applied at once (if it fails, its transaction is rolled back instead of committed).
+- **Atomic as the contract demands.** A job is applied wholly or not at all: a failure in
+  the plain attempt rolls the whole attempt back, and in the second attempt a job's
+  savepoint is released only once all of it succeeded. If SQLite gives up the whole transaction (a
   full disk, an I/O error), or the COMMIT fails, every job of the batch that had succeeded
   gets that error instead: none of them took effect. A batch that cannot take the write
   lock (an outside process holds it past the busy timeout) fails its writing jobs with
@@ -600,7 +601,8 @@ class _Writer:
         except sqlite3.Error as exc:
             return _refuse_writes(group, exc, writes)
         if self._applied_plainly(group):
-            return self._commit(group)
+            self._commit(group)
+            return []
         _roll_back(self.conn)
         if len(group) == 1:  # nothing else to keep: its error is the outcome
             return []
@@ -619,7 +621,8 @@ class _Writer:
                 return group[index + 1 :]
             if job.error is None:
                 applied.append(job)
-        return self._commit(applied)
+        self._commit(applied)
+        return []
 
     def _applied_plainly(self, group: builtins.list[_Job]) -> bool:
         """Apply `group` in the open transaction with no savepoints; whether every job
@@ -630,7 +633,7 @@ class _Writer:
                 return False
         return True
 
-    def _commit(self, applied: builtins.list[_Job]) -> builtins.list[_Job]:
+    def _commit(self, applied: builtins.list[_Job]) -> None:
         """Commit the open transaction; if that fails, none of `applied` took effect."""
         try:
             self.conn.execute("COMMIT")
@@ -638,9 +641,8 @@ class _Writer:
             _roll_back(self.conn)
             for job in applied:  # nothing of the batch was stored
                 job.fail(exc)
-            return []
+            return
         self.commits += 1
-        return []
 
 
 def _is_locked(error: BaseException | None) -> bool:
