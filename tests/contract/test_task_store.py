@@ -1185,7 +1185,7 @@ async def test_sqlite_checkpoints_the_wal_on_its_thread_every_so_many_commits(
                 await store.create(new_task(f"t{n}"))
             await store.get("t0")  # queued behind any checkpoint
             reader = sqlite3.connect(store.path, isolation_level=None)
-            try:  # a checkpoint that copies nothing: only the WAL's size, in frames
+            try:  # a checkpoint from outside reports the WAL's size, in frames
                 (_, frames, _) = reader.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
             finally:
                 reader.close()
