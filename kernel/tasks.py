@@ -66,11 +66,12 @@ MAX_STUBS = 64
 # Event-loop turns a task that started at once gets before its first write: one for the run
 # to reach its first call (the runtime's, or a stage's), one for grpc.aio's task to start
 # sending it, one for the request to leave. A lone task's writes are applied on the loop
-# (kernel/store/sqlite.py), so without them the write would run first and the call wait for
-# it; with them the call is on its way while the write runs. Measured (docs/performance.md): with
-# 3 turns the request leaves before the write (with 2 it does not), and a sequential call
-# ends 0.05-0.10 ms sooner. Only for a task alone on the kernel: under load other tasks'
-# work fills the loop anyway, and the turns would cost CPU at saturation.
+# (kernel/store/sqlite.py), so without them the write would run first and the call wait
+# for it; with them the call is on its way while the write runs. Measured
+# (docs/performance.md): with 3 turns the request leaves before the write (with 2 it does
+# not), and a sequential call ends 0.05-0.10 ms sooner. Only for a task alone on the
+# kernel: under load other tasks' work fills the loop anyway, and the turns would cost CPU
+# at saturation.
 HEAD_START_TURNS = 3
 
 
