@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import functools
 import gc
 import logging
 import os
@@ -148,14 +147,12 @@ class Shelf:
             await self.host_memory.reserve(key, size)
             try:
                 loaded = await asyncio.to_thread(
-                    functools.partial(
-                        load_model,
-                        key,
-                        str(model_dir),
-                        self.settings.torch_threads,
-                        weights,
-                        batched=batched,
-                    )
+                    load_model,
+                    key,
+                    str(model_dir),
+                    self.settings.torch_threads,
+                    weights,
+                    batched=batched,
                 )
             except BaseException:
                 await self.host_memory.release(key)
