@@ -615,8 +615,11 @@ class TaskRunner:
             output, usage = await self._generate(ticket, request, running)
             await self._stages(after, ticket, request, running.deadline, output)
             self._deliver_held(ticket.task_id, running)
-            if not await self._stored(ticket.task_id, running):  # refused: nothing to record
-                return
+            # Done before its first write landed (common under load): the store applies the
+            # end after that write, with it if it can; it fails if that write did.
+            joins = started is not None and self._first_write_pending(running)
+            if not joins and not await self._stored(ticket.task_id, running):
+                return  # refused: nothing to record
             await self._transition(
                 ticket.task_id,
                 common_pb2.TASK_STATE_SUCCEEDED,
@@ -624,6 +627,7 @@ class TaskRunner:
                 usage=usage.usage.SerializeToString(),
                 steps=(_record_step("succeeded"),),
                 brief=True,
+                follows_create=joins,
             )
             await self._settle(ticket.task_id)
         except asyncio.CancelledError:
@@ -646,6 +650,13 @@ class TaskRunner:
             await self._failed(ticket.task_id, running, repr(error))
         finally:
             self._forget(ticket.task_id, running)
+
+    def _first_write_pending(self, running: Running) -> bool:
+        """Whether the task's first write is in flight and the store can take the task's
+        next transition before it lands (`TaskStore.joins_creates`). Nothing else of the
+        task's is written meanwhile: every other write waits for `_stored`."""
+        stored = running.stored
+        return self.store.joins_creates and stored is not None and not stored.done()
 
     def _forget(self, task_id: str, running: Running) -> None:
         """The task no longer occupies this kernel: free its slot and end its stream."""
@@ -866,13 +877,14 @@ class TaskRunner:
         error: str | None = None,
         steps: tuple[common_pb2.TraceStep, ...] = (),
         brief: bool = False,
+        follows_create: bool = False,
     ) -> TaskRecord:
         """Store a transition together with what the task produced since its last write
         (its pending text and trace steps) and `steps`, in one atomic step: one round trip
         to the store. Then count the task as entering `state`. A refused transition raises
         before it is counted, and what was pending stays pending. `brief`: the record comes
         back without request and output (`TaskStore.transition`), for a caller that reads
-        neither."""
+        neither; `follows_create` as there."""
         pending = self._pending.get(task_id)
         text, trace = ("", ()) if pending is None else await pending.take()
         for step in steps:
@@ -887,6 +899,7 @@ class TaskRunner:
                 text=text,
                 trace=(*trace, *(step.SerializeToString() for step in steps)),
                 brief=brief,
+                follows_create=follows_create,
             )
         except LlmosError:
             if pending is not None:

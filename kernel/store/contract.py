@@ -372,6 +372,10 @@ class TaskStore(abc.ABC):
     with any remote call; the operations are atomic, so it took effect wholly or not at all.
     """
 
+    # Whether `transition(follows_create=True)` may be called while the task's `create` is
+    # still in flight: the store then orders the two itself (see `transition`).
+    joins_creates = False
+
     @abc.abstractmethod
     async def create(self, record: TaskRecord, *, running: bool = False) -> None:
         """Store a new QUEUED task and its first event (offset 0, state QUEUED).
@@ -402,6 +406,7 @@ class TaskStore(abc.ABC):
         text: str = "",
         trace: Sequence[bytes] = (),
         brief: bool = False,
+        follows_create: bool = False,
     ) -> TaskRecord:
         """Move the task to `to_state` and log a "state" event, atomically; the new record.
 
@@ -422,6 +427,13 @@ class TaskStore(abc.ABC):
         `brief` is for a caller that reads only the record's state and fields (the kernel,
         ending a task): the record comes back with `request` b"" and `output` "", which
         spares the SQLite store reading the output back and opening the sealed request.
+
+        `follows_create` is the caller's word that it wrote nothing else for the task since
+        its `create`, which may still be in flight (the kernel ends a short task before its
+        first write has landed). A store that `joins_creates` then applies the transition
+        after that create without the caller waiting for it, in the same step when the
+        create has not started yet; if the create fails, the transition fails with it.
+        Others ignore it (the caller waits for the create first).
         """
 
     @abc.abstractmethod

@@ -568,6 +568,7 @@ class RedisTaskStore(TaskStore):
         text: str = "",
         trace: Sequence[bytes] = (),
         brief: bool = False,
+        follows_create: bool = False,  # not `joins_creates`: the kernel waits for creates
     ) -> TaskRecord:
         for _ in range(MAX_CAS_ROUNDS):
             record = await self._read(task_id)

@@ -321,6 +321,7 @@ def _next_offset(conn: sqlite3.Connection, table: str, task_id: str) -> int:
     return int(offset)
 
 
+INSERT_TASK = f"INSERT INTO tasks ({TASK_COLUMNS}) VALUES ({', '.join('?' * 14)})"
 INSERT_EVENT = (
     "INSERT INTO events (task_id, seq, kind, state, text, finish_reason) VALUES (?, ?, ?, ?, ?, ?)"
 )
@@ -369,9 +370,45 @@ def _apply_transition(
     knows it (one query fewer). `text` (the caller checked the task takes text) is logged
     just before the state event, in the same statement.
     """
-    task_id = row[0]
     if offset is None:
-        offset = _next_offset(conn, "events", task_id)
+        offset = _next_offset(conn, "events", row[0])
+    new_row, events = _transitioned(
+        sealer,
+        row,
+        to_state,
+        now,
+        finish_reason=finish_reason,
+        usage=usage,
+        error=error,
+        interrupted=interrupted,
+        offset=offset,
+        text=text,
+    )
+    conn.execute(
+        "UPDATE tasks SET state = ?, updated_at = ?, finished_at = ?, finish_reason = ?, "
+        "usage = ?, error = ?, attempts = ?, attempt_offset = ? WHERE task_id = ?",
+        (new_row[2], *new_row[7:], row[0]),
+    )
+    conn.executemany(INSERT_EVENT, events)
+    return new_row
+
+
+def _transitioned(
+    sealer: Sealer,
+    row: tuple[Any, ...],
+    to_state: TaskState,
+    now: float,
+    *,
+    finish_reason: FinishReason,
+    usage: bytes | None,
+    error: str | None,
+    interrupted: bool,
+    offset: int,
+    text: str,
+) -> tuple[tuple[Any, ...], builtins.list[tuple[Any, ...]]]:
+    """A transition worked out without touching the file: the task's row as it leaves it
+    (in TASK_COLUMNS order) and the event rows it logs from `offset` on."""
+    task_id = row[0]
     events: builtins.list[tuple[Any, ...]] = []
     if text:
         events.append(
@@ -395,21 +432,6 @@ def _apply_transition(
         else (b"" if to_state == SUCCEEDED else row[11])
     )
     stored_usage = row[10] if usage is None else usage
-    conn.execute(
-        "UPDATE tasks SET state = ?, updated_at = ?, finished_at = ?, finish_reason = ?, "
-        "usage = ?, error = ?, attempts = ?, attempt_offset = ? WHERE task_id = ?",
-        (
-            int(to_state),
-            now,
-            finished_at,
-            int(finish_reason),
-            stored_usage,
-            stored_error,
-            attempts,
-            attempt_offset,
-            task_id,
-        ),
-    )
     events.append(
         _event_row(
             sealer,
@@ -421,9 +443,7 @@ def _apply_transition(
             finish_reason=finish_reason,
         )
     )
-    conn.executemany(INSERT_EVENT, events)
-    # The row as the UPDATE left it, in TASK_COLUMNS order: no need to read it back.
-    return (
+    new_row = (
         *row[:2],
         int(to_state),
         *row[3:7],
@@ -435,6 +455,7 @@ def _apply_transition(
         attempts,
         attempt_offset,
     )
+    return new_row, events
 
 
 def _insert_text(
@@ -458,12 +479,18 @@ def _insert_text(
 
 
 def _insert_steps(
-    conn: sqlite3.Connection, sealer: Sealer, task_id: str, steps: Sequence[bytes]
+    conn: sqlite3.Connection,
+    sealer: Sealer,
+    task_id: str,
+    steps: Sequence[bytes],
+    first: int | None = None,
 ) -> None:
-    """Append serialized trace steps to the task's trace, in order, sealed."""
+    """Append serialized trace steps to the task's trace, in order, sealed; `first` is the
+    trace's next offset when the caller knows it (a new task's: 0)."""
     if not steps:
         return
-    first = _next_offset(conn, "traces", task_id)
+    if first is None:
+        first = _next_offset(conn, "traces", task_id)
     conn.executemany(
         "INSERT INTO traces (task_id, seq, step) VALUES (?, ?, ?)",
         [
@@ -494,9 +521,58 @@ class _Job:
     last: bool = False
     outcome: Any = None
     error: BaseException | None = None
+    # A transition applied by this job's operation too (`_Joinable`): it fails with it.
+    joined: _Job | None = None
 
     def fail(self, error: BaseException) -> None:
         self.outcome, self.error = None, error
+        if self.joined is not None:
+            self.joined.fail(error)
+
+
+Finish = Callable[[sqlite3.Connection, tuple[Any, ...], builtins.list[tuple[Any, ...]]], None]
+
+
+class _Joinable:
+    """A queued `create`, open to the task's final transition until the thread starts it.
+
+    Under load a task's create waits in the thread's queue while the runtime works, and a
+    short task is often done before the thread gets to it (72% of tasks at saturation,
+    2026-11-30). The kernel's transition then joins the create (`follows_create`): one job
+    inserts the task as the transition leaves it, with every event and step, instead of a
+    job that inserts it and another that reads it back and updates it. The lock makes
+    "joined" and "started" exclusive: the thread's `start` and the loop's `join` each
+    decide under it, and the loop never waits for it (busy: it does not join).
+    """
+
+    def __init__(self, running: bool) -> None:
+        self.lock = threading.Lock()
+        self.running = running  # the create stores it RUNNING (else QUEUED)
+        self.started = False
+        # Writes the task as the joined transition leaves it, given the row and events the
+        # create would have written; sets the transition job's outcome.
+        self.finish: Finish | None = None
+        self.create_job: _Job | None = None  # set by `SqliteTaskStore._run`
+
+    def join(self, finish: Finish, job: _Job) -> bool:
+        """Attach a transition (`finish`, whose outcome goes to `job`) unless the create has
+        started; whether it was attached."""
+        if self.create_job is None or not self.lock.acquire(blocking=False):
+            return False
+        try:
+            if self.started:
+                return False
+            self.finish = finish
+            self.create_job.joined = job
+            return True
+        finally:
+            self.lock.release()
+
+    def start(self) -> _Joinable:
+        """On the thread, as the create's operation begins: nothing joins after this."""
+        with self.lock:
+            self.started = True
+        return self
 
 
 class _Writer:
@@ -702,14 +778,26 @@ def _deliver(batch: builtins.list[_Job]) -> None:
 
 
 def _settle(jobs: builtins.list[_Job]) -> None:
-    """On the event loop: resolve each job's future (one its caller cancelled stays so)."""
+    """On the event loop: resolve each job's future (one its caller cancelled stays so),
+    then that of the transition it applied too."""
     for job in jobs:
-        if job.future.done():
-            continue
-        if job.error is not None:
-            job.future.set_exception(job.error)
-        else:
-            job.future.set_result(job.outcome)
+        _resolve(job)
+        if job.joined is not None:
+            _resolve(job.joined)
+
+
+def _resolve(job: _Job) -> None:
+    if job.future.done():
+        return
+    if job.error is not None:
+        job.future.set_exception(job.error)
+    else:
+        job.future.set_result(job.outcome)
+
+
+def _joined_elsewhere(conn: sqlite3.Connection) -> None:
+    """The operation of a transition joined to a create: the create's job applies it."""
+    raise AssertionError("a joined transition is applied by its create's job")
 
 
 def _closed_error() -> FailedPrecondition:
@@ -740,6 +828,8 @@ def _serve(
 class SqliteTaskStore(TaskStore):
     """The `TaskStore` contract on one SQLite file; create it with `await SqliteTaskStore.open`."""
 
+    joins_creates = True
+
     def __init__(
         self,
         path: Path,
@@ -767,6 +857,8 @@ class SqliteTaskStore(TaskStore):
         self._checkpointing = False
         # How many tasks the caller runs at once (`watch_load`); none known: one.
         self._tasks_running: Callable[[], int] = lambda: 1
+        # Creates submitted and not yet ended, by task id: a transition may join one.
+        self._joinable: dict[str, _Joinable] = {}
 
     def watch_load(self, tasks_running: Callable[[], int]) -> None:
         self._tasks_running = tasks_running
@@ -820,16 +912,19 @@ class SqliteTaskStore(TaskStore):
         alone: bool = False,
         last: bool = False,
         small: bool = False,
+        joinable: _Joinable | None = None,
     ) -> T:
         """Run `operation` after everything submitted before it: on the store's thread, in
         the same transaction as whatever else is queued with it (see "Group commit"), or,
         if it is `small`, the caller runs one task at most and nothing is outstanding, here
         and now (see "A lone task's writes skip the thread"); `writes`, `alone` and `last`
-        as in `_Job`."""
+        as in `_Job`. `joinable`: a create's, told its job (a transition may join it)."""
         if self._closed and not last:
             raise FailedPrecondition(f"the task store {self.path} is closed", reason="STORE_CLOSED")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         job = _Job(operation, future, writes=writes, alone=alone, last=last)
+        if joinable is not None:
+            joinable.create_job = job
         try:
             if small and self._tasks_running() <= 1 and self._idle() and self._applied_here(job):
                 self._checkpoint_when_due()
@@ -843,16 +938,18 @@ class SqliteTaskStore(TaskStore):
                 return await future
             finally:
                 self._checkpoint_when_due()
-        except sqlite3.OperationalError as exc:
-            # A full disk, an unreadable file, a lock held too long by an outside reader:
-            # the store cannot serve now, which is what UNAVAILABLE tells a client.
-            raise Unavailable(
-                f"the task store {self.path} failed: {exc}", reason="STORE_UNAVAILABLE"
-            ) from exc
         except sqlite3.Error as exc:
-            raise LlmosError(
-                f"the task store {self.path} failed: {exc}", reason="STORE_ERROR"
-            ) from exc
+            raise self._failure(exc) from exc
+
+    def _failure(self, error: sqlite3.Error) -> LlmosError:
+        """A sqlite3 error in the project's terms. A full disk, an unreadable file, a lock
+        held too long by an outside reader: the store cannot serve now, which is what
+        UNAVAILABLE tells a client; anything else is STORE_ERROR."""
+        if isinstance(error, sqlite3.OperationalError):
+            return Unavailable(
+                f"the task store {self.path} failed: {error}", reason="STORE_UNAVAILABLE"
+            )
+        return LlmosError(f"the task store {self.path} failed: {error}", reason="STORE_ERROR")
 
     def _checkpoint_when_due(self) -> None:
         """Queue a checkpoint for the thread once `CHECKPOINT_EVERY_COMMITS` commits were
@@ -907,42 +1004,47 @@ class SqliteTaskStore(TaskStore):
         # QUEUED, and with `running` RUNNING at once: the row is inserted as the transition
         # leaves it and both state events go in one statement (a new task has nothing to
         # read first: its first event is offset 0, its attempt starts there).
-        updated_at = self._clock() if running else record.updated_at
         unspecified = int(common_pb2.FINISH_REASON_UNSPECIFIED)
         events = [(task_id, 0, "state", int(record.state), b"", unspecified)]
         if running:
             events.append((task_id, 1, "state", int(RUNNING), b"", unspecified))
+        joinable = self._joinable[task_id] = _Joinable(running)
 
         def operation(conn: sqlite3.Connection) -> None:
+            joinable.start()
+            row = (
+                task_id,
+                record.tenant,
+                int(RUNNING if running else record.state),
+                record.model,
+                int(record.priority),
+                sealer.seal(task_id, REQUEST, record.request),
+                record.created_at,
+                self._clock() if running else record.updated_at,
+                None,
+                int(record.finish_reason),
+                record.usage,
+                sealer.seal_text(task_id, ERROR, record.error),
+                record.attempts,
+                0,
+            )
             try:
-                conn.execute(
-                    f"INSERT INTO tasks ({TASK_COLUMNS}) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)",
-                    (
-                        task_id,
-                        record.tenant,
-                        int(RUNNING if running else record.state),
-                        record.model,
-                        int(record.priority),
-                        sealer.seal(task_id, REQUEST, record.request),
-                        record.created_at,
-                        updated_at,
-                        None,
-                        int(record.finish_reason),
-                        record.usage,
-                        sealer.seal_text(task_id, ERROR, record.error),
-                        record.attempts,
-                    ),
-                )
+                if joinable.finish is None:
+                    conn.execute(INSERT_TASK, row)
+                    conn.executemany(INSERT_EVENT, events)
+                else:  # as the joined transition leaves it
+                    joinable.finish(conn, row, events)
             except sqlite3.IntegrityError as exc:
                 raise AlreadyExists(
                     f"task {task_id!r} already exists",
                     reason="DUPLICATE_TASK",
                     metadata={"task_id": task_id},
                 ) from exc
-            conn.executemany(INSERT_EVENT, events)
 
-        await self._run(operation, small=True)
+        try:
+            await self._run(operation, small=True, joinable=joinable)
+        finally:
+            self._joinable.pop(task_id, None)
 
     async def get(self, task_id: str) -> TaskRecord:
         def operation(conn: sqlite3.Connection) -> TaskRecord:
@@ -961,8 +1063,27 @@ class SqliteTaskStore(TaskStore):
         text: str = "",
         trace: Sequence[bytes] = (),
         brief: bool = False,
+        follows_create: bool = False,
     ) -> TaskRecord:
         steps = tuple(trace)
+        joinable = self._joinable.get(task_id) if follows_create else None
+        if joinable is not None:
+            joined = self._join(
+                joinable,
+                task_id,
+                to_state,
+                finish_reason=finish_reason,
+                usage=usage,
+                error=error,
+                text=text,
+                steps=steps,
+                brief=brief,
+            )
+            if joined is not None:
+                try:
+                    return await joined
+                except sqlite3.Error as exc:
+                    raise self._failure(exc) from exc
 
         def operation(conn: sqlite3.Connection) -> TaskRecord:
             row = _task_row(conn, task_id)
@@ -1006,6 +1127,55 @@ class SqliteTaskStore(TaskStore):
             return _record(self.sealer, new_row, output + text)
 
         return await self._run(operation, small=True)
+
+    def _join(
+        self,
+        joinable: _Joinable,
+        task_id: str,
+        to_state: TaskState,
+        *,
+        finish_reason: FinishReason | None,
+        usage: bytes | None,
+        error: str | None,
+        text: str,
+        steps: tuple[bytes, ...],
+        brief: bool,
+    ) -> asyncio.Future[TaskRecord] | None:
+        """Attach the transition to the task's queued create (see `_Joinable`); its future,
+        or None when the create has started (the caller then queues it behind). Checked as
+        the thread would check it, against the state the create stores."""
+        current = RUNNING if joinable.running else QUEUED
+        if not check_transition(task_id, current, to_state):
+            return None
+        reason = finish_reason_for(task_id, to_state, finish_reason)
+        if text:
+            check_takes_text(task_id, current)
+        sealer = self.sealer
+        future: asyncio.Future[TaskRecord] = asyncio.get_running_loop().create_future()
+        job = _Job(_joined_elsewhere, future)
+
+        def finish(
+            conn: sqlite3.Connection, row: tuple[Any, ...], events: builtins.list[tuple[Any, ...]]
+        ) -> None:
+            new_row, more = _transitioned(
+                sealer,
+                row,
+                to_state,
+                self._clock(),
+                finish_reason=reason,
+                usage=usage,
+                error=error,
+                interrupted=current == RUNNING and to_state == QUEUED,
+                offset=len(events),
+                text=text,
+            )
+            conn.execute(INSERT_TASK, new_row)
+            conn.executemany(INSERT_EVENT, [*events, *more])
+            _insert_steps(conn, sealer, task_id, steps, first=0)
+            output = "" if brief or to_state == QUEUED else text
+            job.outcome, job.error = _record(sealer, new_row, output, brief=brief), None
+
+        return future if joinable.join(finish, job) else None
 
     async def append_text(self, task_id: str, text: str) -> int:
         def operation(conn: sqlite3.Connection) -> int:

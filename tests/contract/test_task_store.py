@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from redistools import REDIS_URL, delete_prefix
@@ -607,6 +608,20 @@ async def test_a_transition_stores_the_attempts_last_text_and_trace_with_it(
     assert await store.trace("t1") == [b"admit", b"runtime:generate", b"record"]
 
 
+async def test_a_transition_that_follows_create_is_applied_after_it(store: TaskStore) -> None:
+    """`follows_create` is the caller's word that nothing else was written since `create`:
+    once the create has landed, the transition is applied as any other."""
+    await store.create(new_task("t1"), running=True)
+
+    done = await store.transition(
+        "t1", SUCCEEDED, text="hi", trace=[b"record"], brief=True, follows_create=True
+    )
+
+    assert (done.state, done.output, done.request) == (SUCCEEDED, "", b"")
+    assert (await store.get("t1")).output == "hi"
+    assert await store.trace("t1") == [b"record"]
+
+
 async def test_a_brief_transition_returns_the_record_without_request_and_output(
     store: TaskStore,
 ) -> None:
@@ -1131,6 +1146,81 @@ async def test_sqlite_writes_for_many_running_tasks_go_to_the_stores_thread(
         await store.transition("first", SUCCEEDED)
         assert applied_on == [("transition", True)]
         assert (await store.get("many-2")).state == QUEUED
+    finally:
+        await store.close()
+
+
+async def _end_joined(
+    store: SqliteTaskStore, task_id: str, **transition: Any
+) -> tuple[asyncio.Future[Any], asyncio.Future[Any]]:
+    """A task's create and the transition that follows it, submitted while the store's
+    thread is busy (so the create is still queued when the transition comes); both
+    futures, once the thread is released and both ended."""
+    holding, release = await _hold_the_store_thread(store)
+    created = asyncio.ensure_future(store.create(new_task(task_id), running=True))
+    await asyncio.sleep(0)  # the create is queued
+    ended = asyncio.ensure_future(store.transition(task_id, follows_create=True, **transition))
+    await asyncio.sleep(0.05)
+    assert not created.done() and not ended.done()
+    release.set()
+    await holding
+    await asyncio.wait([created, ended])
+    return created, ended
+
+
+async def test_sqlite_a_transition_joins_its_tasks_queued_create(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A short task's end, made while its create still waits in the queue, is applied by
+    the create's job: one job writes the task as the two writes would have left it."""
+    store = await SqliteTaskStore.open(tmp_path, keys=KEYS)
+    store.watch_load(lambda: 2)  # under load: writes go to the store's thread
+    end: dict[str, Any] = {
+        "to_state": SUCCEEDED,
+        "finish_reason": common_pb2.FINISH_REASON_STOP,
+        "usage": b"usage",
+        "text": "hello",
+        "trace": [b"admit", b"record"],
+    }
+    try:
+        await store.create(new_task("plain"), running=True)
+        plain = await store.transition("plain", **end)
+        applied_on = _record_where_jobs_run(monkeypatch)
+
+        created, ended = await _end_joined(store, "joined", **end)
+
+        assert created.result() is None
+        assert [name for name, _ in applied_on[1:]] == ["create"], "one job for both writes"
+        joined = ended.result()
+        assert joined == dataclasses.replace(
+            plain, task_id="joined", updated_at=joined.updated_at, finished_at=joined.finished_at
+        )
+        assert joined.finished_at is not None and joined.updated_at >= joined.created_at
+        stored = await store.get("joined")
+        assert stored == joined
+        assert await all_events(store, "joined") == await all_events(store, "plain")
+        assert await store.trace("joined") == [b"admit", b"record"]
+        brief = await store.transition("joined", SUCCEEDED, brief=True)
+        assert brief == dataclasses.replace(joined, request=b"", output="")
+    finally:
+        await store.close()
+
+
+async def test_sqlite_a_joined_transition_fails_with_its_create(tmp_path: Path) -> None:
+    """If the create fails (here a duplicate id), the transition that joined it fails with
+    the same error and writes nothing: the task already stored is left as it was."""
+    store = await SqliteTaskStore.open(tmp_path, keys=KEYS)
+    store.watch_load(lambda: 2)
+    try:
+        await store.create(new_task("taken"))
+
+        created, ended = await _end_joined(store, "taken", to_state=SUCCEEDED, text="x")
+
+        assert isinstance(created.exception(), AlreadyExists)
+        assert isinstance(ended.exception(), AlreadyExists)
+        stored = await store.get("taken")
+        assert (stored.state, stored.output) == (QUEUED, "")
+        assert await all_events(store, "taken") == [("state", QUEUED, "")]
     finally:
         await store.close()
 
