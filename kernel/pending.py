@@ -54,9 +54,12 @@ class PendingWrites:
         task_id: str,
         flush_s: float = FLUSH_S,
         step_flush_s: float = STEP_FLUSH_S,
+        *,
         stored: asyncio.Future[Any] | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
-        """`stored`, when given, ends once the task's first write has (flushes wait)."""
+        """`stored`, when given, ends once the task's first write has (flushes wait).
+        `loop` is the running loop, when the caller knows it (else asked for at first use)."""
         self._store = store
         self._task_id = task_id
         self._flush_s = flush_s
@@ -68,6 +71,7 @@ class PendingWrites:
         self._timer: asyncio.TimerHandle | None = None
         self._flushing: asyncio.Task[None] | None = None
         self._error: LlmosError | None = None
+        self._loop = loop
 
     def add_text(self, text: str) -> None:
         """Hold `text` for the next write. Raises the error of a flush that failed since the
@@ -118,7 +122,9 @@ class PendingWrites:
         when it ends."""
         if self._flushing is not None or self._held:
             return
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         when = loop.time() + within
         if self._timer is not None:
             if self._timer.when() <= when:
@@ -137,7 +143,8 @@ class PendingWrites:
             self._held = True
             self._stored.add_done_callback(self._after_stored)
             return
-        self._flushing = asyncio.create_task(self._flush(), name=f"flush-{self._task_id}")
+        loop = self._loop or asyncio.get_running_loop()
+        self._flushing = loop.create_task(self._flush(), name=f"flush-{self._task_id}")
 
     def _after_stored(self, stored: asyncio.Future[Any]) -> None:
         """The task's first write ended: flush what waits if it was stored. If it was

@@ -149,8 +149,17 @@ class TaskRunner:
         self._closing = False
         # A stub per runtime channel: building one makes a callable for every RPC.
         self._stubs: dict[grpc.aio.Channel, runtime_pb2_grpc.RuntimeServiceAsyncStub] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None  # `_event_loop`
 
     # -- lifecycle --------------------------------------------------------------------
+
+    @property
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        """The loop the runner serves, asked for once: CPython's `get_running_loop` asks the
+        OS for the process id on every call (a system call, several per task otherwise)."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
 
     async def start(self) -> None:
         self._loop_task = asyncio.create_task(self._dispatch_forever(), name="dispatch")
@@ -261,7 +270,7 @@ class TaskRunner:
         the task is stored (`_stored`), and the client hears of the task only once it is."""
         self._admit(record, deadline, listener)  # refuses before anything is stored
         running = self._live[record.task_id]
-        running.stored = asyncio.get_running_loop().create_future()
+        running.stored = self._event_loop.create_future()
         at_once = None if self.queue is not None else self._dispatch_ready(held=record.task_id)
         if at_once is None or at_once.ticket is None:
             return running, False
@@ -328,8 +337,16 @@ class TaskRunner:
         running, started = self._accept(record, deadline, listener)
         try:
             await self._first_write(record, running, started)  # then the client hears of it
-            yield kernel_pb2.GenerateResponse(task_id=task_id)
-            while (piece := await listener.get()) is not STREAM_END:
+            first, ended = kernel_pb2.GenerateResponse(task_id=task_id), False
+            if not listener.empty():  # output came before the task was stored (under load)
+                head = listener.get_nowait()
+                if head is STREAM_END:
+                    ended = True
+                else:  # the first message carries it too: one message fewer
+                    head.task_id = task_id
+                    first = head
+            yield first
+            while not ended and (piece := await listener.get()) is not STREAM_END:
                 yield piece
             if running.error is not None:
                 raise running.error
@@ -534,7 +551,7 @@ class TaskRunner:
         """Run a dispatched ticket; `started` is its record when it is stored RUNNING."""
         kernel_metrics.task_dispatched(ticket.priority, time.monotonic() - ticket.enqueued_at)
         running = self._live.setdefault(ticket.task_id, Running())
-        running.task = asyncio.create_task(
+        running.task = self._event_loop.create_task(
             self._run(ticket, effective, started), name=ticket.task_id
         )
 
@@ -942,7 +959,9 @@ class TaskRunner:
         if pending is None:
             running = self._live.get(task_id)
             stored = None if running is None else running.stored
-            pending = self._pending[task_id] = PendingWrites(self.store, task_id, stored=stored)
+            pending = self._pending[task_id] = PendingWrites(
+                self.store, task_id, stored=stored, loop=self._event_loop
+            )
         return pending
 
 
