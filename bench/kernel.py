@@ -6,8 +6,7 @@
 
 Every process is real, started here on free ports, with the echo runtime (`runtime_engine =
 "echo"`: the stack's runtime process streams the prompt back, no model), so what is measured
-is everything around the model. Three phases run one after another, so that only one set of
-processes shares the CPUs at a time:
+is everything around the model. Three phases:
 
   bare        an echo runtime alone (`llmos serve runtime`) and bench/bare_proxy.py in front of
               it: receive, forward, return — the floor any Python broker can reach;
@@ -21,18 +20,24 @@ processes shares the CPUs at a time:
 
 In each phase the same workload goes to the runtime directly and through the broker (the
 proxy, or the kernel), so each broker is compared with a baseline measured under the same
-conditions:
+conditions. bare and stages_off, the two the targets compare, are up at the same time and
+measured together, interleaved: a VM's speed drifts by a fifth from minute to minute (seen
+2026-11-30), and measured one phase after the other that drift went into the kernel/proxy
+ratios. stages_on runs after them, alone (its services would share the CPUs otherwise):
 
   latency     --requests Generate calls one at a time, timed from issuing the call to the end
               of its stream. The prompt (--prompt, one word by default) comes back as one
-              message: a unary-ish call. Direct and broker calls alternate in blocks, so drift
-              in the machine's load hits both alike. `added.p50_ms` / `added.p99_ms` are the
-              broker's percentile minus the direct one.
+              message: a unary-ish call. The targets' calls (direct and broker; with bare and
+              stages_off, all four) alternate in blocks, so drift in the machine's load hits
+              them alike. `added.p50_ms` / `added.p99_ms` are the broker's percentile minus
+              its own direct one.
   throughput  --concurrency clients on one channel, each issuing its next call as soon as the
-              last ends, for --duration-s per target: completed calls per second at
-              saturation, errors by status code, latency under that load, the CPU time each
-              process (client, broker, runtime, the stages' services) spent per call (from
-              /proc), and `cores_busy`, their CPU time over the wall time.
+              last ends, for --duration-s per target, cut into 5 windows taken in turn with
+              the other targets' (one window when they would be under a second): completed
+              calls per second at saturation, errors by status code, latency under that
+              load, the CPU time each process (client, broker, runtime, the stages'
+              services) spent per call (from /proc), and `cores_busy`, their CPU time over
+              the wall time.
 
 Both kernel phases report:
 
@@ -102,6 +107,10 @@ HOST = "127.0.0.1"
 METRICS_OFFSET = 1000  # processes may serve /metrics on their gRPC port + 1000
 READY_TIMEOUT_S = 120.0
 DRAIN_TIMEOUT_S = 120.0
+# Windows each target's saturation time is cut into, taken in turn with the other targets'
+# (one window when they would be shorter than MIN_WINDOW_S, as in --quick).
+THROUGHPUT_ROUNDS = 5
+MIN_WINDOW_S = 1.0
 FILL_BATCH = 16
 MAX_FILL = 50_000
 FLAT_MIB_PER_MIN = 1.0
@@ -422,26 +431,40 @@ async def saturate(call: Call, concurrency: int, duration_s: float) -> tuple[Tim
     return timings, time.perf_counter() - started
 
 
-async def throughput(
-    call: Call, concurrency: int, duration_s: float, pids: dict[str, int]
-) -> dict[str, Any]:
-    """Saturation figures, with the CPU time each process spent per completed call."""
-    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-    timings, wall = await saturate(call, concurrency, duration_s)
-    spent = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
-    calls = len(timings.seconds)
-    summary = latency_summary(timings.seconds, timings.errors)
-    return {
-        "concurrency": concurrency,
-        "wall_s": round(wall, 3),
-        "calls_per_s": round(calls / wall, 1),
-        **summary,
-        "cpu_ms_per_call": {
-            name: round(1000 * seconds / calls, 3) if calls else None
-            for name, seconds in spent.items()
-        },
-        "cores_busy": round(sum(spent.values()) / wall, 2),
-    }
+@dataclasses.dataclass
+class Load:
+    """One target's saturation windows, added up: its calls, wall time and CPU per process."""
+
+    timings: Timings = dataclasses.field(default_factory=Timings)
+    wall_s: float = 0.0
+    cpu_s: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+
+    async def window(
+        self, call: Call, concurrency: int, seconds: float, pids: dict[str, int]
+    ) -> None:
+        """Saturate for `seconds` more, counting what each process in `pids` spent."""
+        before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        timings, wall = await saturate(call, concurrency, seconds)
+        for name, pid in pids.items():
+            self.cpu_s[name] += cpu_seconds(pid) - before[name]
+        self.timings.seconds.extend(timings.seconds)
+        self.timings.errors.update(timings.errors)
+        self.wall_s += wall
+
+    def summary(self, concurrency: int) -> dict[str, Any]:
+        """Saturation figures, with the CPU time each process spent per completed call."""
+        calls = len(self.timings.seconds)
+        return {
+            "concurrency": concurrency,
+            "wall_s": round(self.wall_s, 3),
+            "calls_per_s": round(calls / self.wall_s, 1),
+            **latency_summary(self.timings.seconds, self.timings.errors),
+            "cpu_ms_per_call": {
+                name: round(1000 * seconds / calls, 3) if calls else None
+                for name, seconds in self.cpu_s.items()
+            },
+            "cores_busy": round(sum(self.cpu_s.values()) / self.wall_s, 2),
+        }
 
 
 # ---------------------------------------------------------------------------- phases
@@ -460,23 +483,49 @@ class Plan:
     phases: tuple[str, ...] = ("bare", "stages_off", "stages_on")  # those run, in this order
 
 
-async def compare(plan: Plan, calls: dict[str, Call], pids: dict[str, int]) -> dict[str, Any]:
-    """Latency and throughput of each target; the broker is the last one named. `pids` are
-    the processes whose CPU time per call the throughput runs report."""
-    timings = await latency(calls, plan.requests, plan.warmup)
-    summaries = {name: latency_summary(t.seconds, t.errors) for name, t in timings.items()}
-    direct, broker = next(iter(calls)), list(calls)[-1]
-    result: dict[str, Any] = {
-        "latency": summaries,
-        "added": added(summaries[broker], summaries[direct]),
-        "throughput": {},
+@dataclasses.dataclass
+class Targets:
+    """One comparison, up and ready: the calls to the baseline (named first) and to the
+    broker (named last), and the processes whose CPU time per call the throughput reports."""
+
+    calls: dict[str, Call]
+    pids: dict[str, int]
+
+
+async def measure(plan: Plan, groups: dict[str, Targets]) -> dict[str, dict[str, Any]]:
+    """Latency and throughput of every target of every group (phase), interleaved: the
+    latency run alternates all targets block by block, and the saturation time of each is
+    cut into `THROUGHPUT_ROUNDS` windows taken in turn (in alternating order), so a drift
+    in the machine's speed meets every target alike. Each group's result: its latency,
+    its broker's added latency and its throughput."""
+    calls = {
+        f"{group}/{name}": call for group, t in groups.items() for name, call in t.calls.items()
     }
-    for name, call in calls.items():
-        result["throughput"][name] = await throughput(
-            call, plan.concurrency, plan.duration_s, {"client": os.getpid(), **pids}
-        )
-    result["_task_ids"] = timings[broker].task_ids
-    return result
+    timings = await latency(calls, plan.requests, plan.warmup)
+    rounds = THROUGHPUT_ROUNDS if plan.duration_s >= THROUGHPUT_ROUNDS else 1
+    loads = {key: Load() for key in calls}
+    order = list(calls)
+    for turn in range(rounds):
+        for key in order if turn % 2 == 0 else order[::-1]:
+            group = key.split("/", 1)[0]
+            pids = {"client": os.getpid(), **groups[group].pids}
+            await loads[key].window(calls[key], plan.concurrency, plan.duration_s / rounds, pids)
+    results: dict[str, dict[str, Any]] = {}
+    for group, t in groups.items():
+        names = list(t.calls)
+        summaries = {}
+        for name in names:
+            timing = timings[f"{group}/{name}"]
+            summaries[name] = latency_summary(timing.seconds, timing.errors)
+        results[group] = {
+            "latency": summaries,
+            "added": added(summaries[names[-1]], summaries[names[0]]),
+            "throughput": {
+                name: loads[f"{group}/{name}"].summary(plan.concurrency) for name in names
+            },
+            "_task_ids": timings[f"{group}/{names[-1]}"].task_ids,
+        }
+    return results
 
 
 def data_dir(phase_dir: Path, models: Path | None) -> Path:
@@ -488,7 +537,11 @@ def data_dir(phase_dir: Path, models: Path | None) -> Path:
     return path
 
 
-async def bare_phase(plan: Plan, workdir: Path, models: Path | None) -> dict[str, Any]:
+@contextlib.asynccontextmanager
+async def bare_targets(
+    plan: Plan, workdir: Path, models: Path | None
+) -> AsyncIterator[tuple[Targets, float]]:
+    """An echo runtime and the bare proxy in front of it, ready; the seconds that took."""
     procs = Processes(workdir / "bare")
     procs.workdir.mkdir()
     base = free_port_block(3)
@@ -516,11 +569,8 @@ async def bare_phase(plan: Plan, workdir: Path, models: Path | None) -> dict[str
                 "proxy": runtime_call(through, plan.prompt),
             }
             await wait_for("the proxy", probe(calls["proxy"]), procs)
-            ready_s = time.monotonic() - started
-            progress("bare: runtime and proxy ready; measuring")
-            result = await compare(plan, calls, pids)
-        result.pop("_task_ids")
-        return {"ready_s": round(ready_s, 2), **result}
+            progress("bare: runtime and proxy ready")
+            yield Targets(calls, pids), time.monotonic() - started
     finally:
         procs.stop()
 
@@ -559,9 +609,22 @@ async def stack(
         progress(f"{name}: stack stopped in {stop_s:.1f}s")
 
 
-async def kernel_phase(
+@dataclasses.dataclass
+class KernelStack:
+    """A stack under test: its targets, and what the kernel phases' other figures need."""
+
+    name: str
+    targets: Targets
+    ready_s: float
+    channel: grpc.aio.Channel  # to the kernel
+    runtime_pid: int
+
+
+@contextlib.asynccontextmanager
+async def kernel_stack(
     plan: Plan, workdir: Path, models: Path | None, stages_on: bool
-) -> dict[str, Any]:
+) -> AsyncIterator[KernelStack]:
+    """`llmos up` with the echo runtime, the pipeline stages on or off, ready."""
     name = "stages_on" if stages_on else "stages_off"
     # Stages off: the default policy runs none, so none can be mandatory either.
     settings = {} if stages_on else {"policy_stages": "", "policy_mandatory": ""}
@@ -582,17 +645,26 @@ async def kernel_phase(
                 "direct": runtime_call(direct, plan.prompt),
                 "kernel": kernel_call(kernel, plan.prompt),
             }
-            progress(f"{name}: stack ready in {ready_s:.1f}s; measuring")
-            result = await compare(plan, calls, pids)
-            task_ids = result.pop("_task_ids")
-            result = {"ready_s": round(ready_s, 2), **result}
-            result["stage_cost"] = await stage_cost(kernel, task_ids[:200])
-            if stages_on:
-                progress(f"{name}: refusal of a full queue")
-                result["refusal"] = await refusal(kernel, runtime.pid, plan)
-                progress(f"{name}: soak for {plan.soak_s:.0f}s")
-                result["soak"] = await soak(calls["kernel"], pids["kernel"], plan)
-            return result
+            progress(f"{name}: stack ready in {ready_s:.1f}s")
+            yield KernelStack(name, Targets(calls, pids), ready_s, kernel, runtime.pid)
+
+
+async def kernel_figures(
+    plan: Plan, kernel: KernelStack, measured: dict[str, Any]
+) -> dict[str, Any]:
+    """A kernel phase's report: what `measure` found, what its traces record, and with the
+    stages on the refusal of a full queue and the memory soak."""
+    task_ids = measured.pop("_task_ids")
+    result = {"ready_s": round(kernel.ready_s, 2), **measured}
+    result["stage_cost"] = await stage_cost(kernel.channel, task_ids[:200])
+    if kernel.name == "stages_on":
+        progress(f"{kernel.name}: refusal of a full queue")
+        result["refusal"] = await refusal(kernel.channel, kernel.runtime_pid, plan)
+        progress(f"{kernel.name}: soak for {plan.soak_s:.0f}s")
+        result["soak"] = await soak(
+            kernel.targets.calls["kernel"], kernel.targets.pids["kernel"], plan
+        )
+    return result
 
 
 async def stage_cost(channel: grpc.aio.Channel, task_ids: list[str]) -> dict[str, Any]:
@@ -799,21 +871,33 @@ async def run(plan: Plan, workdir: Path, models: Path | None) -> dict[str, Any]:
         "machine": machine(),
         "plan": dataclasses.asdict(plan),
     }
-    phases = {
-        "bare": ("bare runtime and proxy", lambda: bare_phase(plan, workdir, models)),
-        "stages_off": (
-            "kernel with the pipeline stages off",
-            lambda: kernel_phase(plan, workdir, models, stages_on=False),
-        ),
-        "stages_on": (
-            "kernel with the pipeline stages on",
-            lambda: kernel_phase(plan, workdir, models, stages_on=True),
-        ),
-    }
-    for number, name in enumerate(plan.phases, 1):
-        what, measure = phases[name]
-        progress(f"phase {number}/{len(plan.phases)}: {what}")
-        report[name] = await measure()
+    together = [name for name in ("bare", "stages_off") if name in plan.phases]
+    if together:
+        progress(f"{' and '.join(together)}: measured together, interleaved")
+        async with contextlib.AsyncExitStack() as up:
+            groups: dict[str, Targets] = {}
+            ready: dict[str, float] = {}
+            kernel = None
+            if "bare" in together:
+                groups["bare"], ready["bare"] = await up.enter_async_context(
+                    bare_targets(plan, workdir, models)
+                )
+            if "stages_off" in together:
+                kernel = await up.enter_async_context(
+                    kernel_stack(plan, workdir, models, stages_on=False)
+                )
+                groups["stages_off"] = kernel.targets
+            measured = await measure(plan, groups)
+            if "bare" in measured:
+                measured["bare"].pop("_task_ids")
+                report["bare"] = {"ready_s": round(ready["bare"], 2), **measured["bare"]}
+            if kernel is not None:
+                report["stages_off"] = await kernel_figures(plan, kernel, measured["stages_off"])
+    if "stages_on" in plan.phases:
+        progress("stages_on: kernel with the pipeline stages on")
+        async with kernel_stack(plan, workdir, models, stages_on=True) as kernel:
+            measured = await measure(plan, {"stages_on": kernel.targets})
+            report["stages_on"] = await kernel_figures(plan, kernel, measured["stages_on"])
     on, off = report.get("stages_on"), report.get("stages_off")
     if on is not None:
         marginal = None
