@@ -28,9 +28,10 @@ ratios. stages_on runs after them, alone (its services would share the CPUs othe
   latency     --requests Generate calls one at a time, timed from issuing the call to the end
               of its stream. The prompt (--prompt, one word by default) comes back as one
               message: a unary-ish call. The targets' calls (direct and broker; with bare and
-              stages_off, all four) alternate in blocks, so drift in the machine's load hits
-              them alike. `added.p50_ms` / `added.p99_ms` are the broker's percentile minus
-              its own direct one.
+              stages_off, all four) alternate in blocks of a tenth of them, each block after
+              10 untimed calls (its process was idle meanwhile), so drift in the machine's
+              load hits them alike. `added.p50_ms` / `added.p99_ms` are the broker's
+              percentile minus its own direct one.
   throughput  --concurrency clients on one channel, each issuing its next call as soon as the
               last ends, for --duration-s per target, cut into 5 windows taken in turn with
               the other targets' (one window when they would be under a second): completed
@@ -107,6 +108,8 @@ HOST = "127.0.0.1"
 METRICS_OFFSET = 1000  # processes may serve /metrics on their gRPC port + 1000
 READY_TIMEOUT_S = 120.0
 DRAIN_TIMEOUT_S = 120.0
+# Untimed calls at the start of each latency block (see `latency`).
+BLOCK_WARMUP = 10
 # Windows each target's saturation time is cut into, taken in turn with the other targets'
 # (one window when they would be shorter than MIN_WINDOW_S, as in --quick).
 THROUGHPUT_ROUNDS = 5
@@ -401,7 +404,9 @@ class Timings:
 async def latency(
     calls: dict[str, Call], requests: int, warmup: int, blocks: int = 10
 ) -> dict[str, Timings]:
-    """Sequential calls per target, alternating targets block by block."""
+    """Sequential calls per target, alternating targets block by block. Each block starts
+    with a few untimed calls (`BLOCK_WARMUP`, at most `warmup`): a process idle while the
+    others' blocks ran finds its caches cold, and its first calls measured that."""
     for call in calls.values():
         for _ in range(warmup):
             await Timings().time(call)
@@ -411,6 +416,8 @@ async def latency(
     while done < requests:
         count = min(per_block, requests - done)
         for name, call in calls.items():
+            for _ in range(min(BLOCK_WARMUP, warmup)):
+                await Timings().time(call)
             for _ in range(count):
                 await timings[name].time(call)
         done += count
