@@ -355,42 +355,34 @@ def _event_row(
     )
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Move:
+    """A checked transition as the store writes it. `interrupted` counts an attempt that
+    did not finish: always for a re-queue, and for a task failed by `recover`. `text` (the
+    caller checked the task takes text) is logged just before the state event."""
+
+    to_state: TaskState
+    now: float
+    finish_reason: FinishReason
+    usage: bytes | None = None
+    error: str | None = None
+    interrupted: bool = False
+    text: str = ""
+
+
 def _apply_transition(
     conn: sqlite3.Connection,
     sealer: Sealer,
     row: tuple[Any, ...],
-    to_state: TaskState,
-    now: float,
-    *,
-    finish_reason: FinishReason,
-    usage: bytes | None,
-    error: str | None,
-    interrupted: bool,
+    move: _Move,
     offset: int | None = None,
-    text: str = "",
 ) -> tuple[Any, ...]:
     """Write a checked transition and its "state" event (the caller holds the transaction);
-    the task's row as it now is.
-
-    `interrupted` counts an attempt that did not finish: always for a re-queue, and for a
-    task failed by `recover`. `offset` is the task's next event offset, when the caller
-    knows it (one query fewer). `text` (the caller checked the task takes text) is logged
-    just before the state event, in the same statement.
-    """
+    the task's row as it now is. `offset` is the task's next event offset, when the caller
+    knows it (one query fewer); text and state event go in one statement."""
     if offset is None:
         offset = _next_offset(conn, "events", row[0])
-    new_row, events = _transitioned(
-        sealer,
-        row,
-        to_state,
-        now,
-        finish_reason=finish_reason,
-        usage=usage,
-        error=error,
-        interrupted=interrupted,
-        offset=offset,
-        text=text,
-    )
+    new_row, events = _transitioned(sealer, row, move, offset)
     conn.execute(
         "UPDATE tasks SET state = ?, updated_at = ?, finished_at = ?, finish_reason = ?, "
         "usage = ?, error = ?, attempts = ?, attempt_offset = ? WHERE task_id = ?",
@@ -401,20 +393,12 @@ def _apply_transition(
 
 
 def _transitioned(
-    sealer: Sealer,
-    row: tuple[Any, ...],
-    to_state: TaskState,
-    now: float,
-    *,
-    finish_reason: FinishReason,
-    usage: bytes | None,
-    error: str | None,
-    interrupted: bool,
-    offset: int,
-    text: str,
+    sealer: Sealer, row: tuple[Any, ...], move: _Move, offset: int
 ) -> tuple[tuple[Any, ...], builtins.list[tuple[Any, ...]]]:
     """A transition worked out without touching the file: the task's row as it leaves it
     (in TASK_COLUMNS order) and the event rows it logs from `offset` on."""
+    to_state, error, text = move.to_state, move.error, move.text
+    finish_reason, now, usage = move.finish_reason, move.now, move.usage
     task_id = row[0]
     events: builtins.list[tuple[Any, ...]] = []
     if text:
@@ -430,7 +414,7 @@ def _transitioned(
             )
         )
         offset += 1
-    attempts = row[12] + 1 if interrupted else row[12]
+    attempts = row[12] + 1 if move.interrupted else row[12]
     attempt_offset = offset if to_state == QUEUED else row[13]
     finished_at = now if to_state in FINAL_STATES else None
     stored_error = (
@@ -1075,17 +1059,11 @@ class SqliteTaskStore(TaskStore):
         steps = tuple(trace)
         joinable = self._joinable.get(task_id) if follows_create else None
         if joinable is not None:
-            joined = self._join(
-                joinable,
-                task_id,
-                to_state,
-                finish_reason=finish_reason,
-                usage=usage,
-                error=error,
-                text=text,
-                steps=steps,
-                brief=brief,
+            created = RUNNING if joinable.running else QUEUED
+            move = self._checked_move(
+                task_id, created, to_state, finish_reason, usage=usage, error=error, text=text
             )
+            joined = None if move is None else self._join(joinable, task_id, move, steps, brief)
             if joined is not None:
                 try:
                     return await joined
@@ -1095,13 +1073,13 @@ class SqliteTaskStore(TaskStore):
         def operation(conn: sqlite3.Connection) -> TaskRecord:
             row = _task_row(conn, task_id)
             current = common_pb2.TaskState.ValueType(row[2])
-            if not check_transition(task_id, current, to_state):
+            move = self._checked_move(
+                task_id, current, to_state, finish_reason, usage=usage, error=error, text=text
+            )
+            if move is None:  # the final transition it already made: nothing to write
                 if brief:
                     return _record(self.sealer, row, "", brief=True)
                 return _record(self.sealer, row, _output(conn, self.sealer, task_id, row[13]))
-            reason = finish_reason_for(task_id, to_state, finish_reason)
-            if text:
-                check_takes_text(task_id, current)
             # One read gives both the next offset and the attempt's output so far: every
             # event from the attempt's first on (at least that one) is at or after it.
             since = conn.execute(
@@ -1109,17 +1087,7 @@ class SqliteTaskStore(TaskStore):
                 (task_id, row[13]),
             ).fetchall()
             new_row = _apply_transition(
-                conn,
-                self.sealer,
-                row,
-                to_state,
-                self._clock(),
-                finish_reason=reason,
-                usage=usage,
-                error=error,
-                interrupted=current == RUNNING and to_state == QUEUED,
-                offset=since[-1][0] + 1 if since else None,
-                text=text,
+                conn, self.sealer, row, move, since[-1][0] + 1 if since else None
             )
             _insert_steps(conn, self.sealer, task_id, steps)
             if brief:
@@ -1135,28 +1103,32 @@ class SqliteTaskStore(TaskStore):
 
         return await self._run(operation, small=True)
 
-    def _join(
+    def _checked_move(
         self,
-        joinable: _Joinable,
         task_id: str,
+        current: TaskState,
         to_state: TaskState,
-        *,
         finish_reason: FinishReason | None,
+        *,
         usage: bytes | None,
         error: str | None,
         text: str,
-        steps: tuple[bytes, ...],
-        brief: bool,
-    ) -> asyncio.Future[TaskRecord] | None:
-        """Attach the transition to the task's queued create (see `_Joinable`); its future,
-        or None when the create has started (the caller then queues it behind). Checked as
-        the thread would check it, against the state the create stores."""
-        current = RUNNING if joinable.running else QUEUED
+    ) -> _Move | None:
+        """The transition from `current` as the store will write it, checked as the contract
+        says (raising what it names); None for a final transition the task already made."""
         if not check_transition(task_id, current, to_state):
             return None
         reason = finish_reason_for(task_id, to_state, finish_reason)
         if text:
             check_takes_text(task_id, current)
+        interrupted = current == RUNNING and to_state == QUEUED
+        return _Move(to_state, self._clock(), reason, usage, error, interrupted, text)
+
+    def _join(
+        self, joinable: _Joinable, task_id: str, move: _Move, steps: tuple[bytes, ...], brief: bool
+    ) -> asyncio.Future[TaskRecord] | None:
+        """Attach the transition to the task's queued create (see `_Joinable`); its future,
+        or None when the create has started (the caller then queues it behind)."""
         sealer = self.sealer
         future: asyncio.Future[TaskRecord] = asyncio.get_running_loop().create_future()
         job = _Job(_joined_elsewhere, future)
@@ -1164,22 +1136,11 @@ class SqliteTaskStore(TaskStore):
         def finish(
             conn: sqlite3.Connection, row: tuple[Any, ...], events: builtins.list[tuple[Any, ...]]
         ) -> None:
-            new_row, more = _transitioned(
-                sealer,
-                row,
-                to_state,
-                self._clock(),
-                finish_reason=reason,
-                usage=usage,
-                error=error,
-                interrupted=current == RUNNING and to_state == QUEUED,
-                offset=len(events),
-                text=text,
-            )
+            new_row, more = _transitioned(sealer, row, move, len(events))
             conn.execute(INSERT_TASK, new_row)
             conn.executemany(INSERT_EVENT, [*events, *more])
             _insert_steps(conn, sealer, task_id, steps, first=0)
-            output = "" if brief or to_state == QUEUED else text
+            output = "" if brief or move.to_state == QUEUED else move.text
             job.outcome, job.error = _record(sealer, new_row, output, brief=brief), None
 
         return future if joinable.join(finish, job) else None
@@ -1292,17 +1253,14 @@ class SqliteTaskStore(TaskStore):
             for row in running:
                 again, reason = recovery_error(row[12] + 1, max_attempts, requeue_running)
                 to_state = QUEUED if again else FAILED
-                _apply_transition(
-                    conn,
-                    self.sealer,
-                    row,
+                move = _Move(
                     to_state,
                     now,
-                    finish_reason=finish_reason_for(row[0], to_state, None),
-                    usage=None,
+                    finish_reason_for(row[0], to_state, None),
                     error=reason,
                     interrupted=True,
                 )
+                _apply_transition(conn, self.sealer, row, move)
                 (requeued if again else failed).append(row[0])
             queued = conn.execute(
                 "SELECT task_id FROM tasks WHERE state = ? ORDER BY created_at, task_id",
