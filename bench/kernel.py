@@ -509,7 +509,7 @@ async def measure(plan: Plan, groups: dict[str, Targets]) -> dict[str, dict[str,
         f"{group}/{name}": call for group, t in groups.items() for name, call in t.calls.items()
     }
     timings = await latency(calls, plan.requests, plan.warmup)
-    rounds = THROUGHPUT_ROUNDS if plan.duration_s >= THROUGHPUT_ROUNDS else 1
+    rounds = THROUGHPUT_ROUNDS if plan.duration_s / THROUGHPUT_ROUNDS >= MIN_WINDOW_S else 1
     loads = {key: Load() for key in calls}
     order = list(calls)
     for turn in range(rounds):

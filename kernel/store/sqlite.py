@@ -521,7 +521,7 @@ class _Job:
             self.joined.fail(error)
 
 
-Finish = Callable[[sqlite3.Connection, tuple[Any, ...], builtins.list[tuple[Any, ...]]], None]
+_Finish = Callable[[sqlite3.Connection, tuple[Any, ...], builtins.list[tuple[Any, ...]]], None]
 
 
 class _Joinable:
@@ -542,10 +542,10 @@ class _Joinable:
         self.started = False
         # Writes the task as the joined transition leaves it, given the row and events the
         # create would have written; sets the transition job's outcome.
-        self.finish: Finish | None = None
+        self.finish: _Finish | None = None
         self.create_job: _Job | None = None  # set by `SqliteTaskStore._run`
 
-    def join(self, finish: Finish, job: _Job) -> bool:
+    def join(self, finish: _Finish, job: _Job) -> bool:
         """Attach a transition (`finish`, whose outcome goes to `job`) unless the create has
         started; whether it was attached."""
         if self.create_job is None or not self.lock.acquire(blocking=False):
@@ -559,11 +559,10 @@ class _Joinable:
         finally:
             self.lock.release()
 
-    def start(self) -> _Joinable:
+    def start(self) -> None:
         """On the thread, as the create's operation begins: nothing joins after this."""
         with self.lock:
             self.started = True
-        return self
 
 
 class _Writer:
