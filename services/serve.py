@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -112,6 +113,17 @@ def _install_stop_signals(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, stop.set)
 
 
+def _freeze_startup_objects() -> None:
+    """Leave what start-up made (modules, servicers, a model's objects) out of every later
+    garbage collection. Python's oldest generation is otherwise scanned whole every few
+    hundred calls: in the kernel at saturation, 60,000 objects each time, about 20 ms, 1.5%
+    of its loop's time, and a 20 ms stall for the calls in flight (measured 2026-11-30).
+    What start-up made lives as long as the process, or is freed by reference counting
+    (the runtime's unload thaws it first, so a dropped model's cycles are collected)."""
+    gc.collect()
+    gc.freeze()
+
+
 async def serve(
     service: Service,
     settings: Settings,
@@ -155,6 +167,7 @@ async def serve(
         await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if starting.done():
             starting.result()  # a failed start-up ends the process with its error
+            _freeze_startup_objects()
             for service_name in ["", *service_names]:
                 await health_servicer.set(service_name, health_pb2.HealthCheckResponse.SERVING)
             log.info("%s is ready", name)

@@ -1035,6 +1035,9 @@ class SqliteTaskStore(TaskStore):
             await self._run(operation, small=True, joinable=joinable)
         finally:
             self._joinable.pop(task_id, None)
+            # The job's operation holds `joinable`: without this, a cycle per task, left
+            # to the garbage collector (2.4% of the loop's time at saturation, 2026-11-30).
+            joinable.create_job = None
 
     async def get(self, task_id: str) -> TaskRecord:
         def operation(conn: sqlite3.Connection) -> TaskRecord:

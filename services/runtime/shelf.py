@@ -184,6 +184,7 @@ class Shelf:
             raise NotFound(
                 f"model {name!r} is not loaded; loaded: {loaded}", reason="MODEL_NOT_FOUND"
             )
+        gc.unfreeze()  # the model's objects were frozen after start-up (`serve`): collect them
         await asyncio.to_thread(gc.collect)
         _trim_heap()
         freed = max(0, before - resident_bytes())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import hashlib
 import random
 import signal
@@ -1203,6 +1204,31 @@ async def test_sqlite_a_transition_joins_its_tasks_queued_create(
         brief = await store.transition("joined", SUCCEEDED, brief=True)
         assert brief == dataclasses.replace(joined, request=b"", output="")
     finally:
+        await store.close()
+
+
+async def test_sqlite_a_tasks_writes_leave_no_reference_cycles(tmp_path: Path) -> None:
+    """A task written in two steps, and one whose end joined its create, leave nothing of
+    the store's for the garbage collector: under load every such cycle is work for the
+    kernel's loop (a cycle per task was 2.4% of it at saturation)."""
+    store = await SqliteTaskStore.open(tmp_path, keys=KEYS)
+    store.watch_load(lambda: 2)
+    end: dict[str, Any] = {"to_state": SUCCEEDED, "finish_reason": common_pb2.FINISH_REASON_STOP}
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)  # what a collection finds unreachable stays in gc.garbage
+    try:
+        await store.create(new_task("plain"), running=True)
+        await store.transition("plain", **end)
+        created, ended = await _end_joined(store, "joined", **end)
+        assert created.result() is None and ended.result().state == SUCCEEDED
+        gc.collect()
+        stores = [o for o in gc.garbage if type(o).__module__ == sqlite_store.__name__]
+        assert stores == []
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
         await store.close()
 
 
