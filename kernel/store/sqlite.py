@@ -44,8 +44,16 @@ Why it is built this way:
   caller get its result, all of them in one hop back to the event loop. Under load the
   kernel makes many small writes at once (each task's state changes, text and trace); one
   transaction, one WAL append and one thread hop for all of them, instead of one each, is
-  most of what a write costs. Nothing waits to fill a batch: a lone job is a batch of one,
-  applied at once (if it fails, its transaction is rolled back instead of committed).
+  most of what a write costs. Having taken a job, the thread lets the caller's event loop
+  turn `GATHER_TURNS` times (at most `GATHER_MAX_S`) before it takes the jobs queued
+  behind it: the loop makes a burst of writes over a few turns (calls arriving, tasks
+  ending), and a thread that takes the first alone commits once per job and starts each
+  create before its task's end can join it (see below). The wait follows the loop, not a
+  clock: an idle loop turns eight times in a few tens of microseconds, a busy one takes
+  longer, and that is when a bigger batch pays. Measured 2026-11-30, two stacks in
+  alternation on a two-core VM: +10% kernel throughput at 32 clients and +12% at 2, with
+  lower latency at both. A job that ends up alone is a batch of one (if it fails, its
+  transaction is rolled back instead of committed).
 - **A short task's end joins its queued create.** Under load a task's create waits in the
   queue while the runtime works, and a short task often ends before the thread reaches it
   (three tasks in four at saturation on a two-core VM, 2026-11-30). The kernel then sends
@@ -164,6 +172,12 @@ LOCKED_CODES = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 # The most jobs one transaction applies: bounds how long the first caller of a batch waits
 # for the others (a few milliseconds at most) while the queue is long.
 MAX_BATCH = 256
+# How long the thread lets the caller's event loop run before it takes the jobs queued
+# behind the one it took (see "Group commit"): this many turns of the loop (an iteration
+# runs what was ready when it began: the last turn is taken once what the first queued
+# has run), or this long if the loop is slower to turn.
+GATHER_TURNS = 8
+GATHER_MAX_S = 0.005
 # Commits between two checkpoints of the WAL into the main file, made on the store's
 # thread (see "Checkpoints on the thread"). A task's write adds a few pages to the WAL, so
 # this keeps it near SQLite's own default of 1,000 pages.
@@ -602,6 +616,7 @@ class _Writer:
     def _next_batch(self) -> builtins.list[_Job]:
         """The job at the head of the queue (waiting for one) and those queued behind it."""
         batch = [self.jobs.get()]
+        _let_loop_turn(batch[0].future.get_loop(), GATHER_TURNS, GATHER_MAX_S)
         while len(batch) < MAX_BATCH:
             try:
                 batch.append(self.jobs.get_nowait())
@@ -755,6 +770,25 @@ def _refuse_writes(
         if job.writes or not writes:
             job.fail(error)
     return [job for job in group if not job.writes] if writes else []
+
+
+def _let_loop_turn(loop: asyncio.AbstractEventLoop, turns: int, timeout: float) -> None:
+    """On the store's thread: wait until `loop` has turned `turns` times, or `timeout`
+    seconds (a closed loop makes no more jobs: no wait)."""
+    turned = threading.Event()
+    try:
+        loop.call_soon_threadsafe(_count_turns, loop, turned, turns)
+    except RuntimeError:
+        return
+    turned.wait(timeout)
+
+
+def _count_turns(loop: asyncio.AbstractEventLoop, turned: threading.Event, left: int) -> None:
+    """On the loop: one turn more; the callback queued now runs in the loop's next turn."""
+    if left <= 1:
+        turned.set()
+    else:
+        loop.call_soon(_count_turns, loop, turned, left - 1)
 
 
 def _deliver(batch: builtins.list[_Job]) -> None:

@@ -1207,6 +1207,30 @@ async def test_sqlite_a_transition_joins_its_tasks_queued_create(
         await store.close()
 
 
+async def test_sqlite_the_thread_gathers_what_the_loop_writes_in_its_next_turns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under load the thread takes a job, lets the event loop turn, and applies what the
+    loop queued meanwhile in the same transaction: a burst of writes, one commit."""
+    monkeypatch.setattr(sqlite_store, "GATHER_MAX_S", 30.0)  # the turns decide, not a clock
+    store = await SqliteTaskStore.open(tmp_path, keys=KEYS)
+    store.watch_load(lambda: 2)  # under load: writes go to the store's thread
+    try:
+        commits = store._writer.commits
+        creates = []
+        for n in range(sqlite_store.GATHER_TURNS // 2):  # one job queued per turn
+            creates.append(asyncio.ensure_future(store.create(new_task(f"burst-{n}"))))
+            await asyncio.sleep(0)  # the create runs and queues its job
+            time.sleep(0.02)  # noqa: ASYNC251 -- the loop stalls: the thread may take that job
+        await asyncio.gather(*creates)
+        assert store._writer.commits == commits + 1
+        assert [(await store.get(f"burst-{n}")).state for n in range(len(creates))] == [
+            QUEUED
+        ] * len(creates)
+    finally:
+        await store.close()
+
+
 async def test_sqlite_a_tasks_writes_leave_no_reference_cycles(tmp_path: Path) -> None:
     """A task written in two steps, and one whose end joined its create, leave nothing of
     the store's for the garbage collector: under load every such cycle is work for the
