@@ -173,9 +173,9 @@ LOCKED_CODES = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 # for the others (a few milliseconds at most) while the queue is long.
 MAX_BATCH = 256
 # How long the thread lets the caller's event loop run before it takes the jobs queued
-# behind the one it took (see "Group commit"): this many turns of the loop (an iteration
-# runs what was ready when it began: the last turn is taken once what the first queued
-# has run), or this long if the loop is slower to turn.
+# behind the one it took (see "Group commit"): this many turns of the loop (a turn runs
+# what was ready when it began, so a callback that queues itself again counts them), or
+# this long if the loop is slower to turn.
 GATHER_TURNS = 8
 GATHER_MAX_S = 0.005
 # Commits between two checkpoints of the WAL into the main file, made on the store's
