@@ -2,7 +2,7 @@
 
     python bench/kernel.py [--quick] [--soak-s 300] [--requests 1000] [--concurrency 32]
                            [--duration-s 10] [--refusals 200] [--max-queued 0] [--prompt ping]
-                           [--models DIR] [--phases bare,stages_off,stages_on]
+                           [--models DIR] [--phases bare,stages_off,stages_on] [--start-orders 2]
 
 Every process is real, started here on free ports, with the echo runtime (`runtime_engine =
 "echo"`: the stack's runtime process streams the prompt back, no model), so what is measured
@@ -23,7 +23,11 @@ proxy, or the kernel), so each broker is compared with a baseline measured under
 conditions. bare and stages_off, the two the targets compare, are up at the same time and
 measured together, interleaved: a VM's speed drifts by a fifth from minute to minute (seen
 2026-11-30), and measured one phase after the other that drift went into the kernel/proxy
-ratios. stages_on runs after them, alone (its services would share the CPUs otherwise):
+ratios. And of two stacks started one after the other the second was the faster, so a full
+run measures them twice, half the calls and time each, started in one order and then in
+the other, and pools the samples (`start_orders` in the JSON; --start-orders 1, the
+default of --quick, keeps one). stages_on runs after them, alone (its services would share
+the CPUs otherwise):
 
   latency     --requests Generate calls one at a time, timed from issuing the call to the end
               of its stream. The prompt (--prompt, one word by default) comes back as one
@@ -92,7 +96,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +130,7 @@ QUICK = {
     "refusals": 10,
     "soak_s": 2.0,
     "max_queued": 32,
+    "start_orders": 1,
 }
 FULL = {
     "requests": 1000,
@@ -135,6 +140,7 @@ FULL = {
     "refusals": 200,
     "soak_s": 300.0,
     "max_queued": 0,
+    "start_orders": 2,
 }
 
 Call = Callable[[], Awaitable[str]]  # one Generate; returns the task id ("" direct)
@@ -400,6 +406,11 @@ class Timings:
         if task_id:
             self.task_ids.append(task_id)
 
+    def absorb(self, other: Timings) -> None:
+        self.seconds.extend(other.seconds)
+        self.errors.update(other.errors)
+        self.task_ids.extend(other.task_ids)
+
 
 async def latency(
     calls: dict[str, Call], requests: int, warmup: int, blocks: int = 10
@@ -444,7 +455,9 @@ class Load:
 
     timings: Timings = dataclasses.field(default_factory=Timings)
     wall_s: float = 0.0
-    cpu_s: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    cpu_s: collections.defaultdict[str, float] = dataclasses.field(
+        default_factory=lambda: collections.defaultdict(float)
+    )
 
     async def window(
         self, call: Call, concurrency: int, seconds: float, pids: dict[str, int]
@@ -454,9 +467,14 @@ class Load:
         timings, wall = await saturate(call, concurrency, seconds)
         for name, pid in pids.items():
             self.cpu_s[name] += cpu_seconds(pid) - before[name]
-        self.timings.seconds.extend(timings.seconds)
-        self.timings.errors.update(timings.errors)
+        self.timings.absorb(timings)
         self.wall_s += wall
+
+    def absorb(self, other: Load) -> None:
+        self.timings.absorb(other.timings)
+        self.wall_s += other.wall_s
+        for name, seconds in other.cpu_s.items():
+            self.cpu_s[name] += seconds
 
     def summary(self, concurrency: int) -> dict[str, Any]:
         """Saturation figures, with the CPU time each process spent per completed call."""
@@ -487,6 +505,7 @@ class Plan:
     refusals: int
     soak_s: float
     max_queued: int  # the kernels' kernel_max_queued; 0: the kernel's default
+    start_orders: int  # bare and stages_off measured in one start order, or in both
     phases: tuple[str, ...] = ("bare", "stages_off", "stages_on")  # those run, in this order
 
 
@@ -499,12 +518,20 @@ class Targets:
     pids: dict[str, int]
 
 
+Measured = tuple[dict[str, Timings], dict[str, Load]]  # by "group/target"
+
+
 async def measure(plan: Plan, groups: dict[str, Targets]) -> dict[str, dict[str, Any]]:
-    """Latency and throughput of every target of every group (phase), interleaved: the
-    latency run alternates all targets block by block, and the saturation time of each is
-    cut into `THROUGHPUT_ROUNDS` windows taken in turn (in alternating order), so a drift
-    in the machine's speed meets every target alike. Each group's result: its latency,
-    its broker's added latency and its throughput."""
+    """Latency and throughput of every target of every group (phase), interleaved (see
+    `collect`). Each group's result: its latency, its broker's added latency and its
+    throughput."""
+    return summarize(plan, groups, await collect(plan, groups))
+
+
+async def collect(plan: Plan, groups: dict[str, Targets]) -> Measured:
+    """The latency run alternates all targets block by block, and the saturation time of
+    each is cut into `THROUGHPUT_ROUNDS` windows taken in turn (in alternating order), so
+    a drift in the machine's speed meets every target alike."""
     calls = {
         f"{group}/{name}": call for group, t in groups.items() for name, call in t.calls.items()
     }
@@ -517,6 +544,11 @@ async def measure(plan: Plan, groups: dict[str, Targets]) -> dict[str, dict[str,
             group = key.split("/", 1)[0]
             pids = {"client": os.getpid(), **groups[group].pids}
             await loads[key].window(calls[key], plan.concurrency, plan.duration_s / rounds, pids)
+    return timings, loads
+
+
+def summarize(plan: Plan, groups: dict[str, Targets], measured: Measured) -> dict[str, Any]:
+    timings, loads = measured
     results: dict[str, dict[str, Any]] = {}
     for group, t in groups.items():
         names = list(t.calls)
@@ -881,25 +913,7 @@ async def run(plan: Plan, workdir: Path, models: Path | None) -> dict[str, Any]:
     together = [name for name in ("bare", "stages_off") if name in plan.phases]
     if together:
         progress(f"{' and '.join(together)}: measured together, interleaved")
-        async with contextlib.AsyncExitStack() as up:
-            groups: dict[str, Targets] = {}
-            ready: dict[str, float] = {}
-            kernel = None
-            if "bare" in together:
-                groups["bare"], ready["bare"] = await up.enter_async_context(
-                    bare_targets(plan, workdir, models)
-                )
-            if "stages_off" in together:
-                kernel = await up.enter_async_context(
-                    kernel_stack(plan, workdir, models, stages_on=False)
-                )
-                groups["stages_off"] = kernel.targets
-            measured = await measure(plan, groups)
-            if "bare" in measured:
-                measured["bare"].pop("_task_ids")
-                report["bare"] = {"ready_s": round(ready["bare"], 2), **measured["bare"]}
-            if kernel is not None:
-                report["stages_off"] = await kernel_figures(plan, kernel, measured["stages_off"])
+        report |= await measure_together(plan, workdir, models, together)
     if "stages_on" in plan.phases:
         progress("stages_on: kernel with the pipeline stages on")
         async with kernel_stack(plan, workdir, models, stages_on=True) as kernel:
@@ -913,6 +927,59 @@ async def run(plan: Plan, workdir: Path, models: Path | None) -> dict[str, Any]:
         on["stage_cost"]["marginal_p50_ms"] = marginal
     report["machine"]["load_average_1m_end"] = round(os.getloadavg()[0], 2)
     report["targets"] = targets(report)
+    return report
+
+
+async def measure_together(
+    plan: Plan, workdir: Path, models: Path | None, together: Sequence[str]
+) -> dict[str, Any]:
+    """bare and stages_off, up at the same time and measured interleaved; with
+    `plan.start_orders` 2, twice, half the calls and time each: started in one order, then
+    in the other. Of two stacks started one after the other, the second was the faster
+    (2026-11-30: 0.1 ms less added p50 with the same code in both; the kernel/proxy ratio
+    2.06 and 2.11 with the proxy started first, 2.28 and 2.32 with the kernel first), so
+    each broker gets each place once. Their samples are pooled."""
+    orders = [list(together), list(together)[::-1]][: plan.start_orders]
+    part = dataclasses.replace(
+        plan,
+        requests=max(1, plan.requests // len(orders)),
+        duration_s=plan.duration_s / len(orders),
+    )
+    timings: dict[str, Timings] = collections.defaultdict(Timings)
+    loads: dict[str, Load] = collections.defaultdict(Load)
+    report: dict[str, Any] = {"start_orders": orders}
+    for index, order in enumerate(orders):
+        (workdir / f"order-{index}").mkdir()
+        async with contextlib.AsyncExitStack() as up:
+            groups: dict[str, Targets] = {}
+            ready: dict[str, float] = {}
+            kernel = None
+            for name in order:
+                if name == "bare":
+                    groups["bare"], ready["bare"] = await up.enter_async_context(
+                        bare_targets(plan, workdir / f"order-{index}", models)
+                    )
+                else:
+                    kernel = await up.enter_async_context(
+                        kernel_stack(plan, workdir / f"order-{index}", models, stages_on=False)
+                    )
+                    groups["stages_off"], ready["stages_off"] = kernel.targets, kernel.ready_s
+            part_timings, part_loads = await collect(part, groups)
+            for key, timing in part_timings.items():
+                timings[key].absorb(timing)
+            for key, load in part_loads.items():
+                loads[key].absorb(load)
+            if index < len(orders) - 1:
+                continue
+            measured = summarize(plan, groups, (timings, loads))  # all parts, pooled
+            for group in measured:  # the traces to read are this stack's
+                broker = list(groups[group].calls)[-1]
+                measured[group]["_task_ids"] = part_timings[f"{group}/{broker}"].task_ids
+            if "bare" in measured:
+                measured["bare"].pop("_task_ids")
+                report["bare"] = {"ready_s": round(ready["bare"], 2), **measured["bare"]}
+            if kernel is not None:
+                report["stages_off"] = await kernel_figures(plan, kernel, measured["stages_off"])
     return report
 
 
@@ -930,6 +997,12 @@ def parse_plan(argv: list[str] | None = None) -> tuple[Plan, bool, Path | None]:
     parser.add_argument("--soak-s", type=float, help="seconds of the memory soak (default 300)")
     parser.add_argument(
         "--max-queued", type=int, help="the kernels' kernel_max_queued (0: their default)"
+    )
+    parser.add_argument(
+        "--start-orders",
+        type=int,
+        choices=(1, 2),
+        help="bare and stages_off in one start order, or in both (half the calls each)",
     )
     parser.add_argument(
         "--models", type=Path, help="a models folder every phase links (its encoder export)"
@@ -960,6 +1033,7 @@ def parse_plan(argv: list[str] | None = None) -> tuple[Plan, bool, Path | None]:
         refusals=int(chosen["refusals"]),
         soak_s=float(chosen["soak_s"]),
         max_queued=int(chosen["max_queued"]),
+        start_orders=int(chosen["start_orders"]),
         phases=tuple(name for name in Plan.phases if name in named),
     )
     return plan, args.keep, args.models

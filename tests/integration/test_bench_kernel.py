@@ -77,10 +77,16 @@ def test_quick_run_prints_every_figure(shared_data_dir: Path) -> None:
 
 def test_phases_runs_only_those_named(shared_data_dir: Path) -> None:
     """--phases bare,stages_off: the two phases an A/B run of the kernel's own path needs,
-    and only the targets they measure."""
-    report = quick_run(shared_data_dir, "--phases", "bare,stages_off")
+    and only the targets they measure; with --start-orders 2 (a full run's default) they
+    are measured in both start orders, and every figure pools the two."""
+    report = quick_run(shared_data_dir, "--phases", "bare,stages_off", "--start-orders", "2")
     assert report["plan"]["phases"] == ["bare", "stages_off"] and "stages_on" not in report
-    assert report["stages_off"]["latency"]["kernel"]["errors"] == {}
+    assert report["start_orders"] == [["bare", "stages_off"], ["stages_off", "bare"]]
+    half = report["plan"]["requests"] // 2
+    for phase, broker in (("bare", "proxy"), ("stages_off", "kernel")):
+        latency = report[phase]["latency"][broker]
+        assert latency["calls"] == 2 * half and latency["errors"] == {}, phase
+    assert report["stages_off"]["stage_cost"]["tasks"] > 0  # the traces of the stack still up
     assert set(report["targets"]) == {
         "kernel_stages_off_added_p50_over_proxy",
         "kernel_stages_off_throughput_over_proxy",
