@@ -963,7 +963,7 @@ async def measure_together(
                     kernel = await up.enter_async_context(
                         kernel_stack(plan, workdir / f"order-{index}", models, stages_on=False)
                     )
-                    groups["stages_off"], ready["stages_off"] = kernel.targets, kernel.ready_s
+                    groups["stages_off"] = kernel.targets
             part_timings, part_loads = await collect(part, groups)
             for key, timing in part_timings.items():
                 timings[key].absorb(timing)
