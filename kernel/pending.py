@@ -122,9 +122,7 @@ class PendingWrites:
         when it ends."""
         if self._flushing is not None or self._held:
             return
-        loop = self._loop
-        if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
+        loop = self._running_loop()
         when = loop.time() + within
         if self._timer is not None:
             if self._timer.when() <= when:
@@ -143,8 +141,15 @@ class PendingWrites:
             self._held = True
             self._stored.add_done_callback(self._after_stored)
             return
-        loop = self._loop or asyncio.get_running_loop()
-        self._flushing = loop.create_task(self._flush(), name=f"flush-{self._task_id}")
+        self._flushing = self._running_loop().create_task(
+            self._flush(), name=f"flush-{self._task_id}"
+        )
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        """The loop, asked for once (`get_running_loop` makes a system call each time)."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
 
     def _after_stored(self, stored: asyncio.Future[Any]) -> None:
         """The task's first write ended: flush what waits if it was stored. If it was
