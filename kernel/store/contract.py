@@ -51,6 +51,9 @@ CANCELLED = common_pb2.TASK_STATE_CANCELLED
 REFUSED = common_pb2.TASK_STATE_REFUSED
 
 FINAL_STATES: frozenset[TaskState] = frozenset({SUCCEEDED, FAILED, CANCELLED, REFUSED})
+# The finish reasons the protocol defines, as a set once: `FinishReason.values()` builds a
+# list on every call, and every final transition checks its reason against them.
+FINISH_REASONS: frozenset[FinishReason] = frozenset(common_pb2.FinishReason.values())
 
 # Every legal move. RUNNING -> QUEUED is the re-queue of an interrupted attempt (a kernel
 # that crashed or stopped while it ran); it counts the attempt in `attempts`.
@@ -252,7 +255,7 @@ def finish_reason_for(
     Only final states have one; a reason given for any other state is a caller's mistake,
     InvalidArgument(BAD_FINISH_REASON), rather than something silently dropped.
     """
-    if given is not None and given not in common_pb2.FinishReason.values():
+    if given is not None and given not in FINISH_REASONS:
         raise InvalidArgument(
             f"task {task_id}: {given} is not a finish reason", reason="BAD_FINISH_REASON"
         )
