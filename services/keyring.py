@@ -261,27 +261,38 @@ class DekCache:
         self._opening: dict[tuple[bytes, bytes], AESGCM] = {}
 
     def seal(self, plaintext: bytes, context: bytes) -> bytes:
+        _, _, prefix, aead = self._entry(context)
+        data_nonce = random_bytes(NONCE_BYTES)
+        return prefix + data_nonce + aead.encrypt(data_nonce, plaintext, context)
+
+    def prepare(self, context: bytes) -> None:
+        """Make `context`'s DEK now, for a writer that knows it will seal there soon and has
+        time to spare now: wrapping a fresh DEK and building its cipher is most of the cost
+        of a context's first value."""
+        self._entry(context)
+
+    def _entry(self, context: bytes) -> tuple[str, bytes, bytes, AESGCM]:
+        """The context's DEK under the active key: the cached one, or a fresh one."""
         keyset = self.ring.current()
         key_id = keyset.active
         kek = keyset.keys[key_id]
         entry = self._sealing.get(context)
-        if entry is None or entry[0] != key_id or entry[1] != kek:
-            fresh = random_bytes(KEY_BYTES + NONCE_BYTES)
-            dek, wrap_nonce = fresh[:KEY_BYTES], fresh[KEY_BYTES:]
-            wrapped = keyset.aeads[key_id].encrypt(wrap_nonce, dek, _wrap_aad(key_id, context))
-            entry = (
-                key_id,
-                kek,
-                VERSION + key_id.encode() + b"\x00" + wrap_nonce + wrapped,
-                AESGCM(dek),
-            )
-            if len(self._sealing) >= self.size:
-                self._sealing.clear()
-            self._sealing[context] = entry
-            self._remember(context, entry[2], entry[3])
-        _, _, prefix, aead = entry
-        data_nonce = random_bytes(NONCE_BYTES)
-        return prefix + data_nonce + aead.encrypt(data_nonce, plaintext, context)
+        if entry is not None and entry[0] == key_id and entry[1] == kek:
+            return entry
+        fresh = random_bytes(KEY_BYTES + NONCE_BYTES)
+        dek, wrap_nonce = fresh[:KEY_BYTES], fresh[KEY_BYTES:]
+        wrapped = keyset.aeads[key_id].encrypt(wrap_nonce, dek, _wrap_aad(key_id, context))
+        entry = (
+            key_id,
+            kek,
+            VERSION + key_id.encode() + b"\x00" + wrap_nonce + wrapped,
+            AESGCM(dek),
+        )
+        if len(self._sealing) >= self.size:
+            self._sealing.clear()
+        self._sealing[context] = entry
+        self._remember(context, entry[2], entry[3])
+        return entry
 
     def open(self, sealed: bytes, context: bytes, what: str) -> bytes:
         """As `KeyRing.open`, the same errors."""

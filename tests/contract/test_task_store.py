@@ -228,6 +228,7 @@ OPERATIONS_ON_ONE_TASK: dict[str, Callable[[TaskStore, str], Awaitable[object]]]
     "get": lambda store, task_id: store.get(task_id),
     "events": lambda store, task_id: store.events(task_id),
     "transition": lambda store, task_id: store.transition(task_id, RUNNING),
+    "brief_transition": lambda store, task_id: store.transition(task_id, RUNNING, brief=True),
     "append_text": lambda store, task_id: store.append_text(task_id, "x"),
     "add_trace_step": lambda store, task_id: store.add_trace_step(task_id, b"step"),
     "trace": lambda store, task_id: store.trace(task_id),
@@ -630,6 +631,7 @@ async def test_a_brief_transition_returns_the_record_without_request_and_output(
     final transition comes back brief as well."""
     await running_task(store, "t1")
     await store.append_text("t1", "Hel")
+    await store.add_trace_step("t1", b"admit")
 
     done = await store.transition(
         "t1", FAILED, error="runtime gone", text="lo", trace=[b"record"], brief=True
@@ -641,7 +643,13 @@ async def test_a_brief_transition_returns_the_record_without_request_and_output(
     assert done == dataclasses.replace(stored, request=b"", output="")
     assert again == done
     assert (done.state, done.error, done.finished) == (FAILED, "runtime gone", True)
-    assert await store.trace("t1") == [b"record"]
+    # Written after what the task logged before: its text and steps keep their order.
+    assert (await all_events(store, "t1"))[-3:] == [
+        ("text", RUNNING, "Hel"),
+        ("text", RUNNING, "lo"),
+        ("state", FAILED, "runtime gone"),
+    ]
+    assert await store.trace("t1") == [b"admit", b"record"]
 
 
 async def test_a_transition_without_text_may_still_carry_trace_steps(store: TaskStore) -> None:

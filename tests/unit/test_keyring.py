@@ -60,6 +60,26 @@ def test_a_dek_per_context_keeps_the_envelope_and_its_checks() -> None:
             deks.open(bytes(altered), b"task/t1/event", "x")
 
 
+def test_a_prepared_context_seals_with_the_dek_made_then(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`prepare` makes the DEK (random bytes for it and its wrap nonce); the first value
+    sealed afterwards takes only its own nonce, and carries that DEK."""
+    from llmos.services import keyring
+
+    drawn: list[int] = []
+    real = keyring.random_bytes
+    monkeypatch.setattr(keyring, "random_bytes", lambda n: drawn.append(n) or real(n))
+    deks = DekCache(KeyRing.generate())
+
+    deks.prepare(b"task/t1/trace")
+    assert drawn == [KEY_BYTES + 12]
+    sealed = deks.seal(b"step", b"task/t1/trace")
+    assert drawn == [KEY_BYTES + 12, 12]
+
+    wrapped = len(b"\x01k1\x00") + 12 + KEY_BYTES + 16
+    assert sealed[:wrapped] == deks.seal(b"next", b"task/t1/trace")[:wrapped]
+    assert deks.open(sealed, b"task/t1/trace", "x") == b"step"
+
+
 def test_a_dek_per_context_follows_rotation_and_a_removed_key(tmp_path: Path) -> None:
     path = tmp_path / "keys.json"
     write_file(path, KeyRing.generate())
