@@ -35,10 +35,12 @@ import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 import grpc
 
 from llmos.kernel import metrics as kernel_metrics
+from llmos.kernel.call_endings import CallEndings
 from llmos.kernel.memory import Headroom, kv_evidence
 from llmos.kernel.output import OutputPath
 from llmos.kernel.pending import PendingWrites
@@ -150,6 +152,7 @@ class TaskRunner:
         # A stub per runtime channel: building one makes a callable for every RPC.
         self._stubs: dict[grpc.aio.Channel, runtime_pb2_grpc.RuntimeServiceAsyncStub] = {}
         self._loop: asyncio.AbstractEventLoop | None = None  # `_event_loop`
+        self._call_endings = CallEndings()
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -213,6 +216,7 @@ class TaskRunner:
         await asyncio.gather(
             *(r.task for r in self._live.values() if r.task is not None), return_exceptions=True
         )
+        await self._call_endings.close()
         if self.queue is not None:
             for task_id in list(self.queue.held):  # taken but never started
                 with contextlib.suppress(LlmosError):
@@ -802,18 +806,12 @@ class TaskRunner:
             timeout=timeout,
             metadata=outgoing_metadata(x_llmos_task_id=ticket.task_id),
         )
-        last = runtime_pb2.RuntimeServiceGenerateResponse()
         step = common_pb2.TraceStep(
             stage="runtime:generate", service=runtime.info.name, started_at=started
         )
+        answered = False  # the runtime's last piece came: its status is not waited for
         try:
-            async for piece in call:
-                last = piece
-                self._release(ticket.task_id, running, pieces, await output.feed(piece))
-                if output.blocked:  # safety:output: stop the runtime, end with the refusal
-                    break
-            else:
-                self._release(ticket.task_id, running, pieces, await output.close())
+            last, answered = await self._relay(call, output, ticket.task_id, running, pieces)
         except grpc.aio.AioRpcError as error:
             step.decision, step.reason = "failed", f"{error.code().name}: {error.details()}"
             step.duration.CopyFrom(since(clock))
@@ -822,7 +820,10 @@ class TaskRunner:
                 error, f"Generate on {runtime.info.name} at {runtime.info.address}"
             ) from error
         finally:
-            call.cancel()  # a no-op when finished; on cancel it frees the runtime's slot
+            if answered:
+                self._call_endings.follow(call, ticket.task_id, runtime.info.name)
+            else:
+                call.cancel()  # a no-op when finished; on cancel it frees the runtime's slot
             output.cancel()
         step.decision = "completed"
         step.reason = common_pb2.FinishReason.Name(last.finish_reason)
@@ -840,6 +841,31 @@ class TaskRunner:
             last = output.refused(last)
             self._release(ticket.task_id, running, pieces, [last])
         return "".join(pieces), last
+
+    async def _relay(
+        self,
+        call: grpc.aio.UnaryStreamCall[Any, runtime_pb2.RuntimeServiceGenerateResponse],
+        output: OutputPath,
+        task_id: str,
+        running: Running,
+        pieces: list[str],
+    ) -> tuple[runtime_pb2.RuntimeServiceGenerateResponse, bool]:
+        """Pass the runtime's pieces through the output path until its last piece (the one
+        with a finish reason), or until safety:output blocks. Returns the last piece read
+        and whether it was the runtime's last: then the call's status is left to
+        `CallEndings` (everything the task records is in that piece)."""
+        last = runtime_pb2.RuntimeServiceGenerateResponse()
+        answered = False
+        async for piece in call:
+            last = piece
+            self._release(task_id, running, pieces, await output.feed(piece))
+            if output.blocked:  # safety:output: stop the runtime, end with the refusal
+                return last, False
+            if piece.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+                answered = True
+                break
+        self._release(task_id, running, pieces, await output.close())
+        return last, answered
 
     def _runtime_stub(self, channel: grpc.aio.Channel) -> runtime_pb2_grpc.RuntimeServiceAsyncStub:
         stub = self._stubs.get(channel)
