@@ -7,10 +7,15 @@ the task as soon as it arrives, and hands the call to `CallEndings` rather than 
 the status on the client's time.
 
 Nothing is lost by not waiting: a runtime that sends its last piece has produced the whole
-output and freed its batch slot. What the status could still say is that something went
-wrong after that (a bug in the runtime): `CallEndings` logs it, naming the task, which
-keeps its output. A runtime that never ends the stream is cancelled after `GRACE_S`, so a
-call is never held longer than that.
+output. What the status could still say is that something went wrong after that (a bug in
+the runtime): `CallEndings` logs it, naming the task, which keeps its output. A runtime
+that never ends the stream is cancelled `GRACE_S` after the last piece, so no call is held
+longer than that.
+
+Following costs a call a dictionary entry and a done-callback: one reporter task reads the
+statuses of the calls that ended since it last ran, and one timer, armed for the oldest
+call followed, cancels overdue ones. A task per call would have cost each call of a
+saturated kernel as much again as it saved the sequential one.
 """
 
 from __future__ import annotations
@@ -27,28 +32,64 @@ GRACE_S = 10.0
 
 
 class CallEndings:
-    """The calls being followed to their end, so that none is left unfinished at close."""
+    """The runtime calls being followed to their status, for one event loop."""
 
     def __init__(self, grace_s: float = GRACE_S) -> None:
         self.grace_s = grace_s
-        self._following: dict[asyncio.Task[None], grpc.aio.Call] = {}
+        # In the order followed (oldest first): the task's id, the runtime's name, and when
+        # the call is given up.
+        self._following: dict[grpc.aio.Call, tuple[str, str, float]] = {}
+        self._ended: list[grpc.aio.Call] = []
+        self._wake = asyncio.Event()
+        self._reporter: asyncio.Task[None] | None = None
+        self._overdue: asyncio.TimerHandle | None = None
 
     def follow(self, call: grpc.aio.Call, task_id: str, runtime: str) -> None:
-        """Wait for `call`'s status in the background; log it unless it is OK."""
-        following = asyncio.get_running_loop().create_task(
-            self._end(call, task_id, runtime), name=f"end-{task_id}"
-        )
-        self._following[following] = call
-        following.add_done_callback(self._followed)
+        """Follow `call` to its status; a status other than OK is logged."""
+        loop = asyncio.get_running_loop()
+        if self._reporter is None:
+            self._reporter = loop.create_task(self._report_forever(), name="call-endings")
+        self._following[call] = (task_id, runtime, loop.time() + self.grace_s)
+        if self._overdue is None:
+            self._overdue = loop.call_at(loop.time() + self.grace_s, self._give_up_overdue)
+        call.add_done_callback(self._done)
 
-    def _followed(self, following: asyncio.Task[None]) -> None:
-        self._following.pop(following, None)
+    def _done(self, call: grpc.aio.Call) -> None:
+        self._ended.append(call)
+        self._wake.set()
 
-    async def _end(self, call: grpc.aio.Call, task_id: str, runtime: str) -> None:
-        try:
-            async with asyncio.timeout(self.grace_s):
-                code = await call.code()
-        except TimeoutError:
+    async def _report_forever(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            ended, self._ended = self._ended, []
+            for call in ended:
+                following = self._following.pop(call, None)
+                if following is None:  # given up (and logged) already
+                    continue
+                code = await call.code()  # at once: the call is done
+                if code != grpc.StatusCode.OK:
+                    task_id, runtime, _ = following
+                    log.warning(
+                        "runtime %s ended task %s's call with %s after its last piece: %s "
+                        "(the task keeps its output)",
+                        runtime,
+                        task_id,
+                        code.name,
+                        await call.details(),
+                    )
+
+    def _give_up_overdue(self) -> None:
+        """Cancel the calls followed for longer than the grace, oldest first; arm the timer
+        again for the oldest left."""
+        self._overdue = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for call, (task_id, runtime, give_up_at) in list(self._following.items()):
+            if give_up_at > now:
+                self._overdue = loop.call_at(give_up_at, self._give_up_overdue)
+                return
+            del self._following[call]
             call.cancel()
             log.warning(
                 "runtime %s did not end task %s's call within %.0f s of its last piece; "
@@ -57,21 +98,16 @@ class CallEndings:
                 task_id,
                 self.grace_s,
             )
-            return
-        if code != grpc.StatusCode.OK:
-            log.warning(
-                "runtime %s ended task %s's call with %s after its last piece: %s "
-                "(the task keeps its output)",
-                runtime,
-                task_id,
-                code.name,
-                await call.details(),
-            )
 
     async def close(self) -> None:
-        """Cancel the calls still being followed (the kernel is stopping)."""
-        followed = list(self._following.items())
-        for following, call in followed:
+        """Cancel the calls still followed (the kernel is stopping) and stop following."""
+        if self._overdue is not None:
+            self._overdue.cancel()
+            self._overdue = None
+        following, self._following = list(self._following), {}
+        for call in following:
             call.cancel()
-            following.cancel()
-        await asyncio.gather(*(following for following, _ in followed), return_exceptions=True)
+        if self._reporter is not None:
+            self._reporter.cancel()
+            await asyncio.gather(self._reporter, return_exceptions=True)
+            self._reporter = None

@@ -66,6 +66,13 @@ async def last_piece_read(stub: runtime_pb2_grpc.RuntimeServiceStub, prompt: str
     return call
 
 
+async def logged(caplog: pytest.LogCaptureFixture, within_s: float = 5.0) -> None:
+    """Wait for the follower to log something (it runs once the call's status came)."""
+    async with asyncio.timeout(within_s):
+        while not caplog.records:  # noqa: ASYNC110 (caplog has no event to wait on)
+            await asyncio.sleep(0.01)
+
+
 async def test_an_error_after_the_last_piece_is_logged_naming_the_task(
     runtime: tuple[Runtime, runtime_pb2_grpc.RuntimeServiceStub], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -76,6 +83,7 @@ async def test_an_error_after_the_last_piece_is_logged_naming_the_task(
     with caplog.at_level(logging.WARNING, logger="llmos.kernel.call_endings"):
         endings.follow(call, "t-1", "runtime-0")
         assert await call.code() == grpc.StatusCode.INTERNAL
+        await logged(caplog)
         await endings.close()
 
     (warning,) = caplog.records
