@@ -1067,8 +1067,8 @@ class SqliteTaskStore(TaskStore):
                     conn.execute(INSERT_TASK, row)
                     conn.executemany(INSERT_EVENT, events)
                     # Its output and trace will be sealed at its end, when the client waits
-                    # for that write: their DEKs are made now, while the runtime works (a
-                    # third of a short task's end write, 2026-11-30).
+                    # for that write: their DEKs are made now, while the runtime works
+                    # (wrapping them was ~33 of the end write's ~230 µs, 2026-11-30).
                     sealer.prepare(task_id, EVENT, TRACE)
                 else:  # as the joined transition leaves it
                     joinable.finish(conn, row, events)
