@@ -72,7 +72,16 @@ def test_top_on_a_terminal_redraws_in_place_until_interrupted(stack: Stack) -> N
         "--port", str(stack.port),
     ]  # fmt: skip
     env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "140", "LINES": "60"}
-    process = subprocess.Popen(command, stdin=follower, stdout=follower, stderr=follower, env=env)
+    process = subprocess.Popen(
+        command,
+        stdin=follower,
+        stdout=follower,
+        stderr=follower,
+        env=env,
+        # As at a terminal: a test run started in the background by a shell without job
+        # control inherits SIGINT ignored, and so would top (it then never sees Ctrl-C).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # noqa: PLW1509
+    )
     os.close(follower)
     output = b""
 
