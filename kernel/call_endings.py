@@ -49,9 +49,10 @@ class CallEndings:
         loop = asyncio.get_running_loop()
         if self._reporter is None:
             self._reporter = loop.create_task(self._report_forever(), name="call-endings")
-        self._following[call] = (task_id, runtime, loop.time() + self.grace_s)
+        give_up_at = loop.time() + self.grace_s
+        self._following[call] = (task_id, runtime, give_up_at)
         if self._overdue is None:
-            self._overdue = loop.call_at(loop.time() + self.grace_s, self._give_up_overdue)
+            self._overdue = loop.call_at(give_up_at, self._give_up_overdue)
         call.add_done_callback(self._done)
 
     def _done(self, call: grpc.aio.Call) -> None:
