@@ -24,6 +24,12 @@ it), and the flush that fired meanwhile cost a store job for the text and one pe
 all to be followed a moment later by the transition. The window starts again once the
 first write has landed.
 
+Every text write says where it starts in the attempt's output (`Taken.at`, the characters
+taken before it), so the store keeps a write once even when it is sent twice: Redis can run
+a script and lose its reply when the connection drops, and then the client sends it again,
+or the text comes back here (`restore`) and goes again with the next write
+(`kernel.store.contract.unstored_text`).
+
 What is lost in a crash is at most the last `STEP_FLUSH_S` of a RUNNING attempt, which
 recovery re-queues and runs afresh anyway (a re-queue starts the output over). States are
 never held back: a transition is stored before the runner goes on, a final one before the
@@ -33,7 +39,7 @@ client hears of it.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, NamedTuple
 
 from llmos.kernel.store import TaskStore
 from llmos.services.errors import LlmosError
@@ -43,6 +49,18 @@ FLUSH_S = 0.05
 # The longest trace steps wait when no text is pending: long enough to outlast a call at
 # saturation, so a short task's steps go with its final transition.
 STEP_FLUSH_S = 0.5
+
+
+class Taken(NamedTuple):
+    """What a write takes: the text joined, where it starts in the attempt's output (the
+    characters taken before it), and the trace steps in order."""
+
+    text: str
+    at: int
+    steps: tuple[bytes, ...]
+
+
+NOTHING_TAKEN = Taken("", 0, ())
 
 
 class PendingWrites:
@@ -67,6 +85,7 @@ class PendingWrites:
         self._stored = stored
         self._held = False  # a flush came due before `stored` ended: it re-arms then
         self._text: list[str] = []
+        self._taken_chars = 0  # of the attempt's output, by writes that took text
         self._steps: list[bytes] = []
         self._timer: asyncio.TimerHandle | None = None
         self._flushing: asyncio.Task[None] | None = None
@@ -89,19 +108,21 @@ class PendingWrites:
         self._steps.append(step)
         self._arm(self._step_flush_s)
 
-    async def take(self) -> tuple[str, tuple[bytes, ...]]:
-        """Everything pending, for a transition to store: the text joined and the steps in
-        order. A flush already writing goes first (its text precedes the transition's)."""
+    async def take(self) -> Taken:
+        """Everything pending, for a transition to store. A flush already writing goes
+        first (its text precedes the transition's)."""
         if self._flushing is not None:
             await asyncio.wait((self._flushing,))  # not cancelled if the caller is
         self._disarm()
         return self._take_now()
 
-    def restore(self, text: str, steps: tuple[bytes, ...]) -> None:
-        """Put back what a transition took but could not store, ahead of anything newer."""
-        if text:
-            self._text.insert(0, text)
-        self._steps[:0] = steps
+    def restore(self, taken: Taken) -> None:
+        """Put back what a write took but could not store (or may have stored: it goes
+        again from the same place), ahead of anything newer."""
+        if taken.text:
+            self._text.insert(0, taken.text)
+            self._taken_chars = taken.at
+        self._steps[:0] = taken.steps
 
     def discard(self) -> None:
         """The task left this kernel without a state written here (another kernel took it
@@ -110,11 +131,12 @@ class PendingWrites:
         self._text.clear()
         self._steps.clear()
 
-    def _take_now(self) -> tuple[str, tuple[bytes, ...]]:
-        text, steps = "".join(self._text), tuple(self._steps)
+    def _take_now(self) -> Taken:
+        taken = Taken("".join(self._text), self._taken_chars, tuple(self._steps))
+        self._taken_chars += len(taken.text)
         self._text.clear()
         self._steps.clear()
-        return text, steps
+        return taken
 
     def _arm(self, within: float) -> None:
         """Flush no later than `within` from now: a timer already due sooner stays, a later
@@ -166,16 +188,16 @@ class PendingWrites:
     async def _flush(self) -> None:
         """Write what is pending on its own; what fails to be written goes back, to be
         tried again with the next transition."""
-        text, steps = self._take_now()
+        taken = self._take_now()
         try:
-            if text:
-                await self._store.append_text(self._task_id, text)
-                text = ""
-            while steps:
-                await self._store.add_trace_step(self._task_id, steps[0])
-                steps = steps[1:]
+            if taken.text:
+                await self._store.append_text(self._task_id, taken.text, at=taken.at)
+                taken = taken._replace(text="")
+            while taken.steps:
+                await self._store.add_trace_step(self._task_id, taken.steps[0])
+                taken = taken._replace(steps=taken.steps[1:])
         except LlmosError as error:
-            self.restore(text, steps)
+            self.restore(taken)
             self._error = error
         finally:
             self._flushing = None

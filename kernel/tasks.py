@@ -43,7 +43,7 @@ from llmos.kernel import metrics as kernel_metrics
 from llmos.kernel.call_endings import CallEndings
 from llmos.kernel.memory import Headroom, kv_evidence
 from llmos.kernel.output import OutputPath
-from llmos.kernel.pending import PendingWrites
+from llmos.kernel.pending import NOTHING_TAKEN, PendingWrites
 from llmos.kernel.policy import Policies
 from llmos.kernel.registry import Registry
 from llmos.kernel.scheduler import Dispatch, Priority, Scheduler, Ticket
@@ -728,7 +728,7 @@ class TaskRunner:
             await self._transition(task_id, state, error=why, steps=(record,), brief=True)
         except LlmosError:
             pending = self._pending.pop(task_id, None)
-            _, steps = ("", ()) if pending is None else await pending.take()
+            steps = () if pending is None else (await pending.take()).steps
             for step in (*steps, record.SerializeToString()):
                 await asyncio.shield(self.store.add_trace_step(task_id, step))
 
@@ -929,7 +929,7 @@ class TaskRunner:
         back without request and output (`TaskStore.transition`), for a caller that reads
         neither; `follows_create` as there."""
         pending = self._pending.get(task_id)
-        text, trace = ("", ()) if pending is None else await pending.take()
+        taken = NOTHING_TAKEN if pending is None else await pending.take()
         for step in steps:
             kernel_metrics.stage_ran(step)
         try:
@@ -939,14 +939,15 @@ class TaskRunner:
                 finish_reason=finish_reason,
                 usage=usage,
                 error=error,
-                text=text,
-                trace=(*trace, *(step.SerializeToString() for step in steps)),
+                text=taken.text,
+                text_at=taken.at,
+                trace=(*taken.steps, *(step.SerializeToString() for step in steps)),
                 brief=brief,
                 follows_create=follows_create,
             )
         except LlmosError:
             if pending is not None:
-                pending.restore(text, trace)
+                pending.restore(taken)
             raise
         kernel_metrics.task_entered(state)
         self._task_event(record, state, error)

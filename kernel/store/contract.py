@@ -288,6 +288,33 @@ def check_takes_text(task_id: str, state: TaskState) -> None:
         )
 
 
+def unstored_text(task_id: str, text: str, at: int | None, stored: int) -> str:
+    """The part of `text` a store still lacks, for a write that says where `text` starts.
+
+    `at` is the caller's count of the attempt's output characters before `text` (None: no
+    count, keep it all); `stored` is the store's own count. A write whose reply was lost
+    (Redis dropped the connection after running it) is sent again, alone or joined with
+    newer text: what the store already holds is dropped from the front, so the output never
+    holds a piece twice. A store that holds fewer characters than `at` lacks an earlier
+    write: FailedPrecondition(OUTPUT_GAP), and nothing is applied.
+    """
+    if at is None:
+        return text
+    if at < 0:
+        raise InvalidArgument(
+            f"task {task_id}: a text write starts at character {at}; it must be 0 or more",
+            reason="BAD_TEXT_OFFSET",
+        )
+    if stored < at:
+        raise FailedPrecondition(
+            f"task {task_id} holds {stored} characters of output, and this text starts at "
+            f"character {at}: an earlier write is missing (or another attempt owns the task)",
+            reason="OUTPUT_GAP",
+            metadata={"task_id": task_id},
+        )
+    return text[stored - at :]
+
+
 def briefly(record: TaskRecord) -> TaskRecord:
     """`record` without its request and output, as `TaskStore.transition(brief=True)`
     returns it."""
@@ -407,6 +434,7 @@ class TaskStore(abc.ABC):
         usage: bytes | None = None,
         error: str | None = None,
         text: str = "",
+        text_at: int | None = None,
         trace: Sequence[bytes] = (),
         brief: bool = False,
         follows_create: bool = False,
@@ -425,7 +453,8 @@ class TaskStore(abc.ABC):
         just before the "state" event, as `append_text` would (so only a RUNNING task takes
         it: FailedPrecondition(TASK_NOT_RUNNING) otherwise, and nothing is applied); `trace`
         steps are appended to the trace, in order, as `add_trace_step` would. A refused
-        transition writes neither, and neither does a repeated final transition.
+        transition writes neither, and neither does a repeated final transition. `text_at`
+        says where `text` starts in the attempt's output, as for `append_text`.
 
         `brief` is for a caller that reads only the record's state and fields (the kernel,
         ending a task): the record comes back with `request` b"" and `output` "", which
@@ -440,12 +469,19 @@ class TaskStore(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def append_text(self, task_id: str, text: str) -> int:
+    async def append_text(self, task_id: str, text: str, *, at: int | None = None) -> int:
         """Log generated text and add it to `output`, atomically; the event's offset.
 
         Only a RUNNING task produces text: FailedPrecondition(TASK_FINISHED) once it is final,
         FailedPrecondition(TASK_NOT_RUNNING) while it is queued. Concurrent appends get
         distinct, consecutive offsets.
+
+        `at`, when given, is how many characters of the attempt's output come before `text`
+        (the store counts them too; a re-queue starts the count again). Then a write sent
+        twice is stored once: the part of `text` the store already holds is dropped
+        (`unstored_text`), and when that is all of it nothing is logged and the offset is the
+        task's latest event's. The kernel gives it on every write, since a Redis write whose
+        reply was lost is sent again.
         """
 
     @abc.abstractmethod

@@ -41,6 +41,7 @@ from __future__ import annotations
 import builtins
 import dataclasses
 import json
+import secrets
 import struct
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
@@ -82,6 +83,7 @@ from llmos.kernel.store.contract import (
     encode_page_token,
     finish_reason_for,
     recovery_error,
+    unstored_text,
 )
 from llmos.kernel.store.sealing import ERROR, EVENT, OUTPUT, REQUEST, TRACE, Sealer, usage_key
 from llmos.services.errors import (
@@ -107,46 +109,78 @@ LIST_CHUNK = 200
 # How many times `transition` re-reads a task that another kernel changed under it.
 MAX_CAS_ROUNDS = 20
 
+# The task hash's `output_chars` counts the characters of the attempt's output (a re-queue
+# sets it to 0): a text write that says where it starts (`at`) is applied only if the count
+# is still that, and otherwise answers the count, so the caller drops what is stored already
+# (`unstored_text`). A script whose reply was lost, sent again, is so applied once. No
+# output string means no output, whatever the count says: a kernel of an older version,
+# sharing the server during an upgrade, re-queues without resetting the count.
+OUTPUT_CHARS = """
+local function output_chars(task, output)
+  if redis.call('EXISTS', output) == 0 then return 0 end
+  return tonumber(redis.call('HGET', task, 'output_chars') or '0')
+end
+"""
+
 # KEYS: task hash, events list, output string, old state index, new state index, trace list.
 # ARGV: expected state, event, reset output ("1"/"0"), score, task id, text event ("" for
-# none), text, trace step count n, n trace steps, field/value pairs...
+# none), text, text's start ("" for unchecked), text's length in characters, trace step
+# count n, n trace steps, field/value pairs...
 # The text (the attempt's last output) is logged before the state event, the trace steps
-# after it. Returns the state event's offset, or -1 when the state is no longer the
-# expected one (then nothing is written).
-TRANSITION = """
-if redis.call('HGET', KEYS[1], 'state') ~= ARGV[1] then return -1 end
+# after it. Returns {the state event's offset}, or {-1} when the state is no longer the
+# expected one, or {-3, count} when the output's count is not the text's start (then
+# nothing is written).
+TRANSITION = (
+    OUTPUT_CHARS
+    + """
+if redis.call('HGET', KEYS[1], 'state') ~= ARGV[1] then return {-1} end
 if ARGV[6] ~= '' then
+  local stored = output_chars(KEYS[1], KEYS[3])
+  if ARGV[8] ~= '' and stored ~= tonumber(ARGV[8]) then return {-3, stored} end
   redis.call('RPUSH', KEYS[2], ARGV[6])
   redis.call('APPEND', KEYS[3], ARGV[7])
+  redis.call('HSET', KEYS[1], 'output_chars', stored + tonumber(ARGV[9]))
 end
 local offset = redis.call('RPUSH', KEYS[2], ARGV[2]) - 1
 if ARGV[3] == '1' then redis.call('DEL', KEYS[3]) end
-local steps = tonumber(ARGV[8])
-if steps > 0 then redis.call('RPUSH', KEYS[6], unpack(ARGV, 9, 8 + steps)) end
-redis.call('HSET', KEYS[1], unpack(ARGV, 9 + steps))
+local steps = tonumber(ARGV[10])
+if steps > 0 then redis.call('RPUSH', KEYS[6], unpack(ARGV, 11, 10 + steps)) end
+redis.call('HSET', KEYS[1], unpack(ARGV, 11 + steps))
 if KEYS[4] ~= KEYS[5] then
   redis.call('ZREM', KEYS[4], ARGV[5])
   redis.call('ZADD', KEYS[5], ARGV[4], ARGV[5])
 end
-return offset
+return {offset}
 """
+)
 
-# KEYS: task hash, events list, output string. ARGV: event, text, now, running state.
-# Returns {offset} or {-1} (no such task) or {-2, state} (not running).
-APPEND_TEXT = """
+# KEYS: task hash, events list, output string. ARGV: event, text, now, running state,
+# text's start ("" for unchecked), text's length in characters.
+# Returns {offset} or {-1} (no such task) or {-2, state} (not running) or {-3, count, the
+# latest event's offset} (the output's count is not the text's start: nothing written).
+APPEND_TEXT = (
+    OUTPUT_CHARS
+    + """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return {-1} end
 if state ~= ARGV[4] then return {-2, state} end
+local stored = output_chars(KEYS[1], KEYS[3])
+if ARGV[5] ~= '' and stored ~= tonumber(ARGV[5]) then
+  return {-3, stored, redis.call('LLEN', KEYS[2]) - 1}
+end
 local offset = redis.call('RPUSH', KEYS[2], ARGV[1]) - 1
 redis.call('APPEND', KEYS[3], ARGV[2])
-redis.call('HSET', KEYS[1], 'updated_at', ARGV[3])
+redis.call('HSET', KEYS[1], 'updated_at', ARGV[3], 'output_chars', stored + tonumber(ARGV[6]))
 return {offset}
 """
+)
 
-# KEYS: task hash, trace list. ARGV: step. Returns 0 when there is no such task.
+# KEYS: task hash, trace list. ARGV: sealed step. Returns 0 when there is no such task.
+# A step is sealed with a fresh nonce, so the trace's last element equal to it is this very
+# call, run once already: its reply was lost and the client sent it again.
 ADD_TRACE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('RPUSH', KEYS[2], ARGV[1])
+if redis.call('LINDEX', KEYS[2], -1) ~= ARGV[1] then redis.call('RPUSH', KEYS[2], ARGV[1]) end
 return 1
 """
 
@@ -270,21 +304,37 @@ def new_task_script(enqueue: bool) -> str:
     KEYS: task hash, events list, all index, tenant index, state index[, stream].
     ARGV: event, score, task id[, stream field count n, n field/value pairs], fields...
     Returns 0 when the id exists, else 1 (or the stream entry id when enqueuing).
+
+    The same call run twice (its reply was lost and the client sent it again) answers as
+    the first time, not 0: its `create` field, a random token per call
+    (`RedisTaskStore.record_fields`), is the one stored. The entry id is kept in the hash
+    (`entry`) for that answer.
     """
+    first = "5 + 2 * tonumber(ARGV[4])" if enqueue else "4"
     enqueue_lines = (
         """
-local n = tonumber(ARGV[4])
-local entry = redis.call('XADD', KEYS[6], '*', unpack(ARGV, 5, 4 + 2 * n))
-local first = 5 + 2 * n
+local entry = redis.call('XADD', KEYS[6], '*', unpack(ARGV, 5, first - 1))
+redis.call('HSET', KEYS[1], 'entry', entry)
 """
         if enqueue
-        else "local first = 4\n"
+        else ""
     )
     return (
-        "if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end\n"
+        f"local first = {first}\n"
+        + """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  for i = first, #ARGV - 1, 2 do
+    if ARGV[i] == 'create' then
+      if redis.call('HGET', KEYS[1], 'create') ~= ARGV[i + 1] then return 0 end
+      return redis.call('HGET', KEYS[1], 'entry') or 1
+    end
+  end
+  return 0
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, first))
+"""
         + enqueue_lines
         + """
-redis.call('HSET', KEYS[1], unpack(ARGV, first))
 redis.call('RPUSH', KEYS[2], ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
 redis.call('ZADD', KEYS[4], ARGV[2], ARGV[3])
@@ -397,6 +447,21 @@ def not_found(task_id: str) -> NotFound:
         reason="TASK_NOT_FOUND",
         metadata={"task_id": task_id},
     )
+
+
+def contended(task_id: str) -> Unavailable:
+    return Unavailable(
+        f"task {task_id} kept changing under this kernel ({MAX_CAS_ROUNDS} tries); retry",
+        reason="STORE_CONTENDED",
+    )
+
+
+class _OutputMoved(Exception):
+    """A text write met an output whose count is not where the text starts: `count` is it."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__(count)
+        self.count = count
 
 
 def connect(url: str) -> aioredis.Redis:
@@ -518,8 +583,9 @@ class RedisTaskStore(TaskStore):
         return keys, [event, repr(record.created_at), record.task_id]
 
     def record_fields(self, record: TaskRecord) -> dict[str, bytes | str]:
-        """The hash fields of a new record, sealed."""
-        return record_fields(self.sealer, record)
+        """The hash fields of a new record, sealed, and the token that tells the new-task
+        script its own call sent twice from another create of the id (`new_task_script`)."""
+        return {**record_fields(self.sealer, record), "create": secrets.token_hex(8)}
 
     def duplicate(self, task_id: str) -> AlreadyExists:
         return AlreadyExists(
@@ -566,6 +632,7 @@ class RedisTaskStore(TaskStore):
         usage: bytes | None = None,
         error: str | None = None,
         text: str = "",
+        text_at: int | None = None,
         trace: Sequence[bytes] = (),
         brief: bool = False,
         follows_create: bool = False,  # not `joins_creates`: the kernel waits for creates
@@ -577,22 +644,24 @@ class RedisTaskStore(TaskStore):
             reason = finish_reason_for(task_id, to_state, finish_reason)
             if text:
                 check_takes_text(task_id, record.state)
-            applied = await self._apply(
-                record,
-                to_state,
-                finish_reason=reason,
-                usage=usage,
-                error=error,
-                interrupted=record.state == RUNNING and to_state == QUEUED,
-                text=text,
-                trace=trace,
-            )
+            try:
+                applied = await self._apply(
+                    record,
+                    to_state,
+                    finish_reason=reason,
+                    usage=usage,
+                    error=error,
+                    interrupted=record.state == RUNNING and to_state == QUEUED,
+                    text=text,
+                    text_at=text_at,
+                    trace=trace,
+                )
+            except _OutputMoved as moved:  # part of the text is stored already: the rest
+                text, text_at = unstored_text(task_id, text, text_at, moved.count), moved.count
+                continue
             if applied is not None:
                 return briefly(applied) if brief else applied
-        raise Unavailable(
-            f"task {task_id} kept changing under this kernel ({MAX_CAS_ROUNDS} tries); retry",
-            reason="STORE_CONTENDED",
-        )
+        raise contended(task_id)
 
     async def _apply(
         self,
@@ -604,11 +673,13 @@ class RedisTaskStore(TaskStore):
         error: str | None,
         interrupted: bool,
         text: str = "",
+        text_at: int | None = None,
         trace: Sequence[bytes] = (),
     ) -> TaskRecord | None:
         """Write a checked transition (with the attempt's last `text` and `trace` steps, see
         `TaskStore.transition`) if the task is still in `record.state`; the new record, or
-        None when another writer moved it first (the caller reads again)."""
+        None when another writer moved it first (the caller reads again). _OutputMoved when
+        the output's count is not `text_at` (nothing written)."""
         now = self._clock()
         updated = dataclasses.replace(
             record,
@@ -646,7 +717,9 @@ class RedisTaskStore(TaskStore):
         }
         if updated.error != record.error:
             fields["error"] = sealer.seal_text(task_id, ERROR, updated.error)
-        offset = await self.call(
+        if to_state == QUEUED:  # a new attempt: its output starts empty
+            fields["output_chars"] = "0"
+        result = await self.call(
             self._transition(
                 keys=[
                     self.keys.task(task_id),
@@ -671,44 +744,57 @@ class RedisTaskStore(TaskStore):
                     task_id,
                     text_event,
                     output_frame(sealer, task_id, text),
+                    "" if text_at is None else str(text_at),
+                    str(len(text)),
                     str(len(trace)),
                     *(sealer.seal(task_id, TRACE, step) for step in trace),
                     *flatten(fields),
                 ],
             )
         )
-        return None if int(offset) < 0 else updated
-
-    async def append_text(self, task_id: str, text: str) -> int:
-        event = encode_event(
-            self.sealer,
-            task_id,
-            "text",
-            RUNNING,
-            text=text,
-            finish_reason=common_pb2.FINISH_REASON_UNSPECIFIED,
-        )
-        result = await self.call(
-            self._append_text(
-                keys=[
-                    self.keys.task(task_id),
-                    self.keys.events(task_id),
-                    self.keys.output(task_id),
-                ],
-                args=[
-                    event,
-                    output_frame(self.sealer, task_id, text),
-                    repr(self._clock()),
-                    str(int(RUNNING)),
-                ],
-            )
-        )
         code = int(result[0])
-        if code == -1:
-            raise not_found(task_id)
-        if code == -2:
-            check_takes_text(task_id, common_pb2.TaskState.ValueType(int(result[1])))
-        return code
+        if code == -3:
+            raise _OutputMoved(int(result[1]))
+        return None if code < 0 else updated
+
+    async def append_text(self, task_id: str, text: str, *, at: int | None = None) -> int:
+        for _ in range(MAX_CAS_ROUNDS):
+            result = await self.call(
+                self._append_text(
+                    keys=[
+                        self.keys.task(task_id),
+                        self.keys.events(task_id),
+                        self.keys.output(task_id),
+                    ],
+                    args=[
+                        encode_event(
+                            self.sealer,
+                            task_id,
+                            "text",
+                            RUNNING,
+                            text=text,
+                            finish_reason=common_pb2.FINISH_REASON_UNSPECIFIED,
+                        ),
+                        output_frame(self.sealer, task_id, text),
+                        repr(self._clock()),
+                        str(int(RUNNING)),
+                        "" if at is None else str(at),
+                        str(len(text)),
+                    ],
+                )
+            )
+            code = int(result[0])
+            if code == -1:
+                raise not_found(task_id)
+            if code == -2:
+                check_takes_text(task_id, common_pb2.TaskState.ValueType(int(result[1])))
+            if code != -3:
+                return code
+            count = int(result[1])  # part of the text is stored already: the rest
+            text, at = unstored_text(task_id, text, at, count), count
+            if not text:
+                return int(result[2])
+        raise contended(task_id)
 
     async def events(
         self, task_id: str, offset: int = 0, limit: int = MAX_EVENTS_PER_READ

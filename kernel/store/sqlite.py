@@ -146,6 +146,7 @@ from llmos.kernel.store.contract import (
     encode_page_token,
     finish_reason_for,
     recovery_error,
+    unstored_text,
 )
 from llmos.kernel.store.sealing import ERROR, EVENT, REQUEST, TRACE, Sealer
 from llmos.services.errors import (
@@ -164,7 +165,7 @@ log = logging.getLogger(__name__)
 
 FILE_NAME = "tasks.sqlite3"
 LOCK_NAME = "tasks.sqlite3.lock"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 BUSY_TIMEOUT_S = 5.0
 # SQLite's "the file is locked by another connection" codes: a write that meets them at
 # BEGIN was not applied and may be tried again.
@@ -245,6 +246,10 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     ),
     # 2 -> 3 seals the text columns (`_seal_rows`); the schema itself is unchanged.
     2: (),
+    # 3 -> 4: how many characters the current attempt's output holds, so a text write that
+    # says where it starts is stored once (`unstored_text`). A RUNNING task of an older file
+    # is re-queued by recovery (count 0 again), so 0 is right for every existing row.
+    3: ("ALTER TABLE tasks ADD COLUMN output_chars INTEGER NOT NULL DEFAULT 0",),
 }
 # Tables keyed by task id besides `tasks`: what deleting a task deletes.
 PER_TASK_TABLES = ("events", "traces", "subjects")
@@ -295,14 +300,16 @@ def _task_row(conn: sqlite3.Connection, task_id: str) -> tuple[Any, ...]:
     return row
 
 
-# A task's row and the offsets of its next event and trace step, for a transition that
-# reads no output: one statement instead of three.
+# A task's row, the offsets of its next event and trace step and its output's length, for
+# a transition that reads no output: one statement instead of three.
 TASK_ROW_AND_NEXT_OFFSETS = (
     f"SELECT {TASK_COLUMNS}, "
     "(SELECT COALESCE(MAX(seq) + 1, 0) FROM events WHERE events.task_id = tasks.task_id), "
-    "(SELECT COALESCE(MAX(seq) + 1, 0) FROM traces WHERE traces.task_id = tasks.task_id) "
-    "FROM tasks WHERE task_id = ?"
+    "(SELECT COALESCE(MAX(seq) + 1, 0) FROM traces WHERE traces.task_id = tasks.task_id), "
+    "output_chars FROM tasks WHERE task_id = ?"
 )
+# A task's row and its output's length, for a transition that reads the output back.
+TASK_ROW_AND_OUTPUT_CHARS = f"SELECT {TASK_COLUMNS}, output_chars FROM tasks WHERE task_id = ?"
 
 
 def _require_task(conn: sqlite3.Connection, task_id: str) -> None:
@@ -352,7 +359,8 @@ def _next_offset(conn: sqlite3.Connection, table: str, task_id: str) -> int:
     return int(offset)
 
 
-INSERT_TASK = f"INSERT INTO tasks ({TASK_COLUMNS}) VALUES ({', '.join('?' * 14)})"
+# A new row: TASK_COLUMNS' values, then `output_chars`.
+INSERT_TASK = f"INSERT INTO tasks ({TASK_COLUMNS}, output_chars) VALUES ({', '.join('?' * 15)})"
 INSERT_EVENT = (
     "INSERT INTO events (task_id, seq, kind, state, text, finish_reason) VALUES (?, ?, ?, ?, ?, ?)"
 )
@@ -409,8 +417,9 @@ def _apply_transition(
     new_row, events = _transitioned(sealer, row, move, offset)
     conn.execute(
         "UPDATE tasks SET state = ?, updated_at = ?, finished_at = ?, finish_reason = ?, "
-        "usage = ?, error = ?, attempts = ?, attempt_offset = ? WHERE task_id = ?",
-        (new_row[2], *new_row[7:], row[0]),
+        "usage = ?, error = ?, attempts = ?, attempt_offset = ?, "
+        "output_chars = CASE WHEN ? THEN 0 ELSE output_chars + ? END WHERE task_id = ?",
+        (new_row[2], *new_row[7:], move.to_state == QUEUED, len(move.text), row[0]),
     )
     conn.executemany(INSERT_EVENT, events)
     return new_row
@@ -1061,6 +1070,7 @@ class SqliteTaskStore(TaskStore):
                 sealer.seal_text(task_id, ERROR, record.error),
                 record.attempts,
                 0,
+                0,
             )
             try:
                 if joinable.finish is None:
@@ -1102,6 +1112,7 @@ class SqliteTaskStore(TaskStore):
         usage: bytes | None = None,
         error: str | None = None,
         text: str = "",
+        text_at: int | None = None,
         trace: Sequence[bytes] = (),
         brief: bool = False,
         follows_create: bool = False,
@@ -1111,7 +1122,13 @@ class SqliteTaskStore(TaskStore):
         if joinable is not None:
             created = RUNNING if joinable.running else QUEUED
             move = self._checked_move(
-                task_id, created, to_state, finish_reason, usage=usage, error=error, text=text
+                task_id,
+                created,
+                to_state,
+                finish_reason,
+                usage=usage,
+                error=error,
+                text=unstored_text(task_id, text, text_at, 0),  # a new task holds none
             )
             joined = None if move is None else self._join(joinable, task_id, move, steps, brief)
             if joined is not None:
@@ -1125,12 +1142,16 @@ class SqliteTaskStore(TaskStore):
                 found = conn.execute(TASK_ROW_AND_NEXT_OFFSETS, (task_id,)).fetchone()
                 if found is None:
                     raise _not_found(task_id)
-                row, (next_event, next_step) = found[:-2], found[-2:]
+                row, (next_event, next_step, stored) = found[:-3], found[-3:]
             else:
-                row = _task_row(conn, task_id)
+                found = conn.execute(TASK_ROW_AND_OUTPUT_CHARS, (task_id,)).fetchone()
+                if found is None:
+                    raise _not_found(task_id)
+                row, stored = found[:-1], found[-1]
             current = common_pb2.TaskState.ValueType(row[2])
+            unstored = unstored_text(task_id, text, text_at, stored)
             move = self._checked_move(
-                task_id, current, to_state, finish_reason, usage=usage, error=error, text=text
+                task_id, current, to_state, finish_reason, usage=usage, error=error, text=unstored
             )
             if move is None:  # the final transition it already made: nothing to write
                 if brief:
@@ -1157,7 +1178,7 @@ class SqliteTaskStore(TaskStore):
                 for _, kind, sealed in since
                 if kind == "text"
             )
-            return _record(self.sealer, new_row, output + text)
+            return _record(self.sealer, new_row, output + unstored)
 
         return await self._run(operation, small=True)
 
@@ -1195,7 +1216,8 @@ class SqliteTaskStore(TaskStore):
             conn: sqlite3.Connection, row: tuple[Any, ...], events: builtins.list[tuple[Any, ...]]
         ) -> None:
             new_row, more = _transitioned(sealer, row, move, len(events))
-            conn.execute(INSERT_TASK, new_row)
+            output_chars = 0 if move.to_state == QUEUED else len(move.text)
+            conn.execute(INSERT_TASK, (*new_row, output_chars))
             conn.executemany(INSERT_EVENT, [*events, *more])
             _insert_steps(conn, sealer, task_id, steps, first=0)
             output = "" if brief or move.to_state == QUEUED else move.text
@@ -1203,16 +1225,23 @@ class SqliteTaskStore(TaskStore):
 
         return future if joinable.join(finish, job) else None
 
-    async def append_text(self, task_id: str, text: str) -> int:
+    async def append_text(self, task_id: str, text: str, *, at: int | None = None) -> int:
         def operation(conn: sqlite3.Connection) -> int:
-            row = conn.execute("SELECT state FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+            row = conn.execute(
+                "SELECT state, output_chars FROM tasks WHERE task_id = ?", (task_id,)
+            ).fetchone()
             if row is None:
                 raise _not_found(task_id)
             state = common_pb2.TaskState.ValueType(row[0])
             check_takes_text(task_id, state)
-            offset = _insert_text(conn, self.sealer, task_id, state, text)
+            unstored = unstored_text(task_id, text, at, row[1])
+            if not unstored and text:  # all of it is here already: the latest event's offset
+                return _next_offset(conn, "events", task_id) - 1
+            offset = _insert_text(conn, self.sealer, task_id, state, unstored)
             conn.execute(
-                "UPDATE tasks SET updated_at = ? WHERE task_id = ?", (self._clock(), task_id)
+                "UPDATE tasks SET updated_at = ?, output_chars = output_chars + ? "
+                "WHERE task_id = ?",
+                (self._clock(), len(unstored), task_id),
             )
             return offset
 

@@ -505,6 +505,78 @@ async def test_only_a_running_task_takes_text(store: TaskStore) -> None:
     assert (await store.get("queued")).output == (await store.get("done")).output == ""
 
 
+async def test_a_text_write_sent_again_is_stored_once(store: TaskStore) -> None:
+    """A write says where its text starts in the attempt's output (`at`): sent again
+    (its reply was lost), alone or joined with newer text, it is stored once."""
+    await running_task(store, "t1")
+
+    first = await store.append_text("t1", "Hel", at=0)
+    again = await store.append_text("t1", "Hel", at=0)
+    joined = await store.append_text("t1", "Hello", at=0)
+
+    assert (first, again, joined) == (2, 2, 3)
+    assert (await store.get("t1")).output == "Hello"
+    done = await store.transition("t1", SUCCEEDED, text="lo, world", text_at=3)
+    assert done.output == "Hello, world"
+    assert [e.text for e in await store.events("t1") if e.kind == "text"] == [
+        "Hel",
+        "lo",
+        ", world",
+    ]
+
+
+@pytest.mark.parametrize("brief", [False, True])
+async def test_a_transition_whose_text_is_all_stored_writes_only_the_state(
+    store: TaskStore, brief: bool
+) -> None:
+    await running_task(store, "t1")
+    await store.append_text("t1", "all of it", at=0)
+
+    await store.transition("t1", SUCCEEDED, text="all of it", text_at=0, brief=brief)
+
+    assert (await store.get("t1")).output == "all of it"
+    assert await all_events(store, "t1") == [
+        ("state", QUEUED, ""),
+        ("state", RUNNING, ""),
+        ("text", RUNNING, "all of it"),
+        ("state", SUCCEEDED, ""),
+    ]
+
+
+@pytest.mark.parametrize("brief", [False, True])
+async def test_text_that_starts_past_the_stored_output_is_refused(
+    store: TaskStore, brief: bool
+) -> None:
+    """A gap means an earlier write is missing: nothing is applied, and it says so."""
+    await running_task(store, "t1")
+    await store.append_text("t1", "ab", at=0)
+
+    with pytest.raises(FailedPrecondition) as appended:
+        await store.append_text("t1", "d", at=3)
+    with pytest.raises(FailedPrecondition) as ended:
+        await store.transition("t1", SUCCEEDED, text="d", text_at=3, brief=brief)
+    with pytest.raises(InvalidArgument) as negative:
+        await store.append_text("t1", "x", at=-1)
+
+    assert appended.value.reason == ended.value.reason == "OUTPUT_GAP"
+    assert "2 characters" in str(appended.value) and "character 3" in str(appended.value)
+    assert negative.value.reason == "BAD_TEXT_OFFSET"
+    record = await store.get("t1")
+    assert (record.state, record.output) == (RUNNING, "ab")
+
+
+async def test_a_requeue_starts_the_output_count_afresh(store: TaskStore) -> None:
+    await running_task(store, "t1")
+    await store.append_text("t1", "half an ans", at=0)
+    await store.transition("t1", QUEUED, error="runtime died mid-stream")
+    await store.transition("t1", RUNNING)
+
+    await store.append_text("t1", "a whole", at=0)
+    done = await store.transition("t1", SUCCEEDED, text=" answer", text_at=7)
+
+    assert done.output == "a whole answer"
+
+
 async def test_events_resume_from_an_offset(store: TaskStore) -> None:
     await running_task(store, "t1")
     for index in range(10):
@@ -1189,6 +1261,7 @@ async def test_sqlite_a_transition_joins_its_tasks_queued_create(
         "finish_reason": common_pb2.FINISH_REASON_STOP,
         "usage": b"usage",
         "text": "hello",
+        "text_at": 0,
         "trace": [b"admit", b"record"],
     }
     try:
@@ -1410,7 +1483,12 @@ async def test_sqlite_uses_wal_and_records_its_schema_version(tmp_path: Path) ->
     assert store.path == tmp_path / "tasks.sqlite3"
     with sqlite3.connect(store.path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,), (2,), (3,)]
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [
+            (1,),
+            (2,),
+            (3,),
+            (4,),
+        ]
     conn.close()
 
 

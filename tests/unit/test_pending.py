@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from llmos.kernel.pending import PendingWrites
+from llmos.kernel.pending import PendingWrites, Taken
 from llmos.kernel.store import SqliteTaskStore, TaskRecord, TaskStore
-from llmos.services.errors import FailedPrecondition
+from llmos.services.errors import FailedPrecondition, Unavailable
 from llmos.services.keyring import KeyRing
 from llmos.v1 import common_pb2
 
@@ -52,10 +52,10 @@ async def test_a_transition_takes_everything_pending_in_order(store: TaskStore) 
     pending.add_text("lo")
     pending.add_step(b"runtime:generate")
 
-    text, steps = await pending.take()
+    taken = await pending.take()
 
-    assert (text, steps) == ("Hello", (b"admit", b"runtime:generate"))
-    assert await pending.take() == ("", ())
+    assert taken == Taken("Hello", 0, (b"admit", b"runtime:generate"))
+    assert await pending.take() == Taken("", 5, ())
     assert await texts(store, "t1") == []  # nothing was written on its own
 
 
@@ -71,7 +71,7 @@ async def test_what_waits_is_written_on_its_own_within_the_flush_interval(
 
     assert await texts(store, "t1") == ["live "]
     assert await store.trace("t1") == [b"safety:input"]
-    assert await pending.take() == ("", ())
+    assert await pending.take() == Taken("", 5, ())
 
 
 async def test_a_take_waits_for_a_flush_already_writing(
@@ -81,10 +81,10 @@ async def test_a_take_waits_for_a_flush_already_writing(
     writing, release = asyncio.Event(), asyncio.Event()
     append_text = store.append_text
 
-    async def slow_append(task_id: str, text: str) -> int:
+    async def slow_append(task_id: str, text: str, *, at: int | None = None) -> int:
         writing.set()
         await release.wait()
-        return await append_text(task_id, text)
+        return await append_text(task_id, text, at=at)
 
     monkeypatch.setattr(store, "append_text", slow_append)
     pending = PendingWrites(store, "t1", flush_s=0)
@@ -97,7 +97,7 @@ async def test_a_take_waits_for_a_flush_already_writing(
     assert not taking.done(), "the transition must come after the flush's text"
     release.set()
 
-    assert await taking == ("second", ())
+    assert await taking == Taken("second", 6, ())
     assert await texts(store, "t1") == ["first "]
 
 
@@ -115,8 +115,10 @@ async def test_a_failed_flush_keeps_the_text_and_stops_the_next_piece(
     assert caught.value.reason == "TASK_NOT_RUNNING"
     pending.add_text(" and more")  # the error is raised once
     await store.transition("t1", RUNNING)
-    text, steps = await pending.take()  # whatever the next flush did not write
-    done = await store.transition("t1", SUCCEEDED, text=text, trace=steps)
+    taken = await pending.take()  # whatever the next flush did not write
+    done = await store.transition(
+        "t1", SUCCEEDED, text=taken.text, text_at=taken.at, trace=taken.steps
+    )
     assert done.output == "kept and more"
 
 
@@ -125,13 +127,46 @@ async def test_a_transition_that_failed_gives_back_what_it_took(store: TaskStore
     pending = PendingWrites(store, "t1", flush_s=60)
     pending.add_text("a")
     pending.add_step(b"one")
-    text, steps = await pending.take()
+    taken = await pending.take()
     pending.add_text("b")
     pending.add_step(b"two")
 
-    pending.restore(text, steps)
+    pending.restore(taken)
 
-    assert await pending.take() == ("ab", (b"one", b"two"))
+    assert await pending.take() == Taken("ab", 0, (b"one", b"two"))
+
+
+async def test_text_that_was_stored_though_its_write_failed_is_kept_once(
+    store: TaskStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis can run a write and lose its reply: the text comes back here and goes again
+    from the same place, and the store keeps only what it lacks."""
+    await new_task(store, "t1")
+    append_text = store.append_text
+    replies_lost = 0
+
+    async def first_reply_lost(task_id: str, text: str, *, at: int | None = None) -> int:
+        nonlocal replies_lost
+        offset = await append_text(task_id, text, at=at)
+        if replies_lost == 0:
+            replies_lost += 1
+            raise Unavailable("the connection dropped before the reply", reason="STORE_UNAVAILABLE")
+        return offset
+
+    monkeypatch.setattr(store, "append_text", first_reply_lost)
+    pending = PendingWrites(store, "t1", flush_s=0.01)
+    pending.add_text("Hello")
+    await asyncio.sleep(0.1)  # stored, put back, flushed again
+    with pytest.raises(Unavailable):
+        pending.add_text(", world")
+    pending.add_text(", world")
+
+    taken = await pending.take()
+    assert taken == Taken(", world", 5, ())
+    done = await store.transition("t1", SUCCEEDED, text=taken.text, text_at=taken.at)
+
+    assert done.output == "Hello, world"
+    assert await texts(store, "t1") == ["Hello", ", world"]
 
 
 async def test_discarded_writes_are_never_flushed(store: TaskStore) -> None:
@@ -152,7 +187,7 @@ async def test_steps_alone_wait_for_the_longer_step_interval(store: TaskStore) -
     await asyncio.sleep(0.1)  # ten text intervals: a step alone is not written yet
 
     assert await store.trace("t1") == []
-    assert await pending.take() == ("", (b"admit",))  # it goes with the transition
+    assert await pending.take() == Taken("", 0, (b"admit",))  # it goes with the transition
 
 
 async def test_text_brings_a_waiting_step_forward(store: TaskStore) -> None:
@@ -164,7 +199,7 @@ async def test_text_brings_a_waiting_step_forward(store: TaskStore) -> None:
 
     assert await texts(store, "t1") == ["live"]
     assert await store.trace("t1") == [b"admit"]
-    assert await pending.take() == ("", ())
+    assert await pending.take() == Taken("", 4, ())
 
 
 async def test_steps_alone_are_written_within_the_step_interval(store: TaskStore) -> None:
@@ -174,7 +209,7 @@ async def test_steps_alone_are_written_within_the_step_interval(store: TaskStore
     await asyncio.sleep(0.2)
 
     assert await store.trace("t1") == [b"admit"]
-    assert await pending.take() == ("", ())
+    assert await pending.take() == Taken("", 0, ())
 
 
 async def test_nothing_is_flushed_before_the_first_write_has_landed(store: TaskStore) -> None:
@@ -201,7 +236,7 @@ async def test_a_transition_takes_what_waited_for_the_first_write(store: TaskSto
     await asyncio.sleep(0.05)
     stored.set_result(True)
 
-    assert await pending.take() == ("all ", ())  # before the window, started over, ends
+    assert await pending.take() == Taken("all ", 0, ())  # before the window, started over, ends
     await asyncio.sleep(0.1)
     assert await texts(store, "t1") == []
 
@@ -221,4 +256,4 @@ async def test_nothing_is_flushed_when_the_first_write_was_refused_or_unknown(
 
     assert await texts(store, "t1") == []
     assert await store.trace("t1") == []
-    assert await pending.take() == ("orphan ", (b"admit",))  # still there for the runner
+    assert await pending.take() == Taken("orphan ", 0, (b"admit",))  # still there for the runner

@@ -1,0 +1,235 @@
+"""A Redis write that ran but whose reply was lost is stored once.
+
+When the connection drops after Redis ran a script and before its reply arrived, the
+client cannot tell whether it ran, and redis-py sends it again on a new connection. A
+text append sent twice used to be stored twice: a task's output held part of its text
+twice after a Redis restart under load (docs/operator-guide.md's former known issue).
+
+The connection here goes through a TCP relay in the test process, between the store and
+the real test Redis, that can be told to cut the connection at the reply to the next
+script call (EVALSHA) instead of passing it on: the script has run on the server, and the
+client hears nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import pytest
+from redistools import REDIS_URL, delete_prefix, fresh_prefix
+
+from llmos.kernel.scheduler import Priority
+from llmos.kernel.store import TaskRecord
+from llmos.kernel.store.redis import RedisTaskStore
+from llmos.kernel.store.work_queue import RedisWorkQueue
+from llmos.services.errors import AlreadyExists
+from llmos.services.keyring import KeyRing
+from llmos.v1 import common_pb2
+
+QUEUED = common_pb2.TASK_STATE_QUEUED
+RUNNING = common_pb2.TASK_STATE_RUNNING
+SUCCEEDED = common_pb2.TASK_STATE_SUCCEEDED
+
+
+class ReplyCutter:
+    """A TCP relay to Redis that, when armed, cuts the connection at the reply to the next
+    script call."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self._target = (host, port)
+        self._armed = False  # for the next script call, on whichever connection
+        self.cuts = 0
+        self._writers: list[asyncio.StreamWriter] = []
+        self._relays: set[asyncio.Task[None] | None] = set()
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def cut_next_script_reply(self) -> None:
+        self._armed = True
+
+    async def _relay(
+        self, client_in: asyncio.StreamReader, client_out: asyncio.StreamWriter
+    ) -> None:
+        self._relays.add(asyncio.current_task())
+        server_in, server_out = await asyncio.open_connection(*self._target)
+        self._writers += [client_out, server_out]
+        cut = asyncio.Event()  # set before the script call is passed on: its reply is cut
+        upstream = asyncio.create_task(self._upstream(client_in, server_out, cut))
+        try:
+            while chunk := await server_in.read(65536):
+                if cut.is_set():
+                    self.cuts += 1
+                    break  # the script ran; its reply goes nowhere
+                client_out.write(chunk)
+                await client_out.drain()
+        except ConnectionError:
+            pass
+        finally:
+            upstream.cancel()
+            for writer in (client_out, server_out):
+                writer.close()
+
+    async def _upstream(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cut: asyncio.Event
+    ) -> None:
+        with contextlib.suppress(ConnectionError):
+            while chunk := await reader.read(65536):
+                if self._armed and b"EVALSHA" in chunk.upper():
+                    self._armed = False
+                    cut.set()
+                writer.write(chunk)
+                await writer.drain()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for writer in self._writers:
+            writer.close()
+        # Each relay ends once its sockets are closed; cancelled, asyncio would log it.
+        relays = [relay for relay in self._relays if relay is not None and not relay.done()]
+        if relays:
+            await asyncio.wait(relays, timeout=5)
+
+
+@pytest.fixture
+async def cut_store() -> AsyncIterator[tuple[RedisTaskStore, ReplyCutter]]:
+    host_port, database = REDIS_URL.removeprefix("redis://").split("/")
+    host, port = host_port.rsplit(":", 1)
+    cutter = ReplyCutter(host, int(port))
+    relay_port = await cutter.start()
+    prefix = fresh_prefix("lost-reply")
+    store = await RedisTaskStore.open(
+        f"redis://127.0.0.1:{relay_port}/{database}", prefix=prefix, keys=KeyRing.generate()
+    )
+    try:
+        yield store, cutter
+    finally:
+        await store.close()
+        await cutter.close()
+        delete_prefix(prefix)
+
+
+def new_record(task_id: str) -> TaskRecord:
+    return TaskRecord.queued(
+        task_id,
+        tenant="acme",
+        model="echo",
+        priority=common_pb2.PRIORITY_NORMAL,
+        request=b"",
+        now=1.0,
+    )
+
+
+async def running_task(store: RedisTaskStore, task_id: str) -> None:
+    await store.create(new_record(task_id), running=True)
+
+
+async def test_an_append_whose_reply_was_lost_is_stored_once(
+    cut_store: tuple[RedisTaskStore, ReplyCutter],
+) -> None:
+    store, cutter = cut_store
+    await running_task(store, "t1")
+    await store.append_text("t1", "Hel", at=0)  # the script is loaded: one command next
+
+    cutter.cut_next_script_reply()
+    offset = await store.append_text("t1", "lo", at=3)
+
+    assert cutter.cuts == 1, "the relay cut a reply"
+    assert offset == 3
+    assert (await store.get("t1")).output == "Hello"
+    assert [e.text for e in await store.events("t1") if e.kind == "text"] == ["Hel", "lo"]
+
+
+async def test_without_a_start_a_lost_reply_stores_the_text_twice(
+    cut_store: tuple[RedisTaskStore, ReplyCutter],
+) -> None:
+    """What the start (`at`) is for: the same cut, and an append that gives none."""
+    store, cutter = cut_store
+    await running_task(store, "t1")
+    await store.append_text("t1", "Hel")
+
+    cutter.cut_next_script_reply()
+    await store.append_text("t1", "lo")
+
+    assert cutter.cuts == 1
+    assert (await store.get("t1")).output == "Hellolo"
+
+
+async def test_an_ending_whose_reply_was_lost_is_stored_once(
+    cut_store: tuple[RedisTaskStore, ReplyCutter],
+) -> None:
+    store, cutter = cut_store
+    await running_task(store, "t1")
+    await store.append_text("t1", "Hel", at=0)  # create(running=True) loaded the other
+
+    cutter.cut_next_script_reply()
+    done = await store.transition("t1", SUCCEEDED, text="lo", text_at=3)
+
+    assert cutter.cuts == 1
+    assert (done.state, done.output) == (SUCCEEDED, "Hello")
+    kinds = [(e.kind, e.text) for e in await store.events("t1")]
+    assert kinds.count(("text", "lo")) == 1 and kinds.count(("state", "")) == 3
+
+
+async def test_a_trace_step_whose_reply_was_lost_is_stored_once(
+    cut_store: tuple[RedisTaskStore, ReplyCutter],
+) -> None:
+    store, cutter = cut_store
+    await running_task(store, "t1")
+    await store.add_trace_step("t1", b"admit")
+
+    cutter.cut_next_script_reply()
+    await store.add_trace_step("t1", b"safety:input")
+    await store.add_trace_step("t1", b"safety:input")  # a step of its own, sealed anew
+
+    assert cutter.cuts == 1
+    assert await store.trace("t1") == [b"admit", b"safety:input", b"safety:input"]
+
+
+async def test_a_create_whose_reply_was_lost_is_not_a_duplicate(
+    cut_store: tuple[RedisTaskStore, ReplyCutter],
+) -> None:
+    """The create ran: sent again, it is the same task, not DUPLICATE_TASK for the caller's
+    own task; a second create of the id still is."""
+    store, cutter = cut_store
+    await running_task(store, "warm-up")  # loads the scripts
+
+    cutter.cut_next_script_reply()
+    await running_task(store, "t1")
+
+    assert cutter.cuts == 1
+    assert (await store.get("t1")).state == RUNNING
+    assert [e.state for e in await store.events("t1")] == [QUEUED, RUNNING]
+    with pytest.raises(AlreadyExists):
+        await running_task(store, "t1")
+
+
+async def test_a_submit_whose_reply_was_lost_is_queued_once(
+    cut_store: tuple[RedisTaskStore, ReplyCutter],
+) -> None:
+    store, cutter = cut_store
+    queue = RedisWorkQueue(store, kernel_id="k1")
+    await queue.start()
+    try:
+        await queue.submit(new_record("warm-up"))
+        await queue.attach(new_record("warm-up-attached"))
+
+        cutter.cut_next_script_reply()
+        await queue.submit(new_record("t1"))
+        cutter.cut_next_script_reply()
+        await queue.attach(new_record("t2"))
+
+        assert cutter.cuts == 2
+        stream = queue.streams[Priority.NORMAL]
+        entries = await store.client.xrange(stream)
+        assert [fields[b"task_id"] for _, fields in entries] == [b"warm-up", b"t1"]
+        assert "t2" in queue.held, "the attached task is held with its entry id"
+        attached = await store.client.xrange(queue.attached)
+        assert queue.held["t2"].entry_id == attached[-1][0].decode()
+    finally:
+        await queue.close()
