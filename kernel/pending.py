@@ -75,9 +75,11 @@ class PendingWrites:
         *,
         stored: asyncio.Future[Any] | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
+        attempt: int | None = None,
     ) -> None:
         """`stored`, when given, ends once the task's first write has (flushes wait).
-        `loop` is the running loop, when the caller knows it (else asked for at first use)."""
+        `loop` is the running loop, when the caller knows it (else asked for at first use).
+        `attempt` is the task's attempt these writes belong to (`TaskStore.append_text`)."""
         self._store = store
         self._task_id = task_id
         self._flush_s = flush_s
@@ -91,6 +93,7 @@ class PendingWrites:
         self._flushing: asyncio.Task[None] | None = None
         self._error: LlmosError | None = None
         self._loop = loop
+        self._attempt = attempt
 
     def add_text(self, text: str) -> None:
         """Hold `text` for the next write. Raises the error of a flush that failed since the
@@ -191,7 +194,9 @@ class PendingWrites:
         taken = self._take_now()
         try:
             if taken.text:
-                await self._store.append_text(self._task_id, taken.text, at=taken.at)
+                await self._store.append_text(
+                    self._task_id, taken.text, at=taken.at, attempt=self._attempt
+                )
                 taken = taken._replace(text="")
             while taken.steps:
                 await self._store.add_trace_step(self._task_id, taken.steps[0])

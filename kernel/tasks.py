@@ -44,7 +44,7 @@ from llmos.kernel.call_endings import CallEndings
 from llmos.kernel.memory import Headroom, kv_evidence
 from llmos.kernel.output import OutputPath
 from llmos.kernel.pending import NOTHING_TAKEN, PendingWrites
-from llmos.kernel.policy import Policies
+from llmos.kernel.policy import Policies, TenantPolicy
 from llmos.kernel.registry import Registry
 from llmos.kernel.scheduler import Dispatch, Priority, Scheduler, Ticket
 from llmos.kernel.stages import Plugins, Stage, StageContext, for_policy, services_required
@@ -106,6 +106,10 @@ class Running:
     # stored, False refused, None not known (its caller left mid-write). None here: the
     # task was stored before it was admitted (recovered, or taken from the shared queue).
     stored: asyncio.Future[bool | None] | None = None
+    # The task's `attempts` count when this run began (None until it is RUNNING): every
+    # write of the run carries it, so once another kernel took the task over (this kernel
+    # stalled past its claim) the run's late writes are refused (ATTEMPT_OVER).
+    attempt: int | None = None
 
 
 class TaskRunner:
@@ -600,29 +604,10 @@ class TaskRunner:
             self._forget(ticket.task_id, running)
             await self._settle(ticket.task_id)
             return
+        running.attempt = record.attempts
         policy = self.policies.for_tenant(ticket.tenant)
         before, after = for_policy(policy)
-        evidence = {
-            "policy": policy.name,  # chose the stages: one it leaves out writes no step
-            "tenant": ticket.tenant,
-            "priority": ticket.priority.label,
-            "ran_as": (effective or ticket.priority).label,
-        }
-        evidence.update(running.headroom)
-        if self.queue is not None:
-            evidence["kernel"] = self.queue.kernel_id
-        await self._trace(
-            ticket.task_id,
-            common_pb2.TraceStep(
-                stage="admit",
-                service="kernel",
-                started_at=now_timestamp(),
-                duration=duration(time.monotonic() - ticket.enqueued_at),
-                decision="dispatched",
-                reason="scheduled by priority class, tenant fair share and deadline",
-                evidence=evidence,
-            ),
-        )
+        await self._trace(ticket.task_id, self._admit_step(ticket, effective, running, policy))
         request = kernel_pb2.GenerateRequest.FromString(record.request)
         if any(stage.name == "plugins:after" for stage in after) and (
             self.plugins is not None and self.plugins.holds_output()
@@ -671,6 +656,29 @@ class TaskRunner:
             await self._failed(ticket.task_id, running, repr(error))
         finally:
             self._forget(ticket.task_id, running)
+
+    def _admit_step(
+        self, ticket: Ticket, effective: Priority | None, running: Running, policy: TenantPolicy
+    ) -> common_pb2.TraceStep:
+        """The `admit` trace step: how the task was scheduled and under which policy."""
+        evidence = {
+            "policy": policy.name,  # chose the stages: one it leaves out writes no step
+            "tenant": ticket.tenant,
+            "priority": ticket.priority.label,
+            "ran_as": (effective or ticket.priority).label,
+        }
+        evidence.update(running.headroom)
+        if self.queue is not None:
+            evidence["kernel"] = self.queue.kernel_id
+        return common_pb2.TraceStep(
+            stage="admit",
+            service="kernel",
+            started_at=now_timestamp(),
+            duration=duration(time.monotonic() - ticket.enqueued_at),
+            decision="dispatched",
+            reason="scheduled by priority class, tenant fair share and deadline",
+            evidence=evidence,
+        )
 
     def _first_write_pending(self, running: Running) -> bool:
         """Whether the task's first write is in flight and the store can take the task's
@@ -932,6 +940,7 @@ class TaskRunner:
         taken = NOTHING_TAKEN if pending is None else await pending.take()
         for step in steps:
             kernel_metrics.stage_ran(step)
+        running = self._live.get(task_id)
         try:
             record = await self.store.transition(
                 task_id,
@@ -944,6 +953,7 @@ class TaskRunner:
                 trace=(*taken.steps, *(step.SerializeToString() for step in steps)),
                 brief=brief,
                 follows_create=follows_create,
+                attempt=None if running is None else running.attempt,
             )
         except LlmosError:
             if pending is not None:
@@ -953,7 +963,6 @@ class TaskRunner:
         self._task_event(record, state, error)
         if record.finished:
             self._pending.pop(task_id, None)
-            running = self._live.get(task_id)
             if running is not None:
                 running.final = record
         return record
@@ -987,7 +996,11 @@ class TaskRunner:
             running = self._live.get(task_id)
             stored = None if running is None else running.stored
             pending = self._pending[task_id] = PendingWrites(
-                self.store, task_id, stored=stored, loop=self._event_loop
+                self.store,
+                task_id,
+                stored=stored,
+                loop=self._event_loop,
+                attempt=None if running is None else running.attempt,
             )
         return pending
 

@@ -288,6 +288,22 @@ def check_takes_text(task_id: str, state: TaskState) -> None:
         )
 
 
+def check_attempt(task_id: str, attempts: int, attempt: int | None) -> None:
+    """A write of attempt `attempt` (the task's `attempts` when that attempt began; None:
+    unchecked) to a task whose count is now `attempts`: FailedPrecondition(ATTEMPT_OVER)
+    when they differ. The task was re-queued since, by the kernel that took it over when
+    the writer's claim lapsed; the writer's late text or end must not land in the new
+    attempt."""
+    if attempt is not None and attempt != attempts:
+        raise FailedPrecondition(
+            f"task {task_id} was queued again since this attempt began (it is in attempt "
+            f"{attempts + 1}, the write is from attempt {attempt + 1}): another kernel took it "
+            "over, and this attempt's writes are dropped",
+            reason="ATTEMPT_OVER",
+            metadata={"task_id": task_id},
+        )
+
+
 def unstored_text(task_id: str, text: str, at: int | None, stored: int) -> str:
     """The part of `text` a store still lacks, for a write that says where `text` starts.
 
@@ -438,6 +454,7 @@ class TaskStore(abc.ABC):
         trace: Sequence[bytes] = (),
         brief: bool = False,
         follows_create: bool = False,
+        attempt: int | None = None,
     ) -> TaskRecord:
         """Move the task to `to_state` and log a "state" event, atomically; the new record.
 
@@ -454,7 +471,8 @@ class TaskStore(abc.ABC):
         it: FailedPrecondition(TASK_NOT_RUNNING) otherwise, and nothing is applied); `trace`
         steps are appended to the trace, in order, as `add_trace_step` would. A refused
         transition writes neither, and neither does a repeated final transition. `text_at`
-        says where `text` starts in the attempt's output, as for `append_text`.
+        says where `text` starts in the attempt's output, and `attempt` which attempt
+        writes, as for `append_text`.
 
         `brief` is for a caller that reads only the record's state and fields (the kernel,
         ending a task): the record comes back with `request` b"" and `output` "", which
@@ -469,7 +487,9 @@ class TaskStore(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def append_text(self, task_id: str, text: str, *, at: int | None = None) -> int:
+    async def append_text(
+        self, task_id: str, text: str, *, at: int | None = None, attempt: int | None = None
+    ) -> int:
         """Log generated text and add it to `output`, atomically; the event's offset.
 
         Only a RUNNING task produces text: FailedPrecondition(TASK_FINISHED) once it is final,
@@ -482,6 +502,11 @@ class TaskStore(abc.ABC):
         (`unstored_text`), and when that is all of it nothing is logged and the offset is the
         task's latest event's. The kernel gives it on every write, since a Redis write whose
         reply was lost is sent again.
+
+        `attempt`, when given, is the task's `attempts` when the writer's attempt began: a
+        task queued again since refuses the write (`check_attempt`, ATTEMPT_OVER), so a
+        kernel whose claim lapsed while it stalled cannot write into the attempt of the
+        kernel that took the task over.
         """
 
     @abc.abstractmethod

@@ -72,6 +72,7 @@ from llmos.kernel.store.contract import (
     TaskState,
     TaskStore,
     briefly,
+    check_attempt,
     check_event_range,
     check_expire_limit,
     check_max_attempts,
@@ -124,16 +125,19 @@ end
 
 # KEYS: task hash, events list, output string, old state index, new state index, trace list.
 # ARGV: expected state, event, reset output ("1"/"0"), score, task id, text event ("" for
-# none), text, text's start ("" for unchecked), text's length in characters, trace step
-# count n, n trace steps, field/value pairs...
+# none), text, text's start ("" for unchecked), text's length in characters, the writer's
+# attempt ("" for unchecked), trace step count n, n trace steps, field/value pairs...
 # The text (the attempt's last output) is logged before the state event, the trace steps
 # after it. Returns {the state event's offset}, or {-1} when the state is no longer the
-# expected one, or {-3, count} when the output's count is not the text's start (then
-# nothing is written).
+# expected one, or {-3, count} when the output's count is not the text's start, or {-4,
+# attempts} when the task's attempt is not the writer's (then nothing is written).
 TRANSITION = (
     OUTPUT_CHARS
     + """
 if redis.call('HGET', KEYS[1], 'state') ~= ARGV[1] then return {-1} end
+if ARGV[10] ~= '' and redis.call('HGET', KEYS[1], 'attempts') ~= ARGV[10] then
+  return {-4, redis.call('HGET', KEYS[1], 'attempts')}
+end
 if ARGV[6] ~= '' then
   local stored = output_chars(KEYS[1], KEYS[3])
   if ARGV[8] ~= '' and stored ~= tonumber(ARGV[8]) then return {-3, stored} end
@@ -143,9 +147,9 @@ if ARGV[6] ~= '' then
 end
 local offset = redis.call('RPUSH', KEYS[2], ARGV[2]) - 1
 if ARGV[3] == '1' then redis.call('DEL', KEYS[3]) end
-local steps = tonumber(ARGV[10])
-if steps > 0 then redis.call('RPUSH', KEYS[6], unpack(ARGV, 11, 10 + steps)) end
-redis.call('HSET', KEYS[1], unpack(ARGV, 11 + steps))
+local steps = tonumber(ARGV[11])
+if steps > 0 then redis.call('RPUSH', KEYS[6], unpack(ARGV, 12, 11 + steps)) end
+redis.call('HSET', KEYS[1], unpack(ARGV, 12 + steps))
 if KEYS[4] ~= KEYS[5] then
   redis.call('ZREM', KEYS[4], ARGV[5])
   redis.call('ZADD', KEYS[5], ARGV[4], ARGV[5])
@@ -155,14 +159,17 @@ return {offset}
 )
 
 # KEYS: task hash, events list, output string. ARGV: event, text, now, running state,
-# text's start ("" for unchecked), text's length in characters.
-# Returns {offset} or {-1} (no such task) or {-2, state} (not running) or {-3, count, the
-# latest event's offset} (the output's count is not the text's start: nothing written).
+# text's start ("" for unchecked), text's length in characters, the writer's attempt (""
+# for unchecked). Returns {offset} or {-1} (no such task) or {-4, attempts} (not the
+# writer's attempt) or {-2, state} (not running) or {-3, count, the latest event's offset}
+# (the output's count is not the text's start); nothing is written but for {offset}.
 APPEND_TEXT = (
     OUTPUT_CHARS
     + """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return {-1} end
+local attempts = redis.call('HGET', KEYS[1], 'attempts')
+if ARGV[7] ~= '' and attempts ~= ARGV[7] then return {-4, attempts} end
 if state ~= ARGV[4] then return {-2, state} end
 local stored = output_chars(KEYS[1], KEYS[3])
 if ARGV[5] ~= '' and stored ~= tonumber(ARGV[5]) then
@@ -636,9 +643,11 @@ class RedisTaskStore(TaskStore):
         trace: Sequence[bytes] = (),
         brief: bool = False,
         follows_create: bool = False,  # not `joins_creates`: the kernel waits for creates
+        attempt: int | None = None,
     ) -> TaskRecord:
         for _ in range(MAX_CAS_ROUNDS):
             record = await self._read(task_id)
+            check_attempt(task_id, record.attempts, attempt)  # the script checks it again
             if not check_transition(task_id, record.state, to_state):
                 return briefly(record) if brief else record
             reason = finish_reason_for(task_id, to_state, finish_reason)
@@ -655,6 +664,7 @@ class RedisTaskStore(TaskStore):
                     text=text,
                     text_at=text_at,
                     trace=trace,
+                    attempt=attempt,
                 )
             except _OutputMoved as moved:  # part of the text is stored already: the rest
                 text, text_at = unstored_text(task_id, text, text_at, moved.count), moved.count
@@ -675,11 +685,13 @@ class RedisTaskStore(TaskStore):
         text: str = "",
         text_at: int | None = None,
         trace: Sequence[bytes] = (),
+        attempt: int | None = None,
     ) -> TaskRecord | None:
         """Write a checked transition (with the attempt's last `text` and `trace` steps, see
         `TaskStore.transition`) if the task is still in `record.state`; the new record, or
         None when another writer moved it first (the caller reads again). _OutputMoved when
-        the output's count is not `text_at` (nothing written)."""
+        the output's count is not `text_at`, ATTEMPT_OVER when the task's attempt is not
+        `attempt` (nothing written)."""
         now = self._clock()
         updated = dataclasses.replace(
             record,
@@ -746,6 +758,7 @@ class RedisTaskStore(TaskStore):
                     output_frame(sealer, task_id, text),
                     "" if text_at is None else str(text_at),
                     str(len(text)),
+                    "" if attempt is None else str(attempt),
                     str(len(trace)),
                     *(sealer.seal(task_id, TRACE, step) for step in trace),
                     *flatten(fields),
@@ -755,9 +768,13 @@ class RedisTaskStore(TaskStore):
         code = int(result[0])
         if code == -3:
             raise _OutputMoved(int(result[1]))
+        if code == -4:
+            check_attempt(task_id, int(result[1]), attempt)
         return None if code < 0 else updated
 
-    async def append_text(self, task_id: str, text: str, *, at: int | None = None) -> int:
+    async def append_text(
+        self, task_id: str, text: str, *, at: int | None = None, attempt: int | None = None
+    ) -> int:
         for _ in range(MAX_CAS_ROUNDS):
             result = await self.call(
                 self._append_text(
@@ -780,6 +797,7 @@ class RedisTaskStore(TaskStore):
                         str(int(RUNNING)),
                         "" if at is None else str(at),
                         str(len(text)),
+                        "" if attempt is None else str(attempt),
                     ],
                 )
             )
@@ -788,6 +806,8 @@ class RedisTaskStore(TaskStore):
                 raise not_found(task_id)
             if code == -2:
                 check_takes_text(task_id, common_pb2.TaskState.ValueType(int(result[1])))
+            if code == -4:
+                check_attempt(task_id, int(result[1]), attempt)
             if code != -3:
                 return code
             count = int(result[1])  # part of the text is stored already: the rest

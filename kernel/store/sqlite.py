@@ -135,6 +135,7 @@ from llmos.kernel.store.contract import (
     TaskRecord,
     TaskState,
     TaskStore,
+    check_attempt,
     check_event_range,
     check_expire_limit,
     check_max_attempts,
@@ -1116,9 +1117,12 @@ class SqliteTaskStore(TaskStore):
         trace: Sequence[bytes] = (),
         brief: bool = False,
         follows_create: bool = False,
+        attempt: int | None = None,
     ) -> TaskRecord:
         steps = tuple(trace)
         joinable = self._joinable.get(task_id) if follows_create else None
+        # Joined to its own create, still queued: no other writer can have moved the task,
+        # so `attempt` has nothing to check there.
         if joinable is not None:
             created = RUNNING if joinable.running else QUEUED
             move = self._checked_move(
@@ -1148,6 +1152,7 @@ class SqliteTaskStore(TaskStore):
                 if found is None:
                     raise _not_found(task_id)
                 row, stored = found[:-1], found[-1]
+            check_attempt(task_id, row[12], attempt)
             current = common_pb2.TaskState.ValueType(row[2])
             unstored = unstored_text(task_id, text, text_at, stored)
             move = self._checked_move(
@@ -1225,13 +1230,16 @@ class SqliteTaskStore(TaskStore):
 
         return future if joinable.join(finish, job) else None
 
-    async def append_text(self, task_id: str, text: str, *, at: int | None = None) -> int:
+    async def append_text(
+        self, task_id: str, text: str, *, at: int | None = None, attempt: int | None = None
+    ) -> int:
         def operation(conn: sqlite3.Connection) -> int:
             row = conn.execute(
-                "SELECT state, output_chars FROM tasks WHERE task_id = ?", (task_id,)
+                "SELECT state, output_chars, attempts FROM tasks WHERE task_id = ?", (task_id,)
             ).fetchone()
             if row is None:
                 raise _not_found(task_id)
+            check_attempt(task_id, row[2], attempt)
             state = common_pb2.TaskState.ValueType(row[0])
             check_takes_text(task_id, state)
             unstored = unstored_text(task_id, text, at, row[1])

@@ -577,6 +577,30 @@ async def test_a_requeue_starts_the_output_count_afresh(store: TaskStore) -> Non
     assert done.output == "a whole answer"
 
 
+@pytest.mark.parametrize("brief", [False, True])
+async def test_writes_of_an_attempt_that_is_over_are_refused(store: TaskStore, brief: bool) -> None:
+    """A kernel whose claim lapsed (it stalled) may write after another kernel re-queued
+    the task and runs it again: its late text and end must not land in the new attempt."""
+    await running_task(store, "t1")
+    await store.append_text("t1", "first try", at=0, attempt=0)
+    await store.transition("t1", QUEUED, error="taken over by kernel b")
+    await store.transition("t1", RUNNING)
+
+    with pytest.raises(FailedPrecondition) as appended:
+        await store.append_text("t1", " and more", at=9, attempt=0)
+    with pytest.raises(FailedPrecondition) as ended:
+        await store.transition("t1", SUCCEEDED, text="late", text_at=9, attempt=0, brief=brief)
+
+    assert appended.value.reason == ended.value.reason == "ATTEMPT_OVER"
+    assert "attempt 2" in str(ended.value) and "attempt 1" in str(ended.value)
+    record = await store.get("t1")
+    assert (record.state, record.output) == (RUNNING, "")
+    await store.append_text("t1", "second", at=0, attempt=1)
+    done = await store.transition("t1", SUCCEEDED, text=" try", text_at=6, attempt=1, brief=brief)
+    assert done.state == SUCCEEDED
+    assert (await store.get("t1")).output == "second try"
+
+
 async def test_events_resume_from_an_offset(store: TaskStore) -> None:
     await running_task(store, "t1")
     for index in range(10):

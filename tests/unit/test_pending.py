@@ -81,10 +81,10 @@ async def test_a_take_waits_for_a_flush_already_writing(
     writing, release = asyncio.Event(), asyncio.Event()
     append_text = store.append_text
 
-    async def slow_append(task_id: str, text: str, *, at: int | None = None) -> int:
+    async def slow_append(task_id: str, text: str, **where: int | None) -> int:
         writing.set()
         await release.wait()
-        return await append_text(task_id, text, at=at)
+        return await append_text(task_id, text, **where)
 
     monkeypatch.setattr(store, "append_text", slow_append)
     pending = PendingWrites(store, "t1", flush_s=0)
@@ -145,9 +145,9 @@ async def test_text_that_was_stored_though_its_write_failed_is_kept_once(
     append_text = store.append_text
     replies_lost = 0
 
-    async def first_reply_lost(task_id: str, text: str, *, at: int | None = None) -> int:
+    async def first_reply_lost(task_id: str, text: str, **where: int | None) -> int:
         nonlocal replies_lost
-        offset = await append_text(task_id, text, at=at)
+        offset = await append_text(task_id, text, **where)
         if replies_lost == 0:
             replies_lost += 1
             raise Unavailable("the connection dropped before the reply", reason="STORE_UNAVAILABLE")
