@@ -19,9 +19,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 from redistools import REDIS_URL, delete_prefix, fresh_prefix
+from storetools import bare_record
 
 from llmos.kernel.scheduler import Priority
-from llmos.kernel.store import TaskRecord
 from llmos.kernel.store.redis import RedisTaskStore
 from llmos.kernel.store.work_queue import RedisWorkQueue
 from llmos.services.errors import AlreadyExists
@@ -114,19 +114,8 @@ async def cut_store() -> AsyncIterator[tuple[RedisTaskStore, ReplyCutter]]:
         delete_prefix(prefix)
 
 
-def new_record(task_id: str) -> TaskRecord:
-    return TaskRecord.queued(
-        task_id,
-        tenant="acme",
-        model="echo",
-        priority=common_pb2.PRIORITY_NORMAL,
-        request=b"",
-        now=1.0,
-    )
-
-
 async def running_task(store: RedisTaskStore, task_id: str) -> None:
-    await store.create(new_record(task_id), running=True)
+    await store.create(bare_record(task_id), running=True)
 
 
 async def test_an_append_whose_reply_was_lost_is_stored_once(
@@ -216,13 +205,13 @@ async def test_a_submit_whose_reply_was_lost_is_queued_once(
     queue = RedisWorkQueue(store, kernel_id="k1")
     await queue.start()
     try:
-        await queue.submit(new_record("warm-up"))
-        await queue.attach(new_record("warm-up-attached"))
+        await queue.submit(bare_record("warm-up"))
+        await queue.attach(bare_record("warm-up-attached"))
 
         cutter.cut_next_script_reply()
-        await queue.submit(new_record("t1"))
+        await queue.submit(bare_record("t1"))
         cutter.cut_next_script_reply()
-        await queue.attach(new_record("t2"))
+        await queue.attach(bare_record("t2"))
 
         assert cutter.cuts == 2
         stream = queue.streams[Priority.NORMAL]

@@ -8,9 +8,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from storetools import bare_record
 
 from llmos.kernel.pending import PendingWrites, Taken
-from llmos.kernel.store import SqliteTaskStore, TaskRecord, TaskStore
+from llmos.kernel.store import SqliteTaskStore, TaskStore
 from llmos.services.errors import FailedPrecondition, Unavailable
 from llmos.services.keyring import KeyRing
 from llmos.v1 import common_pb2
@@ -29,15 +30,7 @@ async def store(tmp_path: Path) -> AsyncIterator[TaskStore]:
 
 
 async def new_task(store: TaskStore, task_id: str, *, running: bool = True) -> None:
-    record = TaskRecord.queued(
-        task_id,
-        tenant="acme",
-        model="echo",
-        priority=common_pb2.PRIORITY_NORMAL,
-        request=b"",
-        now=1.0,
-    )
-    await store.create(record, running=running)
+    await store.create(bare_record(task_id), running=running)
 
 
 async def texts(store: TaskStore, task_id: str) -> list[str]:
