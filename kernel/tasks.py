@@ -731,10 +731,20 @@ class TaskRunner:
     ) -> None:
         """Store the last transition this kernel makes for the task (a final state, or a
         re-queue) with its `record` step. A task that cannot take it (finished or cancelled
-        elsewhere, or forgotten) still gets its trace: the steps are written on their own."""
+        elsewhere, forgotten, or taken over by another kernel) still gets its trace: the
+        steps are written on their own. A takeover is logged as a warning: this kernel ran
+        the task while another ran it too (it stalled past its claim)."""
         try:
             await self._transition(task_id, state, error=why, steps=(record,), brief=True)
-        except LlmosError:
+        except LlmosError as error:
+            log.log(
+                logging.WARNING if error.reason == "ATTEMPT_OVER" else logging.INFO,
+                "task %s: its end (%s) was not stored: %s: %s",
+                task_id,
+                common_pb2.TaskState.Name(state),
+                error.reason,
+                error.message,
+            )
             pending = self._pending.pop(task_id, None)
             steps = () if pending is None else (await pending.take()).steps
             for step in (*steps, record.SerializeToString()):
