@@ -81,6 +81,21 @@ end
 return lost
 """
 
+# KEYS: the class's stream, the stream of the entry this kernel holds (the class's stream
+# again when it holds none). ARGV: task id, held entry id ("" for none), group, "1" to
+# acknowledge the held entry (a group's stream) or "0" (this kernel's attached stream).
+# Queues the task afresh and removes the held entry, at once; returns 0 without writing
+# when the held entry is gone already: this very call ran, and its reply was lost.
+RELEASE = """
+if ARGV[2] ~= '' then
+  if #redis.call('XRANGE', KEYS[2], ARGV[2], ARGV[2]) == 0 then return 0 end
+  if ARGV[4] == '1' then redis.call('XACK', KEYS[2], ARGV[3], ARGV[2]) end
+  redis.call('XDEL', KEYS[2], ARGV[2])
+end
+redis.call('XADD', KEYS[1], '*', 'task_id', ARGV[1])
+return 1
+"""
+
 
 @dataclasses.dataclass(frozen=True)
 class Work:
@@ -134,6 +149,7 @@ class RedisWorkQueue:
         self.cancels: asyncio.Queue[str] = asyncio.Queue()
         self.lost: asyncio.Queue[str] = asyncio.Queue()
         self._refresh = self.client.register_script(REFRESH)
+        self._release = self.client.register_script(RELEASE)
         self._next_reclaim = 0.0
         self._background: builtins.list[asyncio.Task[None]] = []
         # Background loops stop on this rather than on cancellation: redis-py can swallow a
@@ -356,16 +372,21 @@ class RedisWorkQueue:
 
     async def release(self, task_id: str, priority: int) -> None:
         """Give a task this kernel will not finish back to every kernel (a planned stop):
-        a fresh entry on its class's stream, and this kernel's entry removed, atomically."""
+        a fresh entry on its class's stream, and this kernel's entry removed, atomically;
+        sent again after a lost reply, once (`RELEASE`)."""
         work = self.held.pop(task_id, None)
         stream = self.streams[Priority.from_proto(priority)]
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.xadd(stream, {"task_id": task_id})
-            if work is not None:
-                if work.stream != self.attached:
-                    pipe.xack(work.stream, GROUP, work.entry_id)
-                pipe.xdel(work.stream, work.entry_id)
-            await self.store.call(pipe.execute())
+        await self.store.call(
+            self._release(
+                keys=[stream, stream if work is None else work.stream],
+                args=[
+                    task_id,
+                    "" if work is None else work.entry_id,
+                    GROUP,
+                    "0" if work is None or work.stream == self.attached else "1",
+                ],
+            )
+        )
 
     # -- renewing and cancelling ----------------------------------------------------------
 

@@ -222,3 +222,30 @@ async def test_a_submit_whose_reply_was_lost_is_queued_once(
         assert queue.held["t2"].entry_id == attached[-1][0].decode()
     finally:
         await queue.close()
+
+
+async def test_a_release_whose_reply_was_lost_queues_the_task_once(
+    cut_store: tuple[RedisTaskStore, ReplyCutter],
+) -> None:
+    """A planned stop gives a held task back: one fresh entry, the held one gone."""
+    store, cutter = cut_store
+    queue = RedisWorkQueue(store, kernel_id="k1")
+    await queue.start()
+    try:
+        await queue.submit(bare_record("warm-up"))
+        await queue.submit(bare_record("t1"))
+        taken = await queue.take(2, block_s=0.1)
+        assert {work.task_id for work in taken} == {"warm-up", "t1"}
+        await queue.release("warm-up", common_pb2.PRIORITY_NORMAL)  # loads the script
+
+        cutter.cut_next_script_reply()
+        await queue.release("t1", common_pb2.PRIORITY_NORMAL)
+
+        assert cutter.cuts == 1
+        entries = await store.client.xrange(queue.streams[Priority.NORMAL])
+        assert sorted(fields[b"task_id"] for _, fields in entries) == [b"t1", b"warm-up"]
+        assert (await store.client.xpending(queue.streams[Priority.NORMAL], "kernels"))[
+            "pending"
+        ] == 0
+    finally:
+        await queue.close()
