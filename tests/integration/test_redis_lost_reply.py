@@ -114,6 +114,20 @@ async def cut_store() -> AsyncIterator[tuple[RedisTaskStore, ReplyCutter]]:
         delete_prefix(prefix)
 
 
+@pytest.fixture
+async def cut_queue(
+    cut_store: tuple[RedisTaskStore, ReplyCutter],
+) -> AsyncIterator[tuple[RedisTaskStore, ReplyCutter, RedisWorkQueue]]:
+    """A kernel's work queue on the store behind the relay, started."""
+    store, cutter = cut_store
+    queue = RedisWorkQueue(store, kernel_id="k1")
+    await queue.start()
+    try:
+        yield store, cutter, queue
+    finally:
+        await queue.close()
+
+
 async def running_task(store: RedisTaskStore, task_id: str) -> None:
     await store.create(bare_record(task_id), running=True)
 
@@ -199,53 +213,42 @@ async def test_a_create_whose_reply_was_lost_is_not_a_duplicate(
 
 
 async def test_a_submit_whose_reply_was_lost_is_queued_once(
-    cut_store: tuple[RedisTaskStore, ReplyCutter],
+    cut_queue: tuple[RedisTaskStore, ReplyCutter, RedisWorkQueue],
 ) -> None:
-    store, cutter = cut_store
-    queue = RedisWorkQueue(store, kernel_id="k1")
-    await queue.start()
-    try:
-        await queue.submit(bare_record("warm-up"))
-        await queue.attach(bare_record("warm-up-attached"))
+    store, cutter, queue = cut_queue
+    await queue.submit(bare_record("warm-up"))
+    await queue.attach(bare_record("warm-up-attached"))
 
-        cutter.cut_next_script_reply()
-        await queue.submit(bare_record("t1"))
-        cutter.cut_next_script_reply()
-        await queue.attach(bare_record("t2"))
+    cutter.cut_next_script_reply()
+    await queue.submit(bare_record("t1"))
+    cutter.cut_next_script_reply()
+    await queue.attach(bare_record("t2"))
 
-        assert cutter.cuts == 2
-        stream = queue.streams[Priority.NORMAL]
-        entries = await store.client.xrange(stream)
-        assert [fields[b"task_id"] for _, fields in entries] == [b"warm-up", b"t1"]
-        assert "t2" in queue.held, "the attached task is held with its entry id"
-        attached = await store.client.xrange(queue.attached)
-        assert queue.held["t2"].entry_id == attached[-1][0].decode()
-    finally:
-        await queue.close()
+    assert cutter.cuts == 2
+    stream = queue.streams[Priority.NORMAL]
+    entries = await store.client.xrange(stream)
+    assert [fields[b"task_id"] for _, fields in entries] == [b"warm-up", b"t1"]
+    assert "t2" in queue.held, "the attached task is held with its entry id"
+    attached = await store.client.xrange(queue.attached)
+    assert queue.held["t2"].entry_id == attached[-1][0].decode()
 
 
 async def test_a_release_whose_reply_was_lost_queues_the_task_once(
-    cut_store: tuple[RedisTaskStore, ReplyCutter],
+    cut_queue: tuple[RedisTaskStore, ReplyCutter, RedisWorkQueue],
 ) -> None:
     """A planned stop gives a held task back: one fresh entry, the held one gone."""
-    store, cutter = cut_store
-    queue = RedisWorkQueue(store, kernel_id="k1")
-    await queue.start()
-    try:
-        await queue.submit(bare_record("warm-up"))
-        await queue.submit(bare_record("t1"))
-        taken = await queue.take(2, block_s=0.1)
-        assert {work.task_id for work in taken} == {"warm-up", "t1"}
-        await queue.release("warm-up", common_pb2.PRIORITY_NORMAL)  # loads the script
+    store, cutter, queue = cut_queue
+    await queue.submit(bare_record("warm-up"))
+    await queue.submit(bare_record("t1"))
+    taken = await queue.take(2, block_s=0.1)
+    assert {work.task_id for work in taken} == {"warm-up", "t1"}
+    await queue.release("warm-up", common_pb2.PRIORITY_NORMAL)  # loads the script
 
-        cutter.cut_next_script_reply()
-        await queue.release("t1", common_pb2.PRIORITY_NORMAL)
+    cutter.cut_next_script_reply()
+    await queue.release("t1", common_pb2.PRIORITY_NORMAL)
 
-        assert cutter.cuts == 1
-        entries = await store.client.xrange(queue.streams[Priority.NORMAL])
-        assert sorted(fields[b"task_id"] for _, fields in entries) == [b"t1", b"warm-up"]
-        assert (await store.client.xpending(queue.streams[Priority.NORMAL], "kernels"))[
-            "pending"
-        ] == 0
-    finally:
-        await queue.close()
+    assert cutter.cuts == 1
+    stream = queue.streams[Priority.NORMAL]
+    entries = await store.client.xrange(stream)
+    assert sorted(fields[b"task_id"] for _, fields in entries) == [b"t1", b"warm-up"]
+    assert (await store.client.xpending(stream, "kernels"))["pending"] == 0
