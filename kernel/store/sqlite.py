@@ -292,9 +292,11 @@ def _transaction(conn: sqlite3.Connection, *, write: bool) -> Iterator[None]:
         raise
 
 
-def _task_row(conn: sqlite3.Connection, task_id: str) -> tuple[Any, ...]:
+def _task_row(conn: sqlite3.Connection, task_id: str, query: str | None = None) -> tuple[Any, ...]:
+    """The task's row, by `query` (its TASK_COLUMNS by default, or a query that reads more
+    beside them); NotFound when there is no such task."""
     row: tuple[Any, ...] | None = conn.execute(
-        f"SELECT {TASK_COLUMNS} FROM tasks WHERE task_id = ?", (task_id,)
+        query or f"SELECT {TASK_COLUMNS} FROM tasks WHERE task_id = ?", (task_id,)
     ).fetchone()
     if row is None:
         raise _not_found(task_id)
@@ -1143,14 +1145,10 @@ class SqliteTaskStore(TaskStore):
 
         def operation(conn: sqlite3.Connection) -> TaskRecord:
             if brief:  # no output to read back: the row and the next offsets in one query
-                found = conn.execute(TASK_ROW_AND_NEXT_OFFSETS, (task_id,)).fetchone()
-                if found is None:
-                    raise _not_found(task_id)
+                found = _task_row(conn, task_id, TASK_ROW_AND_NEXT_OFFSETS)
                 row, (next_event, next_step, stored) = found[:-3], found[-3:]
             else:
-                found = conn.execute(TASK_ROW_AND_OUTPUT_CHARS, (task_id,)).fetchone()
-                if found is None:
-                    raise _not_found(task_id)
+                found = _task_row(conn, task_id, TASK_ROW_AND_OUTPUT_CHARS)
                 row, stored = found[:-1], found[-1]
             check_attempt(task_id, row[12], attempt)
             current = common_pb2.TaskState.ValueType(row[2])
