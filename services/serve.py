@@ -19,7 +19,8 @@ import gc
 import logging
 import os
 import signal
-from typing import Protocol
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -51,6 +52,47 @@ class Service(Protocol):
     async def stop(self) -> None:
         """Release resources after the server stopped taking calls."""
         ...
+
+
+class GenericHandlersOnly(grpc.aio.Server):
+    """A grpc.aio server whose methods are all found through generic handlers.
+
+    The generated `add_*Servicer_to_server` functions add every servicer twice: as a generic
+    handler, and as "registered methods". grpc.aio's server then keeps one pending
+    request-call task per registered method, and after every call it waits again on all of
+    them (`asyncio.wait`, a callback added to and removed from each): the kernel's 30-odd
+    methods cost each of its calls ~90 µs of its event loop's time at saturation, ~4%
+    (measured 2026-12-01). The generic handler alone serves the same methods: it is
+    looked up by name, once per call, in a dictionary. So registration is dropped here and
+    everything else is passed through."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_registered_method_handlers(
+        self, service_name: str, method_handlers: Mapping[str, grpc.RpcMethodHandler[Any, Any]]
+    ) -> None:
+        """Nothing: the servicer's generic handler, added with these, serves the methods."""
+
+    def add_generic_rpc_handlers(
+        self, generic_rpc_handlers: Iterable[grpc.GenericRpcHandler]
+    ) -> None:
+        self._server.add_generic_rpc_handlers(generic_rpc_handlers)
+
+    def add_insecure_port(self, address: str) -> int:
+        return self._server.add_insecure_port(address)
+
+    def add_secure_port(self, address: str, server_credentials: grpc.ServerCredentials) -> int:
+        return self._server.add_secure_port(address, server_credentials)
+
+    async def start(self) -> None:
+        await self._server.start()
+
+    async def stop(self, grace: float | None) -> None:
+        await self._server.stop(grace)
+
+    async def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return await self._server.wait_for_termination(timeout)
 
 
 class Registration:
@@ -135,8 +177,10 @@ async def serve(
     """Serve `service` on settings.host:port until SIGTERM/SIGINT (or `stop` is set)."""
     stop = stop or asyncio.Event()
     _install_stop_signals(stop)
-    server = grpc.aio.server(
-        interceptors=[ErrorInterceptor()], options=server_options(settings.max_message_bytes)
+    server = GenericHandlersOnly(
+        grpc.aio.server(
+            interceptors=[ErrorInterceptor()], options=server_options(settings.max_message_bytes)
+        )
     )
     service_names = service.add_to_server(server)
     health_servicer = health.aio.HealthServicer()
