@@ -60,11 +60,10 @@ class GenericHandlersOnly(grpc.aio.Server):
     The generated `add_*Servicer_to_server` functions add every servicer twice: as a generic
     handler, and as "registered methods". grpc.aio's server then keeps one pending
     request-call task per registered method, and after every call it waits again on all of
-    them (`asyncio.wait`, a callback added to and removed from each): the kernel's 30-odd
-    methods cost each of its calls ~90 µs of its event loop's time at saturation, ~4%
-    (measured 2026-12-01). The generic handler alone serves the same methods: it is
-    looked up by name, once per call, in a dictionary. So registration is dropped here and
-    everything else is passed through."""
+    them (`asyncio.wait`: a callback added to and removed from each), 32 on the kernel's
+    server. The generic handler alone serves the same methods, looked up by name once per
+    call. So registration is dropped here and everything else is passed through: about 3%
+    more kernel throughput at saturation (docs/performance-kernel-log.md, twelfth round)."""
 
     def __init__(self, server: grpc.aio.Server) -> None:
         self._server = server
