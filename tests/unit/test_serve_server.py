@@ -3,7 +3,7 @@ method, health and reflection are served through the generic handlers alone."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import grpc
@@ -32,36 +32,19 @@ class Servicer(kernel_pb2_grpc.KernelServiceServicer):
             yield kernel_pb2.GenerateResponse(text=word)
 
 
-class Recording(grpc.aio.Server):
-    """A real server that notes which registered methods reach it."""
+class Recording(GenericHandlersOnly):
+    """A real server that takes registered methods and notes which reached it (the
+    delegation of everything else is GenericHandlersOnly's)."""
 
     def __init__(self, server: grpc.aio.Server) -> None:
-        self.server = server
+        super().__init__(server)
         self.registered: list[str] = []
 
     def add_registered_method_handlers(
         self, service_name: str, method_handlers: Mapping[str, grpc.RpcMethodHandler[Any, Any]]
     ) -> None:
         self.registered.append(service_name)
-        self.server.add_registered_method_handlers(service_name, method_handlers)
-
-    def add_generic_rpc_handlers(self, generic_rpc_handlers: Iterable[Any]) -> None:
-        self.server.add_generic_rpc_handlers(generic_rpc_handlers)
-
-    def add_insecure_port(self, address: str) -> int:
-        return self.server.add_insecure_port(address)
-
-    def add_secure_port(self, address: str, server_credentials: grpc.ServerCredentials) -> int:
-        return self.server.add_secure_port(address, server_credentials)
-
-    async def start(self) -> None:
-        await self.server.start()
-
-    async def stop(self, grace: float | None) -> None:
-        await self.server.stop(grace)
-
-    async def wait_for_termination(self, timeout: float | None = None) -> bool:
-        return await self.server.wait_for_termination(timeout)
+        self._server.add_registered_method_handlers(service_name, method_handlers)
 
 
 @pytest.fixture
