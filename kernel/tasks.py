@@ -110,6 +110,11 @@ class Running:
     # write of the run carries it, so once another kernel took the task over (this kernel
     # stalled past its claim) the run's late writes are refused (ATTEMPT_OVER).
     attempt: int | None = None
+    # The run is storing its last transition (its end, or a re-queue): a cancel now waits
+    # for it instead of interrupting it, or the store could hold an end the kernel never
+    # finished telling (the plugins' task event, `final`) while the cancel's own end is
+    # refused as TASK_FINISHED.
+    ending: bool = False
 
 
 class TaskRunner:
@@ -392,7 +397,8 @@ class TaskRunner:
             return record
         running = self._live.get(task_id)
         if running is not None and running.task is not None:
-            running.task.cancel()
+            if not running.ending:
+                running.task.cancel()
             with contextlib.suppress(asyncio.CancelledError, LlmosError):
                 await running.task
         elif record.state == common_pb2.TASK_STATE_QUEUED:
@@ -626,6 +632,7 @@ class TaskRunner:
             joins = started is not None and self._first_write_pending(running)
             if not joins and not await self._stored(ticket.task_id, running):
                 return  # refused: nothing to record
+            running.ending = True
             await self._transition(
                 ticket.task_id,
                 common_pb2.TASK_STATE_SUCCEEDED,
@@ -734,6 +741,9 @@ class TaskRunner:
         elsewhere, forgotten, or taken over by another kernel) still gets its trace: the
         steps are written on their own. A takeover is logged as a warning: this kernel ran
         the task while another ran it too (it stalled past its claim)."""
+        running = self._live.get(task_id)
+        if running is not None:
+            running.ending = True
         try:
             await self._transition(task_id, state, error=why, steps=(record,), brief=True)
         except LlmosError as error:
