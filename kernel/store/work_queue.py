@@ -23,8 +23,11 @@ must not take its work with it. That is what this module does, with stream primi
   counted) and run again. A kernel that finds an entry it held taken over stops its own
   run of that task (`lost`), so a stalled-then-resumed kernel does not keep writing.
 - **A dead-letter stream** (`<prefix>queue:dead`). An entry delivered more than
-  `max_deliveries` times (a task that kills every kernel that runs it) is moved there with
-  the reason, acknowledged, and its task FAILED, instead of taking the cluster down in turn.
+  `max_deliveries` times (a task that kills every kernel that runs it) has its task FAILED,
+  then is moved there with the reason, instead of taking the cluster down in turn. The
+  move (acknowledge, add the dead letter, delete the entry) is one script that does
+  nothing once the entry is acknowledged, so a move sent again after a lost reply adds no
+  second dead letter (`DEAD_LETTER`).
 - **Streamed (`Generate`) tasks are attached to the kernel that holds the client's
   stream**: they are recorded in `<prefix>attached:<kernel id>`, never offered to other
   kernels, since only that kernel can deliver their tokens. If it dies, the client's
@@ -43,6 +46,7 @@ import asyncio
 import builtins
 import contextlib
 import dataclasses
+import itertools
 import logging
 import os
 import socket
@@ -93,6 +97,17 @@ if ARGV[2] ~= '' then
   redis.call('XDEL', KEYS[2], ARGV[2])
 end
 redis.call('XADD', KEYS[1], '*', 'task_id', ARGV[1])
+return 1
+"""
+
+# KEYS: the stream the entry is on, the dead-letter stream. ARGV: group, entry id, then the
+# dead letter's fields and values. Acknowledges the entry, adds the dead letter and deletes
+# the entry, at once, and only while the entry is pending: run again after a lost reply it
+# finds the entry acknowledged and adds nothing (returns 0; 1 when it moved the entry).
+DEAD_LETTER = """
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
+redis.call('XDEL', KEYS[1], ARGV[2])
 return 1
 """
 
@@ -150,6 +165,7 @@ class RedisWorkQueue:
         self.lost: asyncio.Queue[str] = asyncio.Queue()
         self._refresh = self.client.register_script(REFRESH)
         self._release = self.client.register_script(RELEASE)
+        self._move_to_dead_letter = self.client.register_script(DEAD_LETTER)
         self._next_reclaim = 0.0
         self._background: builtins.list[asyncio.Task[None]] = []
         # Background loops stop on this rather than on cancellation: redis-py can swallow a
@@ -313,20 +329,22 @@ class RedisWorkQueue:
             "dead-letter stream"
         )
         log.error("task %s dead-lettered: %s", work.task_id, reason)
+        # The task first: a crash between the two leaves its entry pending, to be moved by
+        # whoever takes it next, never a task unfinished with no entry left to run it.
+        await self._fail_unfinished(work.task_id, reason)
+        fields = {
+            "task_id": work.task_id,
+            "stream": work.stream,
+            "entry": work.entry_id,
+            "deliveries": str(work.deliveries),
+            "reason": reason,
+        }
         await self.store.call(
-            self.client.xadd(
-                self.dead_letter,
-                {
-                    "task_id": work.task_id,
-                    "stream": work.stream,
-                    "entry": work.entry_id,
-                    "deliveries": str(work.deliveries),
-                    "reason": reason,
-                },
+            self._move_to_dead_letter(
+                keys=[work.stream, self.dead_letter],
+                args=[GROUP, work.entry_id, *itertools.chain.from_iterable(fields.items())],
             )
         )
-        await self._fail_unfinished(work.task_id, reason)
-        await self._remove(work)
 
     async def _fail_unfinished(self, task_id: str, reason: str) -> None:
         with contextlib.suppress(LlmosError):  # gone (forgotten) or already final

@@ -23,7 +23,7 @@ from storetools import bare_record
 
 from llmos.kernel.scheduler import Priority
 from llmos.kernel.store.redis import RedisTaskStore
-from llmos.kernel.store.work_queue import RedisWorkQueue
+from llmos.kernel.store.work_queue import DEAD_LETTER, GROUP, RedisWorkQueue
 from llmos.services.errors import AlreadyExists
 from llmos.services.keyring import KeyRing
 from llmos.v1 import common_pb2
@@ -31,6 +31,7 @@ from llmos.v1 import common_pb2
 QUEUED = common_pb2.TASK_STATE_QUEUED
 RUNNING = common_pb2.TASK_STATE_RUNNING
 SUCCEEDED = common_pb2.TASK_STATE_SUCCEEDED
+FAILED = common_pb2.TASK_STATE_FAILED
 
 
 class ReplyCutter:
@@ -252,3 +253,39 @@ async def test_a_release_whose_reply_was_lost_queues_the_task_once(
     entries = await store.client.xrange(stream)
     assert sorted(fields[b"task_id"] for _, fields in entries) == [b"t1", b"warm-up"]
     assert (await store.client.xpending(stream, "kernels"))["pending"] == 0
+
+
+async def test_a_dead_letter_whose_reply_was_lost_is_added_once(
+    cut_store: tuple[RedisTaskStore, ReplyCutter],
+) -> None:
+    """An entry delivered too often is moved to the dead-letter stream once, even when the
+    move ran and its reply was lost (redis-py sends it again)."""
+    store, cutter = cut_store
+    idle_s = 0.3
+    first = RedisWorkQueue(store, kernel_id="first", claim_idle_s=idle_s, max_deliveries=1)
+    await first.start()
+    await first.submit(bare_record("poison"))
+    assert [work.task_id for work in await first.take(1, block_s=0.1)] == ["poison"]
+    # Its end was stored but the kernel died before acknowledging the entry: the move is
+    # then the only script the next kernel runs for it (no transition to make).
+    await store.transition("poison", RUNNING)
+    await store.transition("poison", FAILED, error="the kernel died")
+    await first.close()  # stops renewing, releases nothing: as after a SIGKILL
+    await asyncio.sleep(idle_s * 1.5)
+
+    second = RedisWorkQueue(store, kernel_id="second", claim_idle_s=idle_s, max_deliveries=1)
+    await second.start()
+    try:
+        await store.client.script_load(DEAD_LETTER)  # so the move is one EVALSHA
+        cutter.cut_next_script_reply()
+        second._next_reclaim = 0.0
+        assert await second.take(5, block_s=0.05) == []
+
+        assert cutter.cuts == 1
+        dead = await store.client.xrange(second.dead_letter)
+        assert [fields[b"task_id"] for _, fields in dead] == [b"poison"]
+        stream = second.streams[Priority.NORMAL]
+        assert await store.client.xrange(stream) == []
+        assert (await store.client.xpending(stream, GROUP))["pending"] == 0
+    finally:
+        await second.close()
