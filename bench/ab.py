@@ -87,7 +87,7 @@ def lay_out(rev: str, into: Path, repo: Path = bench.REPO) -> str:
 def first_on_path(site: Path) -> Iterator[None]:
     """Processes started inside import `site`'s packages (their children inherit it)."""
     previous = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = str(site)
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(site), *([previous] if previous else [])])
     try:
         yield
     finally:
