@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import json
 import os
@@ -115,20 +116,17 @@ async def saturation(
     """Paired windows in ABBA order; each side's figures and the pairs' ratios B/A."""
     rates: dict[str, list[float]] = {name: [] for name in stacks}
     cpu_ms: dict[str, list[float]] = {name: [] for name in stacks}
-    errors: dict[str, dict[str, int]] = {name: {} for name in stacks}
+    errors: dict[str, collections.Counter[str]] = {name: collections.Counter() for name in stacks}
     names = list(stacks)
     for pair in range(pairs):
         for name in names if pair % 2 == 0 else names[::-1]:
-            stack = stacks[name]
-            pid = stack.targets.pids["kernel"]
-            call = stack.targets.calls["kernel"]
-            before = bench.cpu_seconds(pid)
-            timings, wall = await bench.saturate(call, concurrency, window_s)
-            done = len(timings.seconds)
-            rates[name].append(done / wall)
-            cpu_ms[name].append(1000 * (bench.cpu_seconds(pid) - before) / max(done, 1))
-            for code, count in timings.errors.items():
-                errors[name][code] = errors[name].get(code, 0) + count
+            stack, window = stacks[name], bench.Load()
+            kernel = {"kernel": stack.targets.pids["kernel"]}
+            await window.window(stack.targets.calls["kernel"], concurrency, window_s, kernel)
+            done = len(window.timings.seconds)
+            rates[name].append(done / window.wall_s)
+            cpu_ms[name].append(1000 * window.cpu_s["kernel"] / max(done, 1))
+            errors[name].update(window.timings.errors)
     a, b = names
     ratios = [rb / ra for ra, rb in zip(rates[a], rates[b], strict=True)]
     return {
@@ -136,7 +134,7 @@ async def saturation(
             name: {
                 "calls_per_s_median": round(statistics.median(rates[name]), 1),
                 "kernel_cpu_ms_per_call_median": round(statistics.median(cpu_ms[name]), 3),
-                "errors": errors[name],
+                "errors": dict(errors[name]),
             }
             for name in names
         },
