@@ -33,7 +33,7 @@ STREAM_BUFFER = 4
 # writes wait for each read (no BDP probing to grow it).
 SLOW_READER = [("grpc.http2.lookahead_bytes", 1), ("grpc.http2.bdp_probe", 0)]
 COUNTING = "Count from 1 to 1000, separated by commas."
-DEADLINE_S = 40
+DEADLINE_S = 20
 
 
 class Runtime:

@@ -354,10 +354,16 @@ SEEN_CHILDREN: list[psutil.Process] = []
 
 
 @pytest.fixture
-def full_stack(model_data_dir: Path, tmp_path: Path) -> Iterator[Stack]:
-    """A second whole stack (the session's `stack` may be running too), stopped on the way out."""
+def full_stack(shared_data_dir: Path, tmp_path: Path) -> Iterator[Stack]:
+    """A second whole stack (the session's `stack` may be running too), stopped on the way out.
+
+    Every service of `llmos up` runs, the runtime with its echo engine: these tests are
+    about the supervisor and its six children, not the model, and loading the model would
+    add seconds to each start and each stop."""
     SEEN_CHILDREN.clear()
-    running = start_stack(model_data_dir, tmp_path / "llmos-up.log")
+    running = start_stack(
+        shared_data_dir, tmp_path / "llmos-up.log", env={"LLMOS_RUNTIME_ENGINE": "echo"}
+    )
     try:
         yield running
     finally:
@@ -392,7 +398,6 @@ def wait_all_gone(processes: dict[str, psutil.Process], timeout_s: float) -> flo
     pytest.fail(f"still running {timeout_s:.0f}s later: {left}")
 
 
-@pytest.mark.model
 def test_sigterm_to_llmos_up_stops_the_stack_in_reverse_order(full_stack: Stack) -> None:
     full_stack.wait_healthy(timeout_s=120)
     children = stack_children(full_stack)
@@ -412,7 +417,6 @@ def test_sigterm_to_llmos_up_stops_the_stack_in_reverse_order(full_stack: Stack)
     assert not any("killing it" in m for m in supervisor), supervisor
 
 
-@pytest.mark.model
 def test_llmos_up_killed_with_sigkill_leaves_no_orphans(full_stack: Stack) -> None:
     full_stack.wait_healthy(timeout_s=120)
     children = stack_children(full_stack)

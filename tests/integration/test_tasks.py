@@ -20,6 +20,10 @@ pytestmark = pytest.mark.model  # the real default model, converted once per ses
 
 GREEDY = common_pb2.SamplingParams(temperature=0.0, max_tokens=12)
 LONG = common_pb2.SamplingParams(temperature=0.7, max_tokens=400, seed=4)
+# Long enough to be running when the kernel is killed a moment after it started (seconds
+# at the model's ~20 tokens/s), short enough that running it again after the restart
+# costs the suite little: each token of it is generated twice.
+INTERRUPTED = common_pb2.SamplingParams(temperature=0.7, max_tokens=120, seed=4)
 
 
 def tenant_metadata(tenant: str) -> tuple[tuple[str, str], ...]:
@@ -239,7 +243,7 @@ def test_bad_page_token_and_priority_are_invalid(stack: Stack) -> None:
 
 
 def test_a_killed_kernel_loses_no_accepted_task(stack: Stack) -> None:
-    running = submit(stack, "Write a long poem about the sea.", sampling=LONG)
+    running = submit(stack, "Write a long poem about the sea.", sampling=INTERRUPTED)
     wait_state(stack, running, common_pb2.TASK_STATE_RUNNING)
     queued = [submit(stack, f"Count to {n}.") for n in (3, 4)]
     # Every child's command line holds "llmos.kernel.cli"; the kernel's is "serve kernel".
