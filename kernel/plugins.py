@@ -77,7 +77,7 @@ from llmos.kernel.registry import Registry
 from llmos.kernel.stages import PluginStage, StageContext, StageResult
 from llmos.plugins.discovery import Discovered, discover
 from llmos.plugins.host import EXIT_BAD_PLUGIN, MODEL_TOKEN_KEY
-from llmos.services.channels import client_options, outgoing_metadata, server_options
+from llmos.services.channels import client_options, outgoing_metadata
 from llmos.services.config import Settings
 from llmos.services.errors import (
     FailedPrecondition,
@@ -88,7 +88,7 @@ from llmos.services.errors import (
     Unavailable,
     from_rpc_error,
 )
-from llmos.services.interceptors import ErrorInterceptor
+from llmos.services.grpc_server import new_server
 from llmos.services.rpc_types import Context
 from llmos.services.timing import duration, now_timestamp, since
 from llmos.v1 import (
@@ -270,10 +270,7 @@ class PluginHosts:
                 self._launch(plugin)
 
     async def _start_gateway(self, path: Path) -> None:
-        server = grpc.aio.server(
-            interceptors=[ErrorInterceptor()],
-            options=server_options(self.settings.max_message_bytes),
-        )
+        server = new_server(self.settings.max_message_bytes)
         runtime_pb2_grpc.add_RuntimeServiceServicer_to_server(ModelGateway(self), server)  # type: ignore[abstract]
         server.add_insecure_port(f"unix:{path}")
         await server.start()

@@ -55,7 +55,6 @@ from llmos.kernel.supervisor import exit_with_parent
 from llmos.plugins import hookspecs
 from llmos.plugins.discovery import by_entry_point, find_manifest
 from llmos.plugins.manifest import Manifest, ManifestError, load_manifest_file
-from llmos.services.channels import server_options
 from llmos.services.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -64,7 +63,7 @@ from llmos.services.errors import (
     PermissionDenied,
     ResourceExhausted,
 )
-from llmos.services.interceptors import ErrorInterceptor
+from llmos.services.grpc_server import new_server
 from llmos.services.logs import configure_logging
 from llmos.services.rpc_types import Context
 from llmos.v1 import plugin_pb2, plugin_pb2_grpc, runtime_pb2, runtime_pb2_grpc
@@ -469,9 +468,7 @@ async def serve_plugin(plugin: LoadedPlugin, socket_path: str, isolation: str) -
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    server = grpc.aio.server(
-        interceptors=[ErrorInterceptor()], options=server_options(MAX_MESSAGE_BYTES)
-    )
+    server = new_server(MAX_MESSAGE_BYTES)
     plugin_pb2_grpc.add_PluginHostServiceServicer_to_server(
         PluginHostServicer(plugin, isolation), server
     )

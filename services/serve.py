@@ -19,17 +19,16 @@ import gc
 import logging
 import os
 import signal
-from collections.abc import Iterable, Mapping
-from typing import Any, Protocol
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from llmos import __version__
-from llmos.services.channels import open_channel, server_options
+from llmos.services.channels import open_channel
 from llmos.services.config import Settings
-from llmos.services.interceptors import ErrorInterceptor
+from llmos.services.grpc_server import new_server
 from llmos.services.metrics import start_metrics
 from llmos.v1 import common_pb2, kernel_pb2, kernel_pb2_grpc
 
@@ -52,46 +51,6 @@ class Service(Protocol):
     async def stop(self) -> None:
         """Release resources after the server stopped taking calls."""
         ...
-
-
-class GenericHandlersOnly(grpc.aio.Server):
-    """A grpc.aio server whose methods are all found through generic handlers.
-
-    The generated `add_*Servicer_to_server` functions add every servicer twice: as a generic
-    handler, and as "registered methods". grpc.aio's server then keeps one pending
-    request-call task per registered method, and after every call it waits again on all of
-    them (`asyncio.wait`: a callback added to and removed from each), 32 on the kernel's
-    server. The generic handler alone serves the same methods, looked up by name once per
-    call. So registration is dropped here and everything else is passed through: about 3%
-    more kernel throughput at saturation (docs/performance-kernel-log.md, twelfth round)."""
-
-    def __init__(self, server: grpc.aio.Server) -> None:
-        self._server = server
-
-    def add_registered_method_handlers(
-        self, service_name: str, method_handlers: Mapping[str, grpc.RpcMethodHandler[Any, Any]]
-    ) -> None:
-        """Nothing: the servicer's generic handler, added with these, serves the methods."""
-
-    def add_generic_rpc_handlers(
-        self, generic_rpc_handlers: Iterable[grpc.GenericRpcHandler]
-    ) -> None:
-        self._server.add_generic_rpc_handlers(generic_rpc_handlers)
-
-    def add_insecure_port(self, address: str) -> int:
-        return self._server.add_insecure_port(address)
-
-    def add_secure_port(self, address: str, server_credentials: grpc.ServerCredentials) -> int:
-        return self._server.add_secure_port(address, server_credentials)
-
-    async def start(self) -> None:
-        await self._server.start()
-
-    async def stop(self, grace: float | None) -> None:
-        await self._server.stop(grace)
-
-    async def wait_for_termination(self, timeout: float | None = None) -> bool:
-        return await self._server.wait_for_termination(timeout)
 
 
 class Registration:
@@ -176,11 +135,7 @@ async def serve(
     """Serve `service` on settings.host:port until SIGTERM/SIGINT (or `stop` is set)."""
     stop = stop or asyncio.Event()
     _install_stop_signals(stop)
-    server = GenericHandlersOnly(
-        grpc.aio.server(
-            interceptors=[ErrorInterceptor()], options=server_options(settings.max_message_bytes)
-        )
-    )
+    server = new_server(settings.max_message_bytes)
     service_names = service.add_to_server(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -1,4 +1,4 @@
-"""GenericHandlersOnly (services/serve.py) on a real in-process grpc.aio server: every kind of
+"""GenericHandlersOnly (services/grpc_server.py) on a real in-process grpc.aio server: every kind of
 method, health and reflection are served through the generic handlers alone."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
-from llmos.services.serve import GenericHandlersOnly
+from llmos.services.grpc_server import GenericHandlersOnly
 from llmos.v1 import kernel_pb2, kernel_pb2_grpc
 
 Context = Any  # grpc.aio.ServicerContext
