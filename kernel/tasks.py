@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import enum
 import functools
 import logging
 import time
@@ -61,6 +62,13 @@ log = logging.getLogger(__name__)
 
 RUNTIME = "runtime"
 STREAM_END = None
+
+
+class _NoOutput(enum.Enum):
+    NO_OUTPUT = enum.auto()
+
+
+NO_OUTPUT = _NoOutput.NO_OUTPUT  # a stream's queue held nothing (`_early_output`)
 # How long CancelTask waits for another kernel to stop a task it runs.
 REMOTE_CANCEL_WAIT_S = 3.0
 # Runtime stubs kept (one per runtime channel) before the cache starts over.
@@ -75,6 +83,11 @@ MAX_STUBS = 64
 # kernel: under load other tasks' work fills the loop anyway, and the turns would cost CPU
 # at saturation.
 HEAD_START_TURNS = 3
+# How long a Generate whose task started at once waits, once the task is stored, for the
+# runtime's first output, so that the task id goes out with it: one message fewer for a
+# short answer. A task whose output takes longer (a real model's first token) gets its id
+# alone when this ends; a queued task gets it at once.
+FIRST_OUTPUT_WAIT_S = 0.002
 
 
 @dataclasses.dataclass
@@ -351,8 +364,8 @@ class TaskRunner:
         try:
             await self._first_write(record, running, started)  # then the client hears of it
             first, ended = kernel_pb2.GenerateResponse(task_id=task_id), False
-            if not listener.empty():  # output came before the task was stored (under load)
-                head = listener.get_nowait()
+            head = await _early_output(listener, wait=started)
+            if head is not NO_OUTPUT:  # output came before the task was stored, or soon after
                 if head is STREAM_END:
                     ended = True
                 else:  # the first message carries it too: one message fewer
@@ -1033,6 +1046,22 @@ def _task_id() -> str:
     SQLite writes every dirty page whole to its log). The 80 random bits keep ids as
     unguessable as they need to be."""
     return (time.time_ns() // 1_000_000).to_bytes(6, "big").hex() + random_bytes(10).hex()
+
+
+async def _early_output(
+    listener: asyncio.Queue[kernel_pb2.GenerateResponse | None], *, wait: bool
+) -> kernel_pb2.GenerateResponse | _NoOutput | None:
+    """The stream's next message if it is there already or, with `wait`, if it comes within
+    `FIRST_OUTPUT_WAIT_S`; NO_OUTPUT otherwise (left in the queue when it came too late)."""
+    if not listener.empty():
+        return listener.get_nowait()
+    if not wait:
+        return NO_OUTPUT
+    try:
+        async with asyncio.timeout(FIRST_OUTPUT_WAIT_S):
+            return await listener.get()
+    except TimeoutError:
+        return NO_OUTPUT
 
 
 def _settle_write(stored: asyncio.Future[bool | None], outcome: bool | None) -> None:
