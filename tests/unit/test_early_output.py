@@ -40,7 +40,7 @@ async def test_output_that_comes_within_the_wait_is_taken() -> None:
     assert listener.empty()
 
 
-async def test_output_that_comes_later_stays_queued_in_order() -> None:
+async def test_nothing_within_the_wait_gives_no_output_and_the_queue_stays_usable() -> None:
     listener: Listener = asyncio.Queue()
     loop = asyncio.get_running_loop()
     started = loop.time()
