@@ -619,9 +619,7 @@ class TaskRunner:
                 ticket.task_id, common_pb2.TASK_STATE_RUNNING
             )
         except LlmosError as error:  # cancelled through another kernel before it started
-            log.info("task %s not started: %s", ticket.task_id, error.message)
-            self._forget(ticket.task_id, running)
-            await self._settle(ticket.task_id)
+            await self._not_started(ticket.task_id, running, error)
             return
         running.attempt = record.attempts
         policy = self.policies.for_tenant(ticket.tenant)
@@ -676,6 +674,16 @@ class TaskRunner:
             await self._failed(ticket.task_id, running, repr(error))
         finally:
             self._forget(ticket.task_id, running)
+
+    async def _not_started(self, task_id: str, running: Running, error: LlmosError) -> None:
+        """Its start was refused: free its slot. Its queue entry is acknowledged only when
+        the task is final or gone; an unfinished one keeps its entry, to be run again."""
+        log.info("task %s not started: %s", task_id, error.message)
+        self._forget(task_id, running)
+        if self.queue is not None and not _finished_or_gone(error):
+            self.queue.abandon(task_id)
+        else:
+            await self._settle(task_id)
 
     def _admit_step(
         self, ticket: Ticket, effective: Priority | None, running: Running, policy: TenantPolicy
@@ -1062,6 +1070,12 @@ async def _early_output(
             return await listener.get()
     except TimeoutError:
         return NO_OUTPUT
+
+
+def _finished_or_gone(error: LlmosError) -> bool:
+    """Whether a write was refused because the task is final or no longer exists: then its
+    queue entry has nothing left to run."""
+    return isinstance(error, NotFound) or error.reason == "TASK_FINISHED"
 
 
 def _settle_write(stored: asyncio.Future[bool | None], outcome: bool | None) -> None:

@@ -126,14 +126,18 @@ end
 # KEYS: task hash, events list, output string, old state index, new state index, trace list.
 # ARGV: expected state, event, reset output ("1"/"0"), score, task id, text event ("" for
 # none), text, text's start ("" for unchecked), text's length in characters, the writer's
-# attempt ("" for unchecked), trace step count n, n trace steps, field/value pairs...
-# The text (the attempt's last output) is logged before the state event, the trace steps
-# after it. Returns {the state event's offset}, or {-1} when the state is no longer the
-# expected one, or {-3, count} when the output's count is not the text's start, or {-4,
-# attempts} when the task's attempt is not the writer's (then nothing is written).
+# attempt ("" for unchecked), the write's token, trace step count n, n trace steps,
+# field/value pairs... The text (the attempt's last output) is logged before the state
+# event, the trace steps after it. Returns {the state event's offset}, or {-1} when the state
+# is no longer the expected one, or {-3, count} when the output's count is not the text's
+# start, or {-4, attempts} when the task's attempt is not the writer's, or {-5} when the
+# task's last transition carried this write's token: this very call ran already and its
+# reply was lost (nothing is written but for {offset}). Without the token a start sent
+# again found its own RUNNING and was refused as a move out of RUNNING.
 TRANSITION = (
     OUTPUT_CHARS
     + """
+if redis.call('HGET', KEYS[1], 'write') == ARGV[11] then return {-5} end
 if redis.call('HGET', KEYS[1], 'state') ~= ARGV[1] then return {-1} end
 if ARGV[10] ~= '' and redis.call('HGET', KEYS[1], 'attempts') ~= ARGV[10] then
   return {-4, redis.call('HGET', KEYS[1], 'attempts')}
@@ -147,9 +151,9 @@ if ARGV[6] ~= '' then
 end
 local offset = redis.call('RPUSH', KEYS[2], ARGV[2]) - 1
 if ARGV[3] == '1' then redis.call('DEL', KEYS[3]) end
-local steps = tonumber(ARGV[11])
-if steps > 0 then redis.call('RPUSH', KEYS[6], unpack(ARGV, 12, 11 + steps)) end
-redis.call('HSET', KEYS[1], unpack(ARGV, 12 + steps))
+local steps = tonumber(ARGV[12])
+if steps > 0 then redis.call('RPUSH', KEYS[6], unpack(ARGV, 13, 12 + steps)) end
+redis.call('HSET', KEYS[1], 'write', ARGV[11], unpack(ARGV, 13 + steps))
 if KEYS[4] ~= KEYS[5] then
   redis.call('ZREM', KEYS[4], ARGV[5])
   redis.call('ZADD', KEYS[5], ARGV[4], ARGV[5])
@@ -759,6 +763,7 @@ class RedisTaskStore(TaskStore):
                     "" if text_at is None else str(text_at),
                     str(len(text)),
                     "" if attempt is None else str(attempt),
+                    secrets.token_hex(8),
                     str(len(trace)),
                     *(sealer.seal(task_id, TRACE, step) for step in trace),
                     *flatten(fields),
@@ -770,7 +775,7 @@ class RedisTaskStore(TaskStore):
             raise _OutputMoved(int(result[1]))
         if code == -4:
             check_attempt(task_id, int(result[1]), attempt)
-        return None if code < 0 else updated
+        return None if code in (-1, -4) else updated
 
     async def append_text(
         self, task_id: str, text: str, *, at: int | None = None, attempt: int | None = None

@@ -289,3 +289,43 @@ async def test_a_dead_letter_whose_reply_was_lost_is_added_once(
         assert (await store.client.xpending(stream, GROUP))["pending"] == 0
     finally:
         await second.close()
+
+
+async def test_a_start_whose_reply_was_lost_is_stored_once(
+    cut_store: tuple[RedisTaskStore, ReplyCutter],
+) -> None:
+    """QUEUED -> RUNNING ran, its reply was lost: sent again, it finds the task RUNNING.
+    That is this very write, not a move out of RUNNING another writer made. Refused as an
+    illegal transition, the kernel dropped the task's queue entry and left it RUNNING with
+    nobody to run it: one task of 90 never finished in a Redis restart under load."""
+    store, cutter = cut_store
+    await store.create(bare_record("warm-up"))
+    await store.transition("warm-up", RUNNING)  # loads the script
+    await store.create(bare_record("t1"))
+
+    cutter.cut_next_script_reply()
+    started = await store.transition("t1", RUNNING)
+
+    assert cutter.cuts == 1
+    assert started.state == RUNNING
+    assert [e.state for e in await store.events("t1")] == [QUEUED, RUNNING]
+
+
+async def test_a_requeue_whose_reply_was_lost_counts_one_attempt(
+    cut_store: tuple[RedisTaskStore, ReplyCutter],
+) -> None:
+    """RUNNING -> QUEUED (a stopping kernel's, or a takeover's) sent twice is one new
+    attempt and one QUEUED event, its trace step stored once."""
+    store, cutter = cut_store
+    await running_task(store, "t1")
+    await store.transition("t1", SUCCEEDED)  # loads the script
+    await running_task(store, "t2")
+
+    cutter.cut_next_script_reply()
+    requeued = await store.transition("t2", QUEUED, error="the kernel stopped", trace=[b"step"])
+
+    assert cutter.cuts == 1
+    assert (requeued.state, requeued.attempts) == (QUEUED, 1)
+    assert (await store.get("t2")).attempts == 1
+    assert [e.state for e in await store.events("t2")] == [QUEUED, RUNNING, QUEUED]
+    assert await store.trace("t2") == [b"step"]

@@ -146,6 +146,27 @@ async def test_renewing_keeps_a_slow_task_from_being_taken(store: RedisTaskStore
     await other.close()
 
 
+async def test_an_abandoned_entry_is_kept_and_taken_over_by_its_own_kernel(
+    store: RedisTaskStore,
+) -> None:
+    """A task this kernel could not start is let go unacknowledged: no longer renewed, its
+    entry lapses and is taken again (here by the same kernel), never dropped."""
+    holder = await kernel(store, "holder")
+    await holder.submit(task("t1"))
+    await holder.take(1)
+
+    holder.abandon("t1")
+    assert "t1" not in holder.held
+    await asyncio.sleep(IDLE_S / 2)
+    assert await holder.renew() == []  # not renewed: it holds nothing
+    await asyncio.sleep(IDLE_S)
+    holder._next_reclaim = 0.0
+    taken = await holder.take(5, block_s=0.05)
+
+    assert [(w.task_id, w.deliveries, w.reclaimed) for w in taken] == [("t1", 2, True)]
+    await holder.close()
+
+
 async def test_an_entry_delivered_too_often_goes_to_the_dead_letter_stream(
     store: RedisTaskStore,
 ) -> None:
