@@ -401,9 +401,13 @@ class TaskRunner:
         if self.scheduler.cancel(task_id):
             waiting = self._live.pop(task_id, None)
             self._room.set()
-            record = await self._transition(
-                task_id, common_pb2.TASK_STATE_CANCELLED, error="cancelled while queued"
-            )
+            try:
+                record = await self._transition(
+                    task_id, common_pb2.TASK_STATE_CANCELLED, error="cancelled while queued"
+                )
+            except LlmosError as error:
+                await self._let_go(task_id, error)
+                raise
             await self._settle(task_id)
             if waiting is not None and waiting.listener is not None:
                 waiting.listener.put_nowait(STREAM_END)
@@ -494,6 +498,17 @@ class TaskRunner:
         if self.queue is not None:
             with contextlib.suppress(LlmosError):  # Redis down: it is taken over, found done
                 await self.queue.done(task_id)
+
+    async def _let_go(self, task_id: str, refused: LlmosError | None) -> None:
+        """This kernel is done with the task, whose last write was stored (`refused` None)
+        or refused. Its queue entry is acknowledged only when the task is final or gone:
+        an unfinished one (the store unreachable past its retries) keeps its entry, which
+        lapses and is taken over, so the task runs again instead of staying unfinished
+        with nothing to run it."""
+        if refused is None or _finished_or_gone(refused):
+            await self._settle(task_id)
+        elif self.queue is not None:
+            self.queue.abandon(task_id)
 
     # -- the shared queue -----------------------------------------------------------------
 
@@ -598,9 +613,12 @@ class TaskRunner:
 
     async def _end_unrun(self, task_id: str, why: str) -> None:
         running = self._live.pop(task_id, None)
-        with contextlib.suppress(LlmosError):
+        refused = None
+        try:
             await self._transition(task_id, common_pb2.TASK_STATE_FAILED, error=why, brief=True)
-        await self._settle(task_id)
+        except LlmosError as error:
+            refused = error
+        await self._let_go(task_id, refused)
         if running is not None and running.listener is not None:
             running.listener.put_nowait(STREAM_END)
 
@@ -680,10 +698,7 @@ class TaskRunner:
         the task is final or gone; an unfinished one keeps its entry, to be run again."""
         log.info("task %s not started: %s", task_id, error.message)
         self._forget(task_id, running)
-        if self.queue is not None and not _finished_or_gone(error):
-            self.queue.abandon(task_id)
-        else:
-            await self._settle(task_id)
+        await self._let_go(task_id, error)
 
     def _admit_step(
         self, ticket: Ticket, effective: Priority | None, running: Running, policy: TenantPolicy
@@ -747,8 +762,9 @@ class TaskRunner:
 
     async def _finish(self, task_id: str, state: common_pb2.TaskState.ValueType, why: str) -> None:
         outcome = common_pb2.TaskState.Name(state).removeprefix("TASK_STATE_").lower()
-        await self._end(task_id, state, why, _record_step(outcome, why))
-        await self._settle(task_id)
+        await self._let_go(
+            task_id, await self._end(task_id, state, why, _record_step(outcome, why))
+        )
 
     async def _end(
         self,
@@ -756,12 +772,13 @@ class TaskRunner:
         state: common_pb2.TaskState.ValueType,
         why: str,
         record: common_pb2.TraceStep,
-    ) -> None:
+    ) -> LlmosError | None:
         """Store the last transition this kernel makes for the task (a final state, or a
-        re-queue) with its `record` step. A task that cannot take it (finished or cancelled
-        elsewhere, forgotten, or taken over by another kernel) still gets its trace: the
-        steps are written on their own. A takeover is logged as a warning: this kernel ran
-        the task while another ran it too (it stalled past its claim)."""
+        re-queue) with its `record` step; the error that refused it, if any. A task that
+        cannot take it (finished or cancelled elsewhere, forgotten, or taken over by
+        another kernel) still gets its trace: the steps are written on their own, as far
+        as the store takes them. A takeover is logged as a warning: this kernel ran the
+        task while another ran it too (it stalled past its claim)."""
         running = self._live.get(task_id)
         if running is not None:
             running.ending = True
@@ -778,8 +795,11 @@ class TaskRunner:
             )
             pending = self._pending.pop(task_id, None)
             steps = () if pending is None else (await pending.take()).steps
-            for step in (*steps, record.SerializeToString()):
-                await asyncio.shield(self.store.add_trace_step(task_id, step))
+            with contextlib.suppress(LlmosError):  # unreachable: the end is refused anyway
+                for step in (*steps, record.SerializeToString()):
+                    await asyncio.shield(self.store.add_trace_step(task_id, step))
+            return error
+        return None
 
     async def _stages(
         self,
