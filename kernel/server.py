@@ -372,7 +372,10 @@ class KernelService:
         queue: RedisWorkQueue | None = None
         if self.settings.task_store == "redis":
             store = await RedisTaskStore.open(
-                self.settings.redis_url, prefix=self.settings.redis_prefix, keys=self.keys
+                self.settings.redis_url,
+                prefix=self.settings.redis_prefix,
+                keys=self.keys,
+                retry_s=self.settings.redis_retry_s,
             )
             queue = RedisWorkQueue(
                 store,

@@ -127,6 +127,9 @@ class Settings:
     # so several deployments can share one server.
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "llmos:"
+    # How long a Redis command is retried across a dropped connection before the kernel
+    # gives up on it (UNAVAILABLE / STORE_UNAVAILABLE): longer than a Redis restart takes.
+    redis_retry_s: float = 10.0
     # Several kernels: a queued task held by a kernel that has not renewed its claim for
     # this long is taken over by another; one delivered more often than max_deliveries is
     # moved to the dead-letter stream and FAILED.

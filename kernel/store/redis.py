@@ -17,7 +17,7 @@ Why it is built this way:
   id, so `ZREVRANGEBYSCORE` gives exactly the contract's newest-first order (created_at,
   then task_id, descending) and a page token is a position, as in SQLite.
 - **Reconnects are the client's job.** The connection pool retries a command that failed on
-  a dropped connection with exponential backoff for about `RETRY_BUDGET_S`, so a Redis
+  a dropped connection with exponential backoff for about `redis_retry_s` (10 s), so a Redis
   restart under load costs latency, not tasks. Past that, the error is
   Unavailable(STORE_UNAVAILABLE); any other Redis error is LlmosError(STORE_ERROR).
 - **One key prefix per deployment** (`redis_prefix`), so several stacks (or test runs) can
@@ -98,13 +98,15 @@ from llmos.services.errors import (
 from llmos.services.keyring import KeyRing
 from llmos.v1 import common_pb2
 
-# Retries of a command that failed on a broken connection: ~0.05 s doubling to 1 s, 15 tries,
-# about 10 s in all, longer than a Redis restart takes.
-RETRIES = 15
+# How long a command that failed on a broken connection is retried by default (the setting
+# `redis_retry_s`): longer than a Redis restart takes. The waits between tries start at
+# 0.1 s and double up to 1 s (redis-py's ExponentialBackoff, `failures` counted from 1).
+RETRY_BUDGET_S = 10.0
+BACKOFF_BASE_S = 0.05
+BACKOFF_CAP_S = 1.0
 # Connections one kernel holds to Redis at most; more commands in flight wait their turn.
 POOL_CONNECTIONS = 64
 POOL_WAIT_S = 10.0
-RETRY_BUDGET_S = 10.0
 # How many index entries `list` fetches per round trip while filtering.
 LIST_CHUNK = 200
 # How many times `transition` re-reads a task that another kernel changed under it.
@@ -475,8 +477,23 @@ class _OutputMoved(Exception):
         self.count = count
 
 
-def connect(url: str) -> aioredis.Redis:
-    """A client that retries commands across a dropped connection (see the module doc).
+def retries_within(budget_s: float) -> int:
+    """How many retries fit in `budget_s` seconds of backoff waits (0 for none)."""
+    if budget_s < 0:
+        raise InvalidArgument(
+            f"redis_retry_s is {budget_s}; use 0 (no retries) or more seconds",
+            reason="BAD_SETTING",
+        )
+    retries, waited = 0, 0.0
+    while (wait := min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (retries + 1))) + waited <= budget_s:
+        waited += wait
+        retries += 1
+    return retries
+
+
+def connect(url: str, retry_s: float = RETRY_BUDGET_S) -> aioredis.Redis:
+    """A client that retries commands across a dropped connection for about `retry_s`
+    seconds (see the module doc).
 
     Its pool makes a command wait for a free connection when `POOL_CONNECTIONS` are busy
     (up to `POOL_WAIT_S`): redis-py's default pool fails the 101st concurrent command at
@@ -485,7 +502,9 @@ def connect(url: str) -> aioredis.Redis:
         url,
         max_connections=POOL_CONNECTIONS,
         timeout=POOL_WAIT_S,
-        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), RETRIES),
+        retry=Retry(
+            ExponentialBackoff(cap=BACKOFF_CAP_S, base=BACKOFF_BASE_S), retries_within(retry_s)
+        ),
         retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
         health_check_interval=10,
         socket_connect_timeout=2.0,
@@ -528,14 +547,16 @@ class RedisTaskStore(TaskStore):
         keys: KeyRing,
         prefix: str = "llmos:",
         clock: Callable[[], float] | None = None,
+        retry_s: float = RETRY_BUDGET_S,
     ) -> RedisTaskStore:
         """Connect to `url` (redis://host:port/db) and check it answers; `keys` seal and
-        open the text fields (kernel/store/sealing.py).
+        open the text fields (kernel/store/sealing.py); a command is retried across a
+        dropped connection for about `retry_s` seconds.
 
         Unavailable(STORE_UNAVAILABLE) when it does not, naming the address, so a kernel
         configured for Redis refuses to start rather than accept tasks it cannot keep.
         """
-        client = connect(url)
+        client = connect(url, retry_s)
         store = cls(client, url, prefix, clock or time.time, keys)
         try:
             await store.call(client.ping())

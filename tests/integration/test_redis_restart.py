@@ -9,6 +9,7 @@ task accepted before, during and after must still succeed exactly once.
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,9 +19,13 @@ import pytest
 from kerneltools import assert_each_succeeded_once, start_kernel, submit_all, wait_until_finished
 from redistools import RedisServer
 
-from llmos.v1 import kernel_pb2_grpc
+from llmos.v1 import common_pb2, kernel_pb2, kernel_pb2_grpc
 
 TASKS = 80
+# The kernel's Redis retries in the long-outage test (`redis_retry_s`): the outage outlasts
+# them three times over, so every write of a task's end is refused.
+RETRY_S = 1.0
+OUTAGE_S = 4.0
 
 
 @pytest.fixture
@@ -52,3 +57,49 @@ def test_tasks_survive_a_redis_restart_under_load(tmp_path: Path, server: RedisS
         assert any(server.directory.glob("appendonlydir/*.aof")), "no append-only file kept"
     finally:
         kernel.stop()
+
+
+def test_a_task_whose_end_is_refused_by_a_long_outage_runs_again(
+    tmp_path: Path, server: RedisServer
+) -> None:
+    """Redis down for longer than the kernel retries while a task ends: its SUCCEEDED,
+    then its FAILED, then its trace steps are refused (UNAVAILABLE). The kernel lets the
+    task's queue entry go without acknowledging it; once Redis is back the entry lapses
+    (`kernel_claim_idle_s`), the kernel takes it over and runs the task again to
+    SUCCEEDED. The entry used to stay held and renewed, the task RUNNING for ever."""
+    kernel = start_kernel(
+        tmp_path, "kernel", "llmos:", redis_url=server.url,
+        env={"LLMOS_REDIS_RETRY_S": str(RETRY_S)},
+    )  # fmt: skip
+    try:
+        with grpc.insecure_channel(kernel.address) as channel:
+            stub = kernel_pb2_grpc.KernelServiceStub(channel)
+            kernel.runtime.send_signal(signal.SIGSTOP)  # holds the task RUNNING
+            try:
+                prompts = submit_all(stub, range(1))
+                (task_id,) = prompts
+                wait_for_state(stub, task_id, common_pb2.TASK_STATE_RUNNING)
+                server.stop()
+            finally:
+                kernel.runtime.send_signal(signal.SIGCONT)
+            time.sleep(OUTAGE_S)  # the task ends meanwhile, and nothing of it is stored
+            server.start()
+
+            wait_until_finished(stub, [task_id], 1, timeout_s=60)
+            assert_each_succeeded_once(stub, prompts)
+            watched = stub.WatchTask(kernel_pb2.WatchTaskRequest(task_id=task_id), timeout=10)
+            states = [event.state for event in watched if not event.text]
+            assert states.count(common_pb2.TASK_STATE_QUEUED) == 2, f"not queued again: {states}"
+        assert kernel.kernel.poll() is None, "the kernel exited"
+    finally:
+        kernel.stop()
+
+
+def wait_for_state(
+    stub: kernel_pb2_grpc.KernelServiceStub, task_id: str, state: int, timeout_s: float = 20
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    request = kernel_pb2.GetTaskRequest(task_id=task_id)
+    while stub.GetTask(request, timeout=10).task.state != state:
+        assert time.monotonic() < deadline, f"task {task_id} never became {state}"
+        time.sleep(0.05)
