@@ -795,7 +795,7 @@ class TaskRunner:
             )
             pending = self._pending.pop(task_id, None)
             steps = () if pending is None else (await pending.take()).steps
-            with contextlib.suppress(LlmosError):  # unreachable: the end is refused anyway
+            with contextlib.suppress(LlmosError):  # the store is unreachable: the task runs again
                 for step in (*steps, record.SerializeToString()):
                     await asyncio.shield(self.store.add_trace_step(task_id, step))
             return error
