@@ -484,11 +484,16 @@ def retries_within(budget_s: float) -> int:
             f"redis_retry_s is {budget_s}; use 0 (no retries) or more seconds",
             reason="BAD_SETTING",
         )
+    backoff = _backoff()
     retries, waited = 0, 0.0
-    while (wait := min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (retries + 1))) + waited <= budget_s:
+    while (wait := backoff.compute(retries + 1)) + waited <= budget_s:
         waited += wait
         retries += 1
     return retries
+
+
+def _backoff() -> ExponentialBackoff:
+    return ExponentialBackoff(cap=BACKOFF_CAP_S, base=BACKOFF_BASE_S)
 
 
 def connect(url: str, retry_s: float = RETRY_BUDGET_S) -> aioredis.Redis:
@@ -502,9 +507,7 @@ def connect(url: str, retry_s: float = RETRY_BUDGET_S) -> aioredis.Redis:
         url,
         max_connections=POOL_CONNECTIONS,
         timeout=POOL_WAIT_S,
-        retry=Retry(
-            ExponentialBackoff(cap=BACKOFF_CAP_S, base=BACKOFF_BASE_S), retries_within(retry_s)
-        ),
+        retry=Retry(_backoff(), retries_within(retry_s)),
         retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
         health_check_interval=10,
         socket_connect_timeout=2.0,

@@ -389,12 +389,13 @@ class RedisWorkQueue:
             await self.store.call(pipe.execute())
 
     def abandon(self, task_id: str) -> None:
-        """Stop holding a task this kernel could not start, without acknowledging its entry:
-        no longer renewed, the entry is taken over after `claim_idle_s` (by this kernel
-        too) and the task run again; an attached one is failed once this kernel stops. For
-        an unfinished task, which acknowledging would leave with nothing to run it."""
+        """Stop holding a task this kernel could not start or end (the store refused the
+        write), without acknowledging its entry: no longer renewed, the entry is taken over
+        after `claim_idle_s` (by this kernel too) and the task run again; an attached one is
+        failed once this kernel stops. For an unfinished task, which acknowledging would
+        leave with nothing to run it."""
         if self.held.pop(task_id, None) is not None:
-            log.warning("task %s was not started; its entry is left to be taken over", task_id)
+            log.warning("task %s left unfinished here; its entry is left to be taken over", task_id)
 
     async def release(self, task_id: str, priority: int) -> None:
         """Give a task this kernel will not finish back to every kernel (a planned stop):
