@@ -49,7 +49,7 @@ from llmos.kernel.policy import Policies, TenantPolicy
 from llmos.kernel.registry import Registry
 from llmos.kernel.scheduler import Dispatch, Priority, Scheduler, Ticket
 from llmos.kernel.stages import Plugins, Stage, StageContext, for_policy, services_required
-from llmos.kernel.store import TaskRecord, TaskStore
+from llmos.kernel.store import TaskRecord, TaskStore, finished_or_gone
 from llmos.kernel.store.work_queue import RedisWorkQueue, Work
 from llmos.services.channels import outgoing_metadata
 from llmos.services.errors import DeadlineExceeded, LlmosError, NotFound, from_rpc_error
@@ -505,7 +505,7 @@ class TaskRunner:
         an unfinished one (the store unreachable past its retries) keeps its entry, which
         lapses and is taken over, so the task runs again instead of staying unfinished
         with nothing to run it."""
-        if refused is None or _finished_or_gone(refused):
+        if refused is None or finished_or_gone(refused):
             await self._settle(task_id)
         elif self.queue is not None:
             self.queue.abandon(task_id)
@@ -1090,12 +1090,6 @@ async def _early_output(
             return await listener.get()
     except TimeoutError:
         return NO_OUTPUT
-
-
-def _finished_or_gone(error: LlmosError) -> bool:
-    """Whether a write was refused because the task is final or no longer exists: then its
-    queue entry has nothing left to run."""
-    return isinstance(error, NotFound) or error.reason == "TASK_FINISHED"
 
 
 def _settle_write(stored: asyncio.Future[bool | None], outcome: bool | None) -> None:

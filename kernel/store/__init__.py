@@ -24,6 +24,7 @@ from llmos.kernel.store.contract import (
     check_transition,
     decode_page_token,
     encode_page_token,
+    finished_or_gone,
 )
 from llmos.kernel.store.sqlite import SqliteTaskStore
 
@@ -46,4 +47,5 @@ __all__ = [
     "check_transition",
     "decode_page_token",
     "encode_page_token",
+    "finished_or_gone",
 ]

@@ -35,7 +35,7 @@ import math
 from collections.abc import Callable, Collection, Sequence
 from typing import Literal, TypeAlias
 
-from llmos.services.errors import FailedPrecondition, InvalidArgument
+from llmos.services.errors import FailedPrecondition, InvalidArgument, LlmosError, NotFound
 from llmos.v1 import common_pb2
 
 TaskState: TypeAlias = common_pb2.TaskState.ValueType
@@ -245,6 +245,12 @@ def check_transition(task_id: str, current: TaskState, to_state: TaskState) -> b
             metadata={"task_id": task_id, "state": state_name(current)},
         )
     return True
+
+
+def finished_or_gone(error: LlmosError) -> bool:
+    """Whether a write was refused because the task is final (`check_transition`'s
+    TASK_FINISHED) or no longer exists: then nothing of it is left to run or to end."""
+    return isinstance(error, NotFound) or error.reason == "TASK_FINISHED"
 
 
 def finish_reason_for(

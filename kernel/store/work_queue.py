@@ -58,7 +58,7 @@ from typing import Any
 import redis.exceptions
 
 from llmos.kernel.scheduler import DEFAULT_QUEUE_LIMITS, Priority
-from llmos.kernel.store.contract import FAILED, TaskRecord
+from llmos.kernel.store.contract import FAILED, TaskRecord, finished_or_gone
 from llmos.kernel.store.redis import RedisTaskStore, flatten
 from llmos.services.errors import LlmosError, ResourceExhausted
 
@@ -68,6 +68,11 @@ GROUP = "kernels"
 # How long one XREADGROUP blocks waiting for new work.
 BLOCK_S = 1.0
 RETRY_AFTER_MS = 1000
+# The error a streamed task gets when its start or end could not be stored.
+UNFINISHED_STREAM = (
+    "Redis refused its start or end past redis_retry_s; its client's stream ended with "
+    "that error, so it cannot run again"
+)
 
 # KEYS: one stream per held entry. ARGV: group, consumer, entry ids (one per key).
 # Resets the idle time of every entry this consumer still owns; returns the ids it lost.
@@ -160,6 +165,9 @@ class RedisWorkQueue:
         self.alive_key = f"{prefix}kernel:{self.kernel_id}"
         self.cancel_channel = f"{prefix}cancel"
         self.held: dict[str, Work] = {}
+        # Streamed tasks this kernel let go unfinished (`abandon`): no other kernel takes an
+        # attached entry, so this one fails them once the store takes the write.
+        self.unfinished: dict[str, Work] = {}
         # Task ids another kernel asked to cancel, and ids whose entry another kernel took.
         self.cancels: asyncio.Queue[str] = asyncio.Queue()
         self.lost: asyncio.Queue[str] = asyncio.Queue()
@@ -346,10 +354,18 @@ class RedisWorkQueue:
             )
         )
 
-    async def _fail_unfinished(self, task_id: str, reason: str) -> None:
-        with contextlib.suppress(LlmosError):  # gone (forgotten) or already final
+    async def _fail_unfinished(self, task_id: str, reason: str) -> bool:
+        """The task FAILED with `reason` (True), unless it is final or gone already. Any
+        other refusal (Redis unreachable past its retries) is raised: the caller keeps the
+        task's entry, so the task is never left unfinished with nothing to end it."""
+        try:
             if not (await self.store.get(task_id)).finished:
                 await self.store.transition(task_id, FAILED, error=reason)
+                return True
+        except LlmosError as error:
+            if not finished_or_gone(error):
+                raise
+        return False
 
     async def _fail_dead_kernels_streams(self) -> None:
         """Fail the streamed tasks of kernels whose liveness key expired: their clients'
@@ -377,7 +393,7 @@ class RedisWorkQueue:
 
     async def done(self, task_id: str) -> None:
         """The task's final state is stored: acknowledge and delete its entry."""
-        work = self.held.pop(task_id, None)
+        work = self.held.pop(task_id, None) or self.unfinished.pop(task_id, None)
         if work is not None:
             await self._remove(work)
 
@@ -390,12 +406,33 @@ class RedisWorkQueue:
 
     def abandon(self, task_id: str) -> None:
         """Stop holding a task this kernel could not start or end (the store refused the
-        write), without acknowledging its entry: no longer renewed, the entry is taken over
-        after `claim_idle_s` (by this kernel too) and the task run again; an attached one is
-        failed once this kernel stops. For an unfinished task, which acknowledging would
-        leave with nothing to run it."""
-        if self.held.pop(task_id, None) is not None:
+        write), without acknowledging its entry: acknowledging would leave the task
+        unfinished with nothing to run or end it. A queued task's entry is no longer
+        renewed: it is taken over after `claim_idle_s` (by this kernel too) and the task
+        run again. A streamed task cannot run again (its client's stream ended with the
+        store's error): it is kept in `unfinished` and failed at the next renewal the
+        store takes (`end_unfinished`)."""
+        work = self.held.pop(task_id, None)
+        if work is None:
+            return
+        if work.stream == self.attached:
+            self.unfinished[task_id] = work
+            log.warning(
+                "streamed task %s left unfinished; it is failed once Redis takes it", task_id
+            )
+        else:
             log.warning("task %s left unfinished here; its entry is left to be taken over", task_id)
+
+    async def end_unfinished(self) -> None:
+        """Fail the streamed tasks this kernel let go unfinished and remove their entries
+        (one already final or gone, cancelled meanwhile say, only loses its entry). Raises
+        while Redis still refuses: those left are tried again at the next renewal."""
+        for task_id, work in list(self.unfinished.items()):
+            failed = await self._fail_unfinished(task_id, UNFINISHED_STREAM)
+            await self._remove(work)
+            self.unfinished.pop(task_id, None)  # `done` may have taken it meanwhile
+            if failed:
+                log.info("streamed task %s failed: %s", task_id, UNFINISHED_STREAM)
 
     async def release(self, task_id: str, priority: int) -> None:
         """Give a task this kernel will not finish back to every kernel (a planned stop):
@@ -444,6 +481,12 @@ class RedisWorkQueue:
                     self.lost.put_nowait(task_id)
             except LlmosError as error:  # Redis down for longer than the retries: try again
                 log.warning("could not renew this kernel's queue entries: %s", error.message)
+            try:
+                await self.end_unfinished()
+            except LlmosError as error:
+                log.warning(
+                    "could not end this kernel's unfinished streamed tasks: %s", error.message
+                )
 
     async def publish_cancel(self, task_id: str) -> None:
         await self.store.call(self.client.publish(self.cancel_channel, task_id))

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import redis
 from kerneltools import assert_each_succeeded_once, start_kernel, submit_all, wait_until_finished
 from redistools import RedisServer
 
@@ -93,6 +94,52 @@ def test_a_task_whose_end_is_refused_by_a_long_outage_runs_again(
         assert kernel.kernel.poll() is None, "the kernel exited"
     finally:
         kernel.stop()
+
+
+def test_a_streamed_task_whose_end_is_refused_is_failed_once_redis_is_back(
+    tmp_path: Path, server: RedisServer
+) -> None:
+    """The same outage under a streamed Generate: its client's stream ends UNAVAILABLE,
+    and the task, which no kernel can run again (its stream is gone), is FAILED with the
+    reason once Redis is back, and its entry on the kernel's attached stream removed. It
+    used to stay RUNNING until its kernel stopped."""
+    kernel = start_kernel(
+        tmp_path, "kernel", "llmos:", redis_url=server.url,
+        env={"LLMOS_REDIS_RETRY_S": str(RETRY_S)},
+    )  # fmt: skip
+    try:
+        with grpc.insecure_channel(kernel.address) as channel:
+            stub = kernel_pb2_grpc.KernelServiceStub(channel)
+            kernel.runtime.send_signal(signal.SIGSTOP)  # holds the task RUNNING
+            try:
+                stream = stub.Generate(kernel_pb2.GenerateRequest(prompt="held"), timeout=60)
+                task_id = next(stream).task_id  # sent once the task is stored
+                wait_for_state(stub, task_id, common_pb2.TASK_STATE_RUNNING)
+                server.stop()
+            finally:
+                kernel.runtime.send_signal(signal.SIGCONT)
+            with pytest.raises(grpc.RpcError) as ended:
+                for _ in stream:  # the output comes; the end is refused
+                    pass
+            assert ended.value.code() == grpc.StatusCode.UNAVAILABLE, ended.value.details()
+            server.start()
+
+            wait_for_state(stub, task_id, common_pb2.TASK_STATE_FAILED)
+            task = stub.GetTask(kernel_pb2.GetTaskRequest(task_id=task_id), timeout=10).task
+            assert "redis_retry_s" in task.error, task.error
+            assert attached_entries(server.url) == 0, "its attached entry is still there"
+        assert kernel.kernel.poll() is None, "the kernel exited"
+    finally:
+        kernel.stop()
+
+
+def attached_entries(url: str) -> int:
+    """Entries on every kernel's attached stream (streamed tasks not yet ended)."""
+    client = redis.Redis.from_url(url)
+    try:
+        return sum(int(client.xlen(key)) for key in client.scan_iter(match="llmos:attached:*"))
+    finally:
+        client.close()
 
 
 def wait_for_state(

@@ -26,6 +26,7 @@ QUEUED = common_pb2.TASK_STATE_QUEUED
 RUNNING = common_pb2.TASK_STATE_RUNNING
 FAILED = common_pb2.TASK_STATE_FAILED
 SUCCEEDED = common_pb2.TASK_STATE_SUCCEEDED
+CANCELLED = common_pb2.TASK_STATE_CANCELLED
 IDLE_S = 0.3
 
 
@@ -164,6 +165,31 @@ async def test_an_abandoned_entry_is_kept_and_taken_over_by_its_own_kernel(
     taken = await holder.take(5, block_s=0.05)
 
     assert [(w.task_id, w.deliveries, w.reclaimed) for w in taken] == [("t1", 2, True)]
+    await holder.close()
+
+
+async def test_an_abandoned_streamed_task_is_failed_by_its_own_kernel(
+    store: RedisTaskStore,
+) -> None:
+    """A streamed task cannot be taken over: let go unfinished, its own kernel fails it
+    at the next renewal and removes its entry; one final meanwhile only loses its entry."""
+    holder = await kernel(store, "holder")
+    await holder.attach(task("unfinished"))
+    await holder.attach(task("cancelled"))
+    await store.transition("unfinished", RUNNING)
+    await store.transition("cancelled", CANCELLED, error="cancelled")
+    holder.abandon("unfinished")
+    holder.abandon("cancelled")
+    assert set(holder.unfinished) == {"unfinished", "cancelled"}
+
+    await asyncio.sleep(IDLE_S)  # a renewal or two
+
+    failed = await store.get("unfinished")
+    assert failed.state == FAILED
+    assert "redis_retry_s" in failed.error
+    assert (await store.get("cancelled")).state == CANCELLED
+    assert holder.unfinished == {}
+    assert await store.client.xlen(holder.attached) == 0
     await holder.close()
 
 
