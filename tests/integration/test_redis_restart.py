@@ -9,6 +9,7 @@ task accepted before, during and after must still succeed exactly once.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
 from collections.abc import Iterator
@@ -17,7 +18,13 @@ from pathlib import Path
 import grpc
 import pytest
 import redis
-from kerneltools import assert_each_succeeded_once, start_kernel, submit_all, wait_until_finished
+from kerneltools import (
+    Kernel,
+    assert_each_succeeded_once,
+    start_kernel,
+    submit_all,
+    wait_until_finished,
+)
 from redistools import RedisServer
 
 from llmos.v1 import common_pb2, kernel_pb2, kernel_pb2_grpc
@@ -60,77 +67,81 @@ def test_tasks_survive_a_redis_restart_under_load(tmp_path: Path, server: RedisS
         kernel.stop()
 
 
+@pytest.fixture
+def impatient_kernel(tmp_path: Path, server: RedisServer) -> Iterator[Kernel]:
+    """A kernel on `server` that retries a Redis command for RETRY_S only
+    (`redis_retry_s`), so that an OUTAGE_S outage refuses its writes; it must still be
+    serving when the test is done."""
+    kernel = start_kernel(
+        tmp_path, "kernel", "llmos:", redis_url=server.url,
+        env={"LLMOS_REDIS_RETRY_S": str(RETRY_S)},
+    )  # fmt: skip
+    try:
+        yield kernel
+        assert kernel.kernel.poll() is None, "the kernel exited"
+    finally:
+        kernel.stop()
+
+
+@contextlib.contextmanager
+def runtime_frozen(kernel: Kernel) -> Iterator[None]:
+    """The kernel's runtime SIGSTOPped: a task it was given stays RUNNING meanwhile."""
+    kernel.runtime.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        kernel.runtime.send_signal(signal.SIGCONT)
+
+
 def test_a_task_whose_end_is_refused_by_a_long_outage_runs_again(
-    tmp_path: Path, server: RedisServer
+    impatient_kernel: Kernel, server: RedisServer
 ) -> None:
     """Redis down for longer than the kernel retries while a task ends: its SUCCEEDED,
     then its FAILED, then its trace steps are refused (UNAVAILABLE). The kernel lets the
     task's queue entry go without acknowledging it; once Redis is back the entry lapses
     (`kernel_claim_idle_s`), the kernel takes it over and runs the task again to
     SUCCEEDED. The entry used to stay held and renewed, the task RUNNING for ever."""
-    kernel = start_kernel(
-        tmp_path, "kernel", "llmos:", redis_url=server.url,
-        env={"LLMOS_REDIS_RETRY_S": str(RETRY_S)},
-    )  # fmt: skip
-    try:
-        with grpc.insecure_channel(kernel.address) as channel:
-            stub = kernel_pb2_grpc.KernelServiceStub(channel)
-            kernel.runtime.send_signal(signal.SIGSTOP)  # holds the task RUNNING
-            try:
-                prompts = submit_all(stub, range(1))
-                (task_id,) = prompts
-                wait_for_state(stub, task_id, common_pb2.TASK_STATE_RUNNING)
-                server.stop()
-            finally:
-                kernel.runtime.send_signal(signal.SIGCONT)
-            time.sleep(OUTAGE_S)  # the task ends meanwhile, and nothing of it is stored
-            server.start()
+    with grpc.insecure_channel(impatient_kernel.address) as channel:
+        stub = kernel_pb2_grpc.KernelServiceStub(channel)
+        with runtime_frozen(impatient_kernel):
+            prompts = submit_all(stub, range(1))
+            (task_id,) = prompts
+            wait_for_state(stub, task_id, common_pb2.TASK_STATE_RUNNING)
+            server.stop()
+        time.sleep(OUTAGE_S)  # the task ends meanwhile, and nothing of it is stored
+        server.start()
 
-            wait_until_finished(stub, [task_id], 1, timeout_s=60)
-            assert_each_succeeded_once(stub, prompts)
-            watched = stub.WatchTask(kernel_pb2.WatchTaskRequest(task_id=task_id), timeout=10)
-            states = [event.state for event in watched if not event.text]
-            assert states.count(common_pb2.TASK_STATE_QUEUED) == 2, f"not queued again: {states}"
-        assert kernel.kernel.poll() is None, "the kernel exited"
-    finally:
-        kernel.stop()
+        wait_until_finished(stub, [task_id], 1, timeout_s=60)
+        assert_each_succeeded_once(stub, prompts)
+        watched = stub.WatchTask(kernel_pb2.WatchTaskRequest(task_id=task_id), timeout=10)
+        states = [event.state for event in watched if not event.text]
+        assert states.count(common_pb2.TASK_STATE_QUEUED) == 2, f"not queued again: {states}"
 
 
 def test_a_streamed_task_whose_end_is_refused_is_failed_once_redis_is_back(
-    tmp_path: Path, server: RedisServer
+    impatient_kernel: Kernel, server: RedisServer
 ) -> None:
     """The same outage under a streamed Generate: its client's stream ends UNAVAILABLE,
     and the task, which no kernel can run again (its stream is gone), is FAILED with the
     reason once Redis is back, and its entry on the kernel's attached stream removed. It
     used to stay RUNNING until its kernel stopped."""
-    kernel = start_kernel(
-        tmp_path, "kernel", "llmos:", redis_url=server.url,
-        env={"LLMOS_REDIS_RETRY_S": str(RETRY_S)},
-    )  # fmt: skip
-    try:
-        with grpc.insecure_channel(kernel.address) as channel:
-            stub = kernel_pb2_grpc.KernelServiceStub(channel)
-            kernel.runtime.send_signal(signal.SIGSTOP)  # holds the task RUNNING
-            try:
-                stream = stub.Generate(kernel_pb2.GenerateRequest(prompt="held"), timeout=60)
-                task_id = next(stream).task_id  # sent once the task is stored
-                wait_for_state(stub, task_id, common_pb2.TASK_STATE_RUNNING)
-                server.stop()
-            finally:
-                kernel.runtime.send_signal(signal.SIGCONT)
-            with pytest.raises(grpc.RpcError) as ended:
-                for _ in stream:  # the output comes; the end is refused
-                    pass
-            assert ended.value.code() == grpc.StatusCode.UNAVAILABLE, ended.value.details()
-            server.start()
+    with grpc.insecure_channel(impatient_kernel.address) as channel:
+        stub = kernel_pb2_grpc.KernelServiceStub(channel)
+        with runtime_frozen(impatient_kernel):
+            stream = stub.Generate(kernel_pb2.GenerateRequest(prompt="held"), timeout=60)
+            task_id = next(stream).task_id  # sent once the task is stored
+            wait_for_state(stub, task_id, common_pb2.TASK_STATE_RUNNING)
+            server.stop()
+        with pytest.raises(grpc.RpcError) as ended:
+            for _ in stream:  # the output comes; the end is refused
+                pass
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE, ended.value.details()
+        server.start()
 
-            wait_for_state(stub, task_id, common_pb2.TASK_STATE_FAILED)
-            task = stub.GetTask(kernel_pb2.GetTaskRequest(task_id=task_id), timeout=10).task
-            assert "redis_retry_s" in task.error, task.error
-            assert attached_entries(server.url) == 0, "its attached entry is still there"
-        assert kernel.kernel.poll() is None, "the kernel exited"
-    finally:
-        kernel.stop()
+        wait_for_state(stub, task_id, common_pb2.TASK_STATE_FAILED)
+        task = stub.GetTask(kernel_pb2.GetTaskRequest(task_id=task_id), timeout=10).task
+        assert "redis_retry_s" in task.error, task.error
+        assert attached_entries(server.url) == 0, "its attached entry is still there"
 
 
 def attached_entries(url: str) -> int:
