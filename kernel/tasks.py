@@ -504,7 +504,8 @@ class TaskRunner:
         or refused. Its queue entry is acknowledged only when the task is final or gone:
         an unfinished one (the store unreachable past its retries) keeps its entry, which
         lapses and is taken over, so the task runs again instead of staying unfinished
-        with nothing to run it."""
+        with nothing to run it; a streamed one is failed by this kernel once the store is
+        back (`RedisWorkQueue.abandon`)."""
         if refused is None or finished_or_gone(refused):
             await self._settle(task_id)
         elif self.queue is not None:
