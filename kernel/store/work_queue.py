@@ -32,7 +32,9 @@ must not take its work with it. That is what this module does, with stream primi
   stream**: they are recorded in `<prefix>attached:<kernel id>`, never offered to other
   kernels, since only that kernel can deliver their tokens. If it dies, the client's
   stream is gone with it; another kernel notices (the dead kernel's liveness key expired)
-  and fails the task with that reason, so it is never left RUNNING.
+  and fails the task with that reason, so it is never left RUNNING. One whose start or
+  end Redis refused (down past the retries) is failed by its own kernel once Redis is
+  back (`abandon`, `end_unfinished`): no other kernel would.
 - **Cancellation crosses kernels by pub/sub.** CancelTask on one kernel for a task another
   kernel runs publishes the id on `<prefix>cancel`; the kernel running it cancels it.
 
