@@ -60,6 +60,17 @@ RELEASE_AFTER_S = 2.0
 RETRY_S = 1.0
 # An engine without a hardware service looks for one again this often.
 LOOKUP_S = 15.0
+# After a renewal round that could not reach the hardware service, the next comes after
+# this, doubling with each failed round up to the usual TTL_S / 3: a blip is bridged well
+# before the reservations' TTL runs out, and a long outage is not asked every second.
+RENEW_RETRY_S = 1.0
+
+
+def renewal_wait_s(failed_rounds: int) -> float:
+    """Seconds before the next renewal round, after `failed_rounds` failed in a row."""
+    if failed_rounds <= 0:
+        return TTL_S / 3
+    return min(TTL_S / 3, RENEW_RETRY_S * (1 << min(failed_rounds - 1, 16)))
 
 
 def weight_bytes(model_dir: Path, weights: str = "float32", *, batched: bool = True) -> int:
@@ -205,8 +216,10 @@ class HostMemory:
         log.info("released the host-memory reservation %s of %s", reservation, model)
 
     async def _renew_forever(self) -> None:
+        failed_rounds = 0
         while True:
-            await asyncio.sleep(TTL_S / 3)
+            await asyncio.sleep(renewal_wait_s(failed_rounds))
+            failed = False
             for model, (address, reservation, size) in list(self.held.items()):
                 try:
                     renewed = await self.reserve_bytes(address, size, renew=reservation)
@@ -215,6 +228,7 @@ class HostMemory:
                         log.warning(
                             "renewing %s for %s failed: %s", reservation, model, error.details()
                         )
+                        failed = True
                         continue
                     try:  # the hardware service forgot it (restarted): reserve again
                         renewed = await self.reserve_bytes(address, size)
@@ -224,6 +238,7 @@ class HostMemory:
                         continue
                 if model in self.held:
                     self.held[model] = (address, renewed, size)
+            failed_rounds = failed_rounds + 1 if failed else 0
 
     async def close(self) -> None:
         if self._renewing is not None:
@@ -276,6 +291,7 @@ class KvReservations:
         self._surplus_since: float | None = None
         self._refused_at = -math.inf
         self._renewed_at = time.monotonic()
+        self._failed_renewals = 0  # renewal rounds that failed in a row (`renewal_wait_s`)
         self._looked_at = -math.inf
         self._unmanaged_why = ""
 
@@ -373,9 +389,10 @@ class KvReservations:
         # The batch thread lowered the grant: give back what it no longer covers.
         while self.steps and self.held - self.steps[-1].size >= demand.granted:
             await self._release(self.steps[-1])
-        if now - self._renewed_at >= TTL_S / 3:
+        if now - self._renewed_at >= renewal_wait_s(self._failed_renewals):
             self._renewed_at = now
-            await self._renew(address)
+            failed = await self._renew(address)
+            self._failed_renewals = self._failed_renewals + 1 if failed else 0
         if demand.need > demand.granted:
             self._surplus_since = None
             if now - self._refused_at >= RETRY_S:
@@ -466,9 +483,11 @@ class KvReservations:
             human_bytes(self.held),
         )
 
-    async def _renew(self, address: str) -> None:
+    async def _renew(self, address: str) -> bool:
         """Restart every step's TTL; a step the hardware service forgot (it restarted) is
-        reserved again, and one it will not give back is dropped, the grant with it."""
+        reserved again, and one it will not give back is dropped, the grant with it.
+        Whether a renewal failed otherwise (the service unreachable: try again soon)."""
+        failed = False
         for step in list(self.steps):
             try:
                 renewed = await self.host.reserve_bytes(
@@ -477,6 +496,7 @@ class KvReservations:
             except grpc.aio.AioRpcError as error:
                 if error.code() != grpc.StatusCode.NOT_FOUND:
                     log.warning("renewing %s failed: %s", step.reservation, error.details())
+                    failed = True
                     continue
                 try:
                     renewed = await self.host.reserve_bytes(address, step.size)
@@ -492,6 +512,7 @@ class KvReservations:
                     continue
             if step in self.steps:
                 self.steps[self.steps.index(step)] = Step(address, renewed, step.size)
+        return failed
 
     async def _look_again(self, demand: Demand) -> None:
         """Unmanaged: if a hardware service serves now, reserve what the batch holds and
