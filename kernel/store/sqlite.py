@@ -85,7 +85,10 @@ Why it is built this way:
 - **Forgetting is real.** `secure_delete` overwrites deleted rows, and every deletion
   (`forget_tenant`, `delete`, `expire`) checkpoints and truncates the WAL, so a forgotten
   tenant's prompts do not linger in free pages or old WAL frames. They run alone, outside
-  any batch (a checkpoint cannot run inside a transaction).
+  any batch (a checkpoint cannot run inside a transaction). Another process holding a
+  read transaction past the busy timeout keeps the WAL (SQLite reports the checkpoint
+  busy, not an error): that is logged, and `scrub`, which the forget calls run last,
+  tries again and names it in their notes.
 - **Sealed at rest.** Prompts, outputs, error texts and trace steps are stored sealed
   (kernel/store/sealing.py): the file and its WAL hold ciphertext and key ids, never the
   text. Sealing and opening run on the store's thread, off the event loop. Schema version 3
@@ -1462,7 +1465,19 @@ class SqliteTaskStore(TaskStore):
         return await self._run(operation, alone=True)
 
     async def scrub(self) -> builtins.list[str]:
-        return []  # every deletion already scrubbed the freed pages and the WAL
+        """Every deletion already scrubbed the freed pages and the WAL, unless a reader in
+        another process kept the WAL then: try once more, and name what is left."""
+
+        def operation(conn: sqlite3.Connection) -> builtins.list[str]:
+            if _scrub_wal(conn):
+                return []
+            return [
+                f"{self.path}-wal still holds frames written before the deletion: another "
+                f"process kept a read transaction open on {self.path} for over "
+                f"{BUSY_TIMEOUT_S:g} s; end it and forget again to empty the WAL"
+            ]
+
+        return await self._run(operation, alone=True)
 
     async def rewrap(self, cursor: str = "", limit: int = 200) -> RewrapReport:
         position = _decode_cursor(cursor)
@@ -1546,10 +1561,19 @@ def _delete_tasks(conn: sqlite3.Connection, task_ids: builtins.list[str]) -> int
     return int(deleted)
 
 
-def _scrub_wal(conn: sqlite3.Connection) -> None:
+def _scrub_wal(conn: sqlite3.Connection) -> bool:
     """Copy the WAL into the main file (whose freed pages secure_delete zeroed) and empty
-    it, so the old frames holding deleted rows are gone too. Needs no open transaction."""
-    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    it, so the old frames holding deleted rows are gone too; whether it did. Needs no open
+    transaction. Another process reading the file past the busy timeout keeps the WAL:
+    SQLite then reports the checkpoint busy instead of failing, so the frames stay (`scrub`
+    tells the operator)."""
+    (busy, _, _) = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    if busy:
+        log.warning(
+            "the task store's WAL could not be emptied after a deletion: another process "
+            "holds a read transaction on it; the deleted rows' old frames stay until it ends"
+        )
+    return not busy
 
 
 def _close_connection(conn: sqlite3.Connection) -> None:

@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import gc
 import hashlib
+import os
 import random
 import signal
 import sqlite3
@@ -1497,6 +1498,36 @@ async def test_sqlite_allows_one_open_store_per_data_dir(tmp_path: Path) -> None
         await first.close()
     second = await SqliteTaskStore.open(tmp_path, keys=KEYS)
     await second.close()
+
+
+async def test_sqlite_scrub_names_a_wal_another_process_kept_and_empties_it_once_free(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reader in another process holding a snapshot keeps the WAL past the deletion's
+    TRUNCATE checkpoint (SQLite answers busy, not an error): the deletion logs it, and
+    `scrub` tries again and names what is left instead of answering that nothing is."""
+    monkeypatch.setattr(sqlite_store, "BUSY_TIMEOUT_S", 0.2)
+    store = await SqliteTaskStore.open(tmp_path, keys=KEYS)
+    wal = f"{store.path}-wal"
+    reader = sqlite3.connect(store.path, isolation_level=None)
+    try:
+        await finished_task(store, "gone", tenant="leaving")
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM tasks").fetchone()  # a snapshot, held
+        await store.create(new_task("later"))  # written after the reader's snapshot
+
+        assert await store.forget_tenant("leaving") == 1
+        assert "could not be emptied" in caplog.text
+        (note,) = await store.scrub()
+        assert "read transaction" in note and str(store.path) in note
+        assert await asyncio.to_thread(os.path.getsize, wal) > 0
+
+        reader.execute("COMMIT")
+        assert await store.scrub() == []
+        assert await asyncio.to_thread(os.path.getsize, wal) == 0
+    finally:
+        reader.close()
+        await store.close()
 
 
 async def test_sqlite_uses_wal_and_records_its_schema_version(tmp_path: Path) -> None:
