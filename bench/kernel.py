@@ -885,21 +885,23 @@ def machine() -> dict[str, Any]:
     }
 
 
-def git(*args: str) -> str:
+def git(*args: str, repo: Path = REPO) -> str:
     result = subprocess.run(
-        ["git", "-C", str(REPO), *args], capture_output=True, text=True, check=False
+        ["git", "-C", str(repo), *args], capture_output=True, text=True, check=False
     )
     return result.stdout.strip()
 
 
-def source() -> dict[str, Any]:
+def source(repo: Path = REPO) -> dict[str, Any]:
     """The commit measured, and the tracked code files that differ from it (uncommitted
-    edits to kernel/ or services/ change what is measured)."""
-    changed = git("status", "--porcelain", "--untracked-files=no").splitlines()
+    edits to kernel/ or services/ change what is measured). Names come from `git diff
+    --name-only`: `status --porcelain` starts its lines with a status column that a
+    stripped output loses on the first line (a run with one edited file reported none)."""
+    changed = git("diff", "--name-only", "HEAD", repo=repo).splitlines()
     return {
-        "commit": git("rev-parse", "--short", "HEAD") or "?",
+        "commit": git("rev-parse", "--short", "HEAD", repo=repo) or "?",
         "uncommitted_code": sorted(
-            line[3:] for line in changed if line[3:].startswith(("kernel/", "services/"))
+            name for name in changed if name.startswith(("kernel/", "services/"))
         ),
     }
 
