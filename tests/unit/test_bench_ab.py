@@ -4,27 +4,18 @@ A/B would measure the same code twice and find it equal)."""
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
 
+from benchtools import bench_module
+
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _ab() -> ModuleType:
-    """bench/ab.py as a module (bench/ is scripts, not a package; ab imports kernel.py
-    from beside it)."""
-    sys.path.insert(0, str(REPO / "bench"))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_ab", REPO / "bench" / "ab.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(REPO / "bench"))
+    return bench_module("ab.py")
 
 
 def _imported_from(site: Path, module: str) -> str:

@@ -4,26 +4,15 @@ is never read as the commit's."""
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
-import sys
 from pathlib import Path
 from types import ModuleType
 
-REPO = Path(__file__).resolve().parents[2]
+from benchtools import bench_module
 
 
 def _bench_kernel() -> ModuleType:
-    """bench/kernel.py as a module (bench/ is scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location("bench_kernel", REPO / "bench" / "kernel.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while they are made
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        del sys.modules[spec.name]
-    return module
+    return bench_module("kernel.py")
 
 
 def _git(repo: Path, *args: str) -> str:
