@@ -24,12 +24,22 @@ Why it is built this way:
   `synchronous="FULL"` store (an fsync would block the loop) always go through the
   thread, and so does a write that finds SQLite's write lock held by another process
   (tried here with no busy timeout, then queued: only the thread waits for the lock).
-- **Checkpoints on the thread.** SQLite's automatic checkpoint runs inside the COMMIT that
-  fills the WAL past 1,000 pages, and in NORMAL mode a checkpoint syncs the files: a write
-  applied on the event loop would stall it for milliseconds (up to 8.6 ms seen on a
-  two-core VM, once every ~100 commits; half the time all commits took). So the store turns
-  the automatic checkpoint off and queues a PASSIVE checkpoint of its own on its thread
-  every `CHECKPOINT_EVERY_COMMITS` commits; writes made meanwhile queue behind it.
+- **Checkpoints beside the writer, then a short catch-up.** SQLite's automatic checkpoint
+  runs inside the COMMIT that fills the WAL past 1,000 pages, and in NORMAL mode a
+  checkpoint syncs the files: a write applied on the event loop would stall it for
+  milliseconds (up to 8.6 ms seen on a two-core VM, once every ~100 commits; half the time
+  all commits took). So the store turns the automatic checkpoint off and makes its own
+  every `CHECKPOINT_EVERY_COMMITS` commits, in two steps (`_Copier`). First a PASSIVE
+  checkpoint on a second connection, in a worker thread, copies the WAL into the main file
+  while the writer goes on writing. But it copies only the frames there when it began, and
+  SQLite starts the WAL over only when a write begins with every frame copied: with writes
+  going on, that never happens and the WAL grows. So, second, a PASSIVE checkpoint on the
+  writer's own connection, as a job on its thread, copies the few frames written meanwhile;
+  nothing is written during it, and the next write starts the WAL over. When the store's
+  thread held the whole checkpoint, the write waiting behind it was the slowest call of its
+  hundred, 5 to 16 ms (the kernel's p99, 2026-12-02); the catch-up copies a few tasks' frames,
+  about 1 ms. One checkpoint at a time: SQLite answers a second one busy, which a deletion's
+  TRUNCATE (below) would take for an outside reader, so they share `_Copier.lock`.
 - **Only the thread waits for another process's lock.** The connection's busy timeout is
   0: a write on the loop that meets the lock fails at once and is queued for the thread
   instead. The thread raises the timeout to `BUSY_TIMEOUT_S` when its BEGIN meets the lock,
@@ -183,9 +193,9 @@ MAX_BATCH = 256
 # this long if the loop is slower to turn.
 GATHER_TURNS = 8
 GATHER_MAX_S = 0.005
-# Commits between two checkpoints of the WAL into the main file, made on the store's
-# thread (see "Checkpoints on the thread"). A task's write adds a few pages to the WAL, so
-# this keeps it near SQLite's own default of 1,000 pages.
+# Commits between two checkpoints of the WAL into the main file (see "Checkpoints beside
+# the writer"). A task's write adds a few pages to the WAL, so this keeps it near SQLite's
+# own default of 1,000 pages.
 CHECKPOINT_EVERY_COMMITS = 200
 
 # Version 1. Offsets are per task and consecutive, so events and traces are keyed by
@@ -604,6 +614,57 @@ class _Joinable:
             self.started = True
 
 
+class _Copier:
+    """Checkpoints (see the module doc, "Checkpoints beside the writer, then a short
+    catch-up"): a second connection that copies the WAL into the main file while the
+    writer writes, and the checkpoints made on the writer's connection. `lock` keeps them
+    to one at a time: SQLite answers a checkpoint busy while another runs."""
+
+    def __init__(self, path: Path, synchronous: str) -> None:
+        self.lock = threading.Lock()
+        # Used by one thread at a time (under `lock`), whichever worker `copy` runs on.
+        self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        try:
+            self.conn.execute(f"PRAGMA synchronous = {synchronous}")  # how a checkpoint syncs
+            self.conn.execute("PRAGMA wal_autocheckpoint = 0")
+        except BaseException:
+            self.conn.close()
+            raise
+
+    def copy(self) -> None:
+        """In a worker thread: copy what the WAL holds now into the main file, waiting for
+        no reader or writer."""
+        with self.lock:
+            self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+    def catch_up(self, conn: sqlite3.Connection) -> None:
+        """On the writer's connection, with nothing being written: copy the frames written
+        since `copy` began, so that the next write starts the WAL over."""
+        with self.lock:
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+    def truncate(self, conn: sqlite3.Connection) -> bool:
+        """Copy the WAL into the main file (whose freed pages secure_delete zeroed) and empty
+        it, so the old frames holding deleted rows are gone too; whether it did. Needs no
+        open transaction. Another process reading the file past the busy timeout keeps the
+        WAL: SQLite then reports the checkpoint busy instead of failing, so the frames stay
+        (`scrub` tells the operator)."""
+        with self.lock:
+            (busy, _, _) = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:
+            log.warning(
+                "the task store's WAL could not be emptied after a deletion: another process "
+                "holds a read transaction on it; the deleted rows' old frames stay until it ends"
+            )
+        return not busy
+
+    def close(self) -> None:
+        """Before the writer's connection closes: the last connection to close folds the WAL
+        into the main file."""
+        with self.lock:
+            self.conn.close()
+
+
 class _Writer:
     """The store's thread: opens the connection and applies queued jobs in batches (see the
     module doc, "Group commit"), holding `lock` while it uses the connection."""
@@ -858,19 +919,19 @@ def _serve(
     synchronous: str,
     sealer: Sealer,
     jobs: queue.SimpleQueue[_Job],
-    opened: concurrent.futures.Future[tuple[int, _Writer]],
+    opened: concurrent.futures.Future[tuple[int, _Writer, _Copier]],
 ) -> None:
-    """The thread's whole life: open the files, report the lock's fd and the writer, serve
-    the queue."""
+    """The thread's whole life: open the files, report the lock's fd, the writer and the
+    copier, serve the queue."""
     if not opened.set_running_or_notify_cancel():
         return
     try:
-        conn, lock_fd = _open_files(path, synchronous, sealer)
+        conn, copier, lock_fd = _open_files(path, synchronous, sealer)
     except BaseException as exc:
         opened.set_exception(exc)
         return
     writer = _Writer(conn, jobs)
-    opened.set_result((lock_fd, writer))
+    opened.set_result((lock_fd, writer, copier))
     writer.serve()
 
 
@@ -884,6 +945,7 @@ class SqliteTaskStore(TaskStore):
         path: Path,
         jobs: queue.SimpleQueue[_Job],
         writer: _Writer,
+        copier: _Copier,
         *,
         lock_fd: int,
         clock: Callable[[], float],
@@ -895,6 +957,7 @@ class SqliteTaskStore(TaskStore):
         self.sealer = sealer
         self._jobs = jobs
         self._writer = writer
+        self._copier = copier
         self._lock_fd = lock_fd
         self._clock = clock
         self._closed = False
@@ -902,8 +965,8 @@ class SqliteTaskStore(TaskStore):
         # Jobs put on the queue. Written by the one event loop the store serves only, so
         # that `_writer.applied` equal to it means nothing is outstanding.
         self._submitted = 0
-        # A checkpoint is queued (`_checkpoint_when_due`).
-        self._checkpointing = False
+        # The checkpoint under way, if any (`_checkpoint_when_due`).
+        self._checkpoint: asyncio.Task[None] | None = None
         # How many tasks the caller runs at once (`watch_load`); none known: one.
         self._tasks_running: Callable[[], int] = lambda: 1
         # Creates submitted and not yet ended, by task id: a transition may join one.
@@ -933,7 +996,9 @@ class SqliteTaskStore(TaskStore):
         path = Path(data_dir) / FILE_NAME
         sealer = Sealer(keys)
         jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
-        opened: concurrent.futures.Future[tuple[int, _Writer]] = concurrent.futures.Future()
+        opened: concurrent.futures.Future[tuple[int, _Writer, _Copier]] = (
+            concurrent.futures.Future()
+        )
         # A daemon thread: a kernel that exits without closing the store is a crash, which
         # WAL mode survives; it must not hang the interpreter's exit.
         threading.Thread(
@@ -942,11 +1007,12 @@ class SqliteTaskStore(TaskStore):
             name="llmos-task-store",
             daemon=True,
         ).start()
-        lock_fd, writer = await asyncio.wrap_future(opened)
+        lock_fd, writer, copier = await asyncio.wrap_future(opened)
         return cls(
             path,
             jobs,
             writer,
+            copier,
             lock_fd=lock_fd,
             clock=clock,
             sealer=sealer,
@@ -1001,27 +1067,33 @@ class SqliteTaskStore(TaskStore):
         return LlmosError(f"the task store {self.path} failed: {error}", reason="STORE_ERROR")
 
     def _checkpoint_when_due(self) -> None:
-        """Queue a checkpoint for the thread once `CHECKPOINT_EVERY_COMMITS` commits were
-        made since the last (one at a time; nobody waits for it)."""
-        writer = self._writer
-        if self._checkpointing or self._closed or writer.commits < CHECKPOINT_EVERY_COMMITS:
+        """Start a checkpoint once `CHECKPOINT_EVERY_COMMITS` commits were made since the
+        last (one at a time; nobody waits for it)."""
+        if self._checkpoint is not None or self._closed:
             return
-        self._checkpointing = True
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        future.add_done_callback(self._checkpointed)
+        if self._writer.commits < CHECKPOINT_EVERY_COMMITS:
+            return
+        self._checkpoint = asyncio.get_running_loop().create_task(self._checkpoint_wal())
 
-        def checkpoint(conn: sqlite3.Connection) -> None:
-            """Copy what it can of the WAL into the main file, waiting for no reader."""
-            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+    async def _checkpoint_wal(self) -> None:
+        """Copy the WAL into the main file beside the writer, then the frames written
+        meanwhile on the writer's thread (see "Checkpoints beside the writer"). A failure is
+        logged and tried again after as many commits."""
+        writer, copier = self._writer, self._copier
+
+        def catch_up(conn: sqlite3.Connection) -> None:
+            copier.catch_up(conn)
             writer.commits = 0
 
-        self._submitted += 1
-        self._jobs.put(_Job(checkpoint, future, writes=False, alone=True))
-
-    def _checkpointed(self, future: asyncio.Future[None]) -> None:
-        self._checkpointing = False
-        if not future.cancelled() and future.exception() is not None:  # tried again later
-            log.warning("checkpoint of the task store %s failed: %s", self.path, future.exception())
+        try:
+            await asyncio.to_thread(copier.copy)
+            if not self._closed:  # else the writer's close folds the WAL in
+                await self._run(catch_up, writes=False, alone=True)
+        except Exception as exc:
+            log.warning("checkpoint of the task store %s failed: %s", self.path, exc)
+            writer.commits = 0
+        finally:
+            self._checkpoint = None
 
     def _idle(self) -> bool:
         """Whether every job submitted so far has been applied; if so, the writer's lock is
@@ -1371,6 +1443,8 @@ class SqliteTaskStore(TaskStore):
         return await self._run(operation)
 
     async def forget_tenant(self, tenant: str) -> int:
+        copier = self._copier
+
         def operation(conn: sqlite3.Connection) -> int:
             with _transaction(conn, write=True):
                 for table in PER_TASK_TABLES:
@@ -1380,7 +1454,7 @@ class SqliteTaskStore(TaskStore):
                         (tenant,),
                     )
                 deleted = conn.execute("DELETE FROM tasks WHERE tenant = ?", (tenant,)).rowcount
-            _scrub_wal(conn)
+            copier.truncate(conn)
             return int(deleted)
 
         return await self._run(operation, alone=True)
@@ -1415,11 +1489,12 @@ class SqliteTaskStore(TaskStore):
         ids = list(dict.fromkeys(task_ids))
         if not ids:
             return 0
+        copier = self._copier
 
         def operation(conn: sqlite3.Connection) -> int:
             with _transaction(conn, write=True):
                 deleted = _delete_tasks(conn, ids)
-            _scrub_wal(conn)
+            copier.truncate(conn)
             return deleted
 
         return await self._run(operation, alone=True)
@@ -1447,6 +1522,7 @@ class SqliteTaskStore(TaskStore):
             "ORDER BY created_at, task_id LIMIT ?"
         )
         kept = frozenset(keep)
+        copier = self._copier
 
         def operation(conn: sqlite3.Connection) -> Expiry:
             rows = conn.execute(query, (*params, limit)).fetchall()
@@ -1458,7 +1534,7 @@ class SqliteTaskStore(TaskStore):
             if doomed:
                 with _transaction(conn, write=True):
                     _delete_tasks(conn, doomed)
-                _scrub_wal(conn)
+                copier.truncate(conn)
             last = (float(rows[-1][3]), str(rows[-1][0])) if len(rows) == limit else None
             return Expiry(tuple(doomed), last)
 
@@ -1467,9 +1543,10 @@ class SqliteTaskStore(TaskStore):
     async def scrub(self) -> builtins.list[str]:
         """Every deletion already scrubbed the freed pages and the WAL, unless a reader in
         another process kept the WAL then: try once more, and name what is left."""
+        copier = self._copier
 
         def operation(conn: sqlite3.Connection) -> builtins.list[str]:
-            if _scrub_wal(conn):
+            if copier.truncate(conn):
                 return []
             return [
                 f"{self.path}-wal still holds frames written before the deletion: another "
@@ -1542,6 +1619,9 @@ class SqliteTaskStore(TaskStore):
             return
         self._closed = True
         try:
+            if self._checkpoint is not None:  # its copy ends before the copier closes
+                await asyncio.wait([self._checkpoint])
+            await asyncio.to_thread(self._copier.close)
             # Queued behind every operation already submitted, which therefore complete;
             # the thread ends once it closed the connection.
             await self._run(_close_connection, alone=True, last=True)
@@ -1559,21 +1639,6 @@ def _delete_tasks(conn: sqlite3.Connection, task_ids: builtins.list[str]) -> int
             conn.execute(f"DELETE FROM {table} WHERE task_id IN ({marks})", chunk)
         deleted += conn.execute(f"DELETE FROM tasks WHERE task_id IN ({marks})", chunk).rowcount
     return int(deleted)
-
-
-def _scrub_wal(conn: sqlite3.Connection) -> bool:
-    """Copy the WAL into the main file (whose freed pages secure_delete zeroed) and empty
-    it, so the old frames holding deleted rows are gone too; whether it did. Needs no open
-    transaction. Another process reading the file past the busy timeout keeps the WAL:
-    SQLite then reports the checkpoint busy instead of failing, so the frames stay (`scrub`
-    tells the operator)."""
-    (busy, _, _) = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-    if busy:
-        log.warning(
-            "the task store's WAL could not be emptied after a deletion: another process "
-            "holds a read transaction on it; the deleted rows' old frames stay until it ends"
-        )
-    return not busy
 
 
 def _close_connection(conn: sqlite3.Connection) -> None:
@@ -1613,12 +1678,20 @@ def _lock(path: Path) -> int:
     return fd
 
 
-def _open_files(path: Path, synchronous: str, sealer: Sealer) -> tuple[sqlite3.Connection, int]:
-    """On the store's thread: create the directory, take the lock, connect. Blocking work."""
+def _open_files(
+    path: Path, synchronous: str, sealer: Sealer
+) -> tuple[sqlite3.Connection, _Copier, int]:
+    """On the store's thread: create the directory, take the lock, connect (the writer's
+    connection, then the copier's, once the schema is there). Blocking work."""
     path.parent.mkdir(parents=True, exist_ok=True)
     lock_fd = _lock(path.parent / LOCK_NAME)
     try:
-        return _connect(path, synchronous, sealer), lock_fd
+        conn = _connect(path, synchronous, sealer)
+        try:
+            return conn, _Copier(path, synchronous), lock_fd
+        except BaseException:
+            conn.close()
+            raise
     except BaseException:
         os.close(lock_fd)
         raise

@@ -1415,39 +1415,96 @@ async def test_sqlite_a_write_lock_held_elsewhere_never_blocks_the_event_loop(
         await store.close()
 
 
-async def test_sqlite_checkpoints_the_wal_on_its_thread_every_so_many_commits(
+async def _checkpoint_settled(store: SqliteTaskStore) -> None:
+    """Wait for the store's checkpoint under way, if any, to end."""
+    while (checkpoint := store._checkpoint) is not None:
+        await asyncio.wait([checkpoint])
+
+
+def _wal_frames(path: Path) -> int:
+    """The WAL's frames now, as a checkpoint from another connection reports them (it copies
+    them too: call it last)."""
+    reader = sqlite3.connect(path, isolation_level=None)
+    try:
+        (_, frames, _) = reader.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    finally:
+        reader.close()
+    return int(frames)
+
+
+async def test_sqlite_checkpoints_the_wal_every_so_many_commits_so_it_starts_over(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """SQLite's own checkpoint (run inside a COMMIT, so on the event loop for a write
-    applied there) is off; the store queues one for its thread every
-    CHECKPOINT_EVERY_COMMITS commits instead, so the WAL starts over instead of growing."""
+    applied there) is off; the store makes one every CHECKPOINT_EVERY_COMMITS commits
+    instead, ending on the store's thread, so the WAL starts over instead of growing."""
 
-    async def wal_frames_after_twelve_writes(store_dir: Path) -> int:
+    async def wal_frames_after_thirteen_writes(store_dir: Path) -> int:
         store = await SqliteTaskStore.open(store_dir, keys=KEYS)
         try:
             (autocheckpoint,) = store._writer.conn.execute("PRAGMA wal_autocheckpoint").fetchone()
             assert autocheckpoint == 0
             for n in range(12):
                 await store.create(new_task(f"t{n}"))
-            await store.get("t0")  # queued behind any checkpoint
-            reader = sqlite3.connect(store.path, isolation_level=None)
-            try:  # a checkpoint from outside reports the WAL's size, in frames
-                (_, frames, _) = reader.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            finally:
-                reader.close()
+            await _checkpoint_settled(store)
+            await store.create(new_task("t12"))  # a write after a checkpoint starts the WAL over
+            frames = await asyncio.to_thread(_wal_frames, store.path)
             assert (await store.get("t11")).task_id == "t11"
-            return int(frames)
+            return frames
         finally:
             await store.close()
 
     monkeypatch.setattr(sqlite_store, "CHECKPOINT_EVERY_COMMITS", 1_000)
-    unchecked = await wal_frames_after_twelve_writes(tmp_path / "unchecked")
+    unchecked = await wal_frames_after_thirteen_writes(tmp_path / "unchecked")
     monkeypatch.setattr(sqlite_store, "CHECKPOINT_EVERY_COMMITS", 5)
     applied_on = _record_where_jobs_run(monkeypatch)
-    checked = await wal_frames_after_twelve_writes(tmp_path / "checked")
-    checkpoints = [on_caller for name, on_caller in applied_on if name == "_checkpoint_when_due"]
-    assert checkpoints == [False, False], "two checkpoints, both on the store's thread"
+    checked = await wal_frames_after_thirteen_writes(tmp_path / "checked")
+    catch_ups = [on_caller for name, on_caller in applied_on if name == "_checkpoint_wal"]
+    assert catch_ups and not any(catch_ups), "catch-ups ran, each on the store's thread"
     assert checked < unchecked / 2, (checked, unchecked)
+
+
+async def test_sqlite_writes_go_on_while_a_checkpoint_copies_the_wal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checkpoint's copy runs beside the writer: writes made while it runs land at once
+    instead of waiting behind it (the slowest call of every hundred, when the store's thread
+    held the whole checkpoint). Once it ends, the catch-up on the store's thread copies what
+    was written meanwhile, and the next write starts the WAL over: it does not grow."""
+    monkeypatch.setattr(sqlite_store, "CHECKPOINT_EVERY_COMMITS", 2)
+    copying, release = threading.Event(), threading.Event()
+    copy = sqlite_store._Copier.copy
+
+    def slow_copy(copier: sqlite_store._Copier) -> None:
+        copying.set()
+        release.wait(10)
+        copy(copier)
+
+    monkeypatch.setattr(sqlite_store._Copier, "copy", slow_copy)
+    applied_on = _record_where_jobs_run(monkeypatch)
+    store = await SqliteTaskStore.open(tmp_path, keys=KEYS)
+    try:
+        await store.create(new_task("a"))
+        await store.create(new_task("b"))  # the second commit starts a checkpoint
+        assert await asyncio.to_thread(copying.wait, 5), "no checkpoint began"
+        for n in range(6):
+            await asyncio.wait_for(store.create(new_task(f"during-{n}")), 2)
+        await asyncio.wait_for(store.transition("a", RUNNING), 2)
+        assert store._checkpoint is not None, "the copy is still under way"
+        page_size = store._writer.conn.execute("PRAGMA page_size").fetchone()[0]
+        wal_bytes = await asyncio.to_thread(os.path.getsize, f"{store.path}-wal")
+        frames_while_copying = (wal_bytes - 32) // (page_size + 24)
+
+        release.set()
+        await _checkpoint_settled(store)
+        assert ("_checkpoint_wal", False) in applied_on, "the catch-up ran on the store's thread"
+        await store.create(new_task("after"))
+        frames_after = await asyncio.to_thread(_wal_frames, store.path)
+        assert frames_after < frames_while_copying / 2, (frames_after, frames_while_copying)
+        assert (await store.get("during-5")).state == QUEUED
+    finally:
+        release.set()
+        await store.close()
 
 
 async def test_sqlite_full_synchronous_store_always_writes_on_its_thread(
