@@ -1091,6 +1091,8 @@ class SqliteTaskStore(TaskStore):
                 await self._run(catch_up, writes=False, alone=True)
         except Exception as exc:
             log.warning("checkpoint of the task store %s failed: %s", self.path, exc)
+            # Not under the writer's lock (the loop must not wait for a batch): a commit
+            # counted meanwhile may be lost, which moves the next try by one commit.
             writer.commits = 0
         finally:
             self._checkpoint = None
